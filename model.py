@@ -1,0 +1,640 @@
+"""ParetoSlider networks: our own definitions of the backbones, loading their released weights.
+
+Layout: shared primitives (timestep embedding, LoRA linear, attention, preference modules, checkpoint
+I/O), then one section per backbone. Module attribute names ARE the original checkpoint keys (Stability's
+single files), so an original file loads by stripping its prefix; a diffusers folder goes through one
+explicit key-mapping function. Loading is strict: any missing, unexpected or mis-shaped key is an error.
+
+Preference conditioning (ParetoSlider, arXiv 2604.20816, released SD3.5 code):
+  pref_mlp: Linear(M,D)-SiLU-Linear(D,D), added to the conditioning vector c (timestep + pooled text);
+  slider:   [sin(pi w), cos(pi w)] -> Linear(2M,768) -> 4-layer ReLU MLP -> m(w) in R^D shared by all
+            blocks, added inside the image stream's gated MLP residual: x += gate_mlp * (mlp(.) + m).
+Deviation from the reference: the slider's last layer is zero-initialised (the reference keeps the
+default init), so an untrained slider changes nothing; pref=None skips both paths (bit-exact base model).
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+import kernels
+
+# ----------------------------------------------------------------------------------------------------
+# Shared primitives
+
+
+def timestep_embedding(t, dim=256, max_period=10000.0):
+    # Sinusoidal embedding in [cos, sin] order (diffusers Timesteps(flip_sin_to_cos=True, shift=0),
+    # Stability mmditx.TimestepEmbedder). t [B] on the 0..1000 scale -> [B, dim] fp32.
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with an optional LoRA adapter (arXiv 2106.09685): y = W x + b + (alpha/r) B A x.
+
+    `splits` > 1 gives each of that many equal output chunks its own (A, B) pair: a fused qkv projection
+    then carries exactly the three independent q/k/v adapters that diffusers/peft would attach."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.register_parameter("lora_A", None)  # [splits*r, in]
+        self.register_parameter("lora_B", None)  # [splits, out/splits, r]
+
+    def add_lora(self, rank, alpha, splits=1):
+        dev = self.weight.device if self.weight.device.type != "meta" else "cpu"
+        # peft's "gaussian" init: A ~ N(0, 1/r), B = 0, so the adapter starts as the identity map.
+        self.lora_A = nn.Parameter(torch.randn(splits * rank, self.in_features, device=dev) / rank)
+        self.lora_B = nn.Parameter(torch.zeros(splits, self.out_features // splits, rank, device=dev))
+        self.lora_scale, self.lora_enabled = alpha / rank, True
+
+    def lora_delta_weight(self):
+        s, o, r = self.lora_B.shape
+        A = self.lora_A.view(s, r, self.in_features)
+        return torch.einsum("sor,sri->soi", self.lora_B, A).reshape(s * o, self.in_features) * self.lora_scale
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora_A is None or not self.lora_enabled:
+            return y
+        s, o, r = self.lora_B.shape
+        h = F.linear(x.to(self.lora_A.dtype), self.lora_A).unflatten(-1, (s, r))  # [..., s, r]
+        d = torch.einsum("...sr,sor->...so", h, self.lora_B).flatten(-2)  # [..., out]
+        return y + (d * self.lora_scale).to(y.dtype)
+
+
+def attention(q, k, v):
+    # q, k, v [B, L, H, Dh] -> [B, L, H*Dh]. SDPA picks FlashAttention/cuDNN on GPU.
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return rearrange(o, "b h l d -> b l (h d)")
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = Linear(dim, hidden), Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class EmbedMLP(nn.Module):
+    # Linear-SiLU-Linear, keys mlp.0 / mlp.2 (Stability's TimestepEmbedder / VectorEmbedder)
+    def __init__(self, din, dim):
+        super().__init__()
+        self.mlp = nn.Sequential(Linear(din, dim), nn.SiLU(), Linear(dim, dim))
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+class SliderProjector(nn.Module):
+    # The shared slider vector m(w) (SPEC §1.2; Kontinuous Kontext's SliderProjector with num_freqs=1).
+    def __init__(self, pref_dim, dim, pe_dim=768, layers=4):
+        super().__init__()
+        self.pe = Linear(2 * pref_dim, pe_dim)
+        mlp = [Linear(pe_dim, dim)]
+        for _ in range(layers - 1):
+            mlp += [nn.ReLU(), Linear(dim, dim)]
+        self.mlp = nn.Sequential(*mlp)
+        nn.init.zeros_(self.mlp[-1].weight)  # deviation (documented above): untrained slider = no-op
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, w):
+        w = w.float() * math.pi
+        return self.mlp(self.pe(torch.cat([torch.sin(w), torch.cos(w)], -1).to(self.pe.weight.dtype)))
+
+
+def pref_mlp(pref_dim, dim):
+    m = nn.Sequential(Linear(pref_dim, dim), nn.SiLU(), Linear(dim, dim))
+    nn.init.normal_(m[2].weight, std=1e-3)  # reference: near-identity start
+    nn.init.zeros_(m[2].bias)
+    return m
+
+
+def check_pref(pref, batch, pref_dim):
+    if pref_dim == 0:
+        raise ValueError("this network has no preference input (pref_dim=0); pass pref=None")
+    if pref.dim() != 2 or pref.shape != (batch, pref_dim):
+        raise ValueError(f"pref must have shape [{batch}, {pref_dim}], got {list(pref.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA management and adapter files (LoRA + preference modules, the trainable part)
+
+LORA_TARGETS = ("attn.qkv", "attn.proj")  # attention projections of both streams (reference targets)
+
+
+def add_lora(net, rank=32, alpha=64, targets=LORA_TARGETS):
+    """Attach LoRA to every Linear whose path ends with one of `targets`, freeze the base weights and
+    leave LoRA + preference modules trainable. Returns the list of adapted module names."""
+    names = []
+    for name, mod in net.named_modules():
+        if isinstance(mod, Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            mod.add_lora(rank, alpha, splits=3 if name.endswith("qkv") else 1)
+            names.append(name)
+    if not names:
+        raise ValueError(f"no module matches the LoRA targets {targets}")
+    net.lora_config = dict(rank=rank, alpha=alpha, targets=list(targets))
+    set_trainable(net)
+    return names
+
+
+def set_trainable(net):
+    for n, p in net.named_parameters():
+        p.requires_grad_(is_adapter_param(n))
+
+
+def is_adapter_param(name):
+    return ".lora_" in name or name.startswith(("lora_", "pref_mlp.", "slider."))
+
+
+def adapter_state(net):
+    # The trainable tensors (LoRA + preference modules); old/reference policies are such states.
+    return {n: p for n, p in net.named_parameters() if is_adapter_param(n)}
+
+
+def set_lora_enabled(net, enabled):
+    for m in net.modules():
+        if isinstance(m, Linear) and m.lora_A is not None:
+            m.lora_enabled = enabled
+
+
+def merge_lora(net):
+    # Fold every adapter into its base weight (for export / inference speed); removes the adapters.
+    for m in net.modules():
+        if isinstance(m, Linear) and m.lora_A is not None:
+            with torch.no_grad():
+                m.weight += m.lora_delta_weight().to(m.weight.dtype)
+            m.lora_A = m.lora_B = None
+
+
+def save_adapters(net, path):
+    meta = {"lora": json.dumps(getattr(net, "lora_config", None)), "config": json.dumps(asdict(net.cfg))}
+    state = {n: p.detach().contiguous().cpu() for n, p in adapter_state(net).items()}
+    atomic_save(state, path, meta)
+
+
+def load_adapters(net, path):
+    """Load LoRA + preference modules saved by save_adapters (strict: names and shapes must match)."""
+    sd, meta = read_safetensors(path)
+    lora = json.loads(meta.get("lora", "null"))
+    if lora and getattr(net, "lora_config", None) is None:
+        add_lora(net, lora["rank"], lora["alpha"], tuple(lora["targets"]))
+    own = adapter_state(net)
+    check_keys(own, sd, what=f"adapter file {path}")
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(sd[n])
+    return net
+
+
+def atomic_save(state, path, metadata=None):
+    # Write-then-rename: a crash mid-write never leaves a truncated file under the final name.
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(state, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint I/O: safetensors files, diffusers folders (sharded or not), strict key checks
+
+
+def read_safetensors(path, prefix=None):
+    """Read one .safetensors file -> (state dict, metadata). With `prefix`, keep only keys under it
+    (stripped). Errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such checkpoint file: {path}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            keys = [k for k in f.keys() if prefix is None or k.startswith(prefix)]
+            sd = {k[len(prefix or ""):]: f.get_tensor(k) for k in keys}
+            return sd, f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
+
+
+def read_diffusers_folder(folder):
+    """config.json + diffusion_pytorch_model(.safetensors | -0000x-of-0000n.safetensors + index)."""
+    cfg_path = os.path.join(folder, "config.json")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    single = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    index = single + ".index.json"
+    if os.path.isfile(single):
+        return config, read_safetensors(single)[0]
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        sd = {}
+        for s in shards:
+            sd.update(read_safetensors(os.path.join(folder, s))[0])
+        return config, sd
+    raise FileNotFoundError(f"{folder} has config.json but no diffusion_pytorch_model.safetensors[.index.json]")
+
+
+def check_keys(expected, got, what="checkpoint"):
+    # expected: {name: tensor or shape}; got: {name: tensor}. One error naming every problem.
+    shape = lambda t: tuple(t.shape) if hasattr(t, "shape") else tuple(t)
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    bad = [f"{k}: checkpoint {shape(got[k])} vs model {shape(expected[k])}"
+           for k in sorted(set(got) & set(expected)) if shape(got[k]) != shape(expected[k])]
+    if missing or unexpected or bad:
+        show = lambda xs: ", ".join(xs[:8]) + (f" … (+{len(xs) - 8} more)" if len(xs) > 8 else "")
+        msg = [f"{what} does not match the model:"]
+        if missing:
+            msg.append(f"  missing keys ({len(missing)}): {show(missing)}")
+        if unexpected:
+            msg.append(f"  unexpected keys ({len(unexpected)}): {show(unexpected)}")
+        if bad:
+            msg.append(f"  mis-shaped keys ({len(bad)}): {show(bad)}")
+        raise ValueError("\n".join(msg))
+
+
+def load_state_strict(net, sd, dtype, device, what):
+    # net was built on the meta device; base (non-adapter) tensors are assigned, never copied twice.
+    expected = {k: v for k, v in net.state_dict().items() if not is_adapter_param(k)}
+    check_keys(expected, sd, what)
+    sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
+    net.load_state_dict(sd, strict=False, assign=True)
+
+
+def load_transformer(path, pref_dim=0, dtype=torch.float32, device="cpu"):
+    """Load a backbone from a diffusers folder (config.json + safetensors, sharded or not; or a repo
+    root holding transformer/) or an original single .safetensors file. Backbone and config are
+    inferred. pref_dim > 0 adds freshly initialised preference modules for that many objectives."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isdir(os.path.join(path, "transformer")):
+            path = os.path.join(path, "transformer")
+        else:
+            raise FileNotFoundError(f"{path}: neither a diffusers model folder (config.json) nor a repo root with transformer/")
+    if os.path.isdir(path):
+        config, sd = read_diffusers_folder(path)
+        cls = config.get("_class_name")
+        if cls != "SD3Transformer2DModel":
+            raise ValueError(f"{path}: unsupported diffusers class {cls!r} (supported: SD3Transformer2DModel)")
+        cfg = sd3_config_from_diffusers(config)
+        sd = sd3_from_diffusers(sd, cfg.depth)
+    elif os.path.isfile(path):
+        sd, _ = read_safetensors(path)
+        if any(k.startswith("model.diffusion_model.") for k in sd):
+            sd = {k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+        else:  # bare keys: drop bundled VAE / text encoders
+            sd = {k: v for k, v in sd.items() if not k.startswith(("first_stage_model.", "text_encoders.", "conditioner.", "cond_stage_model."))}
+        if "joint_blocks.0.x_block.attn.qkv.weight" not in sd:
+            raise ValueError(f"{path}: not a recognised SD3/SD3.5 MMDiT checkpoint (no joint_blocks.0.x_block.attn.qkv.weight)")
+        cfg = sd3_config_from_state(sd)
+    else:
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    cfg.pref_dim = pref_dim
+    return build_sd3(cfg, sd, dtype, device, what=str(path))
+
+
+# ----------------------------------------------------------------------------------------------------
+# SD3.5: MMDiT (large) and MMDiT-X (medium). Stability mmditx.py; diffusers transformer_sd3.py.
+
+
+@dataclass
+class SD3Config:
+    depth: int = 24  # joint blocks
+    hidden: int = 1536  # width D = heads * head_dim
+    heads: int = 24
+    patch: int = 2
+    in_channels: int = 16  # latent channels (3 for the pixel-space tiny default)
+    out_channels: int = 16
+    context_dim: int = 4096  # text token width (T5-XXL; CLIP features are zero-padded to it)
+    pooled_dim: int = 2048  # CLIP-L + bigG projected pooled
+    pos_embed_max: int = 384  # side of the stored sin-cos table, center-cropped to the token grid
+    qk_norm: bool = True  # per-head RMSNorm on q, k (both SD3.5 models)
+    dual_attention_layers: tuple = ()  # MMDiT-X blocks with a second, image-only self-attention
+    mlp_ratio: float = 4.0
+    pref_dim: int = 0  # number of objectives M (0: plain base model)
+
+
+SD3_PRESETS = {
+    "sd35-medium": dict(depth=24, hidden=1536, heads=24, pos_embed_max=384, dual_attention_layers=tuple(range(13))),
+    "sd35-large": dict(depth=38, hidden=2432, heads=38, pos_embed_max=192),
+    # CPU default: pixel space 32x32 RGB, patch 4 -> 64 tokens; MMDiT-X style (dual attention, qk norm)
+    "sd35-tiny": dict(depth=4, hidden=128, heads=4, patch=4, in_channels=3, out_channels=3, context_dim=64,
+                      pooled_dim=64, pos_embed_max=8, dual_attention_layers=(0, 1)),
+}
+
+
+class SD3Attention(nn.Module):
+    # keys: qkv [3D, D] (fused q|k|v), ln_q/ln_k [head_dim], proj [D, D] (absent when pre_only)
+    def __init__(self, dim, heads, qk_norm, pre_only=False):
+        super().__init__()
+        self.heads, self.qkv = heads, Linear(dim, 3 * dim)
+        if qk_norm:
+            self.ln_q, self.ln_k = nn.RMSNorm(dim // heads, eps=1e-6), nn.RMSNorm(dim // heads, eps=1e-6)
+        if not pre_only:
+            self.proj = Linear(dim, dim)
+
+    def qkv_heads(self, x):
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b l h d", three=3, h=self.heads)
+        if hasattr(self, "ln_q"):
+            q, k = kernels.qk_norm_rope(q, k, self.ln_q.weight, self.ln_k.weight, None, None, self.ln_q.eps)
+        return q, k, v
+
+
+class SD3Block(nn.Module):
+    """One stream of a joint block (Stability's DismantledBlock): adaLN-Zero modulation, attention
+    projections, MLP. The attention itself is computed jointly over both streams in JointBlock."""
+
+    def __init__(self, dim, heads, mlp_ratio, qk_norm, pre_only=False, dual=False):
+        super().__init__()
+        self.pre_only, self.dual = pre_only, dual
+        n_mod = 2 if pre_only else (9 if dual else 6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, n_mod * dim))
+        self.attn = SD3Attention(dim, heads, qk_norm, pre_only)
+        if dual:
+            self.attn2 = SD3Attention(dim, heads, qk_norm)
+        if not pre_only:
+            self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def pre_attention(self, x, c):
+        # -> (q, k, v) of the joint attention, the modulated input of attn2, and the saved gates.
+        mod = self.adaLN_modulation(c).chunk(2 if self.pre_only else (9 if self.dual else 6), dim=1)
+        h = kernels.modulate(x, mod[0], mod[1], 1e-6)  # Stability order: (shift, scale[, gate, ...])
+        q, k, v = self.attn.qkv_heads(h)
+        h2 = kernels.modulate(x, mod[6], mod[7], 1e-6) if self.dual else None
+        return (q, k, v), h2, mod
+
+    def post_attention(self, x, attn_out, h2, mod, m=None):
+        x = kernels.gated_residual(x, mod[2], self.attn.proj(attn_out))
+        if self.dual:  # MMDiT-X: image-only self-attention on the same LN(x), its own modulation
+            x = kernels.gated_residual(x, mod[8], self.attn2.proj(attention(*self.attn2.qkv_heads(h2))))
+        h = kernels.modulate(x, mod[3], mod[4], 1e-6)
+        return kernels.gated_residual(x, mod[5], self.mlp(h), m)  # m: slider vector (image stream only)
+
+
+class JointBlock(nn.Module):
+    def __init__(self, cfg, i):
+        super().__init__()
+        last = i == cfg.depth - 1
+        self.context_block = SD3Block(cfg.hidden, cfg.heads, cfg.mlp_ratio, cfg.qk_norm, pre_only=last)
+        self.x_block = SD3Block(cfg.hidden, cfg.heads, cfg.mlp_ratio, cfg.qk_norm, dual=i in cfg.dual_attention_layers)
+
+    def forward(self, ctx, x, c, m=None):
+        (qc, kc, vc), _, cmod = self.context_block.pre_attention(ctx, c)
+        (qx, kx, vx), h2, xmod = self.x_block.pre_attention(x, c)
+        # one SDPA over [context, image] tokens (Stability's order; no mask, no RoPE)
+        o = attention(torch.cat([qc, qx], 1), torch.cat([kc, kx], 1), torch.cat([vc, vx], 1))
+        oc, ox = o[:, : ctx.shape[1]], o[:, ctx.shape[1]:]
+        x = self.x_block.post_attention(x, ox, h2, xmod, m)
+        ctx = None if self.context_block.pre_only else self.context_block.post_attention(ctx, oc, None, cmod)
+        return ctx, x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, patch, out_channels):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))  # (shift, scale)
+        self.linear = Linear(dim, patch * patch * out_channels)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(kernels.modulate(x, shift, scale, 1e-6))
+
+
+def sincos_2d(M, D):
+    # [1, M*M, D]: first half of the features encodes the row, second half the column (MAE/DiT layout)
+    if torch.empty(0).device.type == "meta":
+        return torch.empty(1, M * M, D)
+    pos = torch.arange(M, dtype=torch.float64)
+    om = 1.0 / 10000 ** (torch.arange(D // 4, dtype=torch.float64) / (D // 4))
+    emb = lambda p: torch.cat([torch.sin(p[:, None] * om), torch.cos(p[:, None] * om)], 1)  # [M, D/2]
+    rows, cols = emb(pos)[:, None].expand(M, M, -1), emb(pos)[None].expand(M, M, -1)
+    return torch.cat([rows, cols], -1).reshape(1, M * M, D).float()
+
+
+class SD3Transformer(nn.Module):
+    """SD3 / SD3.5 MMDiT(-X). forward(x [B,C,H,W], sigma [B], context [B,L,Dctx], pooled [B,Dpool],
+    pref [B,M] | None) -> v [B,C,H,W], the rectified-flow velocity eps - x0 (diffusers' output at
+    timestep = 1000 * sigma)."""
+
+    def __init__(self, cfg: SD3Config):
+        super().__init__()
+        self.cfg, D = cfg, cfg.hidden
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Conv2d(cfg.in_channels, D, cfg.patch, stride=cfg.patch)
+        # fixed 2-D sin-cos table; released checkpoints carry it, random inits (tests, --tiny) compute it
+        self.register_buffer("pos_embed", sincos_2d(cfg.pos_embed_max, D))
+        self.t_embedder = EmbedMLP(256, D)
+        self.y_embedder = EmbedMLP(cfg.pooled_dim, D)
+        self.context_embedder = Linear(cfg.context_dim, D)
+        self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
+        self.final_layer = FinalLayer(D, cfg.patch, cfg.out_channels)
+        self.grad_ckpt = False  # gradient checkpointing per joint block (training at full size)
+        if cfg.pref_dim:
+            self.pref_mlp = pref_mlp(cfg.pref_dim, D)
+            self.slider = SliderProjector(cfg.pref_dim, D)
+
+    def cropped_pos_embed(self, h, w):
+        M = self.cfg.pos_embed_max
+        if h > M or w > M:
+            raise ValueError(f"token grid {h}x{w} exceeds the positional table {M}x{M}")
+        top, left = (M - h) // 2, (M - w) // 2
+        return self.pos_embed.view(1, M, M, -1)[:, top: top + h, left: left + w].flatten(1, 2)
+
+    def forward(self, x, sigma, context, pooled, pref=None):
+        B, _, H, W = x.shape
+        p = self.cfg.patch
+        h, w = H // p, W // p
+        x = rearrange(self.x_embedder.proj(x), "b d h w -> b (h w) d") + self.cropped_pos_embed(h, w).to(x.dtype)
+        c = self.t_embedder(timestep_embedding(1000 * sigma).to(x.dtype)) + self.y_embedder(pooled)
+        m = None
+        if pref is not None:
+            check_pref(pref, B, self.cfg.pref_dim)
+            c = c + self.pref_mlp(pref.to(c.dtype))
+            m = self.slider(pref)
+        ctx = self.context_embedder(context)
+        for blk in self.joint_blocks:
+            if self.grad_ckpt and torch.is_grad_enabled():
+                ctx, x = torch.utils.checkpoint.checkpoint(blk, ctx, x, c, m, use_reentrant=False)
+            else:
+                ctx, x = blk(ctx, x, c, m)
+        x = self.final_layer(x, c)  # [B, h*w, p*p*C], channel fastest within a patch
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)
+
+
+def build_sd3(cfg, sd=None, dtype=torch.float32, device="cpu", what="checkpoint"):
+    """Build on the meta device, assign the checkpoint tensors (strict), then materialise the
+    preference modules (not in any base checkpoint). sd=None: random init (tests, tiny default)."""
+    if sd is None:
+        with torch.device(device):
+            return SD3Transformer(cfg).to(dtype)
+    base = SD3Config(**{**asdict(cfg), "pref_dim": 0})
+    with torch.device("meta"):
+        net = SD3Transformer(base)
+    load_state_strict(net, sd, dtype, device, what)
+    if cfg.pref_dim:
+        with torch.device(device):
+            net.pref_mlp = pref_mlp(cfg.pref_dim, cfg.hidden).to(dtype)
+            net.slider = SliderProjector(cfg.pref_dim, cfg.hidden).to(dtype)
+    net.cfg = cfg
+    return net
+
+
+def sd3_config_from_state(sd):
+    # Architecture facts read from tensor shapes (as Stability's sd3_impls.BaseModel does).
+    depth = len({k.split(".")[1] for k in sd if k.startswith("joint_blocks.")})
+    D, cin, p, _ = sd["x_embedder.proj.weight"].shape
+    qk = "joint_blocks.0.x_block.attn.ln_q.weight" in sd
+    head_dim = sd["joint_blocks.0.x_block.attn.ln_q.weight"].shape[0] if qk else 64
+    M = math.isqrt(sd["pos_embed"].shape[1])
+    if M * M != sd["pos_embed"].shape[1]:
+        raise ValueError(f"pos_embed of {sd['pos_embed'].shape[1]} positions is not a square table")
+    dual = tuple(sorted({int(k.split(".")[1]) for k in sd if ".x_block.attn2." in k}))
+    return SD3Config(depth=depth, hidden=D, heads=D // head_dim, patch=p, in_channels=cin,
+                     out_channels=sd["final_layer.linear.weight"].shape[0] // (p * p),
+                     context_dim=sd["context_embedder.weight"].shape[1],
+                     pooled_dim=sd["y_embedder.mlp.0.weight"].shape[1], pos_embed_max=M, qk_norm=qk,
+                     dual_attention_layers=dual)
+
+
+def sd3_config_from_diffusers(c):
+    known = {"num_layers", "attention_head_dim", "num_attention_heads", "patch_size", "in_channels",
+             "out_channels", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim",
+             "pos_embed_max_size", "qk_norm", "dual_attention_layers", "sample_size"}
+    extra = sorted(k for k in c if not k.startswith("_") and k not in known)
+    if extra:
+        raise ValueError(f"unsupported SD3Transformer2DModel config options: {extra}")
+    if c.get("qk_norm") not in (None, "rms_norm"):
+        raise ValueError(f"unsupported qk_norm {c['qk_norm']!r} (supported: None, 'rms_norm')")
+    D = c["num_attention_heads"] * c["attention_head_dim"]
+    if c.get("caption_projection_dim", D) != D:
+        raise ValueError(f"caption_projection_dim {c['caption_projection_dim']} != heads*head_dim {D}")
+    return SD3Config(depth=c["num_layers"], hidden=D, heads=c["num_attention_heads"], patch=c["patch_size"],
+                     in_channels=c["in_channels"], out_channels=c.get("out_channels") or c["in_channels"],
+                     context_dim=c["joint_attention_dim"], pooled_dim=c["pooled_projection_dim"],
+                     pos_embed_max=c["pos_embed_max_size"], qk_norm=c.get("qk_norm") == "rms_norm",
+                     dual_attention_layers=tuple(c.get("dual_attention_layers") or ()))
+
+
+def _swap_halves(t):
+    # (shift, scale) <-> (scale, shift): diffusers' AdaLayerNormContinuous chunks the other way round
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def sd3_key_map(depth):
+    """{original key prefix: diffusers key prefix} for everything that is a plain rename. The fused qkv
+    and the swapped (shift, scale) halves are handled in sd3_from_diffusers / sd3_to_diffusers."""
+    m = {"x_embedder.proj": "pos_embed.proj",
+         "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+         "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+         "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+         "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+         "context_embedder": "context_embedder", "final_layer.linear": "proj_out",
+         "final_layer.adaLN_modulation.1": "norm_out.linear"}
+    for i in range(depth):
+        o, d = f"joint_blocks.{i}", f"transformer_blocks.{i}"
+        m.update({f"{o}.x_block.attn.ln_q": f"{d}.attn.norm_q", f"{o}.x_block.attn.ln_k": f"{d}.attn.norm_k",
+                  f"{o}.x_block.attn.proj": f"{d}.attn.to_out.0",
+                  f"{o}.x_block.attn2.ln_q": f"{d}.attn2.norm_q", f"{o}.x_block.attn2.ln_k": f"{d}.attn2.norm_k",
+                  f"{o}.x_block.attn2.proj": f"{d}.attn2.to_out.0",
+                  f"{o}.x_block.adaLN_modulation.1": f"{d}.norm1.linear",
+                  f"{o}.x_block.mlp.fc1": f"{d}.ff.net.0.proj", f"{o}.x_block.mlp.fc2": f"{d}.ff.net.2",
+                  f"{o}.context_block.attn.ln_q": f"{d}.attn.norm_added_q",
+                  f"{o}.context_block.attn.ln_k": f"{d}.attn.norm_added_k",
+                  f"{o}.context_block.attn.proj": f"{d}.attn.to_add_out",
+                  f"{o}.context_block.adaLN_modulation.1": f"{d}.norm1_context.linear",
+                  f"{o}.context_block.mlp.fc1": f"{d}.ff_context.net.0.proj",
+                  f"{o}.context_block.mlp.fc2": f"{d}.ff_context.net.2"})
+    return m
+
+
+SD3_QKV = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+           "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+           "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v")}
+
+
+def _swapped(key, depth):
+    # tensors stored as (scale, shift) by diffusers: final norm and the last (pre-only) context block
+    return key.startswith("final_layer.adaLN_modulation.1.") or key.startswith(
+        f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1.")
+
+
+def sd3_from_diffusers(sd, depth):
+    """diffusers SD3Transformer2DModel state dict -> our (Stability) keys. Every diffusers key must be
+    consumed exactly once, otherwise it is reported as unexpected by the strict check."""
+    inv = {d: o for o, d in sd3_key_map(depth).items()}
+    out, used = {}, set()
+    for k, v in sd.items():
+        stem, _, leaf = k.rpartition(".")
+        if k == "pos_embed.pos_embed":
+            out["pos_embed"] = v
+        elif stem in inv:
+            o = f"{inv[stem]}.{leaf}"
+            out[o] = _swap_halves(v) if _swapped(o, depth) else v
+        else:
+            continue
+        used.add(k)
+    for i in range(depth):
+        for ours, (q, kk, vv) in SD3_QKV.items():
+            for leaf in ("weight", "bias"):
+                parts = [f"transformer_blocks.{i}.{n}.{leaf}" for n in (q, kk, vv)]
+                if all(p in sd for p in parts):
+                    out[f"joint_blocks.{i}.{ours}.{leaf}"] = torch.cat([sd[p] for p in parts])
+                    used.update(parts)
+    out.update({f"<diffusers>.{k}": v for k, v in sd.items() if k not in used})  # surfaces as unexpected
+    return out
+
+
+def sd3_to_diffusers(sd, depth):
+    """Inverse of sd3_from_diffusers (for tests and for exporting a merged model to diffusers)."""
+    fwd, out = sd3_key_map(depth), {}
+    for k, v in sd.items():
+        stem, _, leaf = k.rpartition(".")
+        if k == "pos_embed":
+            out["pos_embed.pos_embed"] = v
+        elif stem in fwd:
+            out[f"{fwd[stem]}.{leaf}"] = _swap_halves(v) if _swapped(k, depth) else v
+        else:
+            i, rest = stem.split(".", 2)[1], stem.split(".", 2)[2]
+            for n, t in zip(SD3_QKV[rest], v.chunk(3)):
+                out[f"transformer_blocks.{i}.{n}.{leaf}"] = t
+    return out
+
+
+def sd3_lora_to_diffusers(net):
+    """Our LoRA tensors -> diffusers/peft names (`transformer.<module>.lora_A/B.weight`), splitting the
+    fused qkv adapters into their q/k/v pairs. Returns (state dict, diffusers target module names)."""
+    fwd, out, targets = sd3_key_map(net.cfg.depth), {}, set()
+    for name, m in net.named_modules():
+        if not isinstance(m, Linear) or m.lora_A is None:
+            continue
+        s, o, r = m.lora_B.shape
+        A, B = m.lora_A.detach().view(s, r, -1), m.lora_B.detach()
+        if s == 3:
+            i, rest = name.split(".", 2)[1], name.split(".", 2)[2]
+            dnames = [f"transformer_blocks.{i}.{n}" for n in SD3_QKV[rest]]
+        else:
+            dnames = [fwd[name]]
+        for j, dn in enumerate(dnames):
+            out[f"transformer.{dn}.lora_A.weight"] = A[j].contiguous()
+            out[f"transformer.{dn}.lora_B.weight"] = B[j].contiguous()
+            targets.add(dn.split(".", 2)[2])
+    return out, sorted(targets)
+
+
+def export_lora_diffusers(net, path):
+    """Write the LoRA in the file format diffusers' `pipe.load_lora_weights(path)` reads
+    (pytorch_lora_weights.safetensors; rank and alpha in the `lora_adapter_metadata` header). The
+    preference modules have no diffusers counterpart and are not part of this file."""
+    sd, targets = sd3_lora_to_diffusers(net)
+    lc = net.lora_config
+    meta = {"lora_adapter_metadata": json.dumps({"transformer.r": lc["rank"], "transformer.lora_alpha": lc["alpha"],
+                                                  "transformer.target_modules": targets})}
+    atomic_save({k: v.float().cpu() for k, v in sd.items()}, path, meta)

@@ -1,0 +1,238 @@
+# Sampling for the rectified-flow backbones: schedules, ODE solvers, SD3.5 prompt encoding, and a CLI that turns
+# the preference slider ω. Read top to bottom; every function is pure apart from the CLI at the end.
+#   python sample.py --backbone sd35 --weights PATH --prompt "a cat" --pref 0.3 --lora adapter.safetensors
+#   python sample.py --backbone sd35 --weights PATH --prompt "a cat" --sweep 5 --lora adapter.safetensors
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedules. σ runs from 1 (noise) to 0 (data); x_σ = (1-σ)·x0 + σ·ε.
+
+
+def time_shift(sigma, shift: float):
+    # static shift of SD3 (diffusers scheduling_flow_match_euler_discrete.py:133; sd3_impls.py:23-55)
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def get_schedule(steps: int, shift: float = 3.0, num_train_timesteps: int = 1000) -> torch.Tensor:
+    # FlowMatchEulerDiscreteScheduler(shift).set_timesteps(steps), scheduling_flow_match_euler_discrete.py:127-144,
+    # 336-412: the end point is the *shifted* smallest training sigma, and the linspace between 1 and it is shifted
+    # again. Same float32/float64 path as diffusers, so the values agree bit for bit. -> [steps+1], last entry 0.
+    sigma_min = time_shift(torch.tensor(1 / num_train_timesteps, dtype=torch.float32), shift).item()
+    sigmas = time_shift(torch.linspace(1.0, sigma_min, steps, dtype=torch.float64), shift).float()
+    return torch.cat([sigmas, torch.zeros(1)])
+
+
+def noise_like(shape, seed: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    # drawn on the CPU so that a seed gives the same image on every device
+    g = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Solvers. net(x, sigma[B], **cond, pref=pref) predicts v = ε - x0, so x0 = x - σ·v.
+
+
+@torch.no_grad()  # rollouts store only x0 (DiffusionNFT), so sampling never needs a graph
+def denoise(net, x, sigmas, cond: dict, pref=None, guidance: float = 1.0, uncond: dict | None = None,
+            solver: str = "euler", progress: bool = False) -> torch.Tensor:
+    if solver not in ("euler", "dpm2"):
+        raise ValueError(f"unknown solver {solver!r}: use 'euler' or 'dpm2'")
+    cfg = guidance > 1.0
+    if cfg:  # one batched forward for both halves, [uncond; cond] as in pipeline_stable_diffusion_3.py:1093-1105
+        if uncond is None:
+            raise ValueError("guidance > 1 needs the unconditional inputs (uncond)")
+        cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+        pref = None if pref is None else torch.cat([pref, pref])
+    dtype, sig = x.dtype, sigmas.tolist()  # state in fp32, coefficients in fp64 (python floats)
+    x, x0_prev = x.float(), None
+    for i in tqdm(range(len(sig) - 1), desc=f"sampling ({solver})", disable=not progress):
+        s, s_next = sig[i], sig[i + 1]
+        x_in = torch.cat([x, x]) if cfg else x
+        v = net(x_in.to(dtype), torch.full((x_in.shape[0],), s, device=x.device), **cond, pref=pref).float()
+        if cfg:
+            v_uncond, v_cond = v.chunk(2)
+            v = v_uncond + guidance * (v_cond - v_uncond)
+        if solver == "euler":  # scheduling_flow_match_euler_discrete.py:513-520
+            x = x + (s_next - s) * v
+            continue
+        # DPM-Solver++(2M) in x0-parameterisation with α = 1-σ, λ = log(α/σ) (Lu et al. 2022, alg. 2), as the
+        # reference rollouts (DiffusionNFT flow_grpo/diffusers_patch/solver.py dpm_step) and diffusers
+        # scheduling_dpmsolver_multistep.py:1239-1260 with use_flow_sigmas / flow_prediction do it.
+        x0 = x - s * v
+        if s_next == 0:  # last step first order: the first-order update to σ=0 returns x0 itself
+            x = x0
+            continue
+        d = x0
+        if x0_prev is not None and s_prev < 1:  # second order; at σ_prev = 1, λ = -∞, r = ∞ and the correction
+            lam = lambda t: math.log((1 - t) / t)  # vanishes, so the reference's step 1 is first order too
+            h = lam(s_next) - lam(s)
+            r = (lam(s) - lam(s_prev)) / h
+            d = x0 + (x0 - x0_prev) / (2 * r)
+        exp_neg_h = s_next * (1 - s) / ((1 - s_next) * s)  # e^{-h} without logs, so σ = 1 (λ = -∞) is fine
+        x = (s_next / s) * x + (1 - s_next) * (1 - exp_neg_h) * d
+        x0_prev, s_prev = x0, s
+    return x.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SD3.5 text encoders (notes/backbones.md §1.5): CLIP-L and OpenCLIP-bigG penultimate states, zero-padded to the
+# T5 width, followed by the T5-XXL states on the token axis; pooled = both projected CLIP embeddings.
+
+
+@dataclass
+class TextEncoders:
+    clip_l: torch.nn.Module          # CLIPTextModelWithProjection
+    tok_l: object                    # its tokenizer; its model_max_length (77) is the CLIP length for both CLIPs
+    clip_g: torch.nn.Module          # CLIPTextModelWithProjection (OpenCLIP bigG)
+    tok_g: object
+    t5: torch.nn.Module | None       # T5EncoderModel, or None: zeros instead (pipeline_stable_diffusion_3.py:247-256)
+    tok_t5: object | None
+    context_dim: int                 # T5 width = transformer context dim (4096 for SD3.5)
+    t5_len: int = 256                # T5 tokens (diffusers max_sequence_length default)
+
+    def to(self, device):  # encoders run once per prompt list; move them off the GPU afterwards
+        for m in (self.clip_l, self.clip_g, self.t5):
+            if m is not None:
+                m.to(device)
+        return self
+
+
+def load_text_encoders(path: str, device="cpu", dtype=torch.float32, t5: bool = True) -> TextEncoders:
+    # `path`: a diffusers SD3.5 repo folder (text_encoder/, text_encoder_2/, text_encoder_3/, tokenizer*/) or a hub id
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+    local = os.path.isdir(path)
+    if not local and (os.path.exists(path) or path.count("/") != 1):
+        raise FileNotFoundError(f"text encoders: {path!r} is neither a diffusers folder nor a hub id (owner/name)")
+
+    def part(cls, sub, optional=False):
+        if local and not os.path.isdir(os.path.join(path, sub)):
+            if optional:
+                return None
+            raise FileNotFoundError(f"text encoders: {os.path.join(path, sub)} is missing")
+        try:
+            if cls is AutoTokenizer:
+                return cls.from_pretrained(path, subfolder=sub)
+            return cls.from_pretrained(path, subfolder=sub, dtype=dtype).to(device).eval()
+        except (OSError, ValueError) as e:
+            where = "folder" if local else "hub id (is the hub reachable? download the repo and pass its folder)"
+            raise RuntimeError(f"text encoders: cannot load {sub} from {where} {path!r}: {e}") from e
+
+    t5 = part(T5EncoderModel, "text_encoder_3", optional=True) if t5 else None  # optional, as in diffusers
+    return TextEncoders(part(CLIPTextModelWithProjection, "text_encoder"), part(AutoTokenizer, "tokenizer"),
+                        part(CLIPTextModelWithProjection, "text_encoder_2"), part(AutoTokenizer, "tokenizer_2"),
+                        t5, part(AutoTokenizer, "tokenizer_3") if t5 is not None else None,
+                        context_dim=t5.config.d_model if t5 is not None else 4096)
+
+
+def tiny_text_encoders(vocab: list[str], seed: int = 0, clip_dims=(32, 32), t5_dim: int = 64, clip_len: int = 8,
+                       t5_len: int = 8) -> TextEncoders:
+    # The same three transformers classes with tiny random configs and an offline word-level tokenizer, for the
+    # CPU default (SPEC §4). Fixed seed -> identical weights on every run, without touching the global RNG.
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config,
+                              T5EncoderModel)
+    assert sum(clip_dims) <= t5_dim, "the CLIP states are zero-padded to the T5 width"
+    specials = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]  # eos must not be id 2: modeling_clip.py:551
+    ids = {t: i for i, t in enumerate(specials + sorted(set(w.lower() for w in vocab) - set(specials)))}
+
+    def tokenizer(template, max_len):
+        tok = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
+        tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[
+            ("<|startoftext|>", ids["<|startoftext|>"]), ("<|endoftext|>", ids["<|endoftext|>"])])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_len, pad_token="<pad>",
+                                       unk_token="<unk>", bos_token="<|startoftext|>", eos_token="<|endoftext|>")
+
+    def clip(dim):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(ids), hidden_size=dim, intermediate_size=2 * dim, projection_dim=dim, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=clip_len, pad_token_id=0, bos_token_id=2,
+            eos_token_id=3)).eval()
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip_l, clip_g = clip(clip_dims[0]), clip(clip_dims[1])
+        t5 = T5EncoderModel(T5Config(vocab_size=len(ids), d_model=t5_dim, d_kv=t5_dim // 2, d_ff=2 * t5_dim,
+                                     num_layers=2, num_heads=2, pad_token_id=0, eos_token_id=3)).eval()
+    clip_tok = tokenizer("<|startoftext|> $A <|endoftext|>", clip_len)
+    return TextEncoders(clip_l, clip_tok, clip_g, clip_tok, t5, tokenizer("$A <|endoftext|>", t5_len),
+                        context_dim=t5_dim, t5_len=t5_len)
+
+
+@torch.no_grad()
+def encode_prompts(enc: TextEncoders, prompts: list[str], t5_len: int | None = None):
+    # pipeline_stable_diffusion_3.py:233-464 (encode_prompt, clip_skip=None); t5_len None = enc.t5_len.
+    # -> context [B, clip_len + t5_len, context_dim], pooled [B, D_L + D_G]
+    t5_len = t5_len or enc.t5_len
+    device, dtype = enc.clip_l.device, enc.clip_l.dtype
+    states, pooled = [], []
+    for tok, model in ((enc.tok_l, enc.clip_l), (enc.tok_g, enc.clip_g)):
+        ids = tok(prompts, padding="max_length", max_length=enc.tok_l.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        out = model(ids.to(device), output_hidden_states=True)
+        states.append(out.hidden_states[-2].to(dtype))  # penultimate layer, no final LayerNorm
+        pooled.append(out.text_embeds)                   # projected pooled embedding
+    if enc.t5 is None:
+        t5 = torch.zeros(len(prompts), t5_len, enc.context_dim, device=device, dtype=dtype)
+    else:
+        ids = enc.tok_t5(prompts, padding="max_length", max_length=t5_len, truncation=True, add_special_tokens=True,
+                         return_tensors="pt").input_ids
+        t5 = enc.t5(ids.to(enc.t5.device))[0].to(device)
+    clip = torch.cat(states, dim=-1)
+    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # [B, 77, D_L + D_G] -> [B, 77, 4096]
+    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+
+
+@torch.no_grad()
+def sample_images(net, vae, enc, prompts, pref, steps: int, seed: int, size: int, guidance: float = 1.0,
+                  solver: str = "euler", shift: float = 3.0, negative_prompt: str = "",
+                  progress: bool = False) -> torch.Tensor:
+    # -> images [B,3,H,W] in [0,1]. vae None: a pixel-space net whose x0 lives in [-1,1]. Every call with the same
+    # seed starts from the same noise, so a sweep over ω compares like with like.
+    device, dtype = next(net.parameters()).device, next(net.parameters()).dtype
+    context, pooled = encode_prompts(enc, prompts)
+    cond = dict(context=context.to(device, dtype), pooled=pooled.to(device, dtype))
+    uncond = None
+    if guidance > 1.0:
+        context, pooled = encode_prompts(enc, [negative_prompt] * len(prompts))
+        uncond = dict(context=context.to(device, dtype), pooled=pooled.to(device, dtype))
+    side = size // 8 if vae is not None else size
+    x = noise_like((len(prompts), net.cfg.in_channels, side, side), seed, device, dtype)
+    if pref is not None:
+        pref = torch.as_tensor(pref, device=device, dtype=dtype).expand(len(prompts), -1)
+    x0 = denoise(net, x, get_schedule(steps, shift), cond, pref, guidance, uncond, solver, progress)
+    img = vae.decode(x0) if vae is not None else (x0.float() + 1) / 2
+    return img.float().clamp(0, 1)
+
+
+def to_pil(img):  # [3,H,W] in [0,1] -> PIL image
+    from PIL import Image
+    return Image.fromarray((img.permute(1, 2, 0) * 255).round().byte().cpu().numpy())
+
+
+def slider_strip(images, prefs):
+    # one horizontal strip, the ω of each tile written under it (PIL's default font)
+    from PIL import Image, ImageDraw, ImageFont
+    tiles = [to_pil(im) for im in images]
+    w, h = tiles[0].size
+    band = max(16, h // 12)
+    strip = Image.new("RGB", (w * len(tiles), h + band), "white")
+    font = ImageFont.load_default(size=band * 0.6)
+    draw = ImageDraw.Draw(strip)
+    for i, (tile, p) in enumerate(zip(tiles, prefs)):
+        strip.paste(tile, (i * w, 0))
+        draw.text((i * w + w / 2, h + band / 2), "w=(" + ", ".join(f"{v:.2f}" for v in p) + ")", fill="black",
+                  font=font, anchor="mm")
+    return strip

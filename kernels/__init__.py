@@ -1,45 +1,23 @@
-"""Fused elementwise ops on the preference-modulated attention path.
+"""Fused elementwise ops on the preference-modulated attention path, in Triton, forward and backward.
 
 Public functions (the model calls only these):
   modulate(x, shift, scale, eps, rms=False)      norm(x) * (1 + scale) + shift, scale/shift [B, D] over tokens
   gated_residual(x, gate, y, m=None)             x + gate * y   (or x + gate * (y + m), the slider residual)
+  gated_residual_modulate(x, gate, y, shift, scale, eps, rms=False, m=None)
+                                                 (h, modulate(h, shift, scale)) with h = gated_residual(x, gate, y, m)
   qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, interleaved=True)
                                                  per-head RMSNorm with weight, then rotary embedding (None: no RoPE)
-This first version holds only the PyTorch references; the Triton kernels come with issue 4.
+  set_backend("triton" | "torch"), get_backend()
+
+Each op file holds the plain PyTorch reference (the "torch" backend), the Triton kernels, and their
+registration as torch.library ops (paretoslider::*) with autograd, so torch.compile traces around them.
+The default backend is "triton" when Triton imports and CUDA is available or TRITON_INTERPRET=1 is set
+(then the kernels run on CPU tensors through the interpreter: that is how the tests exercise them).
 """
-import torch
+from ._common import get_backend, set_backend
+from .modulate import modulate, modulate_ref
+from .qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from .residual import gated_residual, gated_residual_modulate, gated_residual_modulate_ref, gated_residual_ref
 
-
-def modulate(x, shift, scale, eps=1e-6, rms=False):
-    # x [B, L, D]; shift, scale [B, D]. Norm without affine, fp32 math, result in x's dtype.
-    xf = x.float()
-    if rms:
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    else:
-        xf = torch.nn.functional.layer_norm(xf, xf.shape[-1:], eps=eps)
-    return (xf * (1 + scale.float()[:, None]) + shift.float()[:, None]).to(x.dtype)
-
-
-def gated_residual(x, gate, y, m=None):
-    # x, y [B, L, D]; gate, m [B, D]
-    if m is not None:
-        y = y + m[:, None]
-    return x + gate[:, None] * y
-
-
-def qk_norm_rope(q, k, q_weight, k_weight, cos=None, sin=None, eps=1e-6, interleaved=True):
-    # q, k [B, L, H, Dh]; weights [Dh]; cos, sin broadcastable to [B, L, H, Dh/2] or None.
-    def norm(t, w):
-        tf = t.float()
-        return tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + eps) * w.float()
-
-    def rope(t):
-        if cos is None:
-            return t
-        if interleaved:
-            t1, t2 = t[..., 0::2], t[..., 1::2]
-            return torch.stack([t1 * cos - t2 * sin, t1 * sin + t2 * cos], -1).flatten(-2)
-        t1, t2 = t.chunk(2, -1)
-        return torch.cat([t1 * cos - t2 * sin, t1 * sin + t2 * cos], -1)
-
-    return rope(norm(q, q_weight)).to(q.dtype), rope(norm(k, k_weight)).to(k.dtype)
+__all__ = ["modulate", "gated_residual", "gated_residual_modulate", "qk_norm_rope", "set_backend", "get_backend",
+           "modulate_ref", "gated_residual_ref", "gated_residual_modulate_ref", "qk_norm_rope_ref"]

@@ -1,0 +1,98 @@
+"""What the kernel files share: Triton (or a stand-in when it is absent), the backend switch, launch sizes."""
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # e.g. macOS: the @triton.jit definitions still import, the "torch" backend runs the references
+    HAS_TRITON = False
+
+    class _NoTriton:
+        constexpr = None
+
+        @staticmethod
+        def jit(fn):
+            return fn
+
+    triton = tl = _NoTriton()
+
+# The interpreter runs the kernels on CPU tensors with numpy, one program instance after another (tests only).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# ----------------------------------------------------------------------------------------------------------
+# Backend switch: "triton" runs the fused kernels, "torch" the plain references next to them.
+
+_backend = "triton" if HAS_TRITON and (torch.cuda.is_available() or INTERPRET) else "torch"
+
+
+def set_backend(name):
+    global _backend
+    if name not in ("triton", "torch"):
+        raise ValueError(f"kernels backend must be 'triton' or 'torch', got {name!r}")
+    if name == "triton" and not (HAS_TRITON and (torch.cuda.is_available() or INTERPRET)):
+        raise RuntimeError("the triton kernels need Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU)")
+    _backend = name
+
+
+def get_backend():
+    return _backend
+
+
+def use_triton(x):
+    # Per call: even with the "triton" backend, CPU tensors on a CUDA machine (a tiny model) take the reference.
+    return _backend == "triton" and (x.is_cuda or INTERPRET) and x.numel() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch sizes. A program handles `rows` consecutive rows of one [*, D] slab, BLOCK_M rows at a time; the
+# row count is a runtime int, so a new resolution (T) never triggers a recompile.
+
+# Tests set this to (BLOCK_M, rows) to force many small programs with ragged tails on tiny shapes.
+FORCE_ROWS = None
+
+
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def row_tiling(n_rows, n_slabs, width, device, backward, tile=4096):
+    """Tile [BLOCK_M, BLOCK_D] and rows per program for `n_slabs` slabs of `n_rows` rows of `width` elements.
+
+    Forward: one tile per program (many small programs hide memory latency best). Backward: ~2 programs per
+    SM, each looping over its rows and keeping fp32 partial sums for the token reductions (dscale, dgate,
+    dweight) in registers; fewer programs means smaller partial buffers to write and re-read.
+    """
+    BLOCK_D = triton.next_power_of_2(width)
+    if INTERPRET:
+        tile = 16384  # the interpreter pays per op and per program, not per element: big tiles, few programs
+    BLOCK_M = max(1, tile // BLOCK_D)
+    BLOCK_M = min(BLOCK_M, triton.next_power_of_2(n_rows))
+    if INTERPRET:
+        rows = n_rows
+    elif backward:
+        rows = max(32, triton.cdiv(n_rows * n_slabs, 2 * _sm_count(device)))
+    else:
+        rows = BLOCK_M
+    if FORCE_ROWS is not None:
+        BLOCK_M, rows = FORCE_ROWS
+    rows = triton.cdiv(rows, BLOCK_M) * BLOCK_M
+    num_warps = min(16, max(1, BLOCK_M * BLOCK_D // 512))
+    return BLOCK_M, BLOCK_D, rows, triton.cdiv(n_rows, rows), num_warps
+
+
+def rowwise(t):
+    # [B, D] conditioning vectors (shift, scale, gate, m) are read through a row stride; columns must be dense.
+    # Views from .chunk(6, dim=1) of the adaLN output are, so this copies nothing in the model.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@triton.jit
+def _up(x):
+    # Upcast a loaded tile before any arithmetic: bf16 math is wrong under the interpreter (numpy works on the
+    # raw bits) and imprecise on GPUs. fp64 stays fp64 so gradcheck sees real double precision.
+    if x.dtype == tl.float64:
+        return x
+    return x.to(tl.float32)

@@ -3,6 +3,7 @@
 #   python sample.py --backbone sd35 --weights PATH --prompt "a cat" --pref 0.3 --lora adapter.safetensors
 #   python sample.py --backbone sd35 --weights PATH --prompt "a cat" --sweep 5 --lora adapter.safetensors
 import argparse
+import json
 import math
 import os
 import sys
@@ -195,26 +196,39 @@ def encode_prompts(enc: TextEncoders, prompts: list[str], t5_len: int | None = N
 # Images
 
 
-@torch.no_grad()
-def sample_images(net, vae, enc, prompts, pref, steps: int, seed: int, size: int, guidance: float = 1.0,
-                  solver: str = "euler", shift: float = 3.0, negative_prompt: str = "",
-                  progress: bool = False) -> torch.Tensor:
-    # -> images [B,3,H,W] in [0,1]. vae None: a pixel-space net whose x0 lives in [-1,1]. Every call with the same
-    # seed starts from the same noise, so a sweep over ω compares like with like.
-    device, dtype = next(net.parameters()).device, next(net.parameters()).dtype
+def prompt_conditions(enc, prompts, guidance=1.0, negative_prompt=""):
+    # -> (cond, uncond or None) as denoise takes them; the uncond half is only encoded when CFG is on
     context, pooled = encode_prompts(enc, prompts)
-    cond = dict(context=context.to(device, dtype), pooled=pooled.to(device, dtype))
-    uncond = None
+    cond, uncond = dict(context=context, pooled=pooled), None
     if guidance > 1.0:
         context, pooled = encode_prompts(enc, [negative_prompt] * len(prompts))
-        uncond = dict(context=context.to(device, dtype), pooled=pooled.to(device, dtype))
-    side = size // 8 if vae is not None else size
-    x = noise_like((len(prompts), net.cfg.in_channels, side, side), seed, device, dtype)
+        uncond = dict(context=context, pooled=pooled)
+    return cond, uncond
+
+
+@torch.no_grad()
+def generate(net, vae, cond, uncond, pref, steps: int, seed: int, size: int, guidance: float = 1.0,
+             solver: str = "euler", shift: float = 3.0, progress: bool = False) -> torch.Tensor:
+    # -> images [B,3,H,W] in [0,1]. vae None: a pixel-space net (the tiny default) whose x0 lives in [-1,1].
+    # The same seed always starts from the same noise, so a sweep over ω compares like with like.
+    p = next(net.parameters())
+    to_net = lambda d: None if d is None else {k: v.to(p.device, p.dtype) for k, v in d.items()}
+    cond, uncond = to_net(cond), to_net(uncond)
+    batch, side = cond["context"].shape[0], size // 8 if vae is not None else size
+    x = noise_like((batch, net.cfg.in_channels, side, side), seed, p.device, p.dtype)
     if pref is not None:
-        pref = torch.as_tensor(pref, device=device, dtype=dtype).expand(len(prompts), -1)
+        pref = torch.as_tensor(pref, dtype=p.dtype, device=p.device).expand(batch, -1)
     x0 = denoise(net, x, get_schedule(steps, shift), cond, pref, guidance, uncond, solver, progress)
-    img = vae.decode(x0) if vae is not None else (x0.float() + 1) / 2
-    return img.float().clamp(0, 1)
+    if vae is None:
+        return ((x0.float() + 1) / 2).clamp(0, 1)
+    return vae.decode(x0.to(next(vae.parameters()).dtype)).float().clamp(0, 1)
+
+
+def sample_images(net, vae, enc, prompts, pref, steps: int, seed: int, size: int, guidance: float = 1.0,
+                  solver: str = "euler", shift: float = 3.0, negative_prompt: str = "", progress: bool = False):
+    # the one-call form that train.py's evaluation reuses
+    cond, uncond = prompt_conditions(enc, prompts, guidance, negative_prompt)
+    return generate(net, vae, cond, uncond, pref, steps, seed, size, guidance, solver, shift, progress)
 
 
 def to_pil(img):  # [3,H,W] in [0,1] -> PIL image
@@ -236,3 +250,125 @@ def slider_strip(images, prefs):
         draw.text((i * w + w / 2, h + band / 2), "w=(" + ", ".join(f"{v:.2f}" for v in p) + ")", fill="black",
                   font=font, anchor="mm")
     return strip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+class UsageError(Exception):  # bad input from the command line: one clear line on stderr, exit code 2
+    pass
+
+
+def parse_pref(text: str) -> list[float]:
+    # "0.3" -> (0.3, 0.7) for two objectives; "0.2,0.3,0.5" -> the full vector. ω must lie on the simplex: the
+    # model was trained there only (reference eval renormalises custom weights; we refuse instead of guessing).
+    try:
+        w = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--pref {text!r}: expected a number or a comma-separated vector like 0.2,0.3,0.5")
+    if len(w) == 1:
+        w = [w[0], 1 - w[0]]
+    if any(v < 0 or not math.isfinite(v) for v in w) or abs(sum(w) - 1) > 1e-3:
+        raise UsageError(f"--pref {text!r}: ω = {w} is not on the simplex (entries >= 0 summing to 1 within 1e-3)")
+    return w
+
+
+def load_net(weights, lora, dtype, device):
+    import model
+    pref_dim = 0
+    if lora:  # the adapter records the config it was trained with (model.save_adapters), incl. the objective count
+        _, meta = model.read_safetensors(lora)
+        pref_dim = json.loads(meta.get("config", "{}")).get("pref_dim", 0)
+    net = model.load_transformer(weights, pref_dim=pref_dim, dtype=dtype, device=device)
+    if lora:
+        model.load_adapters(net, lora)
+    return net.eval()
+
+
+def load_vae(weights, net):
+    # diffusers folder: weights/vae; single file: its first_stage_model.* part. A 3-channel net without a VAE is the
+    # pixel-space tiny default.
+    vae_path = os.path.join(weights, "vae") if os.path.isdir(weights) else weights
+    if net.cfg.in_channels == 3 and not os.path.exists(os.path.join(weights, "vae")):
+        return None
+    import model
+    return model.load_vae(vae_path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Sample images from a ParetoSlider model at one ω or a sweep of ω.")
+    ap.add_argument("--backbone", default="sd35", choices=["sd35"], help="model family (FLUX Kontext, LTX-2 later)")
+    ap.add_argument("--weights", required=True, help="diffusers repo folder (transformer/, vae/, text encoders) "
+                    "or an original single .safetensors file")
+    ap.add_argument("--text-encoders", help="diffusers folder or hub id with text_encoder{,_2,_3}/ and tokenizer{,_2,_3}/"
+                    " (default: --weights when it is a folder)")
+    ap.add_argument("--no-t5", action="store_true", help="skip T5-XXL (zeros instead, as diffusers does)")
+    ap.add_argument("--lora", help="adapter .safetensors (LoRA + preference modules) written by train.py")
+    ap.add_argument("--prompt", required=True, help="text prompt")
+    ap.add_argument("--negative-prompt", default="", help="unconditional prompt for CFG")
+    ap.add_argument("--pref", help="ω: w1 for two objectives (ω = (w1, 1-w1)) or a full vector like 0.2,0.3,0.5")
+    ap.add_argument("--sweep", type=int, default=0, help="N >= 2: one strip of N images, ω = (1-i/(N-1), i/(N-1))")
+    ap.add_argument("--steps", type=int, default=28, help="ODE steps")
+    ap.add_argument("--solver", default="euler", choices=["euler", "dpm2"], help="ODE solver")
+    ap.add_argument("--shift", type=float, default=3.0, help="schedule time shift (SD3.5: 3.0)")
+    ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    ap.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same noise on every device)")
+    ap.add_argument("--size", type=int, default=1024, help="image side in pixels (multiple of 16)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="transformer dtype")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    ap.add_argument("--out", default="out.png", help="output PNG")
+    args = ap.parse_args(argv)
+    try:
+        run(args)
+    except (UsageError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args):
+    # validate everything cheap before loading anything
+    if args.pref and args.sweep:
+        raise UsageError("give either --pref or --sweep, not both")
+    if args.sweep == 1 or args.sweep < 0:
+        raise UsageError("--sweep needs N >= 2")
+    prefs = [parse_pref(args.pref)] if args.pref else [None]
+    if args.sweep:
+        prefs = [[1 - i / (args.sweep - 1), i / (args.sweep - 1)] for i in range(args.sweep)]
+    if args.size % 16:
+        raise UsageError(f"--size {args.size}: must be a multiple of 16 (VAE 8x, patch 2)")
+    if not os.path.exists(args.weights):
+        raise UsageError(f"--weights {args.weights}: no such file or folder")
+    if args.lora and not os.path.isfile(args.lora):
+        raise UsageError(f"--lora {args.lora}: no such file")
+    encoders = args.text_encoders or (args.weights if os.path.isdir(args.weights) else None)
+    if encoders is None:
+        raise UsageError("--weights is a single file: pass --text-encoders (a diffusers SD3.5 folder or hub id)")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise UsageError(f"--out {args.out}: the folder does not exist")
+
+    dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
+    net = load_net(args.weights, args.lora, dtype, args.device)
+    m = net.cfg.pref_dim
+    if args.sweep and m not in (0, 2):
+        raise UsageError(f"--sweep moves ω between two objectives; this model has {m}: use --pref")
+    if prefs[0] is not None and m == 0:
+        raise UsageError("this model has no preference input (pref_dim=0): pass its adapter with --lora")
+    if prefs[0] is not None and len(prefs[0]) != m:
+        raise UsageError(f"ω has {len(prefs[0])} entries but the model was trained with {m} objectives")
+    vae = load_vae(args.weights, net)
+    enc = load_text_encoders(encoders, args.device, dtype if args.device != "cpu" else torch.float32, t5=not args.no_t5)
+    cond, uncond = prompt_conditions(enc, [args.prompt], args.guidance, args.negative_prompt)
+    enc.to("cpu")  # the text encoders are done; free the accelerator for the transformer
+
+    images = [generate(net, vae, cond, uncond, p, args.steps, args.seed, args.size, args.guidance, args.solver,
+                       args.shift, progress=True)[0] for p in prefs]
+    if args.sweep:
+        slider_strip(images, prefs).save(args.out)
+    else:
+        to_pil(images[0]).save(args.out)
+    print(f"wrote {args.out}" + (f" ({len(prefs)} values of ω)" if args.sweep else ""))
+
+
+if __name__ == "__main__":
+    main()

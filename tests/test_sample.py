@@ -160,3 +160,143 @@ def test_cfg_is_one_batched_forward():
 def test_noise_is_deterministic_per_seed():
     a, b, c = sample.noise_like((2, 3), 5), sample.noise_like((2, 3), 5), sample.noise_like((2, 3), 6)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text encoders: parity with diffusers' StableDiffusion3Pipeline.encode_prompt on tiny components
+
+VOCAB = ["a", "red", "blue", "green", "circle", "ring", "square", "photo", "sketch", "of"]
+PROMPTS = ["a red circle", "A Blue RING of green", "an unknown photo"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    # a diffusers-style SD3.5 folder: tiny text encoders + tokenizers and a tiny pixel-space transformer (no vae/)
+    d = tmp_path_factory.mktemp("tiny_sd35")
+    enc = sample.tiny_text_encoders(VOCAB, clip_dims=(16, 24), t5_dim=48, clip_len=10, t5_len=6)
+    for sub, obj in [("text_encoder", enc.clip_l), ("text_encoder_2", enc.clip_g), ("text_encoder_3", enc.t5),
+                     ("tokenizer", enc.tok_l), ("tokenizer_2", enc.tok_g), ("tokenizer_3", enc.tok_t5)]:
+        obj.save_pretrained(d / sub)
+    torch.manual_seed(0)
+    tr = diffusers.SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=3, out_channels=3, num_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
+                                         caption_projection_dim=16, pooled_projection_dim=40, pos_embed_max_size=16)
+    tr.save_pretrained(d / "transformer")
+    return d, enc, tr
+
+
+@pytest.mark.parametrize("with_t5", [True, False])
+def test_encode_prompts_match_diffusers_pipeline(repo, with_t5):
+    d, enc, tr = repo
+    ours = sample.load_text_encoders(str(d), t5=with_t5)
+    assert (ours.t5 is not None) == with_t5
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=tr, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None,
+        text_encoder=enc.clip_l, tokenizer=enc.tok_l, text_encoder_2=enc.clip_g, tokenizer_2=enc.tok_g,
+        text_encoder_3=enc.t5 if with_t5 else None, tokenizer_3=enc.tok_t5 if with_t5 else None)
+    with torch.no_grad():
+        ref, _, ref_pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu",
+                                                   do_classifier_free_guidance=False, max_sequence_length=7)
+    if not with_t5:
+        ours.context_dim = 48  # the real folder default is 4096 (SD3.5's joint_attention_dim)
+    context, pooled = sample.encode_prompts(ours, PROMPTS, t5_len=7)
+    assert context.shape == (3, 10 + 7, 48) and pooled.shape == (3, 16 + 24)
+    torch.testing.assert_close(context, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(pooled, ref_pooled, atol=1e-6, rtol=0)
+    assert context[:, 10:].abs().sum() > 0 if with_t5 else context[:, 10:].abs().sum() == 0
+
+
+def test_load_text_encoders_bad_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a diffusers folder nor a hub id"):
+        sample.load_text_encoders(str(tmp_path / "nope" / "deeper" / "x"))
+    with pytest.raises(FileNotFoundError, match="text_encoder is missing"):
+        sample.load_text_encoders(str(tmp_path))
+
+
+def test_tiny_text_encoders_deterministic_and_distinct():
+    a, b = sample.tiny_text_encoders(VOCAB, seed=0), sample.tiny_text_encoders(VOCAB, seed=0)
+    ca, pa = sample.encode_prompts(a, PROMPTS)
+    cb, pb = sample.encode_prompts(b, PROMPTS)
+    assert ca.shape == (3, 8 + 8, 64) and pa.shape == (3, 64)
+    assert torch.equal(ca, cb) and torch.equal(pa, pb)
+    for i in range(3):  # every prompt differs from every other, in both outputs
+        for j in range(i):
+            assert not torch.allclose(ca[i], ca[j]) and not torch.allclose(pa[i], pa[j])
+    c_other, _ = sample.encode_prompts(sample.tiny_text_encoders(VOCAB, seed=1), PROMPTS)
+    assert not torch.allclose(ca, c_other)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# images and the CLI
+
+
+@pytest.fixture(scope="module")
+def adapter(repo, tmp_path_factory):
+    # a two-objective adapter with random (non-zero) LoRA and preference weights, so that ω visibly matters
+    import model
+    net = model.load_transformer(str(repo[0]), pref_dim=2)
+    model.add_lora(net, rank=2, alpha=4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.adapter_state(net).values():
+            p.copy_(torch.randn_like(p) * 0.3)
+    path = tmp_path_factory.mktemp("adapter") / "adapter.safetensors"
+    model.save_adapters(net, str(path))
+    return net.eval(), str(path)
+
+
+def test_sample_images_pixel_space(repo, adapter):
+    net, enc = adapter[0], sample.load_text_encoders(str(repo[0]))
+    run = lambda pref, seed, **kw: sample.sample_images(net, None, enc, PROMPTS[:2], pref, steps=3, seed=seed,
+                                                        size=16, **kw)
+    img = run([0.3, 0.7], 0)
+    assert img.shape == (2, 3, 16, 16) and img.min() >= 0 and img.max() <= 1
+    assert torch.equal(img, run([0.3, 0.7], 0))
+    assert not torch.allclose(img, run([0.3, 0.7], 1))
+    assert not torch.allclose(img, run([0.9, 0.1], 0))
+    assert not torch.allclose(img, run([0.3, 0.7], 0, guidance=3.0, solver="dpm2"))
+
+
+def cli(*args):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True, text=True,
+                       timeout=120)
+    return r.returncode, r.stderr
+
+
+def test_cli_sweep_writes_strip(repo, adapter, tmp_path):
+    out = tmp_path / "strip.png"
+    code, err = cli("--weights", str(repo[0]), "--lora", adapter[1], "--prompt", "a red ring", "--sweep", "3",
+                    "--steps", "2", "--size", "16", "--out", str(out))
+    assert code == 0, err
+    from PIL import Image
+    strip = Image.open(out)
+    assert strip.width == 3 * 16 and strip.height > 16
+    tiles = [strip.crop((16 * i, 0, 16 * (i + 1), 16)).tobytes() for i in range(3)]
+    assert len(set(tiles)) == 3  # ω changes the image
+    assert len(set(strip.crop((0, 16, 48, strip.height)).get_flattened_data())) > 1  # the ω labels were drawn
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--pref", "0.5,0.6"], "not on the simplex"),
+    (["--pref", "-0.2"], "not on the simplex"),
+    (["--pref", "abc"], "expected a number"),
+    (["--pref", "0.2,0.3,0.5"], "3 entries but the model was trained with 2 objectives"),
+    (["--pref", "0.3", "--lora", "/no/such/adapter.safetensors"], "--lora /no/such/adapter.safetensors: no such file"),
+    (["--pref", "0.3", "--weights", "/no/such/folder"], "--weights /no/such/folder: no such file or folder"),
+    (["--pref", "0.3", "--lora", ""], "no preference input (pref_dim=0): pass its adapter with --lora"),
+    (["--sweep", "1"], "--sweep needs N >= 2"),
+    (["--size", "24"], "multiple of 16"),
+])
+def test_cli_bad_input(repo, adapter, tmp_path, capsys, args, message):
+    # in-process for speed (main() is what the script runs); test_cli_process checks the real process
+    opts = {"--weights": str(repo[0]), "--lora": adapter[1], "--prompt": "a red ring", "--size": "16",
+            "--out": str(tmp_path / "x.png"), **dict(zip(args[::2], args[1::2]))}
+    with pytest.raises(SystemExit) as e:
+        sample.main([s for kv in opts.items() if kv[1] for s in kv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_process_bad_input(repo, tmp_path):
+    code, err = cli("--weights", str(repo[0]), "--prompt", "a", "--pref", "0.2,0.9", "--out", str(tmp_path / "x.png"))
+    assert code == 2 and "not on the simplex" in err and "Traceback" not in err, err

@@ -15,8 +15,8 @@ The default backend is "triton" when Triton imports and CUDA is available or TRI
 (then the kernels run on CPU tensors through the interpreter: that is how the tests exercise them).
 """
 from ._common import get_backend, set_backend
-from .modulate import modulate, modulate_ref
-from .qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from .adaln import modulate, modulate_ref
+from .qk_rope import qk_norm_rope, qk_norm_rope_ref
 from .residual import gated_residual, gated_residual_modulate, gated_residual_modulate_ref, gated_residual_ref
 
 __all__ = ["modulate", "gated_residual", "gated_residual_modulate", "qk_norm_rope", "set_backend", "get_backend",

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from ._common import _up, row_tiling, rowwise, tl, triton, use_triton
-from .modulate import _normalize, _normalize_bwd, modulate_ref
+from .adaln import _normalize, _normalize_bwd, modulate_ref
 
 # ----------------------------------------------------------------------------------------------------------
 # References

@@ -106,12 +106,7 @@ def _modulate_bwd(X, SCALE, DY, DX, PARTIAL, T, D, s_scale, rows, eps,
 # torch.library ops (torch.compile sees through them) and their autograd
 
 
-def _acc_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-@triton_op("paretoslider::modulate", mutates_args=())
-def _modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float, rms: bool) -> Tensor:
+def _launch_fwd(x, shift, scale, eps, rms):
     B, T, D = x.shape
     x = x.contiguous()
     y = torch.empty_like(x)
@@ -122,17 +117,28 @@ def _modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float, rms: bool)
     return y
 
 
-@triton_op("paretoslider::modulate_bwd", mutates_args=())
-def _modulate_bwd_op(dy: Tensor, x: Tensor, scale: Tensor, eps: float, rms: bool) -> tuple[Tensor, Tensor]:
+def _launch_bwd(dy, x, scale, eps, rms):
+    # -> dx, token sums [B, 2, D] (dshift, dscale)
     B, T, D = x.shape
     x, dy = x.contiguous(), dy.contiguous()  # dy of out.sum() arrives as a stride-0 expand
     dx = torch.empty_like(x)
     BLOCK_M, BLOCK_D, rows, chunks, num_warps = row_tiling(T, B, D, x.device, backward=True)
-    partial = torch.empty(B, chunks, 2, D, device=x.device, dtype=_acc_dtype(x))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    partial = torch.empty(B, chunks, 2, D, device=x.device, dtype=acc)
     wrap_triton(_modulate_bwd)[(B, chunks)](
         x, scale, dy, dx, partial, T, D, scale.stride(0), rows, eps,
         RMS=rms, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=num_warps)
-    return dx, partial.sum(1)  # [B, 2, D]: dshift, dscale
+    return dx, partial.sum(1)
+
+
+@triton_op("paretoslider::modulate", mutates_args=())
+def _modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float, rms: bool) -> Tensor:
+    return _launch_fwd(x, shift, scale, eps, rms)
+
+
+@triton_op("paretoslider::modulate_bwd", mutates_args=())
+def _modulate_bwd_op(dy: Tensor, x: Tensor, scale: Tensor, eps: float, rms: bool) -> tuple[Tensor, Tensor]:
+    return _launch_bwd(dy, x, scale, eps, rms)
 
 
 def _setup(ctx, inputs, output):

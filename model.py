@@ -178,9 +178,10 @@ def merge_lora(net):
             m.lora_A = m.lora_B = None
 
 
-def save_adapters(net, path):
+def save_adapters(net, path, state=None):
+    # state: an adapter state to write instead of the live weights (e.g. the EMA)
     meta = {"lora": json.dumps(getattr(net, "lora_config", None)), "config": json.dumps(asdict(net.cfg))}
-    state = {n: p.detach().contiguous().cpu() for n, p in adapter_state(net).items()}
+    state = {n: p.detach().contiguous().cpu() for n, p in (state or adapter_state(net)).items()}
     atomic_save(state, path, meta)
 
 
@@ -478,11 +479,17 @@ def build_sd3(cfg, sd=None, dtype=torch.float32, device="cpu", what="checkpoint"
     with torch.device("meta"):
         net = SD3Transformer(base)
     load_state_strict(net, sd, dtype, device, what)
-    if cfg.pref_dim:
-        with torch.device(device):
-            net.pref_mlp = pref_mlp(cfg.pref_dim, cfg.hidden).to(dtype)
-            net.slider = SliderProjector(cfg.pref_dim, cfg.hidden).to(dtype)
-    net.cfg = cfg
+    return add_preference(net, cfg.pref_dim) if cfg.pref_dim else net
+
+
+def add_preference(net, pref_dim):
+    """Give a loaded base network the two preference paths for `pref_dim` objectives (fresh init)."""
+    w = net.context_embedder.weight
+    dev = w.device if w.device.type != "meta" else "cpu"
+    with torch.device(dev):
+        net.pref_mlp = pref_mlp(pref_dim, net.cfg.hidden).to(w.dtype)
+        net.slider = SliderProjector(pref_dim, net.cfg.hidden).to(w.dtype)
+    net.cfg = SD3Config(**{**asdict(net.cfg), "pref_dim": pref_dim})
     return net
 
 

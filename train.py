@@ -1,0 +1,680 @@
+"""ParetoSlider: one preference-conditioned model for a whole Pareto front (arXiv 2604.20816).
+
+    python train.py --backbone sd35 --tiny                          # the whole method on a CPU, minutes
+    python train.py --backbone sd35 --tiny --rewards tiny_photo,tiny_sketch,tiny_prompt   # M = 3
+    python train.py --backbone sd35 --tiny --fixed-pref 0.5,0.5     # FixedWeight baseline (early scalarization)
+    python train.py --backbone sd35 --weights <diffusers folder> --rewards pickscore_photo,vlm_sketch
+    torchrun --nproc_per_node 8 train.py ...                        # same script, N GPUs
+
+One epoch (SPEC §1): draw prompts and K preferences w per prompt; sample G images per (prompt, w) group
+with the old policy and a deterministic ODE solver; score every image with every reward; normalise each
+reward inside its group; turn advantages into optimality probabilities p_m and mix them with the sample's
+own w (p = sum_m w_m p_m, exactly the w-weighted sum of M per-reward losses); one DiffusionNFT update
+(arXiv 2509.16117) with a KL term to the base model; then decay the old policy toward the new one and
+update the EMA used for evaluation.
+Deviations from the released code: the slider projector's last layer starts at zero (model.py); the
+(prompt, w) groups are formed on the global batch, so every group has exactly G samples on any number of
+ranks; the tiny default trains in pixel space on a procedural world instead of SD3.5 latents.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.distributed as dist
+from torch.func import functional_call
+from tqdm import tqdm
+
+import kernels
+import model
+import rewards as R
+import sample
+
+
+@dataclass
+class Config:
+    backbone: str = "sd35"  # sd35 (FLUX Kontext and LTX-2 come later)
+    tiny: bool = False  # the CPU default: tiny SD3.5-style net, tiny text encoders, procedural world
+    weights: str = ""  # diffusers folder / single file of the base model (full size)
+    prompts: str = ""  # text file, one training prompt per line (full size)
+    rewards: str = "tiny_photo,tiny_sketch"  # objectives, in the order of w's components
+    fixed_pref: str = ""  # "w1,w2,...": FixedWeight baseline: sum_m w_m r_m, then group norm, no w input
+    out: str = "runs/tiny"  # run folder: log, config, checkpoint, eval.json, pareto.png, slider.png
+    resume: str = ""  # run folder to continue (config from there; --steps may extend it)
+    seed: int = 0
+    steps: int = 30  # RL epochs, one optimizer step each
+    kernels: str = ""  # triton | torch ("" = what is available)
+    # --- rollout
+    prompts_per_step: int = 4  # prompts per epoch
+    prefs_per_prompt: int = 3  # K preference vectors per prompt
+    group_size: int = 6  # G images per (prompt, w) group (reference: 24 per prompt = 3 x 8)
+    sample_steps: int = 8  # ODE steps for rollouts and eval (reference: 25)
+    solver: str = "dpm2"  # deterministic solver of the rollouts (reference: DPM-Solver++ 2M)
+    shift: float = 1.0  # schedule time shift (3.0 for SD3.5 at 512-1024 px; 1.0 for the 32 px world)
+    size: int = 32  # image side in pixels
+    batch: int = 64  # micro-batch for rollout and update
+    # --- DiffusionNFT update
+    beta: float = 0.1  # NFT strength: v+ = beta v + (1-beta) v_old
+    kl_beta: float = 1e-4  # weight of mean ||v - v_ref||^2 to the base model (pref=None, adapters off)
+    adv_clip: float = 5.0  # advantages clipped to +-5; also the loss multiplier (DiffusionNFT)
+    timestep_fraction: float = 0.99  # train on int(fraction * sample_steps) of the sampler's timesteps
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    lora_rank: int = 32
+    lora_alpha: float = 64.0
+    ema: float = 0.9  # EMA of the trainable weights, used for eval and saved adapters
+    ckpt_every: int = 10  # checkpoint (and adapters.safetensors) every this many steps, and at the end
+    # --- tiny base model (pretrained by flow matching on the world, cached)
+    pretrain_steps: int = 600
+    pretrain_batch: int = 64
+    pretrain_lr: float = 2e-3
+    cache: str = ".cache"  # where the pretrained tiny base is kept for the next run
+    # --- evaluation
+    eval_points: int = 11  # w sweep (M=2); simplex grid with eval_points-1 ... for M=3 see pref_grid
+    eval_prompts: int = 12  # fixed prompts x 1 seed each, same noise for every w
+    ref_point: str = ""  # hypervolume reference point "r1,r2,..." ("" = 0 for every objective)
+    dtype: str = "fp32"  # fp32 | bf16 (full size: bf16)
+    grad_ckpt: bool = False  # gradient checkpointing (full size)
+
+
+PRESETS = {  # literal overrides per setting, applied before the command line
+    "tiny": dict(),
+    "sd35": dict(out="runs/sd35", rewards="pickscore_photo,vlm_sketch", steps=300, prompts_per_step=4,
+                 group_size=8, sample_steps=25, shift=3.0, size=512, batch=8, dtype="bf16", grad_ckpt=True,
+                 eval_points=11, eval_prompts=8),
+}
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_config(argv=None):
+    p = argparse.ArgumentParser(description="ParetoSlider training (see the module docstring)")
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action="store_true", default=None)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float}.get(str(f.type), f.type if callable(f.type) else str))
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    if args.get("resume"):
+        path = os.path.join(args["resume"], "config.json")
+        if not os.path.isfile(path):
+            die(f"--resume {args['resume']}: no config.json there (not a run folder)")
+        with open(path) as fh:
+            saved = json.load(fh)
+        cfg = Config(**{**saved, **{k: v for k, v in args.items() if k in ("steps", "resume", "kernels")}})
+        cfg.out = args["resume"]
+        return cfg
+    preset = "tiny" if args.get("tiny") else args.get("backbone", "sd35")
+    if preset not in PRESETS:
+        die(f"unknown backbone {preset!r}; available: sd35 (FLUX Kontext and LTX-2 are not wired in yet)")
+    return Config(**{**PRESETS[preset], **args})
+
+
+# ----------------------------------------------------------------------------------------------------
+# The method's math: small pure functions, fp32.
+
+
+def sample_preferences(n, M, gen):
+    """n preference vectors on the simplex (released code, _sample_structured_preference).
+    M=2: 10% one-hot corners, else Dirichlet(1,1). M>=3: 50% vertices, 35% a random pair with
+    Dirichlet(1,1) on it, 15% interior Dirichlet(1,...,1). Dirichlet(1) = normalised Exp(1) draws."""
+    u = torch.rand(n, generator=gen)
+    expo = -torch.log(torch.rand(n, M, generator=gen).clamp_min(1e-12))
+    w = expo / expo.sum(1, keepdim=True)  # interior
+    vertex = torch.nn.functional.one_hot(torch.randint(M, (n,), generator=gen), M).float()
+    if M == 2:
+        return torch.where((u < 0.1)[:, None], vertex, w)
+    pair = torch.rand(n, M, generator=gen).argsort(1)[:, :2]  # a random pair of objectives
+    e = expo[:, :2] / expo[:, :2].sum(1, keepdim=True)
+    edge = torch.zeros(n, M).scatter(1, pair, e)
+    return torch.where((u < 0.5)[:, None], vertex, torch.where((u < 0.85)[:, None], edge, w))
+
+
+def group_advantages(r, groups, eps=1e-4):
+    """Normalise each reward column inside its group: (r - mean) / (std + eps), current batch only.
+    r [N, M], groups [N] int -> [N, M]. Population std, as the released tracker (np.std)."""
+    out = torch.empty_like(r)
+    for g in groups.unique():
+        m = groups == g
+        x = r[m]
+        out[m] = (x - x.mean(0)) / (x.std(0, unbiased=False) + eps)
+    return out
+
+
+def optimality(adv, clip=5.0):
+    # DiffusionNFT's optimality probability: 0.5 + 0.5 clip(A / clip, -1, 1) in [0, 1]
+    return 0.5 + 0.5 * (adv / clip).clamp(-1, 1)
+
+
+def nft_loss(v, v_old, x0, xt, t, p, beta, adv_clip=5.0):
+    """Per-sample DiffusionNFT loss. v, v_old, x0, xt [B, ...]; t, p [B].
+    Implicit positive / negative policies v+- mix the current and old velocities; each is scored by the
+    x0-error it implies, normalised by its detached mean absolute error (adaptive weighting)."""
+    dims = tuple(range(1, x0.ndim))
+    t = t.view(-1, *[1] * (x0.ndim - 1))
+    v_pos = beta * v + (1 - beta) * v_old
+    v_neg = (1 + beta) * v_old - beta * v
+    losses = []
+    for vv in (v_pos, v_neg):
+        err = xt - t * vv - x0  # x0_hat - x0
+        w = err.detach().abs().mean(dims).clamp_min(1e-5)
+        losses.append(err.square().mean(dims) / w)
+    return adv_clip * (p * losses[0] / beta + (1 - p) * losses[1] / beta)
+
+
+def hypervolume(points, ref):
+    """Exact hypervolume (maximisation) of a point set w.r.t. a reference point, any M (slicing by the
+    last objective; fine for the tens of points of a sweep). points [N, M], ref [M]."""
+    pts = [tuple(p) for p in points if all(a > b for a, b in zip(p, ref))]
+    if not pts:
+        return 0.0
+    if len(ref) == 1:
+        return max(p[0] for p in pts) - ref[0]
+    pts.sort(key=lambda p: -p[-1])
+    hv = 0.0
+    for i, p in enumerate(pts):
+        nxt = pts[i + 1][-1] if i + 1 < len(pts) else ref[-1]
+        if p[-1] > nxt:
+            hv += (p[-1] - nxt) * hypervolume([q[:-1] for q in pts[: i + 1]], ref[:-1])
+    return hv
+
+
+def pref_grid(M, n):
+    # eval preferences: M=2: w1 from 1 to 0 in n points; M>=3: the simplex grid with (n-1)//2 divisions
+    if M == 2:
+        return [[1 - i / (n - 1), i / (n - 1)] for i in range(n)]
+    d = max(2, (n - 1) // 2)
+
+    def rec(left, k):  # all compositions of `left` into k non-negative parts
+        if k == 1:
+            yield [left]
+            return
+        for i in range(left, -1, -1):
+            yield from ([i] + rest for rest in rec(left - i, k - 1))
+
+    return [[v / d for v in g] for g in rec(d, M)]
+
+
+def parse_pref(text, M):
+    try:
+        w = [float(x) for x in text.split(",")]
+    except ValueError:
+        die(f"preference {text!r} is not a comma-separated list of numbers")
+    if len(w) != M:
+        die(f"preference {text!r} has {len(w)} weights but there are {M} objectives")
+    if min(w) < 0 or abs(sum(w) - 1) > 1e-3:
+        die(f"preference {text!r} is not on the simplex (weights >= 0 summing to 1)")
+    return torch.tensor(w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed setup: the same script under python and torchrun (nanochat's compute_init).
+
+
+def compute_init():
+    if "RANK" in os.environ:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if backend == "nccl" else "cpu"
+        if backend == "nccl":
+            torch.cuda.set_device(device)
+        return rank, world, device
+    return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def print0(*a, log=None):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, flush=True)
+        if log is not None:
+            with open(log, "a") as fh:
+                print(*a, file=fh)
+
+
+def all_sum(t):
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def run_header(cfg):
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        git = "unknown"
+    import transformers
+    import triton
+    return dict(git=git, python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
+                transformers=transformers.__version__, cuda=torch.version.cuda,
+                device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+                kernels=kernels.get_backend(), argv=sys.argv, config=asdict(cfg))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Setups: what the loop needs from a backbone. The tiny world here; full-size SD3.5 below.
+
+
+@dataclass
+class Setup:
+    net: torch.nn.Module  # the policy: base + LoRA + preference modules
+    prompts: list  # training prompts
+    eval_prompts: list
+    cond: dict  # prompt -> (context [L, D], pooled [Dp]) cached text embeddings
+    latent: tuple  # (C, h, w) of x0
+    decode: callable  # x0 [B, C, h, w] -> images [B, 3, H, W] in [0, 1]
+
+
+def tiny_setup(cfg, M, device):
+    vocab = ["a"] + R.COLORS + R.SHAPES
+    enc = sample.tiny_text_encoders(vocab)
+    prompts = [f"a {c} {s}" for c in R.COLORS for s in R.SHAPES]
+    ctx, pooled = sample.encode_prompts(enc, prompts)
+    cond = {p: (ctx[i], pooled[i]) for i, p in enumerate(prompts)}
+    base = pretrain_tiny(cfg, cond, device)
+    eval_prompts = [prompts[(7 * i) % len(prompts)] for i in range(cfg.eval_prompts)]
+    return base, prompts, eval_prompts, cond, (3, cfg.size, cfg.size), lambda x0: ((x0.float() + 1) / 2).clamp(0, 1)
+
+
+def pretrain_tiny(cfg, cond, device):
+    """The tiny base model: flow matching on the procedural world (both styles, 50/50), cached on disk
+    under a name that hashes everything it depends on."""
+    mcfg = model.SD3Config(**model.SD3_PRESETS["sd35-tiny"])
+    key = f"tiny_base_{cfg.size}px_{cfg.pretrain_steps}x{cfg.pretrain_batch}_lr{cfg.pretrain_lr}_s{cfg.seed}_v1"
+    path = os.path.join(cfg.cache, key + ".safetensors")
+    net = model.build_sd3(mcfg, device=device)
+    if os.path.isfile(path):
+        sd, _ = model.read_safetensors(path)
+        net.load_state_dict(sd)
+        print0(f"tiny base: loaded {path}")
+        return net
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    net = model.build_sd3(mcfg, device=device)
+    n_data = cfg.pretrain_steps * cfg.pretrain_batch
+    images, prompts, _ = R.tiny_world(min(n_data, 20000), size=cfg.size, seed=cfg.seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    warm = max(1, cfg.pretrain_steps // 20)  # linear warm-up, then cosine decay to 0
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * i / cfg.pretrain_steps)))
+    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain tiny base (flow matching)", disable=not is_rank0())
+    for _ in bar:
+        idx = torch.randint(len(images), (cfg.pretrain_batch,), generator=gen)
+        x0 = (images[idx] * 2 - 1).to(device)
+        ctx = torch.stack([cond[prompts[i]][0] for i in idx]).to(device)
+        pooled = torch.stack([cond[prompts[i]][1] for i in idx]).to(device)
+        t = torch.sigmoid(torch.randn(len(idx), generator=gen)).to(device)  # logit-normal t (SD3 paper)
+        eps = torch.randn(x0.shape, generator=gen).to(device)
+        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+        loss = (net(xt, t, ctx, pooled) - (eps - x0)).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    if is_rank0():
+        os.makedirs(cfg.cache, exist_ok=True)
+        model.atomic_save({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    return net
+
+
+def sd35_setup(cfg, M, device):
+    """Full-size SD3.5: base weights in bf16, text encoders run once over all prompts then moved off the
+    GPU, the VAE decodes x0 for the rewards."""
+    if not cfg.weights:
+        die("no base weights: pass --weights <SD3.5 diffusers folder (with transformer/, vae/, text encoders)>, "
+            "e.g. a local download of stabilityai/stable-diffusion-3.5-medium; or run the CPU default: "
+            "python train.py --backbone sd35 --tiny")
+    if not os.path.exists(cfg.weights) and cfg.weights.count("/") != 1:
+        die(f"--weights {cfg.weights}: no such file or folder")
+    if not torch.cuda.is_available():
+        die("full-size SD3.5 training needs a CUDA GPU (bf16, ~40 GB); on a CPU run: python train.py --backbone sd35 --tiny")
+    if not cfg.prompts or not os.path.isfile(cfg.prompts):
+        die(f"--prompts {cfg.prompts!r}: give a text file with one training prompt per line")
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    base = model.load_transformer(cfg.weights, dtype=dtype, device=device)
+    vae = model.load_vae(cfg.weights, dtype=dtype, device=device)
+    enc = sample.load_text_encoders(cfg.weights, device=device, dtype=dtype)
+    with open(cfg.prompts) as fh:
+        prompts = [ln.strip() for ln in fh if ln.strip()]
+    cond = {}
+    for i in range(0, len(prompts), 16):
+        ctx, pooled = sample.encode_prompts(enc, prompts[i: i + 16])
+        cond.update({p: (ctx[j].cpu(), pooled[j].cpu()) for j, p in enumerate(prompts[i: i + 16])})
+    enc.to("cpu")
+    torch.cuda.empty_cache()
+    h = cfg.size // 8
+    return base, prompts, prompts[: cfg.eval_prompts], cond, (base.cfg.in_channels, h, h), vae.decode
+
+
+def is_rank0():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Policies as adapter states: one network in memory; old / EMA policies are dicts of the trainable
+# tensors swapped in by functional_call, the reference is the same network with adapters off.
+
+
+def policy(net, state):
+    return lambda *a, **k: functional_call(net, state, a, k)
+
+
+def base_velocity(net, xt, t, ctx, pooled):
+    model.set_lora_enabled(net, False)
+    try:
+        return net(xt, t, ctx, pooled)  # pref=None: preference paths skipped, bit-exact base model
+    finally:
+        model.set_lora_enabled(net, True)
+
+
+def rollout(fn, noise, ctx, pooled, pref, sigmas, cfg):
+    # deterministic ODE samples in micro-batches -> x0 [B, C, h, w]
+    out = []
+    for i in range(0, len(noise), cfg.batch):
+        sl = slice(i, i + cfg.batch)
+        out.append(sample.denoise(fn, noise[sl], sigmas, dict(context=ctx[sl], pooled=pooled[sl]),
+                                  None if pref is None else pref[sl], solver=cfg.solver))
+    return torch.cat(out)
+
+
+def lookup(cond, prompts, device, dtype):
+    ctx = torch.stack([cond[p][0] for p in prompts]).to(device, dtype)
+    return ctx, torch.stack([cond[p][1] for p in prompts]).to(device, dtype)
+
+
+def score(reward_fns, images, prompts):
+    meta = [{} for _ in prompts]
+    return torch.stack([fn(images, prompts, meta).float().cpu() for fn in reward_fns], 1)  # [B, M]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: one safetensors file (tensors + JSON metadata), written atomically.
+
+
+def save_checkpoint(path, step, params, old, ema, opt, gen, cfg):
+    t = {f"policy.{n}": p.detach() for n, p in params.items()}
+    t |= {f"old.{n}": v for n, v in old.items()} | {f"ema.{n}": v for n, v in ema.items()}
+    for n, p in params.items():
+        for k, v in opt.state.get(p, {}).items():
+            t[f"opt.{n}.{k}"] = v
+    t["rng.train"] = gen.get_state()
+    meta = {"step": str(step), "config": json.dumps(asdict(cfg))}
+    model.atomic_save({k: v.contiguous().cpu() for k, v in t.items()}, path, meta)
+
+
+def load_checkpoint(path, params, old, ema, opt, gen):
+    sd, meta = model.read_safetensors(path)
+    with torch.no_grad():
+        for n, p in params.items():
+            if f"policy.{n}" not in sd:
+                raise ValueError(f"{path}: no tensor for trainable parameter {n} (different model or rewards?)")
+            p.copy_(sd[f"policy.{n}"])
+            old[n].copy_(sd[f"old.{n}"])
+            ema[n].copy_(sd[f"ema.{n}"])
+    for n, p in params.items():
+        st = {k.split(".")[-1]: v.to(p.device) for k, v in sd.items() if k.startswith(f"opt.{n}.") and k.count(".") == n.count(".") + 2}
+        if st:
+            opt.state[p] = st
+    gen.set_state(sd["rng.train"])
+    return int(meta["step"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: a preference sweep with fixed noise, rewards per w, hypervolume, pictures.
+
+
+def spearman(a, b):
+    ra, rb = a.argsort().argsort().float(), b.argsort().argsort().float()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm() + 1e-12))
+
+
+@torch.no_grad()
+def evaluate(cfg, net, ema, setup, reward_fns, names, fixed, ref_point, device, dtype):
+    M, E = len(names), len(setup.eval_prompts)
+    prefs = [fixed.tolist()] if fixed is not None else pref_grid(M, cfg.eval_points)
+    noise = torch.randn(E, *setup.latent, generator=torch.Generator().manual_seed(1234)).to(device, dtype)
+    ctx, pooled = lookup(setup.cond, setup.eval_prompts, device, dtype)
+    sigmas = sample.get_schedule(cfg.sample_steps, cfg.shift)
+    fn = policy(net, ema)
+    sweep, tiles = [], []
+    for w in tqdm(prefs, desc="eval sweep", disable=not is_rank0()):
+        pref = None if fixed is not None else torch.tensor(w, device=device, dtype=dtype).expand(E, M)
+        images = setup.decode(rollout(fn, noise, ctx, pooled, pref, sigmas, cfg))
+        r = score(reward_fns, images, setup.eval_prompts)
+        sweep.append(dict(pref=[round(v, 6) for v in w], rewards=r.mean(0).tolist(), std=r.std(0).tolist()))
+        tiles.append(images[:6].float().cpu())
+    base_fn = lambda x, s, context, pooled, pref=None: base_velocity(net, x, s, context, pooled)
+    images = setup.decode(rollout(base_fn, noise, ctx, pooled, None, sigmas, cfg))
+    rb = score(reward_fns, images, setup.eval_prompts)
+    pts = [s["rewards"] for s in sweep]
+    W, Rw = torch.tensor([s["pref"] for s in sweep]), torch.tensor(pts)
+    result = dict(objectives=names, sweep=sweep, hypervolume=hypervolume(pts, ref_point), ref_point=ref_point,
+                  base=dict(rewards=rb.mean(0).tolist(), std=rb.std(0).tolist()),
+                  spearman=[spearman(W[:, m], Rw[:, m]) for m in range(M)] if len(sweep) > 2 else None,
+                  eval_prompts=setup.eval_prompts, method="FixedWeight" if fixed is not None else "ParetoSlider")
+    with open(os.path.join(cfg.out, "eval.json.tmp"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(os.path.join(cfg.out, "eval.json.tmp"), os.path.join(cfg.out, "eval.json"))
+    plot_front(os.path.join(cfg.out, "pareto.png"), result)
+    slider_grid(os.path.join(cfg.out, "slider.png"), tiles, [s["pref"] for s in sweep], setup.eval_prompts)
+    return result
+
+
+def plot_front(path, res):
+    """The front (objective m vs n for every pair), points coloured by w1 and joined in sweep order,
+    the base model as a black cross. PIL only (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+    names, M = res["objectives"], len(res["objectives"])
+    pairs = [(a, b) for a in range(M) for b in range(a + 1, M)]
+    S, pad = 420, 60
+    img = Image.new("RGB", (S * len(pairs), S + 30), "white")
+    d = ImageDraw.Draw(img)
+    d.text((8, 6), f"{res['method']}  hypervolume {res['hypervolume']:.4f} (ref {res['ref_point']})", fill="black")
+    pts = [s["rewards"] for s in res["sweep"]]
+    for k, (a, b) in enumerate(pairs):
+        x0, y0 = k * S + pad, 30
+        xs = [p[a] for p in pts] + [res["base"]["rewards"][a]]
+        ys = [p[b] for p in pts] + [res["base"]["rewards"][b]]
+        lo_x, hi_x, lo_y, hi_y = min(xs), max(xs), min(ys), max(ys)
+        sx, sy = (hi_x - lo_x) * 0.1 + 1e-6, (hi_y - lo_y) * 0.1 + 1e-6
+        lo_x, hi_x, lo_y, hi_y = lo_x - sx, hi_x + sx, lo_y - sy, hi_y + sy
+        W = S - pad - 20
+        X = lambda v: x0 + (v - lo_x) / (hi_x - lo_x) * W
+        Y = lambda v: y0 + W - (v - lo_y) / (hi_y - lo_y) * W
+        d.rectangle([x0, y0, x0 + W, y0 + W], outline="black")
+        for i in range(5):
+            v, u = lo_x + (hi_x - lo_x) * i / 4, lo_y + (hi_y - lo_y) * i / 4
+            d.text((X(v) - 12, y0 + W + 4), f"{v:.3f}", fill="gray")
+            d.text((x0 - 44, Y(u) - 5), f"{u:.3f}", fill="gray")
+        d.text((x0 + W / 2 - 30, y0 + W + 18), names[a], fill="black")
+        d.text((x0 - 55, y0 - 16), names[b], fill="black")
+        xy = [(X(p[a]), Y(p[b])) for p in pts]
+        if M == 2 and len(xy) > 1:
+            d.line(xy, fill=(150, 150, 150), width=1)
+        for (px, py), s in zip(xy, res["sweep"]):
+            w1 = s["pref"][0]
+            col = (int(255 * w1), 60, int(255 * (1 - w1)))
+            d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=col)
+            if M == 2:
+                d.text((px + 5, py - 12), f"{w1:.1f}", fill=col)
+        bx, by = X(res["base"]["rewards"][a]), Y(res["base"]["rewards"][b])
+        d.line([bx - 6, by - 6, bx + 6, by + 6], fill="black", width=2)
+        d.line([bx - 6, by + 6, bx + 6, by - 6], fill="black", width=2)
+        d.text((bx + 8, by), "base", fill="black")
+    img.save(path)
+
+
+def slider_grid(path, tiles, prefs, prompts, px=96):
+    # rows: eval prompts (same noise across a row); columns: w. tiles: per w, images [n, 3, H, W]
+    from PIL import Image, ImageDraw
+    n = tiles[0].shape[0]
+    head, left = 28, 110
+    img = Image.new("RGB", (left + px * len(tiles), head + px * n), "white")
+    d = ImageDraw.Draw(img)
+    for j, (col, w) in enumerate(zip(tiles, prefs)):
+        d.text((left + j * px + 4, 8), "w=" + ",".join(f"{v:.2f}" for v in w), fill="black")
+        for i in range(n):
+            tile = sample.to_pil(col[i]).resize((px, px), Image.NEAREST)
+            img.paste(tile, (left + j * px, head + i * px))
+    for i in range(n):
+        d.text((4, head + i * px + px // 2 - 6), prompts[i][:18], fill="black")
+    img.save(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    rank, world, device = compute_init()
+    if cfg.kernels:
+        kernels.set_backend(cfg.kernels)
+    torch.manual_seed(cfg.seed + rank)  # rank-local draws only; the loop's draws come from `gen`, shared
+    names = [n for n in cfg.rewards.split(",") if n]
+    unknown = [n for n in names if n not in R.REWARDS]
+    if unknown:
+        die(f"unknown reward(s) {unknown}; valid: {', '.join(sorted(R.REWARDS))}")
+    M = len(names)
+    fixed = parse_pref(cfg.fixed_pref, M) if cfg.fixed_pref else None
+    if fixed is None and M < 2:
+        die("ParetoSlider needs at least two objectives (--rewards a,b[,c])")
+    ref_point = [float(v) for v in cfg.ref_point.split(",")] if cfg.ref_point else [0.0] * M
+    if len(ref_point) != M:
+        die(f"--ref-point has {len(ref_point)} values for {M} objectives")
+    if cfg.backbone != "sd35":
+        die(f"backbone {cfg.backbone!r} is not available yet (sd35 only)")
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    os.makedirs(cfg.out, exist_ok=True)
+    log = os.path.join(cfg.out, "log.txt")
+    header = run_header(cfg)
+    print0(json.dumps(header, indent=1), log=log)
+    if is_rank0():
+        with open(os.path.join(cfg.out, "config.json"), "w") as fh:
+            json.dump(asdict(cfg), fh, indent=1)
+    reward_fns = [R.get_reward(n, device=device) for n in names]
+
+    # --- model: base + preference modules (not for FixedWeight) + LoRA; only the adapters train
+    base, prompts, eval_prompts, cond, latent, decode = (tiny_setup if cfg.tiny else sd35_setup)(cfg, M, device)
+    setup = Setup(base, prompts, eval_prompts, cond, latent, decode)
+    net = base.to(dtype)
+    torch.manual_seed(cfg.seed)  # adapter init identical on every rank
+    if fixed is None:
+        model.add_preference(net, M)
+    model.add_lora(net, cfg.lora_rank, cfg.lora_alpha)
+    net.grad_ckpt = cfg.grad_ckpt
+    params = model.adapter_state(net)
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    old = {n: p.detach().clone() for n, p in params.items()}  # sampling policy theta_old
+    ema = {n: p.detach().clone() for n, p in params.items()}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ckpt = os.path.join(cfg.out, "checkpoint.safetensors")
+    start = load_checkpoint(ckpt, params, old, ema, opt, gen) if cfg.resume and os.path.isfile(ckpt) else 0
+    if cfg.resume:
+        print0(f"resumed from {ckpt} at step {start}", log=log)
+
+    P, K, G = cfg.prompts_per_step, (1 if fixed is not None else cfg.prefs_per_prompt), cfg.group_size
+    N = P * K * G
+    mine = torch.arange(rank, N, world)  # this rank's share of the global batch
+    sigmas = sample.get_schedule(cfg.sample_steps, cfg.shift)
+    T = max(1, int(cfg.timestep_fraction * cfg.sample_steps))
+    bar = tqdm(range(start, cfg.steps), desc="ParetoSlider" if fixed is None else "FixedWeight",
+               disable=not is_rank0(), initial=start, total=cfg.steps)
+    for step in bar:
+        t0 = time.time()
+        # --- rollout: P prompts x K preferences x G samples, from the old policy, deterministic ODE
+        pidx = torch.randint(len(prompts), (P,), generator=gen)
+        group_pref = fixed.expand(P * K, M) if fixed is not None else sample_preferences(P * K, M, gen)
+        groups = torch.arange(N) // G  # (prompt, w) group of each sample; prompt = group // K
+        pref = group_pref[groups]
+        sample_prompts = [prompts[pidx[g // K]] for g in groups.tolist()]
+        noise = torch.randn(N, *latent, generator=gen)
+        my_prompts = [sample_prompts[i] for i in mine.tolist()]
+        ctx, pooled = lookup(cond, my_prompts, device, dtype)
+        my_pref = None if fixed is not None else pref[mine].to(device, dtype)
+        with torch.no_grad():
+            x0 = rollout(policy(net, old), noise[mine].to(device, dtype), ctx, pooled, my_pref, sigmas, cfg)
+
+        # --- rewards: every image, every objective; gathered so groups may span ranks
+        r = torch.zeros(N, M)
+        r[mine] = score(reward_fns, decode(x0), my_prompts)
+        r = all_sum(r.to(device)).cpu()
+
+        # --- advantages: per reward, inside each (prompt, w) group; mixed with the sample's own w
+        if fixed is not None:  # FixedWeight: early scalarization, then per-prompt normalisation
+            p = optimality(group_advantages((r * fixed).sum(1, keepdim=True), groups // K), cfg.adv_clip)[:, 0]
+        else:
+            p = (pref * optimality(group_advantages(r, groups), cfg.adv_clip)).sum(1)
+
+        # --- policy update: DiffusionNFT on the sampler's timesteps, shuffled per sample, fresh noise
+        order = torch.rand(N, cfg.sample_steps, generator=gen).argsort(1)[:, :T]
+        stats = torch.zeros(2, device=device)  # summed policy loss, summed KL
+        for j in range(T):
+            t_all, eps_all = sigmas[order[:, j]], torch.randn(N, *latent, generator=gen)
+            for mb in torch.arange(len(mine)).split(cfg.batch):
+                gi = mine[mb]  # global indices of this micro-batch
+                t = t_all[gi].to(device, dtype)
+                xt = (1 - t.view(-1, 1, 1, 1)) * x0[mb] + t.view(-1, 1, 1, 1) * eps_all[gi].to(device, dtype)
+                c, pl = ctx[mb], pooled[mb]
+                w = None if my_pref is None else my_pref[mb]
+                with torch.no_grad():
+                    v_old = policy(net, old)(xt, t, c, pl, w).float()
+                    v_ref = base_velocity(net, xt, t, c, pl).float() if cfg.kl_beta > 0 else None
+                v = net(xt, t, c, pl, w).float()
+                loss_i = nft_loss(v, v_old, x0[mb].float(), xt.float(), t.float(), p[gi].to(device), cfg.beta, cfg.adv_clip)
+                kl_i = (v - v_ref).square().flatten(1).mean(1) if v_ref is not None else torch.zeros_like(loss_i)
+                ((loss_i + cfg.kl_beta * kl_i).sum() / (N * T)).backward()
+                stats += torch.stack([loss_i.detach().sum(), kl_i.detach().sum()])
+        for prm in params.values():  # sum over ranks: every rank then holds the 1-process gradient
+            if prm.grad is not None:
+                all_sum(prm.grad)
+        gnorm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+        # --- old policy and EMA: theta_old <- d theta_old + (1-d) theta, d = min(0.001 step, 0.5)
+        d, e = min(0.001 * step, 0.5), min((1 + step) / (10 + step), cfg.ema)
+        with torch.no_grad():
+            for n, prm in params.items():
+                old[n].lerp_(prm.detach(), 1 - d)
+                ema[n].lerp_(prm.detach(), 1 - e)
+
+        # --- log / checkpoint
+        stats = all_sum(stats).cpu() / (N * T)
+        msg = (f"step {step + 1}/{cfg.steps} | " + " ".join(f"{nm} {v:.4f}" for nm, v in zip(names, r.mean(0).tolist()))
+               + f" | loss {stats[0]:.4f} kl {stats[1]:.2e} gnorm {gnorm:.3f} | {time.time() - t0:.1f}s")
+        print0(msg, log=log) if not sys.stderr.isatty() else bar.write(msg)
+        if is_rank0() and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(ckpt, step + 1, params, old, ema, opt, gen, cfg)
+            model.save_adapters(net, os.path.join(cfg.out, "adapters.safetensors"), ema)
+
+    # --- evaluation: the sweep over w with the EMA weights
+    result = None
+    if is_rank0():
+        result = evaluate(cfg, net, ema, setup, reward_fns, names, fixed, ref_point, device, dtype)
+        print0(f"eval: hypervolume {result['hypervolume']:.4f}; wrote {cfg.out}/eval.json, pareto.png, slider.png", log=log)
+        for s in result["sweep"]:
+            print0("  w=" + ",".join(f"{v:.2f}" for v in s["pref"]) + "  " + "  ".join(
+                f"{nm} {m:.4f}±{sd:.4f}" for nm, m, sd in zip(names, s["rewards"], s["std"])), log=log)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import save_file
 
-from vae_wip import VAE_FLUX, VAE_SD3, AutoencoderKL, load_vae, vae_from_diffusers
+from model import VAE_FLUX, VAE_SD3, AutoencoderKL, load_vae, vae_from_diffusers
 
 SD3 = VAE_SD3["scaling"], VAE_SD3["shift"]
 TINY = {  # name: (block_out_channels, layers_per_block)
@@ -153,14 +153,14 @@ def test_wrong_paths(tiny, tmp_path):
 def test_missing_unexpected_misshaped_keys(tiny, tmp_path):
     sd = dict(tiny["original"])
     del sd["decoder.up.0.block.1.conv2.bias"]
-    with pytest.raises(ValueError, match=r"missing: \['decoder.up.0.block.1.conv2.bias'\]"):
+    with pytest.raises(ValueError, match=r"missing keys \(1\): decoder.up.0.block.1.conv2.bias"):
         load_vae(write_original(tmp_path, "missing.safetensors", sd), groups=8)
     sd = dict(tiny["original"], **{"decoder.mid.attn_2.q.weight": torch.zeros(1)})
-    with pytest.raises(ValueError, match=r"unexpected: \['decoder.mid.attn_2.q.weight'\]"):
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): decoder.mid.attn_2.q.weight"):
         load_vae(write_original(tmp_path, "unexpected.safetensors", sd), groups=8)
     q = tiny["original"]["encoder.mid.attn_1.q.weight"]
     sd = dict(tiny["original"], **{"encoder.mid.attn_1.q.weight": q[:, :, 0, 0]})  # a linear where a conv belongs
-    with pytest.raises(ValueError, match=r"mis-shaped: \['encoder.mid.attn_1.q.weight: "):
+    with pytest.raises(ValueError, match=r"mis-shaped keys \(1\): encoder.mid.attn_1.q.weight: "):
         load_vae(write_original(tmp_path, "misshaped.safetensors", sd), groups=8)
     with pytest.raises(ValueError, match="encoder.mid_block.attentions.1.to_q.weight"):  # diffusers side
         vae_from_diffusers({"encoder.mid_block.attentions.1.to_q.weight": torch.zeros(2, 2)}, 2)

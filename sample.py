@@ -47,7 +47,7 @@ def denoise(net, x, sigmas, cond: dict, pref=None, guidance: float = 1.0, uncond
     if solver not in ("euler", "dpm2"):
         raise ValueError(f"unknown solver {solver!r}: use 'euler' or 'dpm2'")
     cfg = guidance > 1.0
-    if cfg:  # one batched forward for both halves, [uncond; cond] as in pipeline_stable_diffusion_3.py:1093-1105
+    if cfg:  # one batched forward for both halves, [uncond; cond] as in pipeline_stable_diffusion_3.py:1067-1086
         if uncond is None:
             raise ValueError("guidance > 1 needs the unconditional inputs (uncond)")
         cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
@@ -66,7 +66,7 @@ def denoise(net, x, sigmas, cond: dict, pref=None, guidance: float = 1.0, uncond
             continue
         # DPM-Solver++(2M) in x0-parameterisation with α = 1-σ, λ = log(α/σ) (Lu et al. 2022, alg. 2), as the
         # reference rollouts (DiffusionNFT flow_grpo/diffusers_patch/solver.py dpm_step) and diffusers
-        # scheduling_dpmsolver_multistep.py:1239-1260 with use_flow_sigmas / flow_prediction do it.
+        # scheduling_dpmsolver_multistep.py:847-960, 1239-1272 (use_flow_sigmas, flow_prediction) do it.
         x0 = x - s * v
         if s_next == 0:  # last step first order: the first-order update to σ=0 returns x0 itself
             x = x0
@@ -221,7 +221,8 @@ def generate(net, vae, cond, uncond, pref, steps: int, seed: int, size: int, gui
     x0 = denoise(net, x, get_schedule(steps, shift), cond, pref, guidance, uncond, solver, progress)
     if vae is None:
         return ((x0.float() + 1) / 2).clamp(0, 1)
-    return vae.decode(x0.to(next(vae.parameters()).dtype)).float().clamp(0, 1)
+    q = next(vae.parameters())
+    return vae.decode(x0.to(q.device, q.dtype)).float().clamp(0, 1)
 
 
 def sample_images(net, vae, enc, prompts, pref, steps: int, seed: int, size: int, guidance: float = 1.0,
@@ -237,18 +238,20 @@ def to_pil(img):  # [3,H,W] in [0,1] -> PIL image
 
 
 def slider_strip(images, prefs):
-    # one horizontal strip, the ω of each tile written under it (PIL's default font)
+    # one horizontal strip, the ω of each tile written under it (PIL's default font); tiles narrower than 160 px
+    # (the tiny default's 32 px) are enlarged, nearest-neighbour, so that the labels fit under them
     from PIL import Image, ImageDraw, ImageFont
     tiles = [to_pil(im) for im in images]
+    scale = max(1, math.ceil(160 / tiles[0].width))
+    tiles = [t.resize((t.width * scale, t.height * scale), Image.NEAREST) for t in tiles]
     w, h = tiles[0].size
-    band = max(16, h // 12)
+    band = max(20, h // 12)
     strip = Image.new("RGB", (w * len(tiles), h + band), "white")
-    font = ImageFont.load_default(size=band * 0.6)
-    draw = ImageDraw.Draw(strip)
+    font, draw = ImageFont.load_default(size=band * 0.6), ImageDraw.Draw(strip)
     for i, (tile, p) in enumerate(zip(tiles, prefs)):
         strip.paste(tile, (i * w, 0))
-        draw.text((i * w + w / 2, h + band / 2), "w=(" + ", ".join(f"{v:.2f}" for v in p) + ")", fill="black",
-                  font=font, anchor="mm")
+        label = "w=(" + ", ".join(f"{v:.2f}" for v in p) + ")"
+        draw.text((i * w + w / 2, h + band / 2), label, fill="black", font=font, anchor="mm")
     return strip
 
 
@@ -286,14 +289,14 @@ def load_net(weights, lora, dtype, device):
     return net.eval()
 
 
-def load_vae(weights, net):
+def load_vae(weights, net, dtype, device):
     # diffusers folder: weights/vae; single file: its first_stage_model.* part. A 3-channel net without a VAE is the
     # pixel-space tiny default.
     vae_path = os.path.join(weights, "vae") if os.path.isdir(weights) else weights
     if net.cfg.in_channels == 3 and not os.path.exists(os.path.join(weights, "vae")):
         return None
     import model
-    return model.load_vae(vae_path)
+    return model.load_vae(vae_path, dtype=dtype, device=device)
 
 
 def main(argv=None):
@@ -356,7 +359,7 @@ def run(args):
         raise UsageError("this model has no preference input (pref_dim=0): pass its adapter with --lora")
     if prefs[0] is not None and len(prefs[0]) != m:
         raise UsageError(f"ω has {len(prefs[0])} entries but the model was trained with {m} objectives")
-    vae = load_vae(args.weights, net)
+    vae = load_vae(args.weights, net, dtype, args.device)
     enc = load_text_encoders(encoders, args.device, dtype if args.device != "cpu" else torch.float32, t5=not args.no_t5)
     cond, uncond = prompt_conditions(enc, [args.prompt], args.guidance, args.negative_prompt)
     enc.to("cpu")  # the text encoders are done; free the accelerator for the transformer

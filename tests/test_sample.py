@@ -257,6 +257,24 @@ def test_sample_images_pixel_space(repo, adapter):
     assert not torch.allclose(img, run([0.3, 0.7], 0, guidance=3.0, solver="dpm2"))
 
 
+def test_generate_decodes_latents_with_the_vae():
+    # latent path: noise at size/8 with the net's channel count, x0 handed to vae.decode
+    class Net(torch.nn.Linear):  # a module with one parameter (device/dtype) and the stand-in velocity
+        cfg = type("cfg", (), {"in_channels": 16})
+        forward = staticmethod(standin_net)
+
+    class VAE(torch.nn.Linear):
+        seen = []
+
+        def decode(self, z):
+            self.seen.append(z.shape)
+            return torch.sigmoid(torch.nn.functional.interpolate(z[:, :3], scale_factor=8))
+
+    vae, (_, cond) = VAE(1, 1), standin_inputs(b=2)
+    img = sample.generate(Net(1, 1), vae, cond, None, None, steps=3, seed=0, size=48)
+    assert vae.seen == [(2, 16, 6, 6)] and img.shape == (2, 3, 48, 48)
+
+
 def cli(*args):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True, text=True,
                        timeout=120)
@@ -269,11 +287,11 @@ def test_cli_sweep_writes_strip(repo, adapter, tmp_path):
                     "--steps", "2", "--size", "16", "--out", str(out))
     assert code == 0, err
     from PIL import Image
-    strip = Image.open(out)
-    assert strip.width == 3 * 16 and strip.height > 16
-    tiles = [strip.crop((16 * i, 0, 16 * (i + 1), 16)).tobytes() for i in range(3)]
+    strip = Image.open(out)  # 16 px tiles are enlarged 10x so that the labels fit
+    assert strip.width == 3 * 160 and strip.height > 160
+    tiles = [strip.crop((160 * i, 0, 160 * (i + 1), 160)).tobytes() for i in range(3)]
     assert len(set(tiles)) == 3  # ω changes the image
-    assert len(set(strip.crop((0, 16, 48, strip.height)).get_flattened_data())) > 1  # the ω labels were drawn
+    assert len(set(strip.crop((0, 160, 480, strip.height)).get_flattened_data())) > 1  # the ω labels were drawn
 
 
 @pytest.mark.parametrize("args,message", [

@@ -330,9 +330,7 @@ def pretrain_tiny(cfg, cond, device):
     return net
 
 
-def sd35_setup(cfg, M, device):
-    """Full-size SD3.5: base weights in bf16, text encoders run once over all prompts then moved off the
-    GPU, the VAE decodes x0 for the rewards."""
+def check_full_size(cfg):
     if not cfg.weights:
         die("no base weights: pass --weights <SD3.5 diffusers folder (with transformer/, vae/, text encoders)>, "
             "e.g. a local download of stabilityai/stable-diffusion-3.5-medium; or run the CPU default: "
@@ -343,6 +341,11 @@ def sd35_setup(cfg, M, device):
         die("full-size SD3.5 training needs a CUDA GPU (bf16, ~40 GB); on a CPU run: python train.py --backbone sd35 --tiny")
     if not cfg.prompts or not os.path.isfile(cfg.prompts):
         die(f"--prompts {cfg.prompts!r}: give a text file with one training prompt per line")
+
+
+def sd35_setup(cfg, M, device):
+    """Full-size SD3.5: base weights in bf16, text encoders run once over all prompts then moved off the
+    GPU, the VAE decodes x0 for the rewards."""
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     base = model.load_transformer(cfg.weights, dtype=dtype, device=device)
     vae = model.load_vae(cfg.weights, dtype=dtype, device=device)
@@ -545,6 +548,10 @@ def main(argv=None):
     if cfg.kernels:
         kernels.set_backend(cfg.kernels)
     torch.manual_seed(cfg.seed + rank)  # rank-local draws only; the loop's draws come from `gen`, shared
+    if cfg.backbone != "sd35":
+        die(f"backbone {cfg.backbone!r} is not available yet (sd35 only)")
+    if not cfg.tiny:
+        check_full_size(cfg)
     names = [n for n in cfg.rewards.split(",") if n]
     unknown = [n for n in names if n not in R.REWARDS]
     if unknown:
@@ -556,8 +563,6 @@ def main(argv=None):
     ref_point = [float(v) for v in cfg.ref_point.split(",")] if cfg.ref_point else [0.0] * M
     if len(ref_point) != M:
         die(f"--ref-point has {len(ref_point)} values for {M} objectives")
-    if cfg.backbone != "sd35":
-        die(f"backbone {cfg.backbone!r} is not available yet (sd35 only)")
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     os.makedirs(cfg.out, exist_ok=True)
     log = os.path.join(cfg.out, "log.txt")

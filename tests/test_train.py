@@ -1,0 +1,169 @@
+"""train.py: the method's math against hand computations and closed forms, the tiny run end to end,
+exact resume, and clear errors on bad input."""
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_nft_loss_hand_computation():
+    beta, clip = 0.1, 5.0
+    g = torch.Generator().manual_seed(0)
+    v, v_old, x0, eps = (torch.randn(2, 1, 2, 2, generator=g) for _ in range(4))
+    t, p = torch.tensor([0.3, 0.8]), torch.tensor([0.9, 0.2])
+    xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    got = train.nft_loss(v, v_old, x0, xt, t, p, beta, clip)
+    for i in range(2):  # SPEC §1.6 written out element by element
+        vn, vo, x, xti, ti = v[i].flatten().tolist(), v_old[i].flatten().tolist(), x0[i].flatten().tolist(), \
+            xt[i].flatten().tolist(), t[i].item()
+        vp = [beta * a + (1 - beta) * b for a, b in zip(vn, vo)]
+        vm = [(1 + beta) * b - beta * a for a, b in zip(vn, vo)]
+        def l(vv):
+            err = [xi - ti * vvi - x0i for xi, vvi, x0i in zip(xti, vv, x)]
+            w = max(sum(abs(e) for e in err) / 4, 1e-5)
+            return sum(e * e for e in err) / 4 / w
+        want = clip * (p[i].item() * l(vp) / beta + (1 - p[i].item()) * l(vm) / beta)
+        assert got[i].item() == pytest.approx(want, rel=1e-5)
+
+
+def test_mixing_optimality_equals_weighted_per_reward_losses():
+    g = torch.Generator().manual_seed(1)
+    v, v_old, x0, xt = (torch.randn(4, 3, 4, 4, generator=g) for _ in range(4))
+    t = torch.rand(4, generator=g)
+    w = train.sample_preferences(4, 3, g)
+    p_m = train.optimality(torch.randn(4, 3, generator=g) * 4)
+    weighted = sum(w[:, m] * train.nft_loss(v, v_old, x0, xt, t, p_m[:, m], 0.1) for m in range(3))
+    mixed = train.nft_loss(v, v_old, x0, xt, t, (w * p_m).sum(1), 0.1)
+    assert torch.allclose(weighted, mixed, rtol=1e-5)
+
+
+def test_optimality_clips():
+    a = torch.tensor([-10.0, -5.0, 0.0, 2.5, 7.0])
+    assert train.optimality(a).tolist() == [0.0, 0.0, 0.5, 0.75, 1.0]
+
+
+def test_group_advantages_against_numpy():
+    g = torch.Generator().manual_seed(2)
+    r = torch.rand(12, 2, generator=g) * torch.tensor([1.0, 100.0])  # very different reward scales
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2])
+    a = train.group_advantages(r, groups)
+    rn = r.numpy()
+    for k in range(3):
+        m = (groups == k).numpy()
+        want = (rn[m] - rn[m].mean(0)) / (rn[m].std(0) + 1e-4)
+        np.testing.assert_allclose(a[m].numpy(), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a[m].numpy().mean(0), 0, atol=1e-5)  # each reward normalised separately
+
+
+def test_preference_sampling_statistics():
+    g = torch.Generator().manual_seed(3)
+    w = train.sample_preferences(40000, 2, g)
+    assert torch.allclose(w.sum(1), torch.ones(len(w))) and (w >= 0).all()
+    corner = (w.max(1).values == 1).float().mean().item()
+    assert abs(corner - 0.10) < 0.01
+    inner = w[w.max(1).values < 1][:, 0]  # Dirichlet(1,1): w1 uniform on [0,1]
+    assert abs(inner.mean().item() - 0.5) < 0.01 and abs(inner.var().item() - 1 / 12) < 0.003
+    w3 = train.sample_preferences(40000, 3, g)
+    assert torch.allclose(w3.sum(1), torch.ones(len(w3)), atol=1e-6) and (w3 >= 0).all()
+    zeros = (w3 == 0).sum(1)
+    frac = [(zeros == k).float().mean().item() for k in (2, 1, 0)]  # vertex, edge, interior
+    assert abs(frac[0] - 0.50) < 0.015 and abs(frac[1] - 0.35) < 0.015 and abs(frac[2] - 0.15) < 0.015
+    assert (w3[zeros == 2].argmax(1).bincount(minlength=3).float() / (zeros == 2).sum() - 1 / 3).abs().max() < 0.02
+
+
+def test_hypervolume_closed_forms():
+    hv = train.hypervolume
+    assert hv([[2.0, 3.0]], [0, 0]) == pytest.approx(6.0)
+    assert hv([[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]], [0, 0]) == pytest.approx(3 + 2 + 1)  # staircase
+    assert hv([[1.0, 3.0], [0.5, 1.0]], [0, 0]) == pytest.approx(3.0)  # dominated point adds nothing
+    assert hv([[1.0, 3.0], [-1.0, 5.0]], [0, 0]) == pytest.approx(3.0)  # not better than ref: ignored
+    assert hv([[2.0, 3.0]], [1.0, 1.0]) == pytest.approx(2.0)
+    a, b = np.array([3.0, 1.0, 2.0]), np.array([1.0, 2.0, 3.0])  # 3-D inclusion-exclusion
+    want = a.prod() + b.prod() - np.minimum(a, b).prod()
+    assert hv([a.tolist(), b.tolist()], [0, 0, 0]) == pytest.approx(want)
+    rng = np.random.default_rng(0)  # Monte-Carlo cross-check in 3-D
+    pts = rng.random((6, 3))
+    u = rng.random((200000, 3))
+    mc = np.any(np.all(u[:, None, :] <= pts[None], axis=2), axis=1).mean()
+    assert hv(pts.tolist(), [0, 0, 0]) == pytest.approx(mc, abs=0.005)
+
+
+def test_pref_grid():
+    g2 = train.pref_grid(2, 11)
+    assert len(g2) == 11 and g2[0] == [1.0, 0.0] and g2[-1] == [0.0, 1.0]
+    g3 = train.pref_grid(3, 11)
+    assert len(g3) == 21 and all(abs(sum(w) - 1) < 1e-9 and min(w) >= 0 for w in g3)
+    assert len({tuple(w) for w in g3}) == 21
+
+
+TINY = ["--backbone", "sd35", "--tiny", "--pretrain-steps", "3", "--pretrain-batch", "8", "--prompts-per-step", "2",
+        "--prefs-per-prompt", "2", "--group-size", "2", "--sample-steps", "2", "--eval-points", "3",
+        "--eval-prompts", "2", "--lora-rank", "4", "--lora-alpha", "8", "--batch", "4"]
+
+
+def run(tmp_path, *extra, name="run"):
+    return train.main(TINY + ["--out", str(tmp_path / name), "--cache", str(tmp_path / "cache"), *extra])
+
+
+def test_tiny_run_end_to_end(tmp_path):
+    res = run(tmp_path, "--steps", "2")
+    out = tmp_path / "run"
+    for f in ("eval.json", "pareto.png", "slider.png", "config.json", "log.txt", "checkpoint.safetensors",
+              "adapters.safetensors"):
+        assert (out / f).is_file(), f
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["objectives"] == ["tiny_photo", "tiny_sketch"] and len(ev["sweep"]) == 3
+    assert ev["sweep"][0]["pref"] == [1.0, 0.0] and len(ev["sweep"][1]["rewards"]) == 2
+    assert ev["hypervolume"] == pytest.approx(train.hypervolume([s["rewards"] for s in ev["sweep"]], ev["ref_point"]))
+    assert res["hypervolume"] == ev["hypervolume"]
+    log = (out / "log.txt").read_text()
+    assert '"git"' in log and "step 2/2" in log and "hypervolume" in log
+    # M = 3 and the FixedWeight baseline run through the same loop
+    ev3 = run(tmp_path, "--steps", "1", "--rewards", "tiny_photo,tiny_sketch,tiny_prompt", name="m3")
+    assert len(ev3["sweep"]) == len(train.pref_grid(3, 3)) == 6 and len(ev3["ref_point"]) == 3
+    fw = run(tmp_path, "--steps", "1", "--fixed-pref", "0.25,0.75", name="fixed")
+    assert fw["method"] == "FixedWeight" and [s["pref"] for s in fw["sweep"]] == [[0.25, 0.75]]
+
+
+def test_resume_equals_straight(tmp_path):
+    run(tmp_path, "--steps", "2", name="a")
+    train.main(["--resume", str(tmp_path / "a"), "--steps", "4"])
+    run(tmp_path, "--steps", "4", name="b")
+    a, b = load_file(tmp_path / "a" / "checkpoint.safetensors"), load_file(tmp_path / "b" / "checkpoint.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("opt.") for k in a)
+    for k in a:
+        if a[k].is_floating_point():
+            assert (a[k] - b[k]).abs().max().item() <= 1e-6, k
+        else:
+            assert torch.equal(a[k], b[k]), k
+    first = load_file(tmp_path / "a" / "adapters.safetensors")
+    assert all(torch.equal(first[k], a[f"ema.{k}"]) for k in first)  # the saved adapters are the final EMA
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--fixed-pref", "0.5,0.3,0.2"], "has 3 weights but there are 2 objectives"),
+    (["--fixed-pref", "0.7,0.7"], "not on the simplex"),
+    (["--rewards", "tiny_photo,nope"], "unknown reward"),
+    (["--rewards", "tiny_photo"], "at least two objectives"),
+])
+def test_bad_input_clear_errors(tmp_path, capsys, args, msg):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--steps", "1", *args)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_missing_weights_is_a_message_not_a_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "train.py", "--backbone", "sd35", "--out", str(tmp_path / "x")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "no base weights" in p.stderr and "--tiny" in p.stderr

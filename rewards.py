@@ -8,6 +8,7 @@
 # Combining objectives is not done here: train.py does it, in plain sight.
 import io
 import math
+import os
 
 import numpy as np
 import torch
@@ -265,6 +266,275 @@ def tiny_prompt(images, prompts, meta):
     return 1 - torch.exp(-(hue * gate).flatten(1).mean(1) / 0.1)
 
 
+
+# --- model-based rewards, through transformers only: notes/rewards.md §1.2 and §1.6
+# Each load_<name>(path_or_hub_id=None, device, dtype, ...) loads once (lazily: only when asked for) and returns
+# a reward fn. Preprocessing is done on tensors (resize, crop, normalise in torch), so a batch goes through in
+# one call and, with differentiable=True, gradients reach the images (ReFL/DRaFT-style use); otherwise no-grad.
+# Weights are frozen either way. transformers 5 returns output objects from get_image/text_features (§0.2).
+
+PICKSCORE = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore ships no tokenizer
+CLIP_L = "openai/clip-vit-large-patch14"
+DINOV2 = "facebook/dinov2-base"
+QWEN_VL = "Qwen/Qwen2.5-VL-7B-Instruct"
+PHOTO_PREFIX = "A photorealistic, high quality, 4K, camera-captured snapshot of "  # ParetoSlider pickscore_photorealism
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # also Qwen2-VL's
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _load(cls, path, **kw):
+    # from_pretrained with errors that say what is missing: a path that is neither a folder nor an "org/name"
+    # hub id fails here, at load time, and a hub id that cannot be fetched (no network) says how to fix it.
+    if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1):
+        raise FileNotFoundError(f"{cls.__name__}: {path!r} is not a folder (nor a hub id 'org/name')")
+    try:
+        return cls.from_pretrained(path, **kw)
+    except OSError as e:
+        raise OSError(f"could not load {cls.__name__} from {path!r}; without network, run "
+                      f"`huggingface-cli download {path}` once where there is and pass the local folder ({e})") from e
+
+
+def _model(cls, path, device, dtype):
+    return _load(cls, path, dtype=dtype).to(device).eval().requires_grad_(False)
+
+
+def _resize_crop(x, size, short=None):
+    # torch equivalent of the CLIP/DINO image processors: shortest side -> `short` (bicubic, antialiased), centre
+    # crop size x size. Mean |difference| to transformers' PIL CLIPImageProcessor ~3e-3 of the [0,1] range
+    # (tested); imscore reports ±0.1 PickScore from such resampling differences.
+    h, w = x.shape[-2:]
+    s = (short or size) / min(h, w)
+    x = F.interpolate(x, size=(max(size, round(h * s)), max(size, round(w * s))), mode="bicubic",
+                      antialias=True, align_corners=False)
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+def _normalize(x, mean, std):
+    return (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+
+
+def _emb(o):  # transformers 5: BaseModelOutputWithPooling whose pooler_output is the projected embedding
+    return o.pooler_output if hasattr(o, "pooler_output") else o
+
+
+def _clip(path, device, dtype, tokenizer=None):
+    # -> (image_embed fn, text_embed fn, model), both embeds L2-normalised [B,D]
+    from transformers import AutoTokenizer, CLIPModel
+
+    model = _model(CLIPModel, path, device, dtype)
+    if tokenizer is None:  # a folder that has its own tokenizer uses it; PickScore's hub repo has none
+        local = os.path.isdir(path) and os.path.exists(os.path.join(path, "tokenizer_config.json"))
+        tokenizer = path if local or path != PICKSCORE else PICKSCORE_PROCESSOR
+    tok = _load(AutoTokenizer, tokenizer)
+    size = model.config.vision_config.image_size
+
+    def image_embed(images):
+        x = _normalize(_resize_crop(images.to(device, torch.float32), size), CLIP_MEAN, CLIP_STD)
+        return F.normalize(_emb(model.get_image_features(pixel_values=x.to(dtype))).float(), dim=-1)
+
+    def text_embed(texts):
+        t = tok(texts, padding=True, truncation=True, max_length=model.config.text_config.max_position_embeddings,
+                return_tensors="pt").to(device)
+        return F.normalize(_emb(model.get_text_features(input_ids=t.input_ids, attention_mask=t.attention_mask)).float(), dim=-1)
+
+    return image_embed, text_embed, model
+
+
+def load_pickscore(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, tokenizer=None, prefix="", differentiable=False):
+    # PickScore (Kirstain et al. 2023): logit_scale.exp()·cos(image, prompt), divided by 26 as in flow_grpo's
+    # pickscore_scorer.py, so typical scores are ~0.7-0.9.
+    image_embed, text_embed, model = _clip(path_or_hub_id or PICKSCORE, device, dtype, tokenizer)
+
+    def pickscore(images, prompts, meta):
+        with torch.enable_grad() if differentiable else torch.no_grad():
+            cos = (image_embed(images) * text_embed([prefix + p for p in prompts])).sum(-1)
+            return (model.logit_scale.exp().float() * cos / 26).to(images.device)
+
+    return pickscore
+
+
+def load_pickscore_photo(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, **kw):
+    # the paper's photorealism reward: PickScore of the prompt behind a "photorealistic ..." prefix (notes/paper.md §4.1)
+    return load_pickscore(path_or_hub_id, device, dtype, prefix=PHOTO_PREFIX, **kw)
+
+
+def load_clipscore(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, tokenizer=None, differentiable=False):
+    # CLIPScore as in DiffusionNFT's clip_scorer.py: cosine of CLIP ViT-L/14 image and text embeddings, in [-1,1]
+    image_embed, text_embed, _ = _clip(path_or_hub_id or CLIP_L, device, dtype, tokenizer)
+
+    def clipscore(images, prompts, meta):
+        with torch.enable_grad() if differentiable else torch.no_grad():
+            return (image_embed(images) * text_embed(list(prompts))).sum(-1).to(images.device)
+
+    return clipscore
+
+
+def load_clip_image_sim(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, tokenizer=None, differentiable=False):
+    # CLIP-I source fidelity for editing (flow_grpo image_similarity): cosine of image embeddings to meta["source"]
+    image_embed, _, _ = _clip(path_or_hub_id or CLIP_L, device, dtype, tokenizer)
+
+    def clip_image_sim(images, prompts, meta):
+        src = _sources(images, meta)
+        with torch.enable_grad() if differentiable else torch.no_grad():
+            return (image_embed(images) * image_embed(src)).sum(-1).to(images.device)
+
+    return clip_image_sim
+
+
+def load_aesthetic(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, clip=CLIP_L, differentiable=False):
+    # LAION improved-aesthetic-predictor (christophschuhmann/improved-aesthetic-predictor, file
+    # sac+logos+ava1-l14-linearMSE.pth; ddpo-pytorch and flow_grpo ship it in their assets/): an MLP
+    # 768 -> 1024 -> 128 -> 64 -> 16 -> 1 (dropouts between the first four, no activations), state-dict keys
+    # layers.{0,2,4,6,7}.{weight,bias}, on L2-normalised CLIP ViT-L/14 image embeddings. Scores ~1-10.
+    if path_or_hub_id is None:
+        raise ValueError("load_aesthetic needs the path of the LAION aesthetic head (.pth or .safetensors), "
+                         "e.g. sac+logos+ava1-l14-linearMSE.pth from christophschuhmann/improved-aesthetic-predictor")
+    if not os.path.isfile(path_or_hub_id):
+        raise FileNotFoundError(f"no aesthetic head file at {path_or_hub_id!r}")
+    if path_or_hub_id.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path_or_hub_id)
+    else:
+        sd = torch.load(path_or_hub_id, map_location="cpu", weights_only=True)
+    sd = {k.removeprefix("layers."): v for k, v in sd.items()}
+    dim = sd["0.weight"].shape[1] if "0.weight" in sd else 768
+    head = torch.nn.Sequential(torch.nn.Linear(dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+                               torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+                               torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+    head.load_state_dict(sd)  # strict: a wrong file fails here, naming the keys
+    head = head.to(device).eval().requires_grad_(False)
+    image_embed, _, model = _clip(clip, device, dtype)
+    if model.config.projection_dim != dim:
+        raise ValueError(f"aesthetic head takes {dim}-d embeddings, CLIP {clip!r} gives {model.config.projection_dim}")
+
+    def aesthetic(images, prompts, meta):
+        with torch.enable_grad() if differentiable else torch.no_grad():
+            return head(image_embed(images))[:, 0].to(images.device)
+
+    return aesthetic
+
+
+def load_dino_sim(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, differentiable=False):
+    # DINO image similarity to meta["source"]: cosine of CLS tokens (VBench subject_consistency), any
+    # AutoModel with a CLS token first (Dinov2Model, ViTModel for facebook/dino-vit*16). Their processor:
+    # shortest side 256, centre crop 224, ImageNet mean/std.
+    from transformers import AutoModel
+
+    model = _model(AutoModel, path_or_hub_id or DINOV2, device, dtype)
+
+    def embed(x):
+        x = _normalize(_resize_crop(x.to(device, torch.float32), 224, short=256), IMAGENET_MEAN, IMAGENET_STD)
+        return F.normalize(model(pixel_values=x.to(dtype)).last_hidden_state[:, 0].float(), dim=-1)
+
+    def dino_sim(images, prompts, meta):
+        src = _sources(images, meta)
+        with torch.enable_grad() if differentiable else torch.no_grad():
+            return (embed(images) * embed(src)).sum(-1).to(images.device)
+
+    return dino_sim
+
+
+
+# --- VLM judge: Qwen2.5-VL reads a rubric and the image; the score is the expected digit of its answer.
+# ParetoSlider's reward server asks Qwen2.5-VL-7B for one digit 0-5 (temperature 0, max_tokens 1) and takes
+# Σ k·p(k)/5 over the top-20 first-token log-probs renormalised over the digits (notes/paper.md §4.1). We do
+# the same with one forward pass and the exact probabilities of all six digits: no generation, no parsing,
+# nothing that can fail into a silent zero. The rubric wording is ours, after the paper's description.
+
+SKETCH_RUBRIC = (
+    'Caption: "A sketch of {prompt}. White background. Line-art style."\n'
+    "How well does the image match the caption? Check the style: drawn with lines like a pencil sketch; "
+    "plain white background, no scenery; black and white, no colour; no realistic shading, lighting or "
+    "textures. Check the content: the subject of the caption is there, complete and recognisable.\n"
+    "Score from 0 (neither style nor content) to 5 (a clean line-art sketch of exactly the caption). "
+    "Answer with one digit."
+)
+PHOTO_RUBRIC = (
+    'Caption: "A photorealistic photo of {prompt}."\n'
+    "How well does the image match the caption? Check the style: looks captured by a real camera; natural "
+    "lighting and shadows; realistic materials and textures; not a drawing, painting, cartoon, 3D render or "
+    "line art. Check the content: the subject of the caption is there, complete and recognisable.\n"
+    "Score from 0 (neither style nor content) to 5 (a real photograph of exactly the caption). "
+    "Answer with one digit."
+)
+
+
+def digit_expectation(logits, digit_ids):
+    # logits [B,V] at the answer position -> Σ_k k·p(k) / K-1 in [0,1], with p the softmax over the K digit
+    # tokens only (= the full softmax renormalised over the digits)
+    p = logits[:, digit_ids].float().softmax(-1)
+    return (p * torch.arange(len(digit_ids), device=p.device)).sum(-1) / (len(digit_ids) - 1)
+
+
+def qwen_patches(x, patch=14, merge=2, temporal=2):
+    # [B,3,H,W] normalised, H and W multiples of patch·merge -> pixel_values [B·(H/patch)·(W/patch), 3·temporal·patch²],
+    # the flattening of transformers' Qwen2VLImageProcessor: a still image is repeated `temporal` times, and
+    # patches are ordered by merge window (the 2x2 patches that become one LLM token are consecutive).
+    b, c, h, w = x.shape
+    gh, gw = h // patch, w // patch
+    x = x.unsqueeze(1).expand(b, temporal, c, h, w)
+    x = x.reshape(b, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [b, gh/m, gw/m, m, m, c, temporal, patch, patch]
+    return x.reshape(b * gh * gw, c * temporal * patch * patch)
+
+
+def qwen_inputs(tok, config, images, prompts, rubric, image_size=448):
+    # -> model kwargs for one batch. Qwen's ChatML with its default system prompt and one image before the
+    # question, written out rather than taken from a processor: Qwen2_5_VLProcessor builds a video processor
+    # that needs torchvision, and its PIL image path is neither batched nor differentiable. Images are resized
+    # (aspect kept) to about image_size² pixels in multiples of patch·merge (Qwen's smart_resize, simplified).
+    vc = config.vision_config
+    patch, merge, unit = vc.patch_size, vc.spatial_merge_size, vc.patch_size * vc.spatial_merge_size
+    h, w = images.shape[-2:]
+    scale = image_size / math.sqrt(h * w)
+    rh, rw = max(unit, round(h * scale / unit) * unit), max(unit, round(w * scale / unit) * unit)
+    x = F.interpolate(images.float(), size=(rh, rw), mode="bicubic", antialias=True, align_corners=False)
+    pixels = qwen_patches(_normalize(x.clamp(0, 1), CLIP_MEAN, CLIP_STD), patch, merge, vc.temporal_patch_size)
+    name = tok.convert_ids_to_tokens
+    n_tokens = (rh // patch) * (rw // patch) // merge**2  # one LLM token per merge x merge patches
+    vision = name(config.vision_start_token_id) + name(config.image_token_id) * n_tokens + name(config.vision_end_token_id)
+    texts = ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + vision
+             + rubric.format(prompt=p) + "<|im_end|>\n<|im_start|>assistant\n" for p in prompts]
+    # left padding: the answer position is the last one in every row
+    t = tok(texts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
+    grid = torch.tensor([[1, rh // patch, rw // patch]] * len(prompts))
+    return dict(input_ids=t.input_ids, attention_mask=t.attention_mask, pixel_values=pixels, image_grid_thw=grid)
+
+
+def load_vlm_judge(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, rubric=SKETCH_RUBRIC, image_size=448,
+                   differentiable=False):
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    path = path_or_hub_id or QWEN_VL
+    model = _model(Qwen2_5_VLForConditionalGeneration, path, device, dtype)
+    tok = _load(AutoTokenizer, path)
+    digits = [tok.convert_tokens_to_ids(str(k)) for k in range(6)]
+    for k, i in enumerate(digits):  # each digit must be one token of its own, or the expectation is meaningless
+        if tok.encode(str(k), add_special_tokens=False) != [i]:
+            raise ValueError(f"tokenizer of {path!r} does not encode {k!r} as the single token {i}")
+
+    def vlm_judge(images, prompts, meta):
+        inputs = qwen_inputs(tok, model.config, images, prompts, rubric, image_size)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        with torch.enable_grad() if differentiable else torch.no_grad():
+            logits = model(**inputs, logits_to_keep=1).logits[:, -1]  # [B,V] at the answer position
+            return digit_expectation(logits, digits).to(images.device)
+
+    return vlm_judge
+
+
+def load_vlm_sketch(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, **kw):
+    return load_vlm_judge(path_or_hub_id, device, dtype, rubric=SKETCH_RUBRIC, **kw)
+
+
+def load_vlm_photo(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, **kw):
+    return load_vlm_judge(path_or_hub_id, device, dtype, rubric=PHOTO_RUBRIC, **kw)
+
+
 # --- registry: train.py picks rewards by name (--rewards a,b[,c])
 
 OFFLINE = {  # name -> reward fn
@@ -279,7 +549,16 @@ OFFLINE = {  # name -> reward fn
     "tiny_sketch": tiny_sketch,
     "tiny_prompt": tiny_prompt,
 }
-MODEL = {}  # name -> load_<name>(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, ...) -> reward fn
+MODEL = {  # name -> load_<name>(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, ...) -> reward fn
+    "pickscore": load_pickscore,
+    "pickscore_photo": load_pickscore_photo,
+    "clipscore": load_clipscore,
+    "clip_image_sim": load_clip_image_sim,
+    "aesthetic": load_aesthetic,
+    "dino_sim": load_dino_sim,
+    "vlm_sketch": load_vlm_sketch,
+    "vlm_photo": load_vlm_photo,
+}
 REWARDS = {**OFFLINE, **MODEL}
 
 

@@ -144,3 +144,188 @@ def test_tiny_prompt_prefers_the_named_color():
     assert R.tiny_prompt(sk, prompts[:50], None).max() < 0.01  # gray: no hue at all
     with pytest.raises(ValueError, match="exactly one of"):
         R.tiny_prompt(ph[:1], ["a shape"], None)
+
+
+# --- model-based rewards on tiny random models of the real classes, saved and loaded back by path
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+           "<|video_pad|>"]
+
+
+def _tokenizer():
+    # offline WordLevel tokenizer: the digits as single tokens, Qwen's chat tokens as special tokens
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [str(d) for d in range(10)] + sorted(set(
+        (R.SKETCH_RUBRIC + R.PHOTO_RUBRIC + R.PHOTO_PREFIX + " ".join(R.COLORS + R.SHAPES) + " system user assistant")
+        .lower().replace(".", " ").replace(",", " ").replace('"', " ").replace(":", " ").replace("(", " ").replace(")", " ").split()))
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(["[UNK]", *SPECIAL, ".", ",", '"', ":", "(", ")", *words]))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    tok.add_special_tokens(SPECIAL)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<|endoftext|>", eos_token="<|im_end|>")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("tiny_rewards")
+    torch.manual_seed(0)
+    tok = _tokenizer()
+    vocab = len(tok)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    clip = CLIPModel(CLIPConfig(text_config=dict(vocab_size=vocab, max_position_embeddings=77, **small),
+                                vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16))
+    clip.save_pretrained(root / "clip")
+    tok.save_pretrained(root / "clip")
+    head = torch.nn.Sequential(torch.nn.Linear(16, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+                               torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+                               torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+    sd = {f"layers.{k}": v for k, v in head.state_dict().items()}  # the improved-aesthetic-predictor keys
+    torch.save(sd, root / "head.pth")
+    save_file(sd, root / "head.safetensors")
+    Dinov2Model(Dinov2Config(image_size=28, patch_size=14, mlp_ratio=2, **{k: v for k, v in small.items() if k != "intermediate_size"})
+                ).save_pretrained(root / "dino")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+    qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                           fullatt_block_indexes=[1], window_size=56),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
+    qwen.save_pretrained(root / "qwen")
+    tok.save_pretrained(root / "qwen")
+    images, prompts, _ = R.tiny_world(3, seed=5)
+    return {"root": root, "clip": str(root / "clip"), "dino": str(root / "dino"), "qwen": str(root / "qwen"),
+            "head": str(root / "head.pth"), "images": images, "prompts": prompts, "model": clip}
+
+
+def _check(fn, images, prompts, meta=None):
+    # shape, dtype, finite, deterministic, and the score depends on the image
+    meta = meta or [{}] * len(prompts)
+    a, b = fn(images, prompts, meta), fn(images, prompts, meta)
+    assert a.shape == (len(prompts),) and a.dtype == torch.float32 and torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    other = fn(images.flip(0), prompts, meta)  # other images against the same prompts/meta
+    assert not torch.allclose(a, other)
+    return a
+
+
+def test_pickscore_against_clip_forward(tiny):
+    x, prompts, m = tiny["images"], tiny["prompts"], tiny["model"]
+    fn = R.load_pickscore(tiny["clip"], dtype=torch.float32)
+    score = _check(fn, x, prompts)
+    t = R._load(__import__("transformers").AutoTokenizer, tiny["clip"])(prompts, padding=True, return_tensors="pt")
+    pix = R._normalize(x, R.CLIP_MEAN, R.CLIP_STD)  # already at the model's 32x32: resize and crop are identities
+    with torch.no_grad():
+        ref = m(input_ids=t.input_ids, attention_mask=t.attention_mask, pixel_values=pix).logits_per_image.diag() / 26
+    torch.testing.assert_close(score, ref, rtol=1e-4, atol=1e-5)
+    photo = R.get_reward("pickscore_photo", path_or_hub_id=tiny["clip"], dtype=torch.float32)(x, prompts, None)
+    assert not torch.allclose(photo, score)  # the prefix changes the text
+    cos = R.load_clipscore(tiny["clip"], dtype=torch.float32)(x, prompts, None)
+    torch.testing.assert_close(cos, ref * 26 / m.logit_scale.exp(), rtol=1e-4, atol=1e-5)
+
+
+def test_resize_crop_matches_the_clip_image_processor():
+    from PIL import Image
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    x = torch.nn.functional.interpolate(R.tiny_world(3, seed=2)[0], size=(150, 200), mode="bilinear")
+    x = (x * 255).round() / 255  # what PIL sees
+    pil = [Image.fromarray((xi.permute(1, 2, 0) * 255).round().byte().numpy()) for xi in x]
+    ref = CLIPImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})(
+        images=pil, return_tensors="pt").pixel_values
+    ours = R._normalize(R._resize_crop(x, 112), R.CLIP_MEAN, R.CLIP_STD)
+    diff = (ours - ref).abs() * torch.tensor(R.CLIP_STD).view(1, 3, 1, 1)  # in [0,1] image units
+    assert diff.mean() < 5e-3 and diff.max() < 0.1
+
+
+def test_clip_image_sim_and_bf16(tiny):
+    x = tiny["images"]
+    fn = R.load_clip_image_sim(tiny["clip"], dtype=torch.float32)
+    sim = _check(fn, x, ["", "", ""], _meta(x.roll(1, 0)))
+    torch.testing.assert_close(fn(x, [""] * 3, _meta(x)), torch.ones(3), rtol=0, atol=1e-5)
+    assert (sim < 1 - 1e-4).all()
+    big = torch.nn.functional.interpolate(x, size=64, mode="bilinear")  # any input size: resized in torch
+    bf16 = R.get_reward("clip_image_sim", path_or_hub_id=tiny["clip"])(big, [""] * 3, _meta(x.roll(1, 0)))  # default bf16
+    assert bf16.dtype == torch.float32 and torch.allclose(bf16, sim, atol=0.05)
+
+
+def test_differentiable_flag(tiny):
+    x = tiny["images"].clone().requires_grad_(True)
+    R.load_pickscore_photo(tiny["clip"], dtype=torch.float32, differentiable=True)(x, tiny["prompts"], None).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    out = R.load_clipscore(tiny["clip"], dtype=torch.float32)(x, tiny["prompts"], None)
+    assert not out.requires_grad  # no-grad unless asked
+
+
+def test_aesthetic_head(tiny):
+    x = tiny["images"]
+    fn = R.load_aesthetic(tiny["head"], clip=tiny["clip"], dtype=torch.float32)
+    score = _check(fn, x, [""] * 3)
+    st = R.get_reward("aesthetic", path_or_hub_id=str(tiny["root"] / "head.safetensors"), clip=tiny["clip"], dtype=torch.float32)
+    torch.testing.assert_close(st(x, [""] * 3, None), score)
+    sd = torch.load(tiny["head"], weights_only=True)
+    with torch.no_grad():
+        e = tiny["model"].get_image_features(pixel_values=R._normalize(x, R.CLIP_MEAN, R.CLIP_STD)).pooler_output
+        h = torch.nn.functional.normalize(e, dim=-1)
+        for i in (0, 2, 4, 6, 7):  # Linear layers, no activations (dropouts are off in eval)
+            h = h @ sd[f"layers.{i}.weight"].T + sd[f"layers.{i}.bias"]
+    torch.testing.assert_close(score, h[:, 0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="aesthetic head"):
+        R.load_aesthetic(None)
+    with pytest.raises(FileNotFoundError):
+        R.load_aesthetic(str(tiny["root"] / "nope.pth"), clip=tiny["clip"])
+
+
+def test_dino_sim(tiny):
+    x = tiny["images"]
+    fn = R.get_reward("dino_sim", path_or_hub_id=tiny["dino"], dtype=torch.float32)
+    sim = _check(fn, x, [""] * 3, _meta(x.roll(1, 0)))
+    torch.testing.assert_close(fn(x, [""] * 3, _meta(x)), torch.ones(3), rtol=0, atol=1e-5)
+    assert (sim < 1 - 1e-4).all()
+
+
+def test_qwen_patches_match_the_image_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    x = torch.rand(2, 3, 56, 84)
+    ref = Qwen2VLImageProcessorPil(do_resize=False, do_rescale=False)(images=list(x), return_tensors="pt")
+    ours = R.qwen_patches(R._normalize(x, R.CLIP_MEAN, R.CLIP_STD))
+    assert ref["image_grid_thw"].tolist() == [[1, 4, 6]] * 2
+    torch.testing.assert_close(ours, ref["pixel_values"], rtol=1e-5, atol=1e-5)
+
+
+def test_vlm_judge_digit_expectation(tiny):
+    from transformers import AutoTokenizer
+
+    x, prompts = tiny["images"], ["a red circle", "a blue ring on a yellow square", "a cross"]  # unequal lengths
+    fn = R.load_vlm_sketch(tiny["qwen"], dtype=torch.float32, image_size=56)
+    score = _check(fn, x, prompts)
+    assert (0 <= score).all() and (score <= 1).all()
+    tok, model = AutoTokenizer.from_pretrained(tiny["qwen"]), R._model(
+        __import__("transformers").Qwen2_5_VLForConditionalGeneration, tiny["qwen"], "cpu", torch.float32)
+    with torch.no_grad():  # full-vocabulary softmax, then renormalise over "0".."5" by hand
+        p = model(**R.qwen_inputs(tok, model.config, x, prompts, R.SKETCH_RUBRIC, 56)).logits[:, -1].softmax(-1)
+    digits = [tok.convert_tokens_to_ids(str(k)) for k in range(6)]
+    pd = p[:, digits] / p[:, digits].sum(-1, keepdim=True)
+    torch.testing.assert_close(score, (pd * torch.arange(6.0)).sum(-1) / 5, rtol=1e-4, atol=1e-6)
+    one = torch.cat([fn(x[i:i + 1], prompts[i:i + 1], [{}]) for i in range(3)])  # left padding changes nothing
+    torch.testing.assert_close(one, score, rtol=1e-4, atol=1e-5)
+    photo = R.get_reward("vlm_photo", path_or_hub_id=tiny["qwen"], dtype=torch.float32, image_size=56)(x, prompts, None)
+    assert not torch.allclose(photo, score)
+    # token 6 is not a digit; uniform digits -> 2.5/5; p(0) = 1/4, p(5) = 3/4 -> 3.75/5
+    logits = torch.tensor([[0.0] * 6 + [9.0], [0.0, *[-math.inf] * 4, math.log(3), 9.0]])
+    torch.testing.assert_close(R.digit_expectation(logits, [0, 1, 2, 3, 4, 5]), torch.tensor([0.5, 0.75]))
+
+
+@pytest.mark.parametrize("name", sorted(R.MODEL))
+def test_missing_weights_raise_clearly(name, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        R.get_reward(name, path_or_hub_id=str(tmp_path / "nope"))

@@ -59,29 +59,31 @@ def _sm_count(device):
 
 
 def row_tiling(n_rows, n_slabs, width, device, backward, tile=4096):
-    """Tile [BLOCK_M, BLOCK_D] and rows per program for `n_slabs` slabs of `n_rows` rows of `width` elements.
+    """Tile [BLOCK_M, BLOCK_D], rows per program, programs per slab and warps, for `n_slabs` slabs (samples)
+    of `n_rows` rows of `width` elements.
 
-    Forward: one tile per program (many small programs hide memory latency best). Backward: ~2 programs per
-    SM, each looping over its rows and keeping fp32 partial sums for the token reductions (dscale, dgate,
-    dweight) in registers; fewer programs means smaller partial buffers to write and re-read.
+    Forward: one tile per program; many small programs hide memory latency best. Backward: about one wave of
+    programs (~32 resident warps per SM), each looping over its rows and keeping fp32 partial sums of the token
+    reductions (dscale, dgate, dweight) in registers; at least 8 rows each, so the partial buffers written
+    and re-read stay small next to the activations.
     """
     BLOCK_D = triton.next_power_of_2(width)
     if INTERPRET:
         tile = 16384  # the interpreter pays per op and per program, not per element: big tiles, few programs
-    BLOCK_M = max(1, tile // BLOCK_D)
-    BLOCK_M = min(BLOCK_M, triton.next_power_of_2(n_rows))
+    BLOCK_M = min(max(1, tile // BLOCK_D), triton.next_power_of_2(n_rows))
+    # ~8 elements of a tile per thread: <= 128 registers and (next to) no spills on sm_90 for every launch
+    # at the real shapes (python kernels/bench.py --ptx); not tuned on a GPU yet.
+    num_warps = min(16, max(1, BLOCK_M * BLOCK_D // 256))
     if INTERPRET:
         rows = n_rows
     elif backward:
-        rows = max(32, triton.cdiv(n_rows * n_slabs, 2 * _sm_count(device)))
+        programs = _sm_count(device) * max(1, 32 // num_warps)
+        rows = max(8, triton.cdiv(n_rows * n_slabs, programs))
     else:
         rows = BLOCK_M
     if FORCE_ROWS is not None:
         BLOCK_M, rows = FORCE_ROWS
     rows = triton.cdiv(rows, BLOCK_M) * BLOCK_M
-    # ~8 elements of a tile per thread: no spills and <= 128 registers on sm_90 for every kernel here
-    # (ptxas -v on the PTX Triton emits for D = 2048/4096 and 16 heads x 128); untuned beyond that.
-    num_warps = min(16, max(1, BLOCK_M * BLOCK_D // 256))
     return BLOCK_M, BLOCK_D, rows, triton.cdiv(n_rows, rows), num_warps
 
 

@@ -72,7 +72,8 @@ def op_specs(case, device, dtype=torch.bfloat16):
                 {"triton": res(kernels.gated_residual), "ref": res(kernels.gated_residual_ref)}, 3 * A, 6 * A))
 
     def fused(impl):
-        return lambda x, y, cond: impl(x, cond[:, 2 * D:3 * D], y, cond[:, 3 * D:4 * D], cond[:, 4 * D:5 * D], 1e-6, rms)
+        return lambda x, y, cond: impl(x, cond[:, 2 * D:3 * D], y, cond[:, 3 * D:4 * D], cond[:, 4 * D:5 * D],
+                                       1e-6, rms)
     ops.append(("gated_residual_modulate", dict(x=rnd(B, T, D), y=rnd(B, T, D), cond=rnd(B, 6 * D, scale=0.1)),
                 {"triton": fused(kernels.gated_residual_modulate), "ref": fused(kernels.gated_residual_modulate_ref)},
                 4 * A, 10 * A))
@@ -144,7 +145,8 @@ def run_ops(cases, device, cpu, copy_gbs, rows, use_compile):
                 for impl, t in us.items():
                     rows.append(dict(case=case[0], op=op, pass_="fwd+bwd" if backward else "fwd", impl=impl, us=t,
                                      gbs=nbytes / t / 1e3, copy=nbytes / t / 1e3 / copy_gbs,
-                                     vs_eager=us["eager"] / t, vs_compile=us["compile"] / t if "compile" in us else None,
+                                     vs_eager=us["eager"] / t,
+                                     vs_compile=us["compile"] / t if "compile" in us else None,
                                      err=err if impl == "triton" else None))
                 print_rows(rows[-len(us):])
 
@@ -182,9 +184,15 @@ def run_blocks(blocks, device, cpu, rows, use_compile, dtype=torch.bfloat16):
             print_rows(rows[-len(us):])
 
 
+OUT = None  # --out: rows are appended as JSON lines as they come, so a run cut short keeps what it measured
+
+
 def print_rows(rows):
     fmt = lambda v, f: "-" if v is None else format(v, f)
     for r in rows:
+        if OUT:
+            with open(OUT, "a") as fh:
+                fh.write(json.dumps(r) + "\n")
         print(f"{r['case']:<34} {r['op']:<27} {r['pass_']:<8} {r['impl']:<15} {r['us']:>10.1f} "
               f"{fmt(r['gbs'], '8.0f'):>8} {fmt(r['copy'], '6.0%'):>6} {fmt(r['vs_eager'], '6.2f'):>6}x "
               f"{fmt(r['vs_compile'], '6.2f'):>6}x {fmt(r['err'], '.1e'):>8}", flush=True)
@@ -262,7 +270,8 @@ def ptx_report(cases):
         regs = int(out.split("Used ")[1].split(" registers")[0])
         spill = sum(int(s.split(" bytes spill")[0].split()[-1]) for s in out.split(",") if "bytes spill" in s)
         worst.append((regs, spill))
-        print(f"{name:<15} warps {num_warps:>2} {const}  regs {regs:>3}  spill {spill} B  ({', '.join(sorted(set(where)))})")
+        cases_ = ", ".join(sorted(set(where)))
+        print(f"{name:<15} warps {num_warps:>2} {const}  regs {regs:>3}  spill {spill} B  ({cases_})")
     print(f"RESULT {len(worst)} launches compiled for sm_90, max {max(r for r, _ in worst)} registers, "
           f"largest spill {max(s for _, s in worst)} B")
     sys.exit(1 if max(s for _, s in worst) >= 256 else 0)  # a few bytes of stack are harmless; a blow-up is not
@@ -278,7 +287,7 @@ def main():
     p.add_argument("--case", default="", help="only cases/blocks whose name contains this")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
     p.add_argument("--no-blocks", action="store_true", help="skip the whole joint block rows")
-    p.add_argument("--out", help="also write the rows as JSON here")
+    p.add_argument("--out", help="also append the rows here as JSON lines")
     args = p.parse_args()
     cases = [c for c in (SMOKE_CASES if args.cpu_smoke else CASES) if args.case in c[0]]
     blocks = [b for b in (SMOKE_BLOCKS if args.cpu_smoke else BLOCKS) if args.case in b[0]]
@@ -296,13 +305,18 @@ def main():
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     print(f"{'case':<34} {'op':<27} {'pass':<8} {'impl':<15} {'us':>10} {'GB/s':>8} {'%copy':>6} {'vs eager':>7} "
           f"{'vs compile':>7} {'max err':>8}")
+    global OUT
+    OUT = args.out
+    if OUT:
+        with open(OUT, "a") as fh:
+            fh.write(json.dumps(dict(device=dev, copy_gbs=copy_gbs, git=git.strip(), torch=torch.__version__,
+                                     triton=triton.__version__)) + "\n")
     rows = []
+    t0 = time.time()
     run_ops(cases, device, cpu, copy_gbs, rows, not args.no_compile)
     if not args.no_blocks:
         run_blocks(blocks, device, cpu, rows, not args.no_compile)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(dict(device=dev, copy_gbs=copy_gbs, git=git.strip(), rows=rows), fh, indent=1)
+    print(f"done in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

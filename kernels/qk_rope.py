@@ -6,6 +6,8 @@ RoPE rotates pairs of channels: interleaved pairs (2i, 2i+1) as in FLUX, or spli
 LTX-2. Both kernels work on the two members of every pair as two [rows, Dh/2] tiles, so the layouts differ
 only in which columns are loaded. Outputs are contiguous [B, L, H, Dh], the layout SDPA reads after a transpose.
 """
+from typing import Optional
+
 import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
@@ -155,15 +157,15 @@ def _launch(kernel, x, w, cos, sin, eps, interleaved, dout=None):
 
 
 @triton_op("paretoslider::qk_norm_rope", mutates_args=())
-def _qk_norm_rope_op(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor | None,
-                     sin: Tensor | None, eps: float, interleaved: bool) -> tuple[Tensor, Tensor]:
+def _qk_norm_rope_op(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Optional[Tensor],
+                     sin: Optional[Tensor], eps: float, interleaved: bool) -> tuple[Tensor, Tensor]:
     return (_launch(_qk_fwd, q, q_weight, cos, sin, eps, interleaved),
             _launch(_qk_fwd, k, k_weight, cos, sin, eps, interleaved))
 
 
 @triton_op("paretoslider::qk_norm_rope_bwd", mutates_args=())
 def _qk_norm_rope_bwd_op(dq: Tensor, dk: Tensor, q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor,
-                         cos: Tensor | None, sin: Tensor | None, eps: float,
+                         cos: Optional[Tensor], sin: Optional[Tensor], eps: float,
                          interleaved: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dqw = _launch(_qk_bwd, q, q_weight, cos, sin, eps, interleaved, dout=dq)
     dk, dkw = _launch(_qk_bwd, k, k_weight, cos, sin, eps, interleaved, dout=dk)

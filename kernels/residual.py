@@ -8,6 +8,8 @@ blocks (SPEC §1: added after the image-stream MLP residual, x + gate_mlp * (mlp
 In a joint block the attention residual is followed by the MLP's norm-modulate: fusing the two reads
 x and y once and writes h and x_mod once (4 tensors of [B, T, D]) instead of 7 for the two kernels.
 """
+from typing import Optional
+
 import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
@@ -136,13 +138,13 @@ def _launch_fwd(x, gate, y, m, shift, scale, eps, rms, modulate):
 
 
 @triton_op("paretoslider::gated_residual", mutates_args=())
-def _gated_residual_op(x: Tensor, gate: Tensor, y: Tensor, m: Tensor | None) -> Tensor:
+def _gated_residual_op(x: Tensor, gate: Tensor, y: Tensor, m: Optional[Tensor]) -> Tensor:
     return _launch_fwd(x, gate, y, m, None, None, 0.0, False, modulate=False)[0]
 
 
 @triton_op("paretoslider::gated_residual_modulate", mutates_args=())
 def _gated_residual_modulate_op(x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor, eps: float,
-                                rms: bool, m: Tensor | None) -> tuple[Tensor, Tensor]:
+                                rms: bool, m: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return _launch_fwd(x, gate, y, m, shift, scale, eps, rms, modulate=True)
 
 
@@ -170,14 +172,14 @@ def _launch_bwd(dh, dx_mod, h, y, gate, m, scale, eps, rms):
 
 
 @triton_op("paretoslider::gated_residual_bwd", mutates_args=())
-def _gated_residual_bwd_op(dh: Tensor, y: Tensor, gate: Tensor, m: Tensor | None) -> tuple[Tensor, Tensor]:
+def _gated_residual_bwd_op(dh: Tensor, y: Tensor, gate: Tensor, m: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     _, dy, partial = _launch_bwd(dh, None, None, y, gate, m, None, 0.0, False)
     return dy, partial
 
 
 @triton_op("paretoslider::gated_residual_modulate_bwd", mutates_args=())
-def _gated_residual_modulate_bwd_op(dh: Tensor | None, dx_mod: Tensor, h: Tensor, y: Tensor, gate: Tensor,
-                                    m: Tensor | None, scale: Tensor, eps: float,
+def _gated_residual_modulate_bwd_op(dh: Optional[Tensor], dx_mod: Tensor, h: Tensor, y: Tensor, gate: Tensor,
+                                    m: Optional[Tensor], scale: Tensor, eps: float,
                                     rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _launch_bwd(dh, dx_mod, h, y, gate, m, scale, eps, rms)
 

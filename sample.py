@@ -1,5 +1,5 @@
 # Sampling for the rectified-flow backbones: schedules, ODE solvers, SD3.5 prompt encoding, and a CLI that turns
-# the preference slider ω. Read top to bottom; every function is pure apart from the CLI at the end.
+# the preference slider ω. Read top to bottom; the math is pure functions, loading and the CLI come last.
 #   python sample.py --backbone sd35 --weights PATH --prompt "a cat" --pref 0.3 --lora adapter.safetensors
 #   python sample.py --backbone sd35 --weights PATH --prompt "a cat" --sweep 5 --lora adapter.safetensors
 import argparse

@@ -10,7 +10,6 @@ import io
 import math
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -183,13 +182,13 @@ def _render(n, size, gen, style):
     bg = (val[p] * (1 - sat[p] * torch.minimum(k, 4 - k).clamp(0, 1))).view(-1, 3, 1, 1)
     bg = bg * (0.75 + 0.5 * up(terrain[p])) + up(tint[p]) + 0.06 * noise[p, :1] + 0.015 * noise[p, 1:]
     shade = 0.85 + 0.3 * (light[p, 0] * dx[p] + light[p, 1] * dy[p]) / r[p]  # brighter towards the light
-    obj = _RGB[color[p]].view(-1, 3, 1, 1) * shade.unsqueeze(1) + 0.02 * noise[p, 1:].roll(1, 1)
+    obj = _RGB[color[p]].view(-1, 3, 1, 1) * shade.unsqueeze(1) + 0.02 * noise[p, 1:]
     alpha = torch.sigmoid(-d[p] / 0.5).unsqueeze(1)
     images[p] = alpha * obj + (1 - alpha) * bg
     # sketch: gray paper with faint grain, a pencil line of half-width 0.9..1.3 px whose pressure varies
     q = ~is_photo
     line = (1 - d[q].abs() / width[q]).clamp(0, 1).unsqueeze(1) * (0.8 + 0.2 * up(pressure[q]))
-    grain = paper[q] + 0.015 * noise[q, :1].roll(1, 2)
+    grain = paper[q] + 0.015 * noise[q, :1]
     images[q] = (grain * (1 - line) + ink[q] * line).expand(-1, 3, size, size)
     return images.clamp(0, 1), color, shape, is_photo
 
@@ -506,6 +505,7 @@ def qwen_inputs(tok, config, images, prompts, rubric, image_size=448):
 
 def load_vlm_judge(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, rubric=SKETCH_RUBRIC, image_size=448,
                    differentiable=False):
+    # rubric: a str.format template with {prompt}; image_size: judge at about image_size² pixels (448: 256 tokens)
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     path = path_or_hub_id or QWEN_VL
@@ -528,6 +528,7 @@ def load_vlm_judge(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, rubr
 
 
 def load_vlm_sketch(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, **kw):
+    # the paper's sketch reward (qwen_style_sketch), the partner of pickscore_photo
     return load_vlm_judge(path_or_hub_id, device, dtype, rubric=SKETCH_RUBRIC, **kw)
 
 

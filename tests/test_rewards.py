@@ -118,9 +118,10 @@ def test_tiny_world_deterministic_paired_prefix():
         R.tiny_world(2, style="oil")
 
 
-def test_tiny_rewards_separate_the_styles():
-    ph, prompts, _ = R.tiny_world(200, seed=3, style="photo")
-    sk, _, _ = R.tiny_world(200, seed=3, style="sketch")
+@pytest.mark.parametrize("size", [16, 32])
+def test_tiny_rewards_separate_the_styles(size):
+    ph, prompts, _ = R.tiny_world(200, size=size, seed=3, style="photo")
+    sk, _, _ = R.tiny_world(200, size=size, seed=3, style="sketch")
     blend = 0.5 * ph + 0.5 * sk  # same prompt and geometry, pixel-wise halfway
     for fn, sign in ((R.tiny_photo, 1), (R.tiny_sketch, -1)):
         a, b, c = (sign * fn(x, prompts, None) for x in (ph, blend, sk))
@@ -130,15 +131,15 @@ def test_tiny_rewards_separate_the_styles():
         for fn in (R.tiny_photo, R.tiny_sketch, R.tiny_prompt):
             y = fn(x, prompts, None)
             assert 0 <= y.min() and y.max() <= 1
-    assert R.tiny_photo(torch.ones(1, 3, 32, 32), [""], None) < 1e-6  # a blank page is not a photo ...
-    assert R.tiny_sketch(torch.ones(1, 3, 32, 32), [""], None) < 1e-6  # ... nor a sketch
+    assert R.tiny_photo(torch.ones(1, 3, size, size), [""], None) < 1e-6  # a blank page is not a photo ...
+    assert R.tiny_sketch(torch.ones(1, 3, size, size), [""], None) < 1e-6  # ... nor a sketch
 
 
 def test_tiny_prompt_prefers_the_named_color():
     ph, prompts, _ = R.tiny_world(300, seed=4, style="photo")
     scores = torch.stack([R.tiny_prompt(ph, [f"a {c} shape"] * 300, None) for c in R.COLORS], 1)  # [300,6]
     true = torch.tensor([R.COLORS.index(p.split()[1]) for p in prompts])
-    assert (scores.argmax(1) == true).float().mean() > 0.95
+    assert (scores.argmax(1) == true).float().mean() > 0.98
     torch.testing.assert_close(scores[torch.arange(300), true], R.tiny_prompt(ph, prompts, None))
     sk, _, _ = R.tiny_world(50, seed=4, style="sketch")
     assert R.tiny_prompt(sk, prompts[:50], None).max() < 0.01  # gray: no hue at all

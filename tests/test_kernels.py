@@ -19,13 +19,21 @@ import kernels  # noqa: E402
 from kernels import _common  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_BACKEND = kernels.get_backend()  # what the interpreter makes the default
+
+if not _common.INTERPRET:  # Triton fixes the mode when a kernel is defined, so the env var came too late
+    pytest.skip("kernels/ was imported before TRITON_INTERPRET=1 was set (by another test module): run "
+                "tests/test_kernels.py first or on its own", allow_module_level=True)
+# Other test modules of the same session get the references, as on any CPU machine without the interpreter;
+# the tests here switch the kernels on one by one.
+kernels.set_backend("torch")
 
 
 @pytest.fixture(autouse=True)
 def _triton_backend():
-    assert kernels.get_backend() == "triton"  # the interpreter makes the kernels the default
-    yield
     kernels.set_backend("triton")
+    yield
+    kernels.set_backend("torch")
     _common.FORCE_ROWS = None
 
 
@@ -413,6 +421,16 @@ def test_triton_backend_runs_kernels_torch_backend_runs_references(monkeypatch):
         kernels.modulate(x, cond[:, :24], cond[:, 24:48])
     with pytest.raises(ValueError):
         kernels.set_backend("cuda")
+
+
+def test_default_backend():
+    assert DEFAULT_BACKEND == "triton"  # Triton + TRITON_INTERPRET=1
+    if torch.cuda.is_available():
+        return
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.get_backend())"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "torch", r.stdout + r.stderr  # CPU, no interpreter: the references
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -73,9 +73,13 @@ class Linear(nn.Linear):
 
 
 def attention(q, k, v):
-    # q, k, v [B, L, H, Dh] -> [B, L, H*Dh]. SDPA picks FlashAttention/cuDNN on GPU.
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return rearrange(o, "b h l d -> b l (h d)")
+    # q, k, v [B, H, L, Dh] -> [B, L, H*Dh]. SDPA picks FlashAttention/cuDNN on GPU.
+    return rearrange(F.scaled_dot_product_attention(q, k, v), "b h l d -> b l (h d)")
+
+
+def heads_first(*ts):
+    # [B, L, H, Dh] -> [B, H, L, Dh] views (what SDPA takes)
+    return [t.transpose(1, 2) for t in ts]
 
 
 class Mlp(nn.Module):
@@ -371,7 +375,7 @@ class SD3Block(nn.Module):
     def post_attention(self, x, attn_out, h2, mod, m=None):
         x = kernels.gated_residual(x, mod[2], self.attn.proj(attn_out))
         if self.dual:  # MMDiT-X: image-only self-attention on the same LN(x), its own modulation
-            x = kernels.gated_residual(x, mod[8], self.attn2.proj(attention(*self.attn2.qkv_heads(h2))))
+            x = kernels.gated_residual(x, mod[8], self.attn2.proj(attention(*heads_first(*self.attn2.qkv_heads(h2)))))
         h = kernels.modulate(x, mod[3], mod[4], 1e-6)
         return kernels.gated_residual(x, mod[5], self.mlp(h), m)  # m: slider vector (image stream only)
 
@@ -386,8 +390,10 @@ class JointBlock(nn.Module):
     def forward(self, ctx, x, c, m=None):
         (qc, kc, vc), _, cmod = self.context_block.pre_attention(ctx, c)
         (qx, kx, vx), h2, xmod = self.x_block.pre_attention(x, c)
-        # one SDPA over [context, image] tokens (Stability's order; no mask, no RoPE)
-        o = attention(torch.cat([qc, qx], 1), torch.cat([kc, kx], 1), torch.cat([vc, vx], 1))
+        # one SDPA over [context, image] tokens (Stability's order; no mask, no RoPE); concatenating the
+        # heads-first views gives SDPA contiguous [B, H, Lc+Lx, Dh] inputs
+        q, k, v = (torch.cat(heads_first(a, b), 2) for a, b in ((qc, qx), (kc, kx), (vc, vx)))
+        o = attention(q, k, v)
         oc, ox = o[:, : ctx.shape[1]], o[:, ctx.shape[1]:]
         x = self.x_block.post_attention(x, ox, h2, xmod, m)
         ctx = None if self.context_block.pre_only else self.context_block.post_attention(ctx, oc, None, cmod)

@@ -2,6 +2,7 @@
 import os
 
 import torch
+from torch.library import wrap_triton
 
 try:
     import triton
@@ -85,6 +86,12 @@ def row_tiling(n_rows, n_slabs, width, device, backward, tile=4096):
         BLOCK_M, rows = FORCE_ROWS
     rows = triton.cdiv(rows, BLOCK_M) * BLOCK_M
     return BLOCK_M, BLOCK_D, rows, triton.cdiv(n_rows, rows), num_warps
+
+
+def launcher(kernel):
+    # wrap_triton lets torch.compile trace the launch inside a torch.library.triton_op. Interpreted kernels cannot
+    # be traced (and older torch releases refuse them), so the interpreter launches them directly.
+    return kernel if INTERPRET else wrap_triton(kernel)
 
 
 def rowwise(t):

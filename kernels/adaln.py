@@ -5,9 +5,9 @@ broadcast over the T tokens. Memory-bound: the floor is one read and one write o
 """
 import torch
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._common import _up, row_tiling, rowwise, tl, triton, use_triton
+from ._common import _up, launcher, row_tiling, rowwise, tl, triton, use_triton
 
 # ----------------------------------------------------------------------------------------------------------
 # Reference (fp32 math, result in x's dtype)
@@ -111,7 +111,7 @@ def _launch_fwd(x, shift, scale, eps, rms):
     x = x.contiguous()
     y = torch.empty_like(x)
     BLOCK_M, BLOCK_D, rows, chunks, num_warps = row_tiling(T, B, D, x.device, backward=False)
-    wrap_triton(_modulate_fwd)[(B, chunks)](
+    launcher(_modulate_fwd)[(B, chunks)](
         x, shift, scale, y, T, D, shift.stride(0), scale.stride(0), rows, eps,
         RMS=rms, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=num_warps)
     return y
@@ -125,7 +125,7 @@ def _launch_bwd(dy, x, scale, eps, rms):
     BLOCK_M, BLOCK_D, rows, chunks, num_warps = row_tiling(T, B, D, x.device, backward=True)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = torch.empty(B, chunks, 2, D, device=x.device, dtype=acc)
-    wrap_triton(_modulate_bwd)[(B, chunks)](
+    launcher(_modulate_bwd)[(B, chunks)](
         x, scale, dy, dx, partial, T, D, scale.stride(0), rows, eps,
         RMS=rms, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=num_warps)
     return dx, partial.sum(1)

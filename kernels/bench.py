@@ -7,6 +7,9 @@
                                           report registers and spills from ptxas; fails on a compile error
                                           or a register blow-up (tests/test_kernels.py runs it)
 
+On a GPU the whole run compiles ~20 graphs with torch.compile (minutes); under a time limit split it with
+--case (sd35m, flux, ltx2, "joint block") and --out rows.jsonl, which keeps every row as it is measured.
+
 All ops are memory-bound, so the table gives GB/s from the minimal bytes each op must move (A = one [T, D]
 activation: modulate fwd reads x and writes y = 2A) and the fraction of a device-to-device copy measured in
 the same run. Targets (issue 4): each op >= 80% of copy bandwidth; the joint block forward+backward >= 1.3x
@@ -206,7 +209,7 @@ def print_rows(rows):
 def record_launches(cases):
     launches = {}
 
-    class Recorder:  # stands in for torch.library.wrap_triton
+    class Recorder:  # stands in for kernels._common.launcher (torch.library.wrap_triton)
         def __init__(self, kernel):
             self.kernel = kernel
 
@@ -221,7 +224,7 @@ def record_launches(cases):
             return launch
 
     for mod in (adaln, residual, qk_rope):
-        mod.wrap_triton = Recorder
+        mod.launcher = Recorder
     meta = dict(device="meta", dtype=torch.bfloat16)
     for case_name, B, T, D, H, Dh, rms, rope in cases:
         x, cond, m = torch.empty(B, T, D, **meta), torch.empty(B, 6 * D, **meta), torch.empty(B, D, **meta)

@@ -10,9 +10,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._common import _up, row_tiling, tl, triton, use_triton
+from ._common import _up, launcher, row_tiling, tl, triton, use_triton
 
 # ----------------------------------------------------------------------------------------------------------
 # Reference (fp32 math, results in the input dtypes)
@@ -149,7 +149,7 @@ def _launch(kernel, x, w, cos, sin, eps, interleaved, dout=None):
         args += [dout.contiguous(), out, partial]  # dout of .sum().backward() is a stride-0 expand
     else:
         args += [out]
-    wrap_triton(kernel)[(programs,)](
+    launcher(kernel)[(programs,)](
         *args, R, L, H, Dh, x.stride(0), x.stride(1), x.stride(2), *s_c, rows, eps,
         HAS_ROPE=cos is not None, INTERLEAVED=interleaved, BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_D // 2,
         num_warps=num_warps)

@@ -50,6 +50,7 @@ class Config:
     seed: int = 0
     steps: int = 30  # RL epochs, one optimizer step each
     kernels: str = ""  # triton | torch ("" = what is available)
+    device: str = ""  # cuda | cpu ("" = cuda when available); full size on cpu only makes sense for test models
     # --- rollout
     prompts_per_step: int = 4  # prompts per epoch
     prefs_per_prompt: int = 3  # K preference vectors per prompt
@@ -222,16 +223,16 @@ def parse_pref(text, M):
 # Distributed setup: the same script under python and torchrun (nanochat's compute_init).
 
 
-def compute_init():
+def compute_init(device=""):
     if "RANK" in os.environ:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
         dist.init_process_group(backend)
         rank, world = dist.get_rank(), dist.get_world_size()
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if backend == "nccl" else "cpu"
         if backend == "nccl":
             torch.cuda.set_device(device)
         return rank, world, device
-    return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
+    return 0, 1, device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def print0(*a, log=None):
@@ -337,8 +338,9 @@ def check_full_size(cfg):
             "python train.py --backbone sd35 --tiny")
     if not os.path.exists(cfg.weights) and cfg.weights.count("/") != 1:
         die(f"--weights {cfg.weights}: no such file or folder")
-    if not torch.cuda.is_available():
-        die("full-size SD3.5 training needs a CUDA GPU (bf16, ~40 GB); on a CPU run: python train.py --backbone sd35 --tiny")
+    if not torch.cuda.is_available() and cfg.device != "cpu":
+        die("full-size SD3.5 training needs a CUDA GPU (bf16); on a CPU run: python train.py --backbone sd35 --tiny "
+            "(--device cpu forces the full-size path on a CPU, for small test models)")
     if not cfg.prompts or not os.path.isfile(cfg.prompts):
         die(f"--prompts {cfg.prompts!r}: give a text file with one training prompt per line")
 
@@ -356,8 +358,9 @@ def sd35_setup(cfg, M, device):
     for i in range(0, len(prompts), 16):
         ctx, pooled = sample.encode_prompts(enc, prompts[i: i + 16])
         cond.update({p: (ctx[j].cpu(), pooled[j].cpu()) for j, p in enumerate(prompts[i: i + 16])})
-    enc.to("cpu")
-    torch.cuda.empty_cache()
+    enc.to("cpu")  # never needed again: the prompts' embeddings are cached
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     h = cfg.size // 8
     return base, prompts, prompts[: cfg.eval_prompts], cond, (base.cfg.in_channels, h, h), vae.decode
 
@@ -398,9 +401,16 @@ def lookup(cond, prompts, device, dtype):
     return ctx, torch.stack([cond[p][1] for p in prompts]).to(device, dtype)
 
 
-def score(reward_fns, images, prompts):
-    meta = [{} for _ in prompts]
-    return torch.stack([fn(images, prompts, meta).float().cpu() for fn in reward_fns], 1)  # [B, M]
+def score(reward_fns, decode, x0, prompts, batch):
+    """Decode x0 and score every image with every reward, in micro-batches (a 512^2 VAE decode is
+    memory-hungry). -> rewards [B, M] on the CPU, and the first micro-batch of images (for pictures)."""
+    rows, first = [], None
+    for i in range(0, len(x0), batch):
+        images, ps = decode(x0[i: i + batch]), prompts[i: i + batch]
+        meta = [{} for _ in ps]
+        rows.append(torch.stack([fn(images, ps, meta).float().cpu() for fn in reward_fns], 1))
+        first = images.float().cpu() if first is None else first
+    return torch.cat(rows), first
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -456,17 +466,17 @@ def evaluate(cfg, net, ema, setup, reward_fns, names, fixed, ref_point, device, 
     sweep, tiles = [], []
     for w in tqdm(prefs, desc="eval sweep", disable=not is_rank0()):
         pref = None if fixed is not None else torch.tensor(w, device=device, dtype=dtype).expand(E, M)
-        images = setup.decode(rollout(fn, noise, ctx, pooled, pref, sigmas, cfg))
-        r = score(reward_fns, images, setup.eval_prompts)
-        sweep.append(dict(pref=[round(v, 6) for v in w], rewards=r.mean(0).tolist(), std=r.std(0).tolist()))
-        tiles.append(images[:6].float().cpu())
+        r, images = score(reward_fns, setup.decode, rollout(fn, noise, ctx, pooled, pref, sigmas, cfg),
+                          setup.eval_prompts, cfg.batch)
+        sweep.append(dict(pref=[round(v, 6) for v in w], rewards=r.mean(0).tolist(), std=r.std(0, unbiased=False).tolist()))
+        tiles.append(images[:6])
     base_fn = lambda x, s, context, pooled, pref=None: base_velocity(net, x, s, context, pooled)
-    images = setup.decode(rollout(base_fn, noise, ctx, pooled, None, sigmas, cfg))
-    rb = score(reward_fns, images, setup.eval_prompts)
+    rb, _ = score(reward_fns, setup.decode, rollout(base_fn, noise, ctx, pooled, None, sigmas, cfg),
+                  setup.eval_prompts, cfg.batch)
     pts = [s["rewards"] for s in sweep]
     W, Rw = torch.tensor([s["pref"] for s in sweep]), torch.tensor(pts)
     result = dict(objectives=names, sweep=sweep, hypervolume=hypervolume(pts, ref_point), ref_point=ref_point,
-                  base=dict(rewards=rb.mean(0).tolist(), std=rb.std(0).tolist()),
+                  base=dict(rewards=rb.mean(0).tolist(), std=rb.std(0, unbiased=False).tolist()),
                   spearman=[spearman(W[:, m], Rw[:, m]) for m in range(M)] if len(sweep) > 2 else None,
                   eval_prompts=setup.eval_prompts, method="FixedWeight" if fixed is not None else "ParetoSlider")
     with open(os.path.join(cfg.out, "eval.json.tmp"), "w") as fh:
@@ -544,7 +554,7 @@ def slider_grid(path, tiles, prefs, prompts, px=96):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    rank, world, device = compute_init()
+    rank, world, device = compute_init(cfg.device)
     if cfg.kernels:
         kernels.set_backend(cfg.kernels)
     torch.manual_seed(cfg.seed + rank)  # rank-local draws only; the loop's draws come from `gen`, shared
@@ -616,7 +626,7 @@ def main(argv=None):
 
         # --- rewards: every image, every objective; gathered so groups may span ranks
         r = torch.zeros(N, M)
-        r[mine] = score(reward_fns, decode(x0), my_prompts)
+        r[mine] = score(reward_fns, decode, x0, my_prompts, cfg.batch)[0]
         r = all_sum(r.to(device)).cpu()
 
         # --- advantages: per reward, inside each (prompt, w) group; mixed with the sample's own w

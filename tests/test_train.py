@@ -167,3 +167,61 @@ def test_missing_weights_is_a_message_not_a_traceback(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "no base weights" in p.stderr and "--tiny" in p.stderr
+
+
+def test_two_processes_equal_one(tmp_path):
+    # torchrun with 2 gloo processes on the same global batch: rollouts split across ranks, group statistics
+    # and gradients summed over ranks -> the same update as one process
+    args = TINY + ["--steps", "2", "--cache", str(tmp_path / "cache"), "--group-size", "3"]
+    train.main(args + ["--out", str(tmp_path / "one")])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29533", "train.py", *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, two = (load_file(tmp_path / d / "checkpoint.safetensors") for d in ("one", "two"))
+    assert one.keys() == two.keys()
+    for k in one:
+        if k.startswith(("policy.", "old.", "ema.")):
+            assert (one[k] - two[k]).abs().max().item() <= 1e-5, k
+    ema = load_file(tmp_path / "one" / "adapters.safetensors")
+    lora = [k for k in one if k.startswith("policy.") and ".lora_B" in k]
+    assert lora and any((one[k] != ema[k[len("policy."):]]).any() for k in lora)  # the updates moved the weights
+    assert json.loads((tmp_path / "two" / "eval.json").read_text())["sweep"]
+
+
+def tiny_diffusers_repo(d):
+    # a diffusers-style SD3.5 folder with tiny random parts: transformer/, vae/, three text encoders, tokenizers
+    import diffusers
+    import sample
+    import rewards as R
+    enc = sample.tiny_text_encoders(["a"] + R.COLORS + R.SHAPES, clip_dims=(16, 16), t5_dim=32, clip_len=8, t5_len=4)
+    for sub, obj in [("text_encoder", enc.clip_l), ("text_encoder_2", enc.clip_g), ("text_encoder_3", enc.t5),
+                     ("tokenizer", enc.tok_l), ("tokenizer_2", enc.tok_g), ("tokenizer_3", enc.tok_t5)]:
+        obj.save_pretrained(d / sub)
+    torch.manual_seed(0)
+    diffusers.SD3Transformer2DModel(sample_size=4, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                    caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8,
+                                    dual_attention_layers=(0,), qk_norm="rms_norm").save_pretrained(d / "transformer")
+    diffusers.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=16,
+                            norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
+                            scaling_factor=1.5305, shift_factor=0.0609).save_pretrained(d / "vae")
+    (d / "prompts.txt").write_text("a red circle\na blue square\na green ring\n")
+
+
+def test_full_size_path_on_a_tiny_diffusers_folder(tmp_path):
+    # the --weights path end to end (load_transformer, load_vae, load_text_encoders, latent rollouts decoded by
+    # the VAE), on a CPU with a tiny random SD3.5 folder standing in for the released weights
+    repo = tmp_path / "repo"
+    tiny_diffusers_repo(repo)
+    res = train.main(["--backbone", "sd35", "--weights", str(repo), "--prompts", str(repo / "prompts.txt"),
+                      "--device", "cpu", "--dtype", "fp32", "--rewards", "tiny_photo,tiny_sketch", "--size", "32",
+                      "--steps", "2", "--prompts-per-step", "2", "--prefs-per-prompt", "2", "--group-size", "2",
+                      "--sample-steps", "2", "--eval-points", "3", "--eval-prompts", "2", "--lora-rank", "2",
+                      "--batch", "4", "--grad-ckpt", "--out", str(tmp_path / "run")])
+    assert len(res["sweep"]) == 3 and res["eval_prompts"] == ["a red circle", "a blue square"]
+    assert (tmp_path / "run" / "slider.png").is_file()
+    with pytest.raises(SystemExit):
+        train.main(["--backbone", "sd35", "--weights", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])

@@ -373,10 +373,11 @@ class SD3Block(nn.Module):
         return (q, k, v), h2, mod
 
     def post_attention(self, x, attn_out, h2, mod, m=None):
-        x = kernels.gated_residual(x, mod[2], self.attn.proj(attn_out))
+        y, gate = self.attn.proj(attn_out), mod[2]
         if self.dual:  # MMDiT-X: image-only self-attention on the same LN(x), its own modulation
-            x = kernels.gated_residual(x, mod[8], self.attn2.proj(attention(*heads_first(*self.attn2.qkv_heads(h2)))))
-        h = kernels.modulate(x, mod[3], mod[4], 1e-6)
+            x = kernels.gated_residual(x, gate, y)
+            y, gate = self.attn2.proj(attention(*heads_first(*self.attn2.qkv_heads(h2)))), mod[8]
+        x, h = kernels.gated_residual_modulate(x, gate, y, mod[3], mod[4], 1e-6)  # residual, then LN + modulate
         return kernels.gated_residual(x, mod[5], self.mlp(h), m)  # m: slider vector (image stream only)
 
 

@@ -19,14 +19,10 @@ import kernels  # noqa: E402
 from kernels import _common  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_BACKEND = kernels.get_backend()  # what the interpreter makes the default
 
-if not _common.INTERPRET:  # Triton fixes the mode when a kernel is defined, so the env var came too late
-    pytest.skip("kernels/ was imported before TRITON_INTERPRET=1 was set (by another test module): run "
-                "tests/test_kernels.py first or on its own", allow_module_level=True)
-# Other test modules of the same session get the references, as on any CPU machine without the interpreter;
-# the tests here switch the kernels on one by one.
-kernels.set_backend("torch")
+# tests/conftest.py sets TRITON_INTERPRET=1 before anything imports kernels/ (Triton fixes the mode when a kernel
+# is defined) and leaves the other test modules on the references; the tests here switch the kernels on.
+assert _common.INTERPRET, "kernels/ was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)"
 
 
 @pytest.fixture(autouse=True)
@@ -424,13 +420,15 @@ def test_triton_backend_runs_kernels_torch_backend_runs_references(monkeypatch):
 
 
 def test_default_backend():
-    assert DEFAULT_BACKEND == "triton"  # Triton + TRITON_INTERPRET=1
-    if torch.cuda.is_available():
-        return
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.get_backend())"], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
-    assert r.stdout.strip() == "torch", r.stdout + r.stderr  # CPU, no interpreter: the references
+    # fresh processes: Triton + TRITON_INTERPRET=1 -> the kernels; a CPU without the interpreter -> the references
+    def default(interpret):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.update({"TRITON_INTERPRET": "1"} if interpret else {})
+        r = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.get_backend())"], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        return r.stdout.strip() + r.stderr
+    assert default(True) == "triton"
+    assert default(False) == ("triton" if torch.cuda.is_available() else "torch")
 
 
 # ----------------------------------------------------------------------------------------------------------

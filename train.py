@@ -602,7 +602,7 @@ def main(argv=None):
     if cfg.resume:
         print0(f"resumed from {ckpt} at step {start}", log=log)
 
-    P, K, G = cfg.prompts_per_step, (1 if fixed is not None else cfg.prefs_per_prompt), cfg.group_size
+    P, K, G = cfg.prompts_per_step, cfg.prefs_per_prompt, cfg.group_size  # FixedWeight: same budget, one w
     N = P * K * G
     mine = torch.arange(rank, N, world)  # this rank's share of the global batch
     sigmas = sample.get_schedule(cfg.sample_steps, cfg.shift)

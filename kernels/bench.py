@@ -26,6 +26,7 @@ sys.path.insert(0, ROOT)
 import argparse  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -261,11 +262,10 @@ def ptx_report(cases):
     except Exception as e:  # noqa: BLE001
         print(f"RESULT skipped: Triton's NVIDIA backend / ptxas is not usable here ({e})")
         sys.exit(3)
-    worst = []
+    worst, tmp = [], tempfile.mkdtemp(prefix="ptx_")
     for (name, *_), (kernel, sig, const, num_warps, where) in record_launches(cases).items():
         k = triton.compile(ASTSource(kernel, sig, const), target=target, options={"num_warps": num_warps})
-        path = os.path.join(ROOT, ".cache", f"{name}.ptx")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        path = os.path.join(tmp, f"{name}.ptx")
         with open(path, "w") as fh:
             fh.write(k.asm["ptx"])
         out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", path + ".cubin"],

@@ -321,8 +321,13 @@ def main(argv=None):
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="transformer dtype")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     ap.add_argument("--out", default="out.png", help="output PNG")
+    ap.add_argument("--kernels", choices=["triton", "torch"], help="fused Triton kernels or the PyTorch references "
+                    "(default: Triton on a GPU)")
     args = ap.parse_args(argv)
     try:
+        if args.kernels:
+            import kernels
+            kernels.set_backend(args.kernels)
         run(args)
     except (UsageError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)

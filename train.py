@@ -17,10 +17,12 @@ Deviations from the released code: the slider projector's last layer starts at z
 ranks; the tiny default trains in pixel space on a procedural world instead of SD3.5 latents.
 """
 import argparse
+import inspect
 import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -78,7 +80,7 @@ class Config:
     pretrain_lr: float = 2e-3
     cache: str = ".cache"  # where the pretrained tiny base is kept for the next run
     # --- evaluation
-    eval_points: int = 11  # w sweep (M=2); simplex grid with eval_points-1 ... for M=3 see pref_grid
+    eval_points: int = 11  # points of the w sweep (M=2); M>=3: a simplex grid with (eval_points-1)//2 divisions
     eval_prompts: int = 12  # fixed prompts x 1 seed each, same noise for every w
     ref_point: str = ""  # hypervolume reference point "r1,r2,..." ("" = 0 for every objective)
     dtype: str = "fp32"  # fp32 | bf16 (full size: bf16)
@@ -99,13 +101,15 @@ def die(msg):
 
 
 def parse_config(argv=None):
+    # one flag per Config field; its help text is the field's comment above
+    helps = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M))
     p = argparse.ArgumentParser(description="ParetoSlider training (see the module docstring)")
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action="store_true", default=None)
+        flag, h = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {f.default!r})"
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", default=None, help=h)
         else:
-            p.add_argument(flag, type={"int": int, "float": float}.get(str(f.type), f.type if callable(f.type) else str))
+            p.add_argument(flag, type=f.type, help=h)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     if args.get("resume"):
         path = os.path.join(args["resume"], "config.json")
@@ -113,7 +117,7 @@ def parse_config(argv=None):
             die(f"--resume {args['resume']}: no config.json there (not a run folder)")
         with open(path) as fh:
             saved = json.load(fh)
-        cfg = Config(**{**saved, **{k: v for k, v in args.items() if k in ("steps", "resume", "kernels")}})
+        cfg = Config(**{**saved, **{k: v for k, v in args.items() if k in ("steps", "resume", "kernels", "device")}})
         cfg.out = args["resume"]
         return cfg
     preset = "tiny" if args.get("tiny") else args.get("backbone", "sd35")
@@ -554,9 +558,16 @@ def slider_grid(path, tiles, prefs, prompts, px=96):
 
 def main(argv=None):
     cfg = parse_config(argv)
+    for name, ok in (("kernels", ("", "triton", "torch")), ("solver", ("euler", "dpm2")), ("dtype", ("fp32", "bf16")),
+                     ("device", ("", "cuda", "cpu"))):
+        if getattr(cfg, name) not in ok:
+            die(f"--{name} {getattr(cfg, name)!r}: choose one of {[v for v in ok if v]}")
     rank, world, device = compute_init(cfg.device)
     if cfg.kernels:
-        kernels.set_backend(cfg.kernels)
+        try:
+            kernels.set_backend(cfg.kernels)
+        except RuntimeError as e:
+            die(str(e))
     torch.manual_seed(cfg.seed + rank)  # rank-local draws only; the loop's draws come from `gen`, shared
     if cfg.backbone != "sd35":
         die(f"backbone {cfg.backbone!r} is not available yet (sd35 only)")

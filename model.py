@@ -159,7 +159,7 @@ def set_trainable(net):
 
 
 def is_adapter_param(name):
-    return ".lora_" in name or name.startswith(("lora_", "pref_mlp.", "slider."))
+    return ".lora_" in name or name.startswith(("pref_mlp.", "slider."))
 
 
 def adapter_state(net):
@@ -456,7 +456,10 @@ class SD3Transformer(nn.Module):
         B, _, H, W = x.shape
         p = self.cfg.patch
         h, w = H // p, W // p
-        x = rearrange(self.x_embedder.proj(x), "b d h w -> b (h w) d") + self.cropped_pos_embed(h, w).to(x.dtype)
+        # contiguous tokens: the conv's [B, D, h, w] layout would otherwise follow the residual stream through
+        # every block (elementwise ops keep their input's strides) and make each add and copy a strided one
+        x = rearrange(self.x_embedder.proj(x), "b d h w -> b (h w) d").contiguous()
+        x = x + self.cropped_pos_embed(h, w).to(x.dtype)
         c = self.t_embedder(timestep_embedding(1000 * sigma).to(x.dtype)) + self.y_embedder(pooled)
         m = None
         if pref is not None:

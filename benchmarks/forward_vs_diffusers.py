@@ -4,7 +4,7 @@
     python benchmarks/forward_vs_diffusers.py --device cuda   # + bf16 sd35-medium at 1024^2 with peak memory
 
 diffusers is a dev requirement (the oracle); this script is not a test. Timings alternate between the two
-models so that machine noise hits both alike; the table gives medians and the ratio ours / diffusers.
+models (and which goes first) so that machine noise and cache warmth hit both alike; the table gives medians and the ratio ours / diffusers.
 """
 import argparse
 import os
@@ -55,8 +55,8 @@ def bench(cfg, latent, batch, device, dtype, iters):
     a, b = run_ours(), run_ref()  # warm-up, and a correctness check on the same weights
     err = ((a.float() - b.float()).norm() / b.float().norm()).item()
     times, peaks = {"ours": [], "diffusers": []}, {}
-    for _ in range(iters):
-        for name, fn in (("ours", run_ours), ("diffusers", run_ref)):
+    for i in range(iters):  # alternate which runs first, so neither always finds the caches warmed by the other
+        for name, fn in (("ours", run_ours), ("diffusers", run_ref))[:: 1 if i % 2 else -1]:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             sync(device)

@@ -38,10 +38,10 @@ def main():
     hv_slider, hv_fixed = train.hypervolume([s["rewards"] for s in slider["sweep"]], ref), train.hypervolume(fixed_pts, ref)
     names = slider["objectives"]
     lines = [f"| run | w | {names[0]} | {names[1]} | hypervolume |", "|---|---|---|---|---|"]
-    for s in slider["sweep"]:
+    for i, s in enumerate(slider["sweep"]):
+        hv = f"{hv_slider:.4f} (whole sweep)" if i == len(slider["sweep"]) - 1 else ""
         lines.append(f"| ParetoSlider (one model) | {s['pref'][0]:.2f}, {s['pref'][1]:.2f} | {s['rewards'][0]:.3f} | "
-                     f"{s['rewards'][1]:.3f} | |")
-    lines[-1] = lines[-1][:-3] + f" {hv_slider:.4f} (all w) |"
+                     f"{s['rewards'][1]:.3f} | {hv} |")
     for name, r in runs.items():
         s = r["sweep"][0]
         lines.append(f"| FixedWeight (own run) | {s['pref'][0]:.2f}, {s['pref'][1]:.2f} | {s['rewards'][0]:.3f} | "

@@ -16,7 +16,7 @@ from ._common import _up, launcher, row_tiling, rowwise, tl, triton, use_triton
 def modulate_ref(x, shift, scale, eps=1e-6, rms=False):
     xf = x.float()
     if rms:
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        xf = torch.nn.functional.rms_norm(xf, xf.shape[-1:], eps=eps)
     else:
         xf = torch.nn.functional.layer_norm(xf, xf.shape[-1:], eps=eps)
     return (xf * (1 + scale.float()[:, None]) + shift.float()[:, None]).to(x.dtype)

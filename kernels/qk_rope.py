@@ -19,9 +19,8 @@ from ._common import _up, launcher, row_tiling, tl, triton, use_triton
 
 
 def qk_norm_rope_ref(q, k, q_weight, k_weight, cos=None, sin=None, eps=1e-6, interleaved=True):
-    def norm(t, w):
-        tf = t.float()
-        return tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+    def norm(t, w):  # F.rms_norm: one fused op on CPU, same fp32 math as x * rsqrt(mean(x^2) + eps) * w
+        return torch.nn.functional.rms_norm(t.float(), t.shape[-1:], w.float(), eps)
 
     def rope(t):
         if cos is None:

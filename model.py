@@ -15,7 +15,7 @@ default init), so an untrained slider changes nothing; pref=None skips both path
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn

@@ -53,7 +53,7 @@ def denoise(net, x, sigmas, cond: dict, pref=None, guidance: float = 1.0, uncond
         cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
         pref = None if pref is None else torch.cat([pref, pref])
     dtype, sig = x.dtype, sigmas.tolist()  # state in fp32, coefficients in fp64 (python floats)
-    x, x0_prev = x.float(), None
+    x, x0_prev, s_prev = x.float(), None, None
     for i in tqdm(range(len(sig) - 1), desc=f"sampling ({solver})", disable=not progress):
         s, s_next = sig[i], sig[i + 1]
         x_in = torch.cat([x, x]) if cfg else x

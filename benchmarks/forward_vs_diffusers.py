@@ -66,7 +66,6 @@ def bench(cfg, latent, batch, device, dtype, iters):
             times[name].append(time.perf_counter() - t0)
             if device == "cuda":
                 peaks[name] = torch.cuda.max_memory_allocated() / 2**30
-    del ref, ours
     med = {k: statistics.median(v) for k, v in times.items()}
     return med, peaks, err
 

@@ -1,6 +1,5 @@
 """train.py: the method's math against hand computations and closed forms, the tiny run end to end,
 exact resume, and clear errors on bad input."""
-import itertools
 import json
 import os
 import subprocess

@@ -211,18 +211,6 @@ def pref_grid(M, n):
     return [[v / d for v in g] for g in rec(d, M)]
 
 
-def parse_pref(text, M):
-    try:
-        w = [float(x) for x in text.split(",")]
-    except ValueError:
-        die(f"preference {text!r} is not a comma-separated list of numbers")
-    if len(w) != M:
-        die(f"preference {text!r} has {len(w)} weights but there are {M} objectives")
-    if min(w) < 0 or abs(sum(w) - 1) > 1e-3:
-        die(f"preference {text!r} is not on the simplex (weights >= 0 summing to 1)")
-    return torch.tensor(w)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Distributed setup: the same script under python and torchrun (nanochat's compute_init).
 
@@ -578,7 +566,14 @@ def main(argv=None):
     if unknown:
         die(f"unknown reward(s) {unknown}; valid: {', '.join(sorted(R.REWARDS))}")
     M = len(names)
-    fixed = parse_pref(cfg.fixed_pref, M) if cfg.fixed_pref else None
+    fixed = None
+    if cfg.fixed_pref:  # the same parsing and simplex check as sample.py's --pref
+        try:
+            fixed = torch.tensor(sample.parse_pref(cfg.fixed_pref))
+        except sample.UsageError as e:
+            die(str(e).replace("--pref", "--fixed-pref"))
+        if len(fixed) != M:
+            die(f"--fixed-pref {cfg.fixed_pref!r} has {len(fixed)} weights but there are {M} objectives")
     if fixed is None and M < 2:
         die("ParetoSlider needs at least two objectives (--rewards a,b[,c])")
     ref_point = [float(v) for v in cfg.ref_point.split(",")] if cfg.ref_point else [0.0] * M

@@ -49,6 +49,26 @@ def _pair_columns(Dh, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(X, r, c1, c2, imask, R, L, H, Dh, s_xb, s_xl, s_xh, eps):
+    # rows r = heads (b, l, h) of X -> mask, the two channels of every pair (fp32), 1/rms, and (b, l, h)
+    mask = (r < R)[:, None] & imask[None, :]
+    b, l, h = r // (L * H), r // H % L, r % H
+    x_row = (b.to(tl.int64) * s_xb + l.to(tl.int64) * s_xl + h * s_xh)[:, None]
+    x1 = _up(tl.load(X + x_row + c1[None, :], mask=mask, other=0.0))
+    x2 = _up(tl.load(X + x_row + c2[None, :], mask=mask, other=0.0))
+    rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / Dh + eps)[:, None]
+    return mask, x1, x2, rstd, b, l, h
+
+
+@triton.jit
+def _load_cos_sin(COS, SIN, b, l, h, i, mask, s_cb, s_cl, s_ch, s_cd):
+    c_row = (b.to(tl.int64) * s_cb + l.to(tl.int64) * s_cl + h * s_ch)[:, None]
+    cos = _up(tl.load(COS + c_row + i[None, :] * s_cd, mask=mask, other=0.0))
+    sin = _up(tl.load(SIN + c_row + i[None, :] * s_cd, mask=mask, other=0.0))
+    return cos, sin
+
+
+@triton.jit
 def _qk_fwd(X, W, COS, SIN, OUT, R, L, H, Dh, s_xb, s_xl, s_xh, s_cb, s_cl, s_ch, s_cd, rows, eps,
             HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     r0 = tl.program_id(0) * rows
@@ -57,18 +77,11 @@ def _qk_fwd(X, W, COS, SIN, OUT, R, L, H, Dh, s_xb, s_xl, s_xh, s_cb, s_cl, s_ch
     w2 = _up(tl.load(W + c2, mask=imask, other=0.0))
     for j in range(0, rows, BLOCK_M):
         r = r0 + j + tl.arange(0, BLOCK_M)
-        mask = (r < R)[:, None] & imask[None, :]
-        b, l, h = r // (L * H), r // H % L, r % H
-        x_row = (b.to(tl.int64) * s_xb + l.to(tl.int64) * s_xl + h * s_xh)[:, None]
-        x1 = _up(tl.load(X + x_row + c1[None, :], mask=mask, other=0.0))
-        x2 = _up(tl.load(X + x_row + c2[None, :], mask=mask, other=0.0))
-        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / Dh + eps)[:, None]
+        mask, x1, x2, rstd, b, l, h = _load_rows(X, r, c1, c2, imask, R, L, H, Dh, s_xb, s_xl, s_xh, eps)
         n1 = x1 * rstd * w1[None, :]
         n2 = x2 * rstd * w2[None, :]
         if HAS_ROPE:
-            c_row = (b.to(tl.int64) * s_cb + l.to(tl.int64) * s_cl + h * s_ch)[:, None]
-            cos = _up(tl.load(COS + c_row + i[None, :] * s_cd, mask=mask, other=0.0))
-            sin = _up(tl.load(SIN + c_row + i[None, :] * s_cd, mask=mask, other=0.0))
+            cos, sin = _load_cos_sin(COS, SIN, b, l, h, i, mask, s_cb, s_cl, s_ch, s_cd)
             n1, n2 = n1 * cos - n2 * sin, n1 * sin + n2 * cos
         o_row = r.to(tl.int64)[:, None] * Dh
         tl.store(OUT + o_row + c1[None, :], n1.to(OUT.dtype.element_ty), mask=mask)
@@ -89,21 +102,14 @@ def _qk_bwd(X, W, COS, SIN, DOUT, DX, PARTIAL, R, L, H, Dh, s_xb, s_xl, s_xh, s_
     dw2 = tl.zeros([BLOCK_M, BLOCK_H], dtype=w1.dtype)
     for j in range(0, rows, BLOCK_M):
         r = r0 + j + tl.arange(0, BLOCK_M)
-        mask = (r < R)[:, None] & imask[None, :]
-        b, l, h = r // (L * H), r // H % L, r % H
-        x_row = (b.to(tl.int64) * s_xb + l.to(tl.int64) * s_xl + h * s_xh)[:, None]
-        x1 = _up(tl.load(X + x_row + c1[None, :], mask=mask, other=0.0))
-        x2 = _up(tl.load(X + x_row + c2[None, :], mask=mask, other=0.0))
-        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / Dh + eps)[:, None]
+        mask, x1, x2, rstd, b, l, h = _load_rows(X, r, c1, c2, imask, R, L, H, Dh, s_xb, s_xl, s_xh, eps)
         xh1 = x1 * rstd
         xh2 = x2 * rstd
         o_row = r.to(tl.int64)[:, None] * Dh
         dn1 = _up(tl.load(DOUT + o_row + c1[None, :], mask=mask, other=0.0))
         dn2 = _up(tl.load(DOUT + o_row + c2[None, :], mask=mask, other=0.0))
         if HAS_ROPE:
-            c_row = (b.to(tl.int64) * s_cb + l.to(tl.int64) * s_cl + h * s_ch)[:, None]
-            cos = _up(tl.load(COS + c_row + i[None, :] * s_cd, mask=mask, other=0.0))
-            sin = _up(tl.load(SIN + c_row + i[None, :] * s_cd, mask=mask, other=0.0))
+            cos, sin = _load_cos_sin(COS, SIN, b, l, h, i, mask, s_cb, s_cl, s_ch, s_cd)
             dn1, dn2 = dn1 * cos + dn2 * sin, dn2 * cos - dn1 * sin
         dw1 += dn1 * xh1
         dw2 += dn2 * xh2

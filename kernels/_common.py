@@ -107,3 +107,16 @@ def _up(x):
     if x.dtype == tl.float64:
         return x
     return x.to(tl.float32)
+
+
+@triton.jit
+def _sample_vector(P, b, stride, cols, cmask):
+    # the [D] conditioning vector of sample b (shift, scale, gate, m: one row of a [B, D] view), upcast
+    return _up(tl.load(P + b * stride + cols, mask=cmask, other=0.0))
+
+
+@triton.jit
+def _token_tile(b, t, T, D, cols, cmask):
+    # tokens t of sample b in a contiguous [B, T, D] tensor -> (mask, element offsets) of the [BLOCK_M, BLOCK_D] tile
+    mask = (t < T)[:, None] & cmask[None, :]
+    return mask, (b * T + t).to(tl.int64)[:, None] * D + cols[None, :]

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import _up, launcher, row_tiling, rowwise, tl, triton, use_triton
+from ._common import _sample_vector, _token_tile, _up, launcher, row_tiling, rowwise, tl, triton, use_triton
 
 # ----------------------------------------------------------------------------------------------------------
 # Reference (fp32 math, result in x's dtype)
@@ -61,12 +61,11 @@ def _modulate_fwd(X, SHIFT, SCALE, Y, T, D, s_shift, s_scale, rows, eps,
     t0 = tl.program_id(1) * rows
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    shift = _up(tl.load(SHIFT + b * s_shift + cols, mask=cmask, other=0.0))
-    scale1 = 1.0 + _up(tl.load(SCALE + b * s_scale + cols, mask=cmask, other=0.0))  # 1 + scale in fp32
+    shift = _sample_vector(SHIFT, b, s_shift, cols, cmask)
+    scale1 = 1.0 + _sample_vector(SCALE, b, s_scale, cols, cmask)  # 1 + scale in fp32
     for i in range(0, rows, BLOCK_M):
         t = t0 + i + tl.arange(0, BLOCK_M)
-        mask = (t < T)[:, None] & cmask[None, :]
-        offs = (b * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        mask, offs = _token_tile(b, t, T, D, cols, cmask)
         x = _up(tl.load(X + offs, mask=mask, other=0.0))
         xhat, _ = _normalize(x, mask, D, eps, RMS)
         y = xhat * scale1[None, :] + shift[None, :]
@@ -83,13 +82,12 @@ def _modulate_bwd(X, SCALE, DY, DX, PARTIAL, T, D, s_scale, rows, eps,
     t0 = chunk * rows
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    scale1 = 1.0 + _up(tl.load(SCALE + b * s_scale + cols, mask=cmask, other=0.0))
+    scale1 = 1.0 + _sample_vector(SCALE, b, s_scale, cols, cmask)
     dshift = tl.zeros([BLOCK_M, BLOCK_D], dtype=scale1.dtype)
     dscale = tl.zeros([BLOCK_M, BLOCK_D], dtype=scale1.dtype)
     for i in range(0, rows, BLOCK_M):
         t = t0 + i + tl.arange(0, BLOCK_M)
-        mask = (t < T)[:, None] & cmask[None, :]
-        offs = (b * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        mask, offs = _token_tile(b, t, T, D, cols, cmask)
         x = _up(tl.load(X + offs, mask=mask, other=0.0))
         dy = _up(tl.load(DY + offs, mask=mask, other=0.0))
         xhat, rstd = _normalize(x, mask, D, eps, RMS)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import _up, launcher, row_tiling, rowwise, tl, triton, use_triton
+from ._common import _sample_vector, _token_tile, _up, launcher, row_tiling, rowwise, tl, triton, use_triton
 from .adaln import _normalize, _normalize_bwd, modulate_ref
 
 # ----------------------------------------------------------------------------------------------------------
@@ -46,16 +46,15 @@ def _residual_fwd(X, Y, GATE, M, SHIFT, SCALE, H, XMOD, T, D, s_gate, s_m, s_shi
     t0 = tl.program_id(1) * rows
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    gate = _up(tl.load(GATE + b * s_gate + cols, mask=cmask, other=0.0))
+    gate = _sample_vector(GATE, b, s_gate, cols, cmask)
     if HAS_M:
-        m = _up(tl.load(M + b * s_m + cols, mask=cmask, other=0.0))
+        m = _sample_vector(M, b, s_m, cols, cmask)
     if MODULATE:
-        shift = _up(tl.load(SHIFT + b * s_shift + cols, mask=cmask, other=0.0))
-        scale1 = 1.0 + _up(tl.load(SCALE + b * s_scale + cols, mask=cmask, other=0.0))
+        shift = _sample_vector(SHIFT, b, s_shift, cols, cmask)
+        scale1 = 1.0 + _sample_vector(SCALE, b, s_scale, cols, cmask)
     for i in range(0, rows, BLOCK_M):
         t = t0 + i + tl.arange(0, BLOCK_M)
-        mask = (t < T)[:, None] & cmask[None, :]
-        offs = (b * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        mask, offs = _token_tile(b, t, T, D, cols, cmask)
         x = _up(tl.load(X + offs, mask=mask, other=0.0))
         y = _up(tl.load(Y + offs, mask=mask, other=0.0))
         if HAS_M:
@@ -80,19 +79,18 @@ def _residual_bwd(H, Y, GATE, M, SCALE, DH, DXMOD, DY, DX, PARTIAL, T, D, s_gate
     t0 = chunk * rows
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    gate = _up(tl.load(GATE + b * s_gate + cols, mask=cmask, other=0.0))
+    gate = _sample_vector(GATE, b, s_gate, cols, cmask)
     if HAS_M:
-        m = _up(tl.load(M + b * s_m + cols, mask=cmask, other=0.0))
+        m = _sample_vector(M, b, s_m, cols, cmask)
     if MODULATE:
-        scale1 = 1.0 + _up(tl.load(SCALE + b * s_scale + cols, mask=cmask, other=0.0))
+        scale1 = 1.0 + _sample_vector(SCALE, b, s_scale, cols, cmask)
     dgate = tl.zeros([BLOCK_M, BLOCK_D], dtype=gate.dtype)
     dsum = tl.zeros([BLOCK_M, BLOCK_D], dtype=gate.dtype)
     dshift = tl.zeros([BLOCK_M, BLOCK_D], dtype=gate.dtype)
     dscale = tl.zeros([BLOCK_M, BLOCK_D], dtype=gate.dtype)
     for i in range(0, rows, BLOCK_M):
         t = t0 + i + tl.arange(0, BLOCK_M)
-        mask = (t < T)[:, None] & cmask[None, :]
-        offs = (b * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+        mask, offs = _token_tile(b, t, T, D, cols, cmask)
         if HAS_DH:
             dh = _up(tl.load(DH + offs, mask=mask, other=0.0))
         else:

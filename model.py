@@ -1,21 +1,25 @@
 """ParetoSlider networks: our own definitions of the backbones, loading their released weights.
 
-Layout: shared primitives (timestep embedding, LoRA linear, attention, preference modules, checkpoint
-I/O), then one section per backbone. Module attribute names ARE the original checkpoint keys (Stability's
-single files), so an original file loads by stripping its prefix; a diffusers folder goes through one
-explicit key-mapping function. Loading is strict: any missing, unexpected or mis-shaped key is an error.
+Layout: shared primitives (timestep embedding, LoRA linear, attention, preference modules, the Backbone base
+class, checkpoint I/O, loading), then one section per backbone, then the VAE, then the load table BACKBONES.
+Module attribute names ARE the original checkpoint keys (Stability's single files), so an original file loads by
+stripping its prefix; a diffusers folder goes through one explicit key-mapping function per backbone. Loading is
+strict: any missing, unexpected or mis-shaped key is an error.
 
 Preference conditioning (ParetoSlider, arXiv 2604.20816, released SD3.5 code):
-  pref_mlp: Linear(M,D)-SiLU-Linear(D,D), added to the conditioning vector c (timestep + pooled text);
-  slider:   [sin(pi w), cos(pi w)] -> Linear(2M,768) -> 4-layer ReLU MLP -> m(w) in R^D shared by all
-            blocks, added inside the image stream's gated MLP residual: x += gate_mlp * (mlp(.) + m).
+  pref_mlp:    Linear(M,D)-SiLU-Linear(D,D), added to the conditioning vector c (timestep + pooled text);
+  pref_slider: [sin(pi w), cos(pi w)] -> Linear(2M,768) -> 4-layer ReLU MLP -> m(w) in R^D shared by all
+               blocks, added inside the image stream's gated MLP residual: x += gate_mlp * (mlp(.) + m).
 Deviation from the reference: the slider's last layer is zero-initialised (the reference keeps the
 default init), so an untrained slider changes nothing; pref=None skips both paths (bit-exact base model).
+Naming rule: every parameter under a module whose name starts with `pref_`, and every `lora_` tensor, is an
+adapter parameter (trained, saved in adapter files); everything else is the frozen base.
 """
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -42,39 +46,51 @@ def timestep_embedding(t, dim=256, max_period=10000.0):
 class Linear(nn.Linear):
     """nn.Linear with an optional LoRA adapter (arXiv 2106.09685): y = W x + b + (alpha/r) B A x.
 
-    `splits` > 1 gives each of that many equal output chunks its own (A, B) pair: a fused qkv projection
-    then carries exactly the three independent q/k/v adapters that diffusers/peft would attach."""
+    `splits` (output sizes, summing to out_features) gives each chunk of a fused projection its own (A, B)
+    pair: a fused qkv then carries exactly the three independent q/k/v adapters that diffusers/peft attach,
+    and FLUX's single-block linear1 (q | k | v | mlp-in, unequal) its four."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.register_parameter("lora_A", None)  # [splits*r, in]
-        self.register_parameter("lora_B", None)  # [splits, out/splits, r]
+        self.register_parameter("lora_A", None)  # [len(splits) * r, in]: A_j stacked
+        self.register_parameter("lora_B", None)  # [out, r]: B_j stacked along the output
+        self.lora_splits = None
 
-    def add_lora(self, rank, alpha, splits=1):
+    def add_lora(self, rank, alpha, splits=None):
+        splits = tuple(splits or (self.out_features,))
+        assert sum(splits) == self.out_features, (splits, self.out_features)
         dev = self.weight.device if self.weight.device.type != "meta" else "cpu"
         # peft's "gaussian" init: A ~ N(0, 1/r), B = 0, so the adapter starts as the identity map.
-        self.lora_A = nn.Parameter(torch.randn(splits * rank, self.in_features, device=dev) / rank)
-        self.lora_B = nn.Parameter(torch.zeros(splits, self.out_features // splits, rank, device=dev))
-        self.lora_scale, self.lora_enabled = alpha / rank, True
+        self.lora_A = nn.Parameter(torch.randn(len(splits) * rank, self.in_features, device=dev) / rank)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
+        self.lora_splits, self.lora_scale, self.lora_enabled = splits, alpha / rank, True
+
+    def lora_pairs(self):
+        # [(A_j [r, in], B_j [out_j, r])] per output chunk
+        r = self.lora_B.shape[1]
+        return list(zip(self.lora_A.split(r), self.lora_B.split(self.lora_splits)))
 
     def lora_delta_weight(self):
-        s, o, r = self.lora_B.shape
-        A = self.lora_A.view(s, r, self.in_features)
-        return torch.einsum("sor,sri->soi", self.lora_B, A).reshape(s * o, self.in_features) * self.lora_scale
+        return torch.cat([B @ A for A, B in self.lora_pairs()]) * self.lora_scale
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
         if self.lora_A is None or not self.lora_enabled:
             return y
-        s, o, r = self.lora_B.shape
-        h = F.linear(x.to(self.lora_A.dtype), self.lora_A).unflatten(-1, (s, r))  # [..., s, r]
-        d = torch.einsum("...sr,sor->...so", h, self.lora_B).flatten(-2)  # [..., out]
+        r = self.lora_B.shape[1]
+        h = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # [..., chunks * r]
+        d = torch.cat([F.linear(hj, B) for hj, B in zip(h.split(r, -1), self.lora_B.split(self.lora_splits))], -1)
         return y + (d * self.lora_scale).to(y.dtype)
 
 
-def attention(q, k, v):
-    # q, k, v [B, H, L, Dh] -> [B, L, H*Dh]. SDPA picks FlashAttention/cuDNN on GPU.
-    return rearrange(F.scaled_dot_product_attention(q, k, v), "b h l d -> b l (h d)")
+def attention(q, k, v, mask=None):
+    # q, k, v [B, H, L, Dh] -> [B, L, H*Dh]. mask: None or a key mask [B, Lk] (True/1 = attend, 0 = padding).
+    # SDPA picks FlashAttention/cuDNN on GPU (with a mask: the memory-efficient kernel).
+    if mask is not None:
+        if mask.shape != (q.shape[0], k.shape[2]):
+            raise ValueError(f"attention mask must be [B, Lk] = {[q.shape[0], k.shape[2]]}, got {list(mask.shape)}")
+        mask = mask.bool()[:, None, None, :]  # [B, 1, 1, Lk], broadcast over heads and queries
+    return rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), "b h l d -> b l (h d)")
 
 
 def heads_first(*ts):
@@ -101,6 +117,11 @@ class EmbedMLP(nn.Module):
         return self.mlp(x)
 
 
+def chunks(t, names):
+    # the adaLN modulation output [B, n*D] -> its n named [B, D] views (shift_msa, scale_msa, gate_msa, ...)
+    return SimpleNamespace(**dict(zip(names, t.chunk(len(names), dim=-1))))
+
+
 class SliderProjector(nn.Module):
     # The shared slider vector m(w) (SPEC §1.2; Kontinuous Kontext's SliderProjector with num_freqs=1).
     def __init__(self, pref_dim, dim, pe_dim=768, layers=4):
@@ -125,30 +146,63 @@ def pref_mlp(pref_dim, dim):
     return m
 
 
-def check_pref(pref, batch, pref_dim):
-    if pref_dim == 0:
-        raise ValueError("this network has no preference input (pref_dim=0); pass pref=None")
-    if pref.dim() != 2 or pref.shape != (batch, pref_dim):
-        raise ValueError(f"pref must have shape [{batch}, {pref_dim}], got {list(pref.shape)}")
+class Backbone(nn.Module):
+    """What every backbone network shares: its config `cfg` (a dataclass with `pref_dim`), its name, its LoRA
+    targets and the two preference paths. A subclass builds its blocks and calls `init_preference()` at the end
+    of __init__; its forward takes `net(*latents, sigma, pref=None, **cond)` and calls `preference()`."""
+
+    name = ""  # --backbone
+    lora_targets = {}  # module path suffix -> output sizes of a fused projection as fractions (one adapter each)
+
+    def init_preference(self):
+        # pref_mlp, then the slider (this order fixes the random init); nothing when cfg.pref_dim == 0
+        if self.cfg.pref_dim:
+            self.pref_mlp = pref_mlp(self.cfg.pref_dim, self.cfg.hidden)
+            self.pref_slider = SliderProjector(self.cfg.pref_dim, self.cfg.hidden)
+
+    def preference(self, pref, batch, dtype):
+        # -> (addition to the conditioning vector [B, D], slider vector m [B, D]); (None, None) for the base model
+        if pref is None:
+            return None, None
+        if self.cfg.pref_dim == 0:
+            raise ValueError("this network has no preference input (pref_dim=0); pass pref=None")
+        if pref.dim() != 2 or pref.shape != (batch, self.cfg.pref_dim):
+            raise ValueError(f"pref must have shape [{batch}, {self.cfg.pref_dim}], got {list(pref.shape)}")
+        return self.pref_mlp(pref.to(dtype)), self.pref_slider(pref)
+
+
+def add_preference(net, pref_dim):
+    """Give a loaded base network the two preference paths for `pref_dim` objectives (fresh init), on the device
+    and in the dtype of its parameters."""
+    p = next(net.parameters())
+    with torch.device(p.device if p.device.type != "meta" else "cpu"):
+        net.cfg = replace(net.cfg, pref_dim=pref_dim)
+        net.init_preference()
+    for n, m in net.named_children():
+        if n.startswith("pref_"):
+            m.to(p.dtype)
+    return net
 
 
 # ----------------------------------------------------------------------------------------------------
 # LoRA management and adapter files (LoRA + preference modules, the trainable part)
 
-LORA_TARGETS = ("attn.qkv", "attn.proj")  # attention projections of both streams (reference targets)
 
-
-def add_lora(net, rank=32, alpha=64, targets=LORA_TARGETS):
-    """Attach LoRA to every Linear whose path ends with one of `targets`, freeze the base weights and
-    leave LoRA + preference modules trainable. Returns the list of adapted module names."""
+def add_lora(net, rank=32, alpha=64, targets=None):
+    """Attach LoRA to every Linear whose path ends with one of `targets` (default: the backbone's
+    `lora_targets`; fused projections get one adapter per chunk), freeze the base weights and leave LoRA +
+    preference modules trainable. Returns the list of adapted module names."""
+    targets = list(targets or net.lora_targets)
     names = []
     for name, mod in net.named_modules():
-        if isinstance(mod, Linear) and any(name == t or name.endswith("." + t) for t in targets):
-            mod.add_lora(rank, alpha, splits=3 if name.endswith("qkv") else 1)
+        hit = next((t for t in targets if name == t or name.endswith("." + t)), None)
+        if isinstance(mod, Linear) and hit is not None:
+            fractions = net.lora_targets.get(hit, (1,))
+            mod.add_lora(rank, alpha, [round(mod.out_features * f / sum(fractions)) for f in fractions])
             names.append(name)
     if not names:
         raise ValueError(f"no module matches the LoRA targets {targets}")
-    net.lora_config = dict(rank=rank, alpha=alpha, targets=list(targets))
+    net.lora_config = dict(rank=rank, alpha=alpha, targets=targets)
     set_trainable(net)
     return names
 
@@ -159,7 +213,7 @@ def set_trainable(net):
 
 
 def is_adapter_param(name):
-    return ".lora_" in name or name.startswith(("pref_mlp.", "slider."))
+    return ".lora_" in name or any(part.startswith("pref_") for part in name.split("."))
 
 
 def adapter_state(net):
@@ -182,19 +236,47 @@ def merge_lora(net):
             m.lora_A = m.lora_B = None
 
 
-def save_adapters(net, path, state=None):
-    # state: an adapter state to write instead of the live weights (e.g. the EMA)
-    meta = {"lora": json.dumps(getattr(net, "lora_config", None)), "config": json.dumps(asdict(net.cfg))}
+def save_adapters(net, path, state=None, objectives=None, extra=None):
+    """LoRA + preference modules, with what they belong to: the backbone, the base config, the objective names.
+    state: an adapter state to write instead of the live weights (e.g. the EMA); extra: more metadata (str->str)."""
+    meta = {"format": "paretoslider-adapter", "backbone": net.name, "lora": json.dumps(getattr(net, "lora_config", None)),
+            "config": json.dumps(asdict(net.cfg)), "objectives": json.dumps(objectives), **(extra or {})}
     state = {n: p.detach().contiguous().cpu() for n, p in (state or adapter_state(net)).items()}
     atomic_save(state, path, meta)
 
 
-def load_adapters(net, path):
-    """Load LoRA + preference modules saved by save_adapters (strict: names and shapes must match)."""
-    sd, meta = read_safetensors(path)
-    lora = json.loads(meta.get("lora", "null"))
+def read_adapter_meta(path):
+    """-> the adapter file's metadata with lora/config/objectives decoded; errors name the file."""
+    meta = read_safetensors_meta(path)
+    if meta.get("format") != "paretoslider-adapter":
+        raise ValueError(f"{path}: not a ParetoSlider adapter file (no adapter metadata; a training checkpoint or a "
+                         "diffusers LoRA export? pass the run's adapters.safetensors)")
+    try:
+        return {**meta, **{k: json.loads(meta[k]) for k in ("lora", "config", "objectives")}}
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: malformed adapter metadata ({e})") from None
+
+
+def load_adapters(net, path, objectives=None):
+    """Load LoRA + preference modules saved by save_adapters. Refused, naming both sides, when the adapter belongs
+    to another backbone, another base config, or (if given) other objectives; then strict on names and shapes."""
+    meta = read_adapter_meta(path)
+    if meta["backbone"] != net.name:
+        raise ValueError(f"{path}: adapter of backbone {meta['backbone']!r}, but the network is {net.name!r}")
+    if meta["config"].get("pref_dim") != net.cfg.pref_dim:
+        names = f" {meta['objectives']}" if meta["objectives"] else ""
+        raise ValueError(f"{path}: adapter for {meta['config'].get('pref_dim')} objectives{names}, but the network "
+                         f"has {net.cfg.pref_dim}")
+    diff = [f"{k}: adapter {v!r} vs network {getattr(net.cfg, k, None)!r}" for k, v in meta["config"].items()
+            if k != "pref_dim" and _plain(v) != _plain(getattr(net.cfg, k, None))]
+    if diff:
+        raise ValueError(f"{path}: adapter trained on another base model: " + "; ".join(diff))
+    if objectives is not None and meta["objectives"] is not None and list(meta["objectives"]) != list(objectives):
+        raise ValueError(f"{path}: adapter trained for objectives {meta['objectives']}, asked for {list(objectives)}")
+    lora = meta["lora"]
     if lora and getattr(net, "lora_config", None) is None:
         add_lora(net, lora["rank"], lora["alpha"], tuple(lora["targets"]))
+    sd, _ = read_safetensors(path)
     own = adapter_state(net)
     check_keys(own, sd, what=f"adapter file {path}")
     with torch.no_grad():
@@ -203,15 +285,51 @@ def load_adapters(net, path):
     return net
 
 
-def atomic_save(state, path, metadata=None):
-    # Write-then-rename: a crash mid-write never leaves a truncated file under the final name.
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(state, tmp, metadata=metadata)
-    os.replace(tmp, path)
+def _plain(v):  # JSON-comparable form of a config value (tuples read back as lists)
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def export_lora_diffusers(net, path):
+    """Write the LoRA in the file format diffusers' `pipe.load_lora_weights(path)` reads
+    (pytorch_lora_weights.safetensors; rank and alpha in the `lora_adapter_metadata` header), under the
+    backbone's diffusers names. The preference modules have no diffusers counterpart and are not in this file."""
+    sd, targets = BACKBONES[net.name].lora_to_diffusers(net)
+    lc = net.lora_config
+    meta = {"lora_adapter_metadata": json.dumps({"transformer.r": lc["rank"], "transformer.lora_alpha": lc["alpha"],
+                                                  "transformer.target_modules": targets})}
+    atomic_save({k: v.float().cpu() for k, v in sd.items()}, path, meta)
+
+
+def split_lora(m):
+    # [(A_j, B_j)] of a Linear's adapter, detached: what a diffusers export writes per projection
+    return [(A.detach().contiguous(), B.detach().contiguous()) for A, B in m.lora_pairs()]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoint I/O: safetensors files, diffusers folders (sharded or not), strict key checks
+# Checkpoint I/O: safetensors files, diffusers folders (sharded or not), strict key checks, atomic writes
+
+
+def atomic_write(path, write):
+    """write(tmp) writes the file; then rename: a crash mid-write never leaves a truncated file under the final
+    name, and a failed write leaves no temporary behind."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(state, path, metadata=None):
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def atomic_json(obj, path):
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1, allow_nan=False)
+    atomic_write(path, write)
 
 
 def read_safetensors(path):
@@ -225,18 +343,37 @@ def read_safetensors(path):
         raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
 
 
+def read_safetensors_meta(path):
+    """Only the header metadata of a .safetensors file (no tensor is read)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
+
+
 def read_diffusers_folder(folder):
     """config.json + diffusion_pytorch_model(.safetensors | -0000x-of-0000n.safetensors + index)."""
-    cfg_path = os.path.join(folder, "config.json")
-    with open(cfg_path) as f:
-        config = json.load(f)
+    config = read_json(os.path.join(folder, "config.json"))
     single = os.path.join(folder, "diffusion_pytorch_model.safetensors")
     index = single + ".index.json"
     if os.path.isfile(single):
         return config, read_safetensors(single)[0]
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            shards = sorted(set(read_json(index)["weight_map"].values()))
+        except (KeyError, AttributeError, TypeError):
+            raise ValueError(f"{index}: no weight_map (not a diffusers shard index)") from None
         sd = {}
         for s in shards:
             sd.update(read_safetensors(os.path.join(folder, s))[0])
@@ -263,18 +400,32 @@ def check_keys(expected, got, what="checkpoint"):
         raise ValueError("\n".join(msg))
 
 
-def load_state_strict(net, sd, dtype, device, what):
-    # net was built on the meta device; base (non-adapter) tensors are assigned, never copied twice.
-    expected = {k: v for k, v in net.state_dict().items() if not is_adapter_param(k)}
-    check_keys(expected, sd, what)
+# ----------------------------------------------------------------------------------------------------
+# Loading: one generic path for every backbone, driven by the BACKBONES table at the end of the file
+
+BUNDLED = ("first_stage_model.", "text_encoders.", "conditioner.", "cond_stage_model.")  # not the transformer
+
+
+def build(cls, cfg, sd=None, dtype=torch.float32, device="cpu", what="checkpoint"):
+    """sd=None: random init (tests, tiny default). Otherwise build the base on the meta device, assign the
+    checkpoint tensors (strict: every key, every shape), then materialise the preference modules (in no base
+    checkpoint)."""
+    if sd is None:
+        with torch.device(device):
+            return cls(cfg).to(dtype)
+    with torch.device("meta"):
+        net = cls(replace(cfg, pref_dim=0))
+    check_keys(net.state_dict(), sd, what)
     sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
-    net.load_state_dict(sd, strict=False, assign=True)
+    net.load_state_dict(sd, strict=True, assign=True)
+    return add_preference(net, cfg.pref_dim) if cfg.pref_dim else net
 
 
 def load_transformer(path, pref_dim=0, dtype=torch.float32, device="cpu"):
     """Load a backbone from a diffusers folder (config.json + safetensors, sharded or not; or a repo
     root holding transformer/) or an original single .safetensors file. Backbone and config are
-    inferred. pref_dim > 0 adds freshly initialised preference modules for that many objectives."""
+    inferred (BACKBONES). pref_dim > 0 adds freshly initialised preference modules for that many objectives."""
+    path = os.fspath(path)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         if os.path.isdir(os.path.join(path, "transformer")):
             path = os.path.join(path, "transformer")
@@ -282,24 +433,27 @@ def load_transformer(path, pref_dim=0, dtype=torch.float32, device="cpu"):
             raise FileNotFoundError(f"{path}: neither a diffusers model folder (config.json) nor a repo root with transformer/")
     if os.path.isdir(path):
         config, sd = read_diffusers_folder(path)
-        cls = config.get("_class_name")
-        if cls != "SD3Transformer2DModel":
-            raise ValueError(f"{path}: unsupported diffusers class {cls!r} (supported: SD3Transformer2DModel)")
-        cfg = sd3_config_from_diffusers(config)
-        sd = sd3_from_diffusers(sd, cfg.depth)
+        name = config.get("_class_name")
+        spec = next((b for b in BACKBONES.values() if b.diffusers_class == name), None)
+        if spec is None:
+            raise ValueError(f"{path}: unsupported diffusers class {name!r} (supported: "
+                             f"{', '.join(b.diffusers_class for b in BACKBONES.values())})")
+        cfg = spec.config_from_diffusers(config)
+        sd = spec.from_diffusers(sd, cfg)
     elif os.path.isfile(path):
-        sd, _ = read_safetensors(path)
+        sd, meta = read_safetensors(path)
         if any(k.startswith("model.diffusion_model.") for k in sd):
             sd = {k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
         else:  # bare keys: drop bundled VAE / text encoders
-            sd = {k: v for k, v in sd.items() if not k.startswith(("first_stage_model.", "text_encoders.", "conditioner.", "cond_stage_model."))}
-        if "joint_blocks.0.x_block.attn.qkv.weight" not in sd:
-            raise ValueError(f"{path}: not a recognised SD3/SD3.5 MMDiT checkpoint (no joint_blocks.0.x_block.attn.qkv.weight)")
-        cfg = sd3_config_from_state(sd)
+            sd = {k: v for k, v in sd.items() if not k.startswith(BUNDLED)}
+        spec = next((b for b in BACKBONES.values() if b.signature in sd), None)
+        if spec is None:
+            raise ValueError(f"{path}: not a recognised checkpoint (none of the signature keys "
+                             f"{', '.join(b.signature for b in BACKBONES.values())})")
+        cfg = spec.config_from_state(sd, meta)
     else:
         raise FileNotFoundError(f"no such checkpoint: {path}")
-    cfg.pref_dim = pref_dim
-    return build_sd3(cfg, sd, dtype, device, what=str(path))
+    return build(spec.cls, replace(cfg, pref_dim=pref_dim), sd, dtype, device, what=str(path))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -330,6 +484,10 @@ SD3_PRESETS = {
     "sd35-tiny": dict(depth=4, hidden=128, heads=4, patch=4, in_channels=3, out_channels=3, context_dim=64,
                       pooled_dim=64, pos_embed_max=8, dual_attention_layers=(0, 1)),
 }
+
+
+SD3_MOD = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp", "shift_msa2", "scale_msa2",
+           "gate_msa2")  # chunks of a block's adaLN output: 2 (last context block), 6, or 9 (MMDiT-X dual attention)
 
 
 class SD3Attention(nn.Module):
@@ -365,20 +523,21 @@ class SD3Block(nn.Module):
             self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def pre_attention(self, x, c):
-        # -> (q, k, v) of the joint attention, the modulated input of attn2, and the saved gates.
-        mod = self.adaLN_modulation(c).chunk(2 if self.pre_only else (9 if self.dual else 6), dim=1)
-        h = kernels.modulate(x, mod[0], mod[1], 1e-6)  # Stability order: (shift, scale[, gate, ...])
+        # -> (q, k, v) of the joint attention, the modulated input of attn2, and the modulation chunks.
+        n = 2 if self.pre_only else (9 if self.dual else 6)
+        mod = chunks(self.adaLN_modulation(c), SD3_MOD[:n])  # Stability order (notes/backbones.md §4.1)
+        h = kernels.modulate(x, mod.shift_msa, mod.scale_msa, 1e-6)
         q, k, v = self.attn.qkv_heads(h)
-        h2 = kernels.modulate(x, mod[6], mod[7], 1e-6) if self.dual else None
+        h2 = kernels.modulate(x, mod.shift_msa2, mod.scale_msa2, 1e-6) if self.dual else None
         return (q, k, v), h2, mod
 
     def post_attention(self, x, attn_out, h2, mod, m=None):
-        y, gate = self.attn.proj(attn_out), mod[2]
+        y, gate = self.attn.proj(attn_out), mod.gate_msa
         if self.dual:  # MMDiT-X: image-only self-attention on the same LN(x), its own modulation
             x = kernels.gated_residual(x, gate, y)
-            y, gate = self.attn2.proj(attention(*heads_first(*self.attn2.qkv_heads(h2)))), mod[8]
-        x, h = kernels.gated_residual_modulate(x, gate, y, mod[3], mod[4], 1e-6)  # residual, then LN + modulate
-        return kernels.gated_residual(x, mod[5], self.mlp(h), m)  # m: slider vector (image stream only)
+            y, gate = self.attn2.proj(attention(*heads_first(*self.attn2.qkv_heads(h2)))), mod.gate_msa2
+        x, h = kernels.gated_residual_modulate(x, gate, y, mod.shift_mlp, mod.scale_mlp, 1e-6)  # residual, LN, modulate
+        return kernels.gated_residual(x, mod.gate_mlp, self.mlp(h), m)  # m: slider vector (image stream only)
 
 
 class JointBlock(nn.Module):
@@ -423,10 +582,13 @@ def sincos_2d(M, D):
     return torch.cat([rows, cols], -1).reshape(1, M * M, D).float()
 
 
-class SD3Transformer(nn.Module):
+class SD3Transformer(Backbone):
     """SD3 / SD3.5 MMDiT(-X). forward(x [B,C,H,W], sigma [B], context [B,L,Dctx], pooled [B,Dpool],
     pref [B,M] | None) -> v [B,C,H,W], the rectified-flow velocity eps - x0 (diffusers' output at
     timestep = 1000 * sigma)."""
+
+    name = "sd35"
+    lora_targets = {"attn.qkv": (1, 1, 1), "attn.proj": (1,)}  # both streams' attention (reference targets)
 
     def __init__(self, cfg: SD3Config):
         super().__init__()
@@ -441,9 +603,7 @@ class SD3Transformer(nn.Module):
         self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
         self.final_layer = FinalLayer(D, cfg.patch, cfg.out_channels)
         self.grad_ckpt = False  # gradient checkpointing per joint block (training at full size)
-        if cfg.pref_dim:
-            self.pref_mlp = pref_mlp(cfg.pref_dim, D)
-            self.slider = SliderProjector(cfg.pref_dim, D)
+        self.init_preference()
 
     def cropped_pos_embed(self, h, w):
         M = self.cfg.pos_embed_max
@@ -461,11 +621,9 @@ class SD3Transformer(nn.Module):
         x = rearrange(self.x_embedder.proj(x), "b d h w -> b (h w) d").contiguous()
         x = x + self.cropped_pos_embed(h, w).to(x.dtype)
         c = self.t_embedder(timestep_embedding(1000 * sigma).to(x.dtype)) + self.y_embedder(pooled)
-        m = None
-        if pref is not None:
-            check_pref(pref, B, self.cfg.pref_dim)
-            c = c + self.pref_mlp(pref.to(c.dtype))
-            m = self.slider(pref)
+        dc, m = self.preference(pref, B, c.dtype)
+        if dc is not None:
+            c = c + dc
         ctx = self.context_embedder(context)
         for blk in self.joint_blocks:
             if self.grad_ckpt and torch.is_grad_enabled():
@@ -476,31 +634,7 @@ class SD3Transformer(nn.Module):
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)
 
 
-def build_sd3(cfg, sd=None, dtype=torch.float32, device="cpu", what="checkpoint"):
-    """Build on the meta device, assign the checkpoint tensors (strict), then materialise the
-    preference modules (not in any base checkpoint). sd=None: random init (tests, tiny default)."""
-    if sd is None:
-        with torch.device(device):
-            return SD3Transformer(cfg).to(dtype)
-    base = SD3Config(**{**asdict(cfg), "pref_dim": 0})
-    with torch.device("meta"):
-        net = SD3Transformer(base)
-    load_state_strict(net, sd, dtype, device, what)
-    return add_preference(net, cfg.pref_dim) if cfg.pref_dim else net
-
-
-def add_preference(net, pref_dim):
-    """Give a loaded base network the two preference paths for `pref_dim` objectives (fresh init)."""
-    w = net.context_embedder.weight
-    dev = w.device if w.device.type != "meta" else "cpu"
-    with torch.device(dev):
-        net.pref_mlp = pref_mlp(pref_dim, net.cfg.hidden).to(w.dtype)
-        net.slider = SliderProjector(pref_dim, net.cfg.hidden).to(w.dtype)
-    net.cfg = SD3Config(**{**asdict(net.cfg), "pref_dim": pref_dim})
-    return net
-
-
-def sd3_config_from_state(sd):
+def sd3_config_from_state(sd, meta=None):
     # Architecture facts read from tensor shapes (as Stability's sd3_impls.BaseModel does).
     depth = len({k.split(".")[1] for k in sd if k.startswith("joint_blocks.")})
     D, cin, p, _ = sd["x_embedder.proj.weight"].shape
@@ -629,29 +763,16 @@ def sd3_lora_to_diffusers(net):
     for name, m in net.named_modules():
         if not isinstance(m, Linear) or m.lora_A is None:
             continue
-        s, o, r = m.lora_B.shape
-        A, B = m.lora_A.detach().view(s, r, -1), m.lora_B.detach()
-        if s == 3:
+        pairs = split_lora(m)
+        if len(pairs) == 3:
             i, rest = name.split(".", 2)[1], name.split(".", 2)[2]
             dnames = [f"transformer_blocks.{i}.{n}" for n in SD3_QKV[rest]]
         else:
             dnames = [fwd[name]]
-        for j, dn in enumerate(dnames):
-            out[f"transformer.{dn}.lora_A.weight"] = A[j].contiguous()
-            out[f"transformer.{dn}.lora_B.weight"] = B[j].contiguous()
+        for (A, B), dn in zip(pairs, dnames):
+            out[f"transformer.{dn}.lora_A.weight"], out[f"transformer.{dn}.lora_B.weight"] = A, B
             targets.add(dn.split(".", 2)[2])
     return out, sorted(targets)
-
-
-def export_lora_diffusers(net, path):
-    """Write the LoRA in the file format diffusers' `pipe.load_lora_weights(path)` reads
-    (pytorch_lora_weights.safetensors; rank and alpha in the `lora_adapter_metadata` header). The
-    preference modules have no diffusers counterpart and are not part of this file."""
-    sd, targets = sd3_lora_to_diffusers(net)
-    lc = net.lora_config
-    meta = {"lora_adapter_metadata": json.dumps({"transformer.r": lc["rank"], "transformer.lora_alpha": lc["alpha"],
-                                                  "transformer.target_modules": targets})}
-    atomic_save({k: v.float().cpu() for k, v in sd.items()}, path, meta)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -915,3 +1036,27 @@ def load_vae(path, dtype=torch.float32, device="cpu", scaling=None, shift=None, 
     check_keys(vae.state_dict(), sd, what=f"{file} (VAE {config})")
     vae.load_state_dict(sd, strict=True, assign=True)
     return vae.eval().requires_grad_(False)  # frozen here; gradients still flow to the inputs (e.g. reward backprop)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The load table: one row per backbone. load_transformer finds a diffusers folder's row by its config's
+# _class_name and an original single file's by a key only that backbone has; the row says how to read the
+# config and map the keys; `build` does the rest the same way for all.
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    cls: type  # the Backbone subclass; cls(cfg) builds it
+    diffusers_class: str  # config.json "_class_name" of a diffusers folder
+    signature: str  # a tensor name that only this backbone's original single file has (after the prefix)
+    config_from_diffusers: callable  # config.json dict -> cfg (refusing unsupported options)
+    config_from_state: callable  # (original state dict, file metadata) -> cfg, read off the tensor shapes
+    from_diffusers: callable  # (diffusers state dict, cfg) -> original keys (unconsumed keys kept, to be reported)
+    lora_to_diffusers: callable  # net -> (diffusers LoRA state dict, target module names)
+
+
+BACKBONES = {
+    "sd35": BackboneSpec(SD3Transformer, "SD3Transformer2DModel", "joint_blocks.0.x_block.attn.qkv.weight",
+                         sd3_config_from_diffusers, sd3_config_from_state,
+                         lambda sd, cfg: sd3_from_diffusers(sd, cfg.depth), sd3_lora_to_diffusers),
+}

@@ -1,5 +1,7 @@
-# Sampling for the rectified-flow backbones: schedules, ODE solvers, SD3.5 prompt encoding, and a CLI that turns
-# the preference slider ω. Read top to bottom; the math is pure functions, loading and the CLI come last.
+# Sampling for the rectified-flow backbones: schedules, ODE solvers, prompt encoding, one loader per backbone
+# (net + VAE + text encoders + decode, shared with train.py), and a CLI that turns the preference slider ω.
+# Read top to bottom; the math is pure functions, loading and the CLI come last.
+#   python sample.py --run runs/tiny --prompt "a red circle" --sweep 7 --out strip.png   # any finished run folder
 #   python sample.py --backbone sd35 --weights PATH --prompt "a cat" --pref 0.3 --lora adapter.safetensors
 #   python sample.py --backbone sd35 --weights PATH --prompt "a cat" --sweep 5 --lora adapter.safetensors
 import argparse
@@ -196,21 +198,28 @@ def encode_prompts(enc: TextEncoders, prompts: list[str], t5_len: int | None = N
 # Images
 
 
-def prompt_conditions(enc, prompts, guidance=1.0, negative_prompt=""):
-    # -> (cond, uncond or None) as denoise takes them; the uncond half is only encoded when CFG is on
-    context, pooled = encode_prompts(enc, prompts)
-    cond, uncond = dict(context=context, pooled=pooled), None
-    if guidance > 1.0:
-        context, pooled = encode_prompts(enc, [negative_prompt] * len(prompts))
-        uncond = dict(context=context, pooled=pooled)
-    return cond, uncond
+def sd3_cond(enc, prompts):  # SD3.5's keyword inputs of the net for these prompts
+    return dict(zip(("context", "pooled"), encode_prompts(enc, prompts)))
+
+
+def prompt_conditions(encode, prompts, guidance=1.0, negative_prompt=""):
+    # encode: prompts -> cond dict. -> (cond, uncond or None) as denoise takes them; the uncond half is only
+    # encoded when CFG is on
+    return encode(prompts), encode([negative_prompt] * len(prompts)) if guidance > 1.0 else None
+
+
+def decode(vae, x0):
+    # x0 -> images [B,3,H,W] in [0,1]. vae None: a pixel-space net (the tiny default) whose x0 lives in [-1,1].
+    if vae is None:
+        return ((x0.float() + 1) / 2).clamp(0, 1)
+    q = next(vae.parameters())
+    return vae.decode(x0.to(q.device, q.dtype)).float().clamp(0, 1)
 
 
 @torch.no_grad()
 def generate(net, vae, cond, uncond, pref, steps: int, seed: int, size: int, guidance: float = 1.0,
              solver: str = "euler", shift: float = 3.0, progress: bool = False) -> torch.Tensor:
-    # -> images [B,3,H,W] in [0,1]. vae None: a pixel-space net (the tiny default) whose x0 lives in [-1,1].
-    # The same seed always starts from the same noise, so a sweep over ω compares like with like.
+    # -> images [B,3,H,W] in [0,1]. The same seed always starts from the same noise, so a sweep over ω compares like with like.
     p = next(net.parameters())
     to_net = lambda d: None if d is None else {k: v.to(p.device, p.dtype) for k, v in d.items()}
     cond, uncond = to_net(cond), to_net(uncond)
@@ -218,17 +227,13 @@ def generate(net, vae, cond, uncond, pref, steps: int, seed: int, size: int, gui
     x = noise_like((batch, net.cfg.in_channels, side, side), seed, p.device, p.dtype)
     if pref is not None:
         pref = torch.as_tensor(pref, dtype=p.dtype, device=p.device).expand(batch, -1)
-    x0 = denoise(net, x, get_schedule(steps, shift), cond, pref, guidance, uncond, solver, progress)
-    if vae is None:
-        return ((x0.float() + 1) / 2).clamp(0, 1)
-    q = next(vae.parameters())
-    return vae.decode(x0.to(q.device, q.dtype)).float().clamp(0, 1)
+    return decode(vae, denoise(net, x, get_schedule(steps, shift), cond, pref, guidance, uncond, solver, progress))
 
 
 def sample_images(net, vae, enc, prompts, pref, steps: int, seed: int, size: int, guidance: float = 1.0,
                   solver: str = "euler", shift: float = 3.0, negative_prompt: str = "", progress: bool = False):
     # the one-call form that train.py's evaluation reuses
-    cond, uncond = prompt_conditions(enc, prompts, guidance, negative_prompt)
+    cond, uncond = prompt_conditions(lambda ps: sd3_cond(enc, ps), prompts, guidance, negative_prompt)
     return generate(net, vae, cond, uncond, pref, steps, seed, size, guidance, solver, shift, progress)
 
 
@@ -237,22 +242,32 @@ def to_pil(img):  # [3,H,W] in [0,1] -> PIL image
     return Image.fromarray((img.permute(1, 2, 0) * 255).round().byte().cpu().numpy())
 
 
-def slider_strip(images, prefs):
-    # one horizontal strip, the ω of each tile written under it (PIL's default font); tiles narrower than 160 px
-    # (the tiny default's 32 px) are enlarged, nearest-neighbour, so that the labels fit under them
+def pref_label(w):
+    return "w=(" + ", ".join(f"{v:.2f}" for v in w) + ")"
+
+
+def image_grid(rows, col_labels, row_labels=None, tile=160):
+    """One picture of rows x columns of images [3,H,W] in [0,1] (rows: lists of equal length), a label above each
+    column and, if given, left of each row. Tiles smaller than `tile` px are enlarged by an integer factor,
+    nearest-neighbour, so that a 32 px image stays sharp and the labels fit. train.py's slider.png (rows = eval
+    prompts, columns = ω) and sample.py's strip (one row) are both this picture."""
     from PIL import Image, ImageDraw, ImageFont
-    tiles = [to_pil(im) for im in images]
-    scale = max(1, math.ceil(160 / tiles[0].width))
-    tiles = [t.resize((t.width * scale, t.height * scale), Image.NEAREST) for t in tiles]
-    w, h = tiles[0].size
-    band = max(20, h // 12)
-    strip = Image.new("RGB", (w * len(tiles), h + band), "white")
-    font, draw = ImageFont.load_default(size=band * 0.6), ImageDraw.Draw(strip)
-    for i, (tile, p) in enumerate(zip(tiles, prefs)):
-        strip.paste(tile, (i * w, 0))
-        label = "w=(" + ", ".join(f"{v:.2f}" for v in p) + ")"
-        draw.text((i * w + w / 2, h + band / 2), label, fill="black", font=font, anchor="mm")
-    return strip
+    first = to_pil(rows[0][0])
+    scale = max(1, math.ceil(tile / first.width))
+    w, h = first.width * scale, first.height * scale
+    band = max(20, min(w, h) // 8)
+    font = ImageFont.load_default(size=band * 0.6)
+    left = 0 if not row_labels else max(int(font.getlength(t)) for t in row_labels) + 12
+    grid = Image.new("RGB", (left + w * len(rows[0]), band + h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, label in enumerate(col_labels):
+        draw.text((left + j * w + w / 2, band / 2), label, fill="black", font=font, anchor="mm")
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            grid.paste(to_pil(img).resize((w, h), Image.NEAREST), (left + j * w, band + i * h))
+        if row_labels:
+            draw.text((6, band + i * h + h / 2), row_labels[i], fill="black", font=font, anchor="lm")
+    return grid
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,32 +292,67 @@ def parse_pref(text: str) -> list[float]:
     return w
 
 
-def load_net(weights, lora, dtype, device):
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: one loader per backbone builds net + VAE + text encoders + decode from a spec (a plain dict, saved with
+# every trained adapter, so a run folder says how to rebuild what it trained). train.py's full-size setup and this
+# CLI both come through here.
+
+
+@dataclass
+class Pipeline:
+    net: torch.nn.Module                     # the transformer (+ the adapter, if one was given)
+    vae: torch.nn.Module | None              # None: a pixel-space net (the tiny default) whose x0 lives in [-1, 1]
+    enc: object                              # the text encoders
+    encode: callable                         # prompts -> cond dict of tensors [B, ...] (the net's keyword inputs)
+
+    def conditions(self, prompts, guidance=1.0, negative_prompt=""):
+        return prompt_conditions(self.encode, prompts, guidance, negative_prompt)
+
+    def decode(self, x0):
+        return decode(self.vae, x0)
+
+
+def load_net(weights, lora, dtype, device, objectives=None):
     import model
     pref_dim = 0
     if lora:  # the adapter records the config it was trained with (model.save_adapters), incl. the objective count
-        _, meta = model.read_safetensors(lora)
-        pref_dim = json.loads(meta.get("config", "{}")).get("pref_dim", 0)
+        pref_dim = model.read_adapter_meta(lora)["config"].get("pref_dim", 0)
     net = model.load_transformer(weights, pref_dim=pref_dim, dtype=dtype, device=device)
     if lora:
-        model.load_adapters(net, lora)
+        model.load_adapters(net, lora, objectives)
     return net.eval()
 
 
-def load_vae(weights, net, dtype, device):
-    # diffusers folder: weights/vae; single file: its first_stage_model.* part. A 3-channel net without a VAE is the
-    # pixel-space tiny default.
-    vae_path = os.path.join(weights, "vae") if os.path.isdir(weights) else weights
-    if net.cfg.in_channels == 3 and not os.path.exists(os.path.join(weights, "vae")):
-        return None
+def load_sd35(spec, dtype=torch.float32, device="cpu", lora=None):
+    """spec: {"weights": diffusers repo folder or single file, "text_encoders": folder or hub id (default: weights
+    when it is a folder), "t5": bool} or, for the tiny default, {"weights": the cached base file,
+    "tiny_text_encoders": tiny_text_encoders' keyword arguments}. A 3-channel net without a VAE is pixel-space."""
     import model
-    return model.load_vae(vae_path, dtype=dtype, device=device)
+    weights = spec["weights"]
+    net = load_net(weights, lora, dtype, device)
+    vae = None
+    if os.path.isdir(weights) and os.path.exists(os.path.join(weights, "vae")) or net.cfg.in_channels != 3:
+        vae = model.load_vae(os.path.join(weights, "vae") if os.path.isdir(weights) else weights, dtype=dtype,
+                             device=device)
+    if "tiny_text_encoders" in spec:
+        enc = tiny_text_encoders(**spec["tiny_text_encoders"])
+    else:
+        te = spec.get("text_encoders") or (weights if os.path.isdir(weights) else None)
+        if te is None:
+            raise UsageError("--weights is a single file: pass --text-encoders (a diffusers SD3.5 folder or hub id)")
+        enc = load_text_encoders(te, device, dtype if device != "cpu" else torch.float32, t5=spec.get("t5", True))
+    return Pipeline(net, vae, enc, lambda prompts: sd3_cond(enc, prompts))
+
+
+LOADERS = {"sd35": load_sd35}  # --backbone -> loader(spec, dtype, device, lora) -> Pipeline
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Sample images from a ParetoSlider model at one ω or a sweep of ω.")
-    ap.add_argument("--backbone", default="sd35", choices=["sd35"], help="model family (FLUX Kontext, LTX-2 later)")
-    ap.add_argument("--weights", required=True, help="diffusers repo folder (transformer/, vae/, text encoders) "
+    ap.add_argument("--run", help="a train.py run folder: its adapter, base model, text encoders and sampling "
+                    "settings (steps, solver, shift, size; flags given here override them)")
+    ap.add_argument("--backbone", default="sd35", choices=sorted(LOADERS), help="model family (with --weights)")
+    ap.add_argument("--weights", help="diffusers repo folder (transformer/, vae/, text encoders) "
                     "or an original single .safetensors file")
     ap.add_argument("--text-encoders", help="diffusers folder or hub id with text_encoder{,_2,_3}/ and tokenizer{,_2,_3}/"
                     " (default: --weights when it is a folder)")
@@ -312,13 +362,13 @@ def main(argv=None):
     ap.add_argument("--negative-prompt", default="", help="unconditional prompt for CFG")
     ap.add_argument("--pref", help="ω: w1 for two objectives (ω = (w1, 1-w1)) or a full vector like 0.2,0.3,0.5")
     ap.add_argument("--sweep", type=int, default=0, help="N >= 2: one strip of N images, ω = (1-i/(N-1), i/(N-1))")
-    ap.add_argument("--steps", type=int, default=28, help="ODE steps")
-    ap.add_argument("--solver", default="euler", choices=["euler", "dpm2"], help="ODE solver")
-    ap.add_argument("--shift", type=float, default=3.0, help="schedule time shift (SD3.5: 3.0)")
+    ap.add_argument("--steps", type=int, help="ODE steps (default 28; a run's sample_steps)")
+    ap.add_argument("--solver", choices=["euler", "dpm2"], help="ODE solver (default euler; a run's solver)")
+    ap.add_argument("--shift", type=float, help="schedule time shift (default 3.0 for SD3.5; a run's shift)")
     ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     ap.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same noise on every device)")
-    ap.add_argument("--size", type=int, default=1024, help="image side in pixels (multiple of 16)")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="transformer dtype")
+    ap.add_argument("--size", type=int, help="image side in pixels (multiple of 16; default 1024; a run's size)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="transformer dtype (default fp32; a run's dtype)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     ap.add_argument("--out", default="out.png", help="output PNG")
     ap.add_argument("--kernels", choices=["triton", "torch"], help="fused Triton kernels or the PyTorch references "
@@ -334,6 +384,35 @@ def main(argv=None):
         sys.exit(2)
 
 
+def run_settings(args):
+    # -> (backbone, spec, adapter path, objectives) and the run's sampling settings as defaults for unset flags
+    import model
+    defaults = dict(steps=28, solver="euler", shift=3.0, size=1024, dtype="fp32")
+    if not args.run:
+        if not args.weights:
+            raise UsageError("give --run DIR (a train.py run folder) or --weights PATH")
+        if not os.path.exists(args.weights):
+            raise UsageError(f"--weights {args.weights}: no such file or folder")
+        if args.lora and not os.path.isfile(args.lora):
+            raise UsageError(f"--lora {args.lora}: no such file")
+        spec = dict(weights=args.weights, text_encoders=args.text_encoders, t5=not args.no_t5)
+        return args.backbone, spec, args.lora, None, defaults
+    config, lora = os.path.join(args.run, "config.json"), args.lora or os.path.join(args.run, "adapters.safetensors")
+    if not os.path.isfile(config):
+        raise UsageError(f"--run {args.run}: no config.json there (not a train.py run folder)")
+    if not os.path.isfile(lora):
+        raise UsageError(f"--run {args.run}: no adapters.safetensors yet (the run has not saved a checkpoint)")
+    cfg, meta = model.read_json(config), model.read_adapter_meta(lora)
+    if "pipeline" not in meta:
+        raise UsageError(f"{lora}: the adapter does not record its base model; use --weights and --lora")
+    spec = json.loads(meta["pipeline"])
+    if args.weights:  # the base moved: point at it
+        spec = dict(spec, weights=args.weights)
+    defaults.update({k: cfg[c] for k, c in (("steps", "sample_steps"), ("solver", "solver"), ("shift", "shift"),
+                                            ("size", "size"), ("dtype", "dtype")) if c in cfg})
+    return meta["backbone"], spec, lora, meta["objectives"], defaults
+
+
 def run(args):
     # validate everything cheap before loading anything
     if args.pref and args.sweep:
@@ -343,39 +422,39 @@ def run(args):
     prefs = [parse_pref(args.pref)] if args.pref else [None]
     if args.sweep:
         prefs = [[1 - i / (args.sweep - 1), i / (args.sweep - 1)] for i in range(args.sweep)]
+    backbone, spec, lora, objectives, defaults = run_settings(args)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.size % 16:
         raise UsageError(f"--size {args.size}: must be a multiple of 16 (VAE 8x, patch 2)")
-    if not os.path.exists(args.weights):
-        raise UsageError(f"--weights {args.weights}: no such file or folder")
-    if args.lora and not os.path.isfile(args.lora):
-        raise UsageError(f"--lora {args.lora}: no such file")
-    encoders = args.text_encoders or (args.weights if os.path.isdir(args.weights) else None)
-    if encoders is None:
-        raise UsageError("--weights is a single file: pass --text-encoders (a diffusers SD3.5 folder or hub id)")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise UsageError(f"--out {args.out}: the folder does not exist")
+    if backbone not in LOADERS:
+        raise UsageError(f"backbone {backbone!r} has no loader here (available: {', '.join(sorted(LOADERS))})")
 
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
-    net = load_net(args.weights, args.lora, dtype, args.device)
-    m = net.cfg.pref_dim
+    pipe = LOADERS[backbone](spec, dtype, args.device, lora)
+    m = pipe.net.cfg.pref_dim
     if args.sweep and m not in (0, 2):
         raise UsageError(f"--sweep moves ω between two objectives; this model has {m}: use --pref")
     if prefs[0] is not None and m == 0:
         raise UsageError("this model has no preference input (pref_dim=0): pass its adapter with --lora")
     if prefs[0] is not None and len(prefs[0]) != m:
         raise UsageError(f"ω has {len(prefs[0])} entries but the model was trained with {m} objectives")
-    vae = load_vae(args.weights, net, dtype, args.device)
-    enc = load_text_encoders(encoders, args.device, dtype if args.device != "cpu" else torch.float32, t5=not args.no_t5)
-    cond, uncond = prompt_conditions(enc, [args.prompt], args.guidance, args.negative_prompt)
-    enc.to("cpu")  # the text encoders are done; free the accelerator for the transformer
+    cond, uncond = pipe.conditions([args.prompt], args.guidance, args.negative_prompt)
+    if hasattr(pipe.enc, "to"):
+        pipe.enc.to("cpu")  # the text encoders are done; free the accelerator for the transformer
 
-    images = [generate(net, vae, cond, uncond, p, args.steps, args.seed, args.size, args.guidance, args.solver,
-                       args.shift, progress=True)[0] for p in prefs]
+    images = [generate(pipe.net, pipe.vae, cond, uncond, p, args.steps, args.seed, args.size, args.guidance,
+                       args.solver, args.shift, progress=True)[0] for p in prefs]
     if args.sweep:
-        slider_strip(images, prefs).save(args.out)
+        names = f"  ({objectives[0]} → {objectives[1]})" if objectives else ""
+        image_grid([images], [pref_label(p) for p in prefs]).save(args.out)
+        print(f"wrote {args.out} ({len(prefs)} values of ω{names})")
     else:
         to_pil(images[0]).save(args.out)
-    print(f"wrote {args.out}" + (f" ({len(prefs)} values of ω)" if args.sweep else ""))
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

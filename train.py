@@ -41,8 +41,8 @@ import sample
 
 @dataclass
 class Config:
-    backbone: str = "sd35"  # sd35 (FLUX Kontext and LTX-2 come later)
-    tiny: bool = False  # the CPU default: tiny SD3.5-style net, tiny text encoders, procedural world
+    backbone: str = "sd35"  # which network (the keys of BACKBONES below; FLUX Kontext and LTX-2 come later)
+    tiny: bool = False  # the CPU default: a tiny net of the same code, tiny text encoders, a procedural world
     weights: str = ""  # diffusers folder / single file of the base model (full size)
     prompts: str = ""  # text file, one training prompt per line (full size)
     rewards: str = "tiny_photo,tiny_sketch"  # objectives, in the order of w's components
@@ -87,12 +87,8 @@ class Config:
     grad_ckpt: bool = False  # gradient checkpointing (full size)
 
 
-PRESETS = {  # literal overrides per setting, applied before the command line
-    "tiny": dict(),
-    "sd35": dict(out="runs/sd35", rewards="pickscore_photo,vlm_sketch", steps=300, prompts_per_step=4,
-                 group_size=8, sample_steps=25, shift=3.0, size=512, batch=8, dtype="bf16", grad_ckpt=True,
-                 eval_points=11, eval_prompts=8),
-}
+CHOICES = dict(kernels=("", "triton", "torch"), solver=("euler", "dpm2"), dtype=("fp32", "bf16"),
+               device=("", "cuda", "cpu"))
 
 
 def die(msg):
@@ -101,6 +97,8 @@ def die(msg):
 
 
 def parse_config(argv=None):
+    """Config defaults < the backbone's preset < its tiny preset (with --tiny) < the command line; a resumed run
+    takes its saved config. Everything that can be checked without loading a model is checked here."""
     # one flag per Config field; its help text is the field's comment above
     helps = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M))
     p = argparse.ArgumentParser(description="ParetoSlider training (see the module docstring)")
@@ -119,11 +117,38 @@ def parse_config(argv=None):
             saved = json.load(fh)
         cfg = Config(**{**saved, **{k: v for k, v in args.items() if k in ("steps", "resume", "kernels", "device")}})
         cfg.out = args["resume"]
-        return cfg
-    preset = "tiny" if args.get("tiny") else args.get("backbone", "sd35")
-    if preset not in PRESETS:
-        die(f"unknown backbone {preset!r}; available: sd35 (FLUX Kontext and LTX-2 are not wired in yet)")
-    return Config(**{**PRESETS[preset], **args})
+    else:
+        b = args.get("backbone", Config.backbone)
+        if b not in BACKBONES:
+            die(f"unknown backbone {b!r}; available: {', '.join(BACKBONES)} (FLUX Kontext and LTX-2 are not wired in yet)")
+        cfg = Config(**{**BACKBONES[b]["preset"], **(BACKBONES[b]["tiny"] if args.get("tiny") else {}), **args})
+    for name, ok in CHOICES.items():
+        if getattr(cfg, name) not in ok:
+            die(f"--{name} {getattr(cfg, name)!r}: choose one of {[v for v in ok if v]}")
+    objectives(cfg)  # rewards, --fixed-pref and --ref-point checked now, not after the models load
+    return cfg
+
+
+def objectives(cfg):
+    """-> (reward names, FixedWeight w or None, hypervolume reference point), or a clear error."""
+    names = [n for n in cfg.rewards.split(",") if n]
+    unknown = [n for n in names if n not in R.REWARDS]
+    if unknown:
+        die(f"unknown reward(s) {unknown}; valid: {', '.join(sorted(R.REWARDS))}")
+    M, fixed = len(names), None
+    if cfg.fixed_pref:  # the same parsing and simplex check as sample.py's --pref
+        try:
+            fixed = torch.tensor(sample.parse_pref(cfg.fixed_pref))
+        except sample.UsageError as e:
+            die(str(e).replace("--pref", "--fixed-pref"))
+        if len(fixed) != M:
+            die(f"--fixed-pref {cfg.fixed_pref!r} has {len(fixed)} weights but there are {M} objectives")
+    if fixed is None and M < 2:
+        die("ParetoSlider needs at least two objectives (--rewards a,b[,c])")
+    ref_point = [float(v) for v in cfg.ref_point.split(",")] if cfg.ref_point else [0.0] * M
+    if len(ref_point) != M:
+        die(f"--ref-point has {len(ref_point)} values for {M} objectives")
+    return names, fixed, ref_point
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,9 +252,13 @@ def compute_init(device=""):
     return 0, 1, device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def print0(*a, log=None):
+def print0(*a, log=None, bar=None):
+    # rank 0 only; always appended to the run's log; on a terminal through the progress bar (keeps it intact)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*a, flush=True)
+        if bar is not None and sys.stderr.isatty():
+            bar.write(" ".join(map(str, a)))
+        else:
+            print(*a, flush=True)
         if log is not None:
             with open(log, "a") as fh:
                 print(*a, file=fh)
@@ -248,69 +277,99 @@ def run_header(cfg):
     except OSError:
         git = "unknown"
     import transformers
-    import triton
-    return dict(git=git, python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:  # e.g. macOS: the kernels fall back to their PyTorch references
+        triton_version = None
+    return dict(git=git, python=platform.python_version(), torch=torch.__version__, triton=triton_version,
                 transformers=transformers.__version__, cuda=torch.version.cuda,
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
                 kernels=kernels.get_backend(), argv=sys.argv, config=asdict(cfg))
 
 
 # ----------------------------------------------------------------------------------------------------
-# Setups: what the loop needs from a backbone. The tiny world here; full-size SD3.5 below.
+# Setups: everything the loop needs from a backbone, built by one function per (backbone, tiny) in the
+# BACKBONES table at the end. The loop calls the net only through `velocity`, so it never names a backbone.
 
 
 @dataclass
 class Setup:
-    net: torch.nn.Module  # the policy: base + LoRA + preference modules
-    prompts: list  # training prompts
-    eval_prompts: list
-    cond: dict  # prompt -> (context [L, D], pooled [Dp]) cached text embeddings
-    latent: tuple  # (C, h, w) of x0
-    decode: callable  # x0 [B, C, h, w] -> images [B, 3, H, W] in [0, 1]
+    net: torch.nn.Module  # the base network; the loop adds LoRA (+ preference modules) to it
+    prompts: list  # item i's text (what the rewards and the log see)
+    cond: dict  # item i's conditioning: {net keyword: tensor [n_items, ...]}, cached once
+    meta: list  # item i's reward metadata, e.g. {"source": image [3,H,W]} for editing ({} for text-to-image)
+    eval_items: list  # indices of the fixed evaluation items
+    x0_shape: tuple  # one x0 as the loop stores it (packed), e.g. (C, h, w)
+    decode: callable  # x0 [B, *x0_shape] -> what the rewards take (images [B,3,H,W] in [0,1])
+    pipeline: dict  # the loader spec (sample.LOADERS) that rebuilds net + text encoders + VAE; saved with adapters
+    pack: callable = lambda latents: latents[0]  # the net's output latents (a tuple) -> one x0-shaped tensor
+    unpack: callable = lambda x: (x,)  # x0-shaped tensor -> the net's positional latents
 
 
-def tiny_setup(cfg, M, device):
-    vocab = ["a"] + R.COLORS + R.SHAPES
-    enc = sample.tiny_text_encoders(vocab)
+def velocity(fn, setup, x, sigma, cond, pref=None):
+    # The one calling convention: fn(*latents, sigma, pref=, **cond) -> the velocity, packed like x.
+    # fn: the net, a policy (an adapter state swapped in), or the base model.
+    out = fn(*setup.unpack(x), sigma, pref=pref, **cond)
+    return setup.pack(out if isinstance(out, tuple) else (out,))
+
+
+def lookup(setup, items, device, dtype):
+    # items [n] (indices) -> their cached conditioning, batched
+    return {k: v[items].to(device, dtype if v.is_floating_point() else v.dtype) for k, v in setup.cond.items()}
+
+
+def expand(t, x):  # [B] -> [B, 1, ..., 1], broadcasting over x's latent dims (any rank)
+    return t.view(-1, *[1] * (x.ndim - 1))
+
+
+def sd35_tiny_setup(cfg, M, device):
+    # the tiny world's prompts "a {color} {shape}", encoded once by tiny text encoders (fixed seed, offline vocab)
     prompts = [f"a {c} {s}" for c in R.COLORS for s in R.SHAPES]
-    ctx, pooled = sample.encode_prompts(enc, prompts)
-    cond = {p: (ctx[i], pooled[i]) for i, p in enumerate(prompts)}
-    base = pretrain_tiny(cfg, cond, device)
-    eval_prompts = [prompts[(7 * i) % len(prompts)] for i in range(cfg.eval_prompts)]
-    return base, prompts, eval_prompts, cond, (3, cfg.size, cfg.size), lambda x0: ((x0.float() + 1) / 2).clamp(0, 1)
+    tiny_enc = dict(vocab=["a"] + R.COLORS + R.SHAPES, seed=0)
+    enc = sample.tiny_text_encoders(**tiny_enc)
+    cond = sample.sd3_cond(enc, prompts)
+    setup = Setup(None, prompts, cond, [{} for _ in prompts], [(7 * i) % len(prompts) for i in range(cfg.eval_prompts)],
+                  (3, cfg.size, cfg.size), lambda x0: sample.decode(None, x0), {})
 
+    def world():  # x0 in [-1, 1] and the item of each image, for flow matching
+        n = min(cfg.pretrain_steps * cfg.pretrain_batch, 20000)
+        images, world_prompts, _ = R.tiny_world(n, size=cfg.size, seed=cfg.seed)
+        return images * 2 - 1, torch.tensor([prompts.index(p) for p in world_prompts])
 
-def pretrain_tiny(cfg, cond, device):
-    """The tiny base model: flow matching on the procedural world (both styles, 50/50), cached on disk
-    under a name that hashes everything it depends on."""
-    mcfg = model.SD3Config(**model.SD3_PRESETS["sd35-tiny"])
     key = f"tiny_base_{cfg.size}px_{cfg.pretrain_steps}x{cfg.pretrain_batch}_lr{cfg.pretrain_lr}_s{cfg.seed}_v1"
+    mcfg = model.SD3Config(**model.SD3_PRESETS["sd35-tiny"])
+    path = pretrain_tiny(cfg, setup, lambda: model.SD3Transformer(mcfg), world, key, device)
+    setup.pipeline = dict(weights=path, tiny_text_encoders=tiny_enc)
+    return setup
+
+
+def pretrain_tiny(cfg, setup, make_net, world, key, device):
+    """The tiny base model: flow matching on the procedural world (its styles mixed), cached on disk under a
+    name that hashes everything it depends on. Sets setup.net; returns the cache file."""
     path = os.path.join(cfg.cache, key + ".safetensors")
-    net = model.build_sd3(mcfg, device=device)
     if os.path.isfile(path):
-        sd, _ = model.read_safetensors(path)
-        net.load_state_dict(sd)
+        setup.net = model.load_transformer(path, device=device)
         print0(f"tiny base: loaded {path}")
-        return net
+        return path
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    net = model.build_sd3(mcfg, device=device)
-    n_data = cfg.pretrain_steps * cfg.pretrain_batch
-    images, prompts, _ = R.tiny_world(min(n_data, 20000), size=cfg.size, seed=cfg.seed)
+    with torch.device(device):
+        net = setup.net = make_net()
+    x0_all, items_all = world()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     warm = max(1, cfg.pretrain_steps // 20)  # linear warm-up, then cosine decay to 0
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * i / cfg.pretrain_steps)))
     bar = tqdm(range(cfg.pretrain_steps), desc="pretrain tiny base (flow matching)", disable=not is_rank0())
     for _ in bar:
-        idx = torch.randint(len(images), (cfg.pretrain_batch,), generator=gen)
-        x0 = (images[idx] * 2 - 1).to(device)
-        ctx = torch.stack([cond[prompts[i]][0] for i in idx]).to(device)
-        pooled = torch.stack([cond[prompts[i]][1] for i in idx]).to(device)
+        idx = torch.randint(len(x0_all), (cfg.pretrain_batch,), generator=gen)
+        x0 = x0_all[idx].to(device)
         t = torch.sigmoid(torch.randn(len(idx), generator=gen)).to(device)  # logit-normal t (SD3 paper)
         eps = torch.randn(x0.shape, generator=gen).to(device)
-        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
-        loss = (net(xt, t, ctx, pooled) - (eps - x0)).square().mean()
+        xt = (1 - expand(t, x0)) * x0 + expand(t, x0) * eps
+        v = velocity(net, setup, xt, t, lookup(setup, items_all[idx], device, torch.float32))
+        loss = (v - (eps - x0)).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -320,41 +379,39 @@ def pretrain_tiny(cfg, cond, device):
     if is_rank0():
         os.makedirs(cfg.cache, exist_ok=True)
         model.atomic_save({k: v.contiguous() for k, v in net.state_dict().items()}, path)
-    return net
+    return path
 
 
 def check_full_size(cfg):
     if not cfg.weights:
-        die("no base weights: pass --weights <SD3.5 diffusers folder (with transformer/, vae/, text encoders)>, "
+        die(f"no base weights: pass --weights <{cfg.backbone} diffusers folder (with transformer/, vae/, text encoders)>, "
             "e.g. a local download of stabilityai/stable-diffusion-3.5-medium; or run the CPU default: "
-            "python train.py --backbone sd35 --tiny")
+            f"python train.py --backbone {cfg.backbone} --tiny")
     if not os.path.exists(cfg.weights) and cfg.weights.count("/") != 1:
         die(f"--weights {cfg.weights}: no such file or folder")
     if not torch.cuda.is_available() and cfg.device != "cpu":
-        die("full-size SD3.5 training needs a CUDA GPU (bf16); on a CPU run: python train.py --backbone sd35 --tiny "
+        die(f"full-size training needs a CUDA GPU (bf16); on a CPU run: python train.py --backbone {cfg.backbone} --tiny "
             "(--device cpu forces the full-size path on a CPU, for small test models)")
     if not cfg.prompts or not os.path.isfile(cfg.prompts):
         die(f"--prompts {cfg.prompts!r}: give a text file with one training prompt per line")
 
 
 def sd35_setup(cfg, M, device):
-    """Full-size SD3.5: base weights in bf16, text encoders run once over all prompts then moved off the
-    GPU, the VAE decodes x0 for the rewards."""
+    """Full-size SD3.5 through sample.py's loader: base weights in bf16, text encoders run once over all prompts
+    then moved off the GPU, the VAE decodes x0 for the rewards."""
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    base = model.load_transformer(cfg.weights, dtype=dtype, device=device)
-    vae = model.load_vae(cfg.weights, dtype=dtype, device=device)
-    enc = sample.load_text_encoders(cfg.weights, device=device, dtype=dtype)
+    spec = dict(weights=cfg.weights)
+    pipe = sample.LOADERS["sd35"](spec, dtype, device)
     with open(cfg.prompts) as fh:
         prompts = [ln.strip() for ln in fh if ln.strip()]
-    cond = {}
-    for i in range(0, len(prompts), 16):
-        ctx, pooled = sample.encode_prompts(enc, prompts[i: i + 16])
-        cond.update({p: (ctx[j].cpu(), pooled[j].cpu()) for j, p in enumerate(prompts[i: i + 16])})
-    enc.to("cpu")  # never needed again: the prompts' embeddings are cached
+    parts = [{k: v.cpu() for k, v in pipe.encode(prompts[i: i + 16]).items()} for i in range(0, len(prompts), 16)]
+    cond = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    pipe.enc.to("cpu")  # never needed again: the prompts' embeddings are cached
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     h = cfg.size // 8
-    return base, prompts, prompts[: cfg.eval_prompts], cond, (base.cfg.in_channels, h, h), vae.decode
+    return Setup(pipe.net, prompts, cond, [{} for _ in prompts], list(range(min(cfg.eval_prompts, len(prompts)))),
+                 (pipe.net.cfg.in_channels, h, h), pipe.decode, spec)
 
 
 def is_rank0():
@@ -370,37 +427,48 @@ def policy(net, state):
     return lambda *a, **k: functional_call(net, state, a, k)
 
 
-def base_velocity(net, xt, t, ctx, pooled):
-    model.set_lora_enabled(net, False)
-    try:
-        return net(xt, t, ctx, pooled)  # pref=None: preference paths skipped, bit-exact base model
-    finally:
-        model.set_lora_enabled(net, True)
+def base_model(net):
+    # the KL reference: the same network with adapters off and pref=None (preference paths skipped: bit-exact base)
+    def fn(*a, pref=None, **k):
+        model.set_lora_enabled(net, False)
+        try:
+            return net(*a, **k)
+        finally:
+            model.set_lora_enabled(net, True)
+    return fn
 
 
-def rollout(fn, noise, ctx, pooled, pref, sigmas, cfg):
-    # deterministic ODE samples in micro-batches -> x0 [B, C, h, w]
+def rollout(fn, setup, noise, cond, pref, sigmas, cfg):
+    # deterministic ODE samples in micro-batches -> x0 [B, *x0_shape]
     out = []
+    step = lambda x, s, pref=None, **c: velocity(fn, setup, x, s, c, pref)
     for i in range(0, len(noise), cfg.batch):
         sl = slice(i, i + cfg.batch)
-        out.append(sample.denoise(fn, noise[sl], sigmas, dict(context=ctx[sl], pooled=pooled[sl]),
+        out.append(sample.denoise(step, noise[sl], sigmas, {k: v[sl] for k, v in cond.items()},
                                   None if pref is None else pref[sl], solver=cfg.solver))
     return torch.cat(out)
 
 
-def lookup(cond, prompts, device, dtype):
-    ctx = torch.stack([cond[p][0] for p in prompts]).to(device, dtype)
-    return ctx, torch.stack([cond[p][1] for p in prompts]).to(device, dtype)
+def update_losses(net, old, setup, x0, eps, t, cond, pref, p, cfg):
+    """One micro-batch of the update: x_t = (1-t) x0 + t eps, then the per-sample DiffusionNFT loss against the
+    old policy and the KL to the base model (with a graph through the current policy). -> (loss [B], kl [B])"""
+    xt = (1 - expand(t, x0)) * x0 + expand(t, x0) * eps
+    with torch.no_grad():
+        v_old = velocity(policy(net, old), setup, xt, t, cond, pref).float()
+        v_ref = velocity(base_model(net), setup, xt, t, cond).float() if cfg.kl_beta > 0 else None
+    v = velocity(net, setup, xt, t, cond, pref).float()
+    loss = nft_loss(v, v_old, x0.float(), xt.float(), t.float(), p, cfg.beta, cfg.adv_clip)
+    kl = (v - v_ref).square().flatten(1).mean(1) if v_ref is not None else torch.zeros_like(loss)
+    return loss, kl
 
 
-def score(reward_fns, decode, x0, prompts, batch):
+def score(reward_fns, decode, x0, prompts, meta, batch):
     """Decode x0 and score every image with every reward, in micro-batches (a 512^2 VAE decode is
     memory-hungry). -> rewards [B, M] on the CPU, and the first micro-batch of images (for pictures)."""
     rows, first = [], None
     for i in range(0, len(x0), batch):
-        images, ps = decode(x0[i: i + batch]), prompts[i: i + batch]
-        meta = [{} for _ in ps]
-        rows.append(torch.stack([fn(images, ps, meta).float().cpu() for fn in reward_fns], 1))
+        images, ps, ms = decode(x0[i: i + batch]), prompts[i: i + batch], meta[i: i + batch]
+        rows.append(torch.stack([fn(images, ps, ms).float().cpu() for fn in reward_fns], 1))
         first = images.float().cpu() if first is None else first
     return torch.cat(rows), first
 
@@ -449,33 +517,34 @@ def spearman(a, b):
 
 @torch.no_grad()
 def evaluate(cfg, net, ema, setup, reward_fns, names, fixed, ref_point, device, dtype):
-    M, E = len(names), len(setup.eval_prompts)
+    M, items = len(names), torch.tensor(setup.eval_items)
+    E, prompts, meta = len(items), [setup.prompts[i] for i in setup.eval_items], [setup.meta[i] for i in setup.eval_items]
     prefs = [fixed.tolist()] if fixed is not None else pref_grid(M, cfg.eval_points)
-    noise = torch.randn(E, *setup.latent, generator=torch.Generator().manual_seed(1234)).to(device, dtype)
-    ctx, pooled = lookup(setup.cond, setup.eval_prompts, device, dtype)
+    noise = torch.randn(E, *setup.x0_shape, generator=torch.Generator().manual_seed(1234)).to(device, dtype)
+    cond = lookup(setup, items, device, dtype)
     sigmas = sample.get_schedule(cfg.sample_steps, cfg.shift)
     fn = policy(net, ema)
     sweep, tiles = [], []
     for w in tqdm(prefs, desc="eval sweep", disable=not is_rank0()):
         pref = None if fixed is not None else torch.tensor(w, device=device, dtype=dtype).expand(E, M)
-        r, images = score(reward_fns, setup.decode, rollout(fn, noise, ctx, pooled, pref, sigmas, cfg),
-                          setup.eval_prompts, cfg.batch)
+        r, images = score(reward_fns, setup.decode, rollout(fn, setup, noise, cond, pref, sigmas, cfg), prompts, meta,
+                          cfg.batch)
         sweep.append(dict(pref=[round(v, 6) for v in w], rewards=r.mean(0).tolist(), std=r.std(0, unbiased=False).tolist()))
         tiles.append(images[:6])
-    base_fn = lambda x, s, context, pooled, pref=None: base_velocity(net, x, s, context, pooled)
-    rb, _ = score(reward_fns, setup.decode, rollout(base_fn, noise, ctx, pooled, None, sigmas, cfg),
-                  setup.eval_prompts, cfg.batch)
+    rb, _ = score(reward_fns, setup.decode, rollout(base_model(net), setup, noise, cond, None, sigmas, cfg), prompts, meta,
+                  cfg.batch)
     pts = [s["rewards"] for s in sweep]
     W, Rw = torch.tensor([s["pref"] for s in sweep]), torch.tensor(pts)
     result = dict(objectives=names, sweep=sweep, hypervolume=hypervolume(pts, ref_point), ref_point=ref_point,
                   base=dict(rewards=rb.mean(0).tolist(), std=rb.std(0, unbiased=False).tolist()),
                   spearman=[spearman(W[:, m], Rw[:, m]) for m in range(M)] if len(sweep) > 2 else None,
-                  eval_prompts=setup.eval_prompts, method="FixedWeight" if fixed is not None else "ParetoSlider")
-    with open(os.path.join(cfg.out, "eval.json.tmp"), "w") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(os.path.join(cfg.out, "eval.json.tmp"), os.path.join(cfg.out, "eval.json"))
+                  eval_prompts=prompts, method="FixedWeight" if fixed is not None else "ParetoSlider")
+    model.atomic_json(result, os.path.join(cfg.out, "eval.json"))
     plot_front(os.path.join(cfg.out, "pareto.png"), result)
-    slider_grid(os.path.join(cfg.out, "slider.png"), tiles, [s["pref"] for s in sweep], setup.eval_prompts)
+    rows = [[col[i] for col in tiles] for i in range(len(tiles[0]))]  # rows: eval prompts (same noise); columns: w
+    grid = sample.image_grid(rows, [sample.pref_label(s["pref"]) for s in sweep], [p[:18] for p in prompts[:len(rows)]],
+                             tile=96)
+    model.atomic_write(os.path.join(cfg.out, "slider.png"), lambda tmp: grid.save(tmp, format="PNG"))
     return result
 
 
@@ -523,33 +592,16 @@ def plot_front(path, res):
     img.save(path)
 
 
-def slider_grid(path, tiles, prefs, prompts, px=96):
-    # rows: eval prompts (same noise across a row); columns: w. tiles: per w, images [n, 3, H, W]
-    from PIL import Image, ImageDraw
-    n = tiles[0].shape[0]
-    head, left = 28, 110
-    img = Image.new("RGB", (left + px * len(tiles), head + px * n), "white")
-    d = ImageDraw.Draw(img)
-    for j, (col, w) in enumerate(zip(tiles, prefs)):
-        d.text((left + j * px + 4, 8), "w=" + ",".join(f"{v:.2f}" for v in w), fill="black")
-        for i in range(n):
-            tile = sample.to_pil(col[i]).resize((px, px), Image.NEAREST)
-            img.paste(tile, (left + j * px, head + i * px))
-    for i in range(n):
-        d.text((4, head + i * px + px // 2 - 6), prompts[i][:18], fill="black")
-    img.save(path)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The loop
 
 
 def main(argv=None):
     cfg = parse_config(argv)
-    for name, ok in (("kernels", ("", "triton", "torch")), ("solver", ("euler", "dpm2")), ("dtype", ("fp32", "bf16")),
-                     ("device", ("", "cuda", "cpu"))):
-        if getattr(cfg, name) not in ok:
-            die(f"--{name} {getattr(cfg, name)!r}: choose one of {[v for v in ok if v]}")
+    names, fixed, ref_point = objectives(cfg)
+    M = len(names)
+    if not cfg.tiny:
+        check_full_size(cfg)
     rank, world, device = compute_init(cfg.device)
     if cfg.kernels:
         try:
@@ -557,42 +609,18 @@ def main(argv=None):
         except RuntimeError as e:
             die(str(e))
     torch.manual_seed(cfg.seed + rank)  # rank-local draws only; the loop's draws come from `gen`, shared
-    if cfg.backbone != "sd35":
-        die(f"backbone {cfg.backbone!r} is not available yet (sd35 only)")
-    if not cfg.tiny:
-        check_full_size(cfg)
-    names = [n for n in cfg.rewards.split(",") if n]
-    unknown = [n for n in names if n not in R.REWARDS]
-    if unknown:
-        die(f"unknown reward(s) {unknown}; valid: {', '.join(sorted(R.REWARDS))}")
-    M = len(names)
-    fixed = None
-    if cfg.fixed_pref:  # the same parsing and simplex check as sample.py's --pref
-        try:
-            fixed = torch.tensor(sample.parse_pref(cfg.fixed_pref))
-        except sample.UsageError as e:
-            die(str(e).replace("--pref", "--fixed-pref"))
-        if len(fixed) != M:
-            die(f"--fixed-pref {cfg.fixed_pref!r} has {len(fixed)} weights but there are {M} objectives")
-    if fixed is None and M < 2:
-        die("ParetoSlider needs at least two objectives (--rewards a,b[,c])")
-    ref_point = [float(v) for v in cfg.ref_point.split(",")] if cfg.ref_point else [0.0] * M
-    if len(ref_point) != M:
-        die(f"--ref-point has {len(ref_point)} values for {M} objectives")
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     os.makedirs(cfg.out, exist_ok=True)
     log = os.path.join(cfg.out, "log.txt")
     header = run_header(cfg)
     print0(json.dumps(header, indent=1), log=log)
     if is_rank0():
-        with open(os.path.join(cfg.out, "config.json"), "w") as fh:
-            json.dump(asdict(cfg), fh, indent=1)
+        model.atomic_json(asdict(cfg), os.path.join(cfg.out, "config.json"))
     reward_fns = [R.get_reward(n, device=device) for n in names]
 
     # --- model: base + preference modules (not for FixedWeight) + LoRA; only the adapters train
-    base, prompts, eval_prompts, cond, latent, decode = (tiny_setup if cfg.tiny else sd35_setup)(cfg, M, device)
-    setup = Setup(base, prompts, eval_prompts, cond, latent, decode)
-    net = base.to(dtype)
+    setup = BACKBONES[cfg.backbone]["tiny_setup" if cfg.tiny else "setup"](cfg, M, device)
+    net = setup.net.to(dtype)
     torch.manual_seed(cfg.seed)  # adapter init identical on every rank
     if fixed is None:
         model.add_preference(net, M)
@@ -618,21 +646,22 @@ def main(argv=None):
     for step in bar:
         t0 = time.time()
         # --- rollout: P prompts x K preferences x G samples, from the old policy, deterministic ODE
-        pidx = torch.randint(len(prompts), (P,), generator=gen)
+        pidx = torch.randint(len(setup.prompts), (P,), generator=gen)
         group_pref = fixed.expand(P * K, M) if fixed is not None else sample_preferences(P * K, M, gen)
         groups = torch.arange(N) // G  # (prompt, w) group of each sample; prompt = group // K
         pref = group_pref[groups]
-        sample_prompts = [prompts[pidx[g // K]] for g in groups.tolist()]
-        noise = torch.randn(N, *latent, generator=gen)
-        my_prompts = [sample_prompts[i] for i in mine.tolist()]
-        ctx, pooled = lookup(cond, my_prompts, device, dtype)
+        items = pidx[groups // K]  # the item (prompt) of each sample
+        noise = torch.randn(N, *setup.x0_shape, generator=gen)
+        my_items = items[mine]
+        cond = lookup(setup, my_items, device, dtype)
         my_pref = None if fixed is not None else pref[mine].to(device, dtype)
         with torch.no_grad():
-            x0 = rollout(policy(net, old), noise[mine].to(device, dtype), ctx, pooled, my_pref, sigmas, cfg)
+            x0 = rollout(policy(net, old), setup, noise[mine].to(device, dtype), cond, my_pref, sigmas, cfg)
 
         # --- rewards: every image, every objective; gathered so groups may span ranks
         r = torch.zeros(N, M)
-        r[mine] = score(reward_fns, decode, x0, my_prompts, cfg.batch)[0]
+        r[mine] = score(reward_fns, setup.decode, x0, [setup.prompts[i] for i in my_items.tolist()],
+                        [setup.meta[i] for i in my_items.tolist()], cfg.batch)[0]
         r = all_sum(r.to(device)).cpu()
 
         # --- advantages: per reward, inside each (prompt, w) group; mixed with the sample's own w
@@ -645,19 +674,12 @@ def main(argv=None):
         order = torch.rand(N, cfg.sample_steps, generator=gen).argsort(1)[:, :T]
         stats = torch.zeros(2, device=device)  # summed policy loss, summed KL
         for j in range(T):
-            t_all, eps_all = sigmas[order[:, j]], torch.randn(N, *latent, generator=gen)
+            t_all, eps_all = sigmas[order[:, j]], torch.randn(N, *setup.x0_shape, generator=gen)
             for mb in torch.arange(len(mine)).split(cfg.batch):
                 gi = mine[mb]  # global indices of this micro-batch
-                t = t_all[gi].to(device, dtype)
-                xt = (1 - t.view(-1, 1, 1, 1)) * x0[mb] + t.view(-1, 1, 1, 1) * eps_all[gi].to(device, dtype)
-                c, pl = ctx[mb], pooled[mb]
-                w = None if my_pref is None else my_pref[mb]
-                with torch.no_grad():
-                    v_old = policy(net, old)(xt, t, c, pl, w).float()
-                    v_ref = base_velocity(net, xt, t, c, pl).float() if cfg.kl_beta > 0 else None
-                v = net(xt, t, c, pl, w).float()
-                loss_i = nft_loss(v, v_old, x0[mb].float(), xt.float(), t.float(), p[gi].to(device), cfg.beta, cfg.adv_clip)
-                kl_i = (v - v_ref).square().flatten(1).mean(1) if v_ref is not None else torch.zeros_like(loss_i)
+                loss_i, kl_i = update_losses(net, old, setup, x0[mb], eps_all[gi].to(device, dtype),
+                                             t_all[gi].to(device, dtype), {k: v[mb] for k, v in cond.items()},
+                                             None if my_pref is None else my_pref[mb], p[gi].to(device), cfg)
                 ((loss_i + cfg.kl_beta * kl_i).sum() / (N * T)).backward()
                 stats += torch.stack([loss_i.detach().sum(), kl_i.detach().sum()])
         for prm in params.values():  # sum over ranks: every rank then holds the 1-process gradient
@@ -678,10 +700,11 @@ def main(argv=None):
         stats = all_sum(stats).cpu() / (N * T)
         msg = (f"step {step + 1}/{cfg.steps} | " + " ".join(f"{nm} {v:.4f}" for nm, v in zip(names, r.mean(0).tolist()))
                + f" | loss {stats[0]:.4f} kl {stats[1]:.2e} gnorm {gnorm:.3f} | {time.time() - t0:.1f}s")
-        print0(msg, log=log) if not sys.stderr.isatty() else bar.write(msg)
+        print0(msg, log=log, bar=bar)
         if is_rank0() and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(ckpt, step + 1, params, old, ema, opt, gen, cfg)
-            model.save_adapters(net, os.path.join(cfg.out, "adapters.safetensors"), ema)
+            model.save_adapters(net, os.path.join(cfg.out, "adapters.safetensors"), ema, names,
+                                extra={"pipeline": json.dumps(setup.pipeline)})
 
     # --- evaluation: the sweep over w with the EMA weights
     result = None
@@ -695,6 +718,23 @@ def main(argv=None):
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# The backbone table: --backbone -> its full-size setup, its tiny setup, its presets (literal overrides of the
+# Config defaults; with --tiny the tiny preset goes on top). The only place that names a backbone.
+
+BACKBONES = {
+    "sd35": dict(
+        setup=sd35_setup, tiny_setup=sd35_tiny_setup,
+        preset=dict(out="runs/sd35", rewards="pickscore_photo,vlm_sketch", steps=300, prompts_per_step=4, group_size=8,
+                    sample_steps=25, shift=3.0, size=512, batch=8, dtype="bf16", grad_ckpt=True, eval_points=11,
+                    eval_prompts=8),
+        tiny=dict(out="runs/tiny", rewards="tiny_photo,tiny_sketch", steps=30, prompts_per_step=4, group_size=6,
+                  sample_steps=8, shift=1.0, size=32, batch=64, dtype="fp32", grad_ckpt=False, eval_points=11,
+                  eval_prompts=12)),
+}
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def pair(cfg, device, dtype):
     torch.manual_seed(0)
     with torch.device(device):
         ref = SD3Transformer2DModel(**cfg).to(dtype).eval()
-    ours = model.build_sd3(model.sd3_config_from_diffusers(cfg), model.sd3_from_diffusers(ref.state_dict(), cfg["num_layers"]),
+    ours = model.build(model.SD3Transformer, model.sd3_config_from_diffusers(cfg), model.sd3_from_diffusers(ref.state_dict(), cfg["num_layers"]),
                            dtype=dtype, device=device).eval()
     return ref, ours
 

@@ -47,8 +47,11 @@ def main():
         sys.exit("needs a CUDA GPU (the README marks these numbers unmeasured where none was lent)")
     dev, dt = args.device, torch.bfloat16 if args.device == "cuda" else torch.float32
     torch.manual_seed(0)
-    net = model.build_sd3(model.SD3Config(**model.SD3_PRESETS[args.preset]), device=dev, dtype=dt)
+    net = model.build(model.SD3Transformer, model.SD3Config(**model.SD3_PRESETS[args.preset]), device=dev, dtype=dt)
     C, Dc, Dp = net.cfg.in_channels, net.cfg.context_dim, net.cfg.pooled_dim
+    h = args.size // 8
+    setup = train.Setup(net, [], {}, [], [], (C, h, h), None, {})  # what the loop's helpers read: pack/unpack
+    cfg = train.Config(batch=10**9, solver="dpm2")  # the update's defaults: beta 0.1, KL 1e-4, clip 5
     model.add_preference(net, 2)
     model.add_lora(net, 32, 64)
     net.grad_ckpt = True
@@ -56,7 +59,6 @@ def main():
     old = {n: q.detach().clone() for n, q in params.items()}
     sigmas = sample.get_schedule(args.steps, 3.0)
     T = int(0.99 * args.steps)
-    h = args.size // 8
     print(f"{torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, torch {torch.__version__}, {args.preset} {args.size}^2 "
           f"(latent {h}x{h}, 333 text tokens), {str(dt)[6:]}, LoRA r32, grad ckpt, {args.steps} rollout steps")
     print(f"{'B':>4s} {'rollout s':>10s} {'rollout img/s':>14s} {'peak GiB':>9s} {'update step s':>14s} "
@@ -67,18 +69,14 @@ def main():
             ctx, pooled = torch.randn(B, 333, Dc, device=dev, dtype=dt), torch.randn(B, Dp, device=dev, dtype=dt)
             w = torch.rand(B, 2, device=dev, dtype=dt)
             w = w / w.sum(1, keepdim=True)
+            cond = dict(context=ctx, pooled=pooled)
             with torch.no_grad():
-                tr, mr = timed(lambda: sample.denoise(train.policy(net, old), x, sigmas, dict(context=ctx, pooled=pooled),
-                                                      w, solver="dpm2"))
+                tr, mr = timed(lambda: train.rollout(train.policy(net, old), setup, x, cond, w, sigmas, cfg))
 
-            def update():
-                t = torch.full((B,), 0.6, device=dev, dtype=dt)
-                with torch.no_grad():
-                    v_old = train.policy(net, old)(x, t, ctx, pooled, w).float()
-                    v_ref = train.base_velocity(net, x, t, ctx, pooled).float()
-                v = net(x, t, ctx, pooled, w).float()
-                loss = train.nft_loss(v, v_old, x.float(), x.float(), t.float(), torch.full((B,), 0.7, device=dev), 0.1)
-                (loss.mean() + 1e-4 * (v - v_ref).square().mean()).backward()
+            def update():  # exactly one micro-step of train.py's update
+                t, p = torch.full((B,), 0.6, device=dev, dtype=dt), torch.full((B,), 0.7, device=dev)
+                loss, kl = train.update_losses(net, old, setup, x, torch.randn_like(x), t, cond, w, p, cfg)
+                (loss + cfg.kl_beta * kl).mean().backward()
 
             update()  # warm-up
             tu, mu = timed(update)

@@ -1,4 +1,5 @@
 """model.py against diffusers (the oracle): tiny random SD3.5 configs in fp32, full configs on meta."""
+import dataclasses
 import json
 import os
 
@@ -112,11 +113,11 @@ def test_pref_none_is_base_bit_exact(tmp_path):
 def test_slider_residual_reaches_image_stream_only():
     cfg = model.SD3Config(**model.SD3_PRESETS["sd35-tiny"], pref_dim=2)
     torch.manual_seed(0)
-    net = model.build_sd3(cfg)
+    net = model.SD3Transformer(cfg)
     x, ctx, pooled = torch.randn(2, 3, 32, 32), torch.randn(2, 5, 64), torch.randn(2, 64)
     pref, sigma = torch.tensor([[0.3, 0.7], [1.0, 0.0]]), torch.tensor([0.5, 0.9])
     with torch.no_grad():
-        nn_last = net.slider.mlp[-1]
+        nn_last = net.pref_slider.mlp[-1]
         y0 = net(x, sigma, ctx, pooled, pref)
         nn_last.bias.fill_(0.1)  # a non-zero m(w) must change the output ...
         y1 = net(x, sigma, ctx, pooled, pref)
@@ -234,7 +235,7 @@ def test_lora_trainable_set_and_identity_start(tmp_path):
     with torch.no_grad():
         assert torch.equal(net(x, sigma, ctx, pooled), before)  # B = 0 at init
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
-    assert trainable == set(model.adapter_state(net)) and any(n.startswith("slider.") for n in trainable)
+    assert trainable == set(model.adapter_state(net)) and any(n.startswith("pref_slider.") for n in trainable)
     net(x, sigma, ctx, pooled, torch.tensor([[0.5, 0.5], [0.1, 0.9]])).square().mean().backward()
     assert all(p.grad is None for n, p in net.named_parameters() if n not in trainable)
     assert net.joint_blocks[0].x_block.attn.qkv.lora_B.grad.abs().sum() > 0  # A gets none while B = 0
@@ -246,14 +247,29 @@ def test_adapter_save_load_roundtrip(tmp_path):
     pref = torch.tensor([[0.3, 0.7], [0.9, 0.1]])
     with torch.no_grad():
         want = net(x, sigma, ctx, pooled, pref)
-    model.save_adapters(net, str(tmp_path / "a.safetensors"))
+    path = str(tmp_path / "a.safetensors")
+    model.save_adapters(net, path, objectives=["photo", "sketch"])
+    meta = model.read_adapter_meta(path)
+    assert meta["backbone"] == "sd35" and meta["objectives"] == ["photo", "sketch"] and meta["config"]["pref_dim"] == 2
     fresh = model.load_transformer(str(tmp_path / "base"), pref_dim=2)
-    model.load_adapters(fresh, str(tmp_path / "a.safetensors"))
+    model.load_adapters(fresh, path, objectives=["photo", "sketch"])
     with torch.no_grad():
         assert torch.equal(fresh(x, sigma, ctx, pooled, pref), want)
-    wrong = model.load_transformer(str(tmp_path / "base"), pref_dim=3)
-    with pytest.raises(ValueError, match="mis-shaped keys.*pref_mlp.0.weight"):
-        model.load_adapters(wrong, str(tmp_path / "a.safetensors"))
+    # refused, naming both sides: another objective count, other objectives, another backbone, another base
+    with pytest.raises(ValueError, match=r"adapter for 2 objectives \['photo', 'sketch'\], but the network has 3"):
+        model.load_adapters(model.load_transformer(str(tmp_path / "base"), pref_dim=3), path)
+    with pytest.raises(ValueError, match=r"objectives \['photo', 'sketch'\], asked for \['a', 'b'\]"):
+        model.load_adapters(model.load_transformer(str(tmp_path / "base"), pref_dim=2), path, objectives=["a", "b"])
+    other = model.load_transformer(str(tmp_path / "base"), pref_dim=2)
+    other.name = "flux-kontext"
+    with pytest.raises(ValueError, match="adapter of backbone 'sd35', but the network is 'flux-kontext'"):
+        model.load_adapters(other, path)
+    other = model.load_transformer(str(tmp_path / "base"), pref_dim=2)
+    other.cfg = dataclasses.replace(other.cfg, pos_embed_max=32)  # same widths, another base config
+    with pytest.raises(ValueError, match="another base model: pos_embed_max: adapter 16 vs network 32"):
+        model.load_adapters(other, path)
+    with pytest.raises(ValueError, match="not a ParetoSlider adapter"):
+        model.load_adapters(fresh, str(tmp_path / "base" / "diffusion_pytorch_model.safetensors"))
 
 
 def test_lora_export_loads_in_diffusers(tmp_path):
@@ -276,7 +292,7 @@ def test_lora_export_loads_in_diffusers(tmp_path):
 
 def test_grad_checkpointing_same_grads():
     torch.manual_seed(0)
-    net = model.build_sd3(model.SD3Config(**model.SD3_PRESETS["sd35-tiny"], pref_dim=2))
+    net = model.SD3Transformer(model.SD3Config(**model.SD3_PRESETS["sd35-tiny"], pref_dim=2))
     model.add_lora(net, rank=4, alpha=8)
     x, ctx, pooled = torch.randn(2, 3, 32, 32), torch.randn(2, 5, 64), torch.randn(2, 64)
     pref, sigma = torch.tensor([[0.3, 0.7], [1.0, 0.0]]), torch.tensor([0.5, 0.9])
@@ -287,3 +303,28 @@ def test_grad_checkpointing_same_grads():
         net(x, sigma, ctx, pooled, pref).square().mean().backward()
         grads.append([p.grad.clone() for p in net.parameters() if p.requires_grad])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_lora_unequal_splits():
+    # a fused projection of unequal parts (FLUX's single-block linear1: q | k | v | mlp-in) gets one independent
+    # adapter per part: y = W x + b + s * [B_j A_j x]_j, and merging folds exactly that into W
+    torch.manual_seed(0)
+    lin = model.Linear(6, 4 + 4 + 4 + 16)
+    lin.add_lora(rank=3, alpha=6, splits=(4, 4, 4, 16))
+    with torch.no_grad():
+        lin.lora_B.copy_(torch.randn_like(lin.lora_B))
+    x = torch.randn(5, 6, dtype=torch.float64)
+    lin = lin.double()
+    A, B = lin.lora_A, lin.lora_B
+    want = x @ lin.weight.T + lin.bias + 2.0 * torch.cat(
+        [x @ A[3 * j: 3 * j + 3].T @ B[o: o + n].T for j, (o, n) in enumerate([(0, 4), (4, 4), (8, 4), (12, 16)])], -1)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), want, rtol=1e-12, atol=1e-12)
+        model.merge_lora(lin)
+        torch.testing.assert_close(lin(x), want, rtol=1e-12, atol=1e-12)
+    # add_lora reads the fractions from the backbone's table
+    net = model.SD3Transformer(model.SD3Config(**model.SD3_PRESETS["sd35-tiny"]))
+    model.add_lora(net, rank=2, alpha=4)
+    qkv = net.joint_blocks[0].x_block.attn.qkv
+    assert qkv.lora_splits == (128, 128, 128) and qkv.lora_A.shape == (6, 128) and qkv.lora_B.shape == (384, 2)
+    assert net.joint_blocks[0].x_block.attn.proj.lora_splits == (128,)

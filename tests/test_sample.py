@@ -287,11 +287,12 @@ def test_cli_sweep_writes_strip(repo, adapter, tmp_path):
                     "--steps", "2", "--size", "16", "--out", str(out))
     assert code == 0, err
     from PIL import Image
-    strip = Image.open(out)  # 16 px tiles are enlarged 10x so that the labels fit
+    strip = Image.open(out)  # 16 px tiles are enlarged 10x so that the labels (in a band above them) fit
     assert strip.width == 3 * 160 and strip.height > 160
-    tiles = [strip.crop((160 * i, 0, 160 * (i + 1), 160)).tobytes() for i in range(3)]
+    band = strip.height - 160
+    tiles = [strip.crop((160 * i, band, 160 * (i + 1), band + 160)).tobytes() for i in range(3)]
     assert len(set(tiles)) == 3  # ω changes the image
-    assert len(set(strip.crop((0, 160, 480, strip.height)).get_flattened_data())) > 1  # the ω labels were drawn
+    assert len(set(strip.crop((0, 0, 480, band)).get_flattened_data())) > 1  # the ω labels were drawn
 
 
 @pytest.mark.parametrize("args,message", [

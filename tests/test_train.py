@@ -2,6 +2,7 @@
 exact resume, and clear errors on bad input."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -134,6 +135,32 @@ def test_tiny_run_end_to_end(tmp_path):
     assert fw["method"] == "FixedWeight" and [s["pref"] for s in fw["sweep"]] == [[0.25, 0.75]]
 
 
+def test_sample_run_matches_slider_png(tmp_path):
+    # sample.py --run rebuilds a finished tiny run (cached base, tiny text encoders, EMA adapter, the run's steps /
+    # solver / shift / size) and draws the same picture as the run's slider.png for the same prompt, noise and w
+    import sample
+    from PIL import Image
+    res = run(tmp_path, "--steps", "2")
+    d = tmp_path / "run"
+    prompt = res["eval_prompts"][0]
+    sample.main(["--run", str(d), "--prompt", prompt, "--pref", "1,0", "--seed", "1234", "--out", str(tmp_path / "a.png")])
+    ours = torch.tensor(list(Image.open(tmp_path / "a.png").get_flattened_data()), dtype=torch.float32)
+    grid = Image.open(d / "slider.png").convert("RGB")  # rows: eval prompts, columns: w; tiles 96 px = 3 x 32 px
+    rows, cols = min(6, len(res["eval_prompts"])), len(res["sweep"])
+    assert res["sweep"][0]["pref"] == [1.0, 0.0]
+    x0, y0 = grid.width - cols * 96, grid.height - rows * 96  # tile (row 0, column 0); labels sit left and above
+    tile = grid.crop((x0, y0, x0 + 96, y0 + 96)).resize((32, 32), Image.NEAREST)
+    theirs = torch.tensor(list(tile.get_flattened_data()), dtype=torch.float32)
+    assert ours.shape == theirs.shape and theirs.std() > 5
+    assert (ours - theirs).abs().max() <= 1  # equal up to 8-bit rounding (batch of 2 in the run vs 1 here)
+    sample.main(["--run", str(d), "--prompt", prompt, "--sweep", "3", "--seed", "1234", "--out", str(tmp_path / "s.png")])
+    assert Image.open(tmp_path / "s.png").width == 3 * 160
+    # the adapter knows its objective count and backbone: a wrong one is refused with both named
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--run", str(d), "--prompt", prompt, "--pref", "0.2,0.3,0.5", "--out", str(tmp_path / "b.png")])
+    assert e.value.code == 2
+
+
 def test_resume_equals_straight(tmp_path):
     run(tmp_path, "--steps", "2", name="a")
     train.main(["--resume", str(tmp_path / "a"), "--steps", "4"])
@@ -174,8 +201,11 @@ def test_two_processes_equal_one(tmp_path):
     args = TINY + ["--steps", "2", "--cache", str(tmp_path / "cache"), "--group-size", "3"]
     train.main(args + ["--out", str(tmp_path / "one")])
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29533", "train.py", *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
+    with socket.socket() as s:  # a free port: two test runs at once must not collide
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", port, "train.py", *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     one, two = (load_file(tmp_path / d / "checkpoint.safetensors") for d in ("one", "two"))

@@ -34,8 +34,10 @@ def _sources(images, meta):  # stack meta[i]["source"] -> [B,3,H,W] like images
 
 # --- offline rewards (no weights): notes/rewards.md §1.5
 
-def _sqrt0(v, eps=1e-8):  # sqrt with a finite gradient at 0 (gray images) and still exactly 0 there
-    return (v + eps).sqrt() - eps**0.5
+def _sqrt0(v, eps=1e-8):
+    # sqrt with a finite gradient at 0 (gray images) and exactly 0 there on every CPU: both terms are the same
+    # correctly rounded sqrt of the same float (v + eps == eps when v == 0), not sqrt vs a double constant
+    return (v + eps).sqrt() - v.new_tensor(eps).sqrt()
 
 
 def jpeg_size(images, prompts, meta):

@@ -100,6 +100,58 @@ def rowwise(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Conditioning tensors (shift, scale, gate, m) of x [B, T, D] are [B, D], one vector per sample broadcast over
+# the tokens, or [B, T, D], one per token (LTX-2: a timestep per token). A leading 1 is shared by the batch.
+# Both backends call the checks below first, so they accept and refuse the same shapes (the kernels would
+# otherwise read out of bounds, silently under the interpreter).
+
+
+def check_tokens(x):
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, T, D], got {tuple(x.shape)}")
+
+
+def check_like(name, t, x):
+    if t.shape != x.shape:
+        raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+
+
+def check_cond(name, v, x):
+    B, T, D = x.shape
+    if not (v.dim() in (2, 3) and v.shape[0] in (1, B) and v.shape[1:] == x.shape[1 if v.dim() == 3 else 2:]):
+        raise ValueError(f"{name} must be [B, D] or [B, T, D] for x {tuple(x.shape)}, got {tuple(v.shape)}")
+
+
+def slider_range(m_range, T):
+    # m_range (start, end): the tokens the slider vector m is added to (FLUX single-stream: the image tokens
+    # after the text); None: all of them
+    if m_range is None:
+        return 0, T
+    start, end = m_range
+    if not 0 <= start <= end <= T:
+        raise ValueError(f"m_range must satisfy 0 <= start <= end <= T = {T}, got {tuple(m_range)}")
+    return int(start), int(end)
+
+
+def per_token(v):
+    # the reference's broadcast of a conditioning tensor against [B, T, D]
+    return v[:, None] if v.dim() == 2 else v
+
+
+def cond_view(v, x):
+    # [1 or B, D] -> [B, D], [1 or B, T, D] -> [B, T, D]: stride-0 where shared, columns dense, no copy for
+    # .chunk views of the adaLN output
+    if v is None:
+        return None
+    return rowwise(v.expand(x.shape[0], x.shape[2]) if v.dim() == 2 else v.expand(x.shape))
+
+
+def cond_strides(v):
+    # (sample, token) strides of a conditioning view; the token stride of a [B, D] vector is never read
+    return (v.stride(0), v.stride(1) if v.dim() == 3 else 0) if v is not None else (0, 0)
+
+
 @triton.jit
 def _up(x):
     # Upcast a loaded tile before any arithmetic: bf16 math is wrong under the interpreter (numpy works on the
@@ -120,3 +172,39 @@ def _token_tile(b, t, T, D, cols, cmask):
     # tokens t of sample b in a contiguous [B, T, D] tensor -> (mask, element offsets) of the [BLOCK_M, BLOCK_D] tile
     mask = (t < T)[:, None] & cmask[None, :]
     return mask, (b * T + t).to(tl.int64)[:, None] * D + cols[None, :]
+
+
+@triton.jit
+def _cond_vector(P, b, stride, cols, cmask, PER_TOKEN: tl.constexpr):
+    # before the token loop: a [B, D] conditioning tensor's vector for sample b; a [B, T, D] one is read per tile
+    if PER_TOKEN:
+        return 0.0  # placeholder, never read
+    else:
+        return _sample_vector(P, b, stride, cols, cmask)
+
+
+@triton.jit
+def _cond_tile(P, vec, b, t, s_b, s_t, cols, mask, PER_TOKEN: tl.constexpr):
+    # a conditioning tensor at tokens t of sample b -> [BLOCK_M, BLOCK_D] tile ([1, BLOCK_D] for a [B, D] one)
+    if PER_TOKEN:
+        row = b.to(tl.int64) * s_b + t.to(tl.int64) * s_t
+        return _up(tl.load(P + row[:, None] + cols[None, :], mask=mask, other=0.0))
+    else:
+        return vec[None, :]
+
+
+@triton.jit
+def _cond_grad(acc, g, DP, offs, mask, PER_TOKEN: tl.constexpr):
+    # g [BLOCK_M, BLOCK_D]: the gradient of a conditioning tensor at this tile's tokens. [B, T, D]: stored per
+    # token (DP, contiguous like x). [B, D]: added to the program's fp32 partial sums (acc, summed over rows later)
+    if PER_TOKEN:
+        tl.store(DP + offs, g.to(DP.dtype.element_ty), mask=mask)
+        return acc
+    else:
+        return acc + g
+
+
+@triton.jit
+def _acc_zeros(P, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # partial sums of the token reductions, in P's upcast dtype (fp32, or fp64 for gradcheck)
+    return _up(tl.zeros([BLOCK_M, BLOCK_D], dtype=P.dtype.element_ty))

@@ -7,8 +7,9 @@
                                           report registers and spills from ptxas; fails on a compile error
                                           or a register blow-up (tests/test_kernels.py runs it)
 
-On a GPU the whole run compiles ~20 graphs with torch.compile (minutes); under a time limit split it with
---case (sd35m, flux, ltx2, "joint block") and --out rows.jsonl, which keeps every row as it is measured.
+Whole model blocks are benchmarks/blocks.py (kernels/ never imports the model). On a GPU the whole run compiles
+~35 graphs with torch.compile (minutes); under a time limit split it with --case (sd35m, flux, ltx2) and
+--out rows.jsonl, which keeps every row as it is measured.
 
 All ops are memory-bound, so the table gives GB/s from the minimal bytes each op must move (A = one [T, D]
 activation: modulate fwd reads x and writes y = 2A) and the fraction of a device-to-device copy measured in
@@ -28,6 +29,7 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from typing import NamedTuple, Optional  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -35,19 +37,29 @@ import triton  # noqa: E402
 import kernels  # noqa: E402
 from kernels import adaln, qk_rope, residual  # noqa: E402
 
-# (name, B, tokens, D, heads, head_dim, RMSNorm?, RoPE) per GPU micro-batch of one sample
+class Case(NamedTuple):  # one GPU micro-batch of one sample
+    name: str
+    B: int
+    T: int  # tokens of the sequence the ops see
+    D: int
+    H: int  # heads x head_dim
+    Dh: int
+    rms: bool  # RMSNorm (LTX-2) or LayerNorm before the modulation
+    rope: Optional[str]  # None, "interleaved" (FLUX: one [T, Dh/2] table), "split" (LTX-2: a table per head)
+    m_start: int = 0  # the slider on tokens m_start..T-1 (FLUX single-stream: text first, then the image)
+    per_token: bool = False  # also rows with [B, T, D] conditioning (LTX-2: a timestep per token)
+    qk_across: bool = False  # qk weights [H * Dh]: one RMSNorm over all heads of a token (LTX-2)
+
+
 CASES = [
-    ("sd35m-512", 1, 1024 + 333, 1536, 24, 64, False, None),  # 64x64 latent / patch 2 + 333 text tokens
-    ("sd35m-1024", 1, 4096 + 333, 1536, 24, 64, False, None),
-    ("flux-kontext-1024", 1, 8192 + 512, 3072, 24, 128, False, "interleaved"),  # target + reference image + T5
-    ("ltx2-video", 1, 6144, 4096, 32, 128, True, "split"),  # video stream
+    Case("sd35m-512", 1, 1024 + 333, 1536, 24, 64, False, None),  # 64x64 latent / patch 2 + 333 text tokens
+    Case("sd35m-1024", 1, 4096 + 333, 1536, 24, 64, False, None),
+    Case("flux-1024 single-stream", 1, 512 + 4096, 3072, 24, 128, False, "interleaved", m_start=512),  # T5 + image
+    Case("flux-kontext-1024", 1, 8192 + 512, 3072, 24, 128, False, "interleaved"),  # target + reference image + T5
+    Case("ltx2-video", 1, 6144, 4096, 32, 128, True, "split", per_token=True, qk_across=True),  # video stream
 ]
-SMOKE_CASES = [("tiny", 2, 37, 48, 3, 16, False, "interleaved")]
-# whole SD3.5 joint blocks from model.py: (name, preset, block index, image tokens, text tokens)
-BLOCKS = [("sd35m-512 joint block (dual attn)", "sd35-medium", 0, 1024, 333),
-          ("sd35m-512 joint block", "sd35-medium", 13, 1024, 333),
-          ("sd35m-1024 joint block", "sd35-medium", 13, 4096, 333)]
-SMOKE_BLOCKS = [("tiny joint block (dual attn)", "sd35-tiny", 0, 16, 7)]
+SMOKE_CASES = [Case("tiny", 2, 37, 48, 3, 16, False, "interleaved", m_start=5),
+               Case("tiny ltx2", 1, 13, 48, 3, 16, True, "split", per_token=True, qk_across=True)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -55,38 +67,53 @@ SMOKE_BLOCKS = [("tiny joint block (dual attn)", "sd35-tiny", 0, 16, 7)]
 
 
 def op_specs(case, device, dtype=torch.bfloat16):
-    name, B, T, D, H, Dh, rms, rope = case
+    B, T, D, H, Dh, rms = case.B, case.T, case.D, case.H, case.Dh, case.rms
     g = torch.Generator(device).manual_seed(0)
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device=device) * scale).to(dtype)
     A = B * T * D * dtype.itemsize  # one activation
-    theta = torch.rand(1, T, 1, Dh // 2, generator=g, device=device) * 6.3 if rope else None
-    cs = (theta.cos(), theta.sin()) if rope else (None, None)
-    inter = rope != "split"
+    # cos/sin as the models build them: FLUX one [T, Dh/2] row per token; LTX-2 split a [B, H, T, Dh/2]
+    # table (each head its own frequencies), read through a transposed view
+    theta = {None: None, "interleaved": torch.rand(T, Dh // 2, generator=g, device=device) * 6.3,
+             "split": (torch.rand(B, H, T, Dh // 2, generator=g, device=device) * 6.3).transpose(1, 2)}[case.rope]
+    cs = (theta.cos(), theta.sin()) if case.rope else (None, None)
+    tables = 2 * 4 * theta.numel() if case.rope else 0  # fp32 cos + sin, read once per pass
+    inter = case.rope != "split"
+    m_range = (case.m_start, T) if case.m_start else None
     ops = []
 
-    def mod(impl):
-        return lambda x, cond: impl(x, cond[:, :D], cond[:, D:2 * D], 1e-6, rms)
-    ops.append(("modulate", dict(x=rnd(B, T, D), cond=rnd(B, 6 * D, scale=0.1)),
-                {"triton": mod(kernels.modulate), "ref": mod(kernels.modulate_ref)}, 2 * A, 5 * A))
+    # conditioning [B, 6D] per sample (+ [B, T, 6D] per token): 2A/4A more per modulate pass and per-token gate
+    for tok in (False, True) if case.per_token else (False,):
+        suffix, c = (" (per-token)", (T,)) if tok else ("", ())
+        cond = lambda: rnd(B, *c, 6 * D, scale=0.1)
+        chunk = lambda cond, i: cond[..., i * D:(i + 1) * D]
 
-    def res(impl):  # slider form: x + gate * (y + m)
-        return lambda x, y, cond, m: impl(x, cond[:, 2 * D:3 * D], y, m)
-    ops.append(("gated_residual+m", dict(x=rnd(B, T, D), y=rnd(B, T, D), cond=rnd(B, 6 * D, scale=0.1),
-                                        m=rnd(B, D, scale=0.1)),
-                {"triton": res(kernels.gated_residual), "ref": res(kernels.gated_residual_ref)}, 3 * A, 6 * A))
+        def mod(impl):
+            return lambda x, cond: impl(x, chunk(cond, 0), chunk(cond, 1), 1e-6, rms)
+        ops.append(("modulate" + suffix, dict(x=rnd(B, T, D), cond=cond()),
+                    {"triton": mod(kernels.modulate), "ref": mod(kernels.modulate_ref)},
+                    (4 if tok else 2) * A, (9 if tok else 5) * A))
 
-    def fused(impl):
-        return lambda x, y, cond: impl(x, cond[:, 2 * D:3 * D], y, cond[:, 3 * D:4 * D], cond[:, 4 * D:5 * D],
-                                       1e-6, rms)
-    ops.append(("gated_residual_modulate", dict(x=rnd(B, T, D), y=rnd(B, T, D), cond=rnd(B, 6 * D, scale=0.1)),
-                {"triton": fused(kernels.gated_residual_modulate), "ref": fused(kernels.gated_residual_modulate_ref)},
-                4 * A, 10 * A))
+        def res(impl):  # slider form: x + gate * (y + m)
+            return lambda x, y, cond, m: impl(x, chunk(cond, 2), y, m, m_range)
+        ops.append(("gated_residual+m" + ("[m_start:]" if m_range else "") + suffix,
+                    dict(x=rnd(B, T, D), y=rnd(B, T, D), cond=cond(), m=rnd(B, D, scale=0.1)),
+                    {"triton": res(kernels.gated_residual), "ref": res(kernels.gated_residual_ref)},
+                    (4 if tok else 3) * A, (9 if tok else 6) * A))
+
+        def fused(impl):
+            return lambda x, y, cond: impl(x, chunk(cond, 2), y, chunk(cond, 3), chunk(cond, 4), 1e-6, rms)
+        ops.append(("gated_residual_modulate" + suffix, dict(x=rnd(B, T, D), y=rnd(B, T, D), cond=cond()),
+                    {"triton": fused(kernels.gated_residual_modulate),
+                     "ref": fused(kernels.gated_residual_modulate_ref)},
+                    (7 if tok else 4) * A, (17 if tok else 10) * A))
 
     def qk(impl):
         return lambda qkv, qw, kw: impl(qkv[:, :, 0], qkv[:, :, 1], qw, kw, *cs, 1e-6, inter)
-    ops.append((f"qk_norm_rope ({rope or 'no rope'})", dict(qkv=rnd(B, T, 3, H, Dh), qw=rnd(Dh), kw=rnd(Dh)),
-                {"triton": qk(kernels.qk_norm_rope), "ref": qk(kernels.qk_norm_rope_ref)}, 4 * A * H * Dh // D,
-                10 * A * H * Dh // D))
+    wsize = H * Dh if case.qk_across else Dh
+    ops.append((f"qk_norm_rope ({case.rope or 'no rope'}{', across heads' if case.qk_across else ''})",
+                dict(qkv=rnd(B, T, 3, H, Dh), qw=rnd(wsize), kw=rnd(wsize)),
+                {"triton": qk(kernels.qk_norm_rope), "ref": qk(kernels.qk_norm_rope_ref)},
+                4 * A * H * Dh // D + tables, 10 * A * H * Dh // D + 2 * tables))
     return ops
 
 
@@ -147,45 +174,12 @@ def run_ops(cases, device, cpu, copy_gbs, rows, use_compile):
             for backward, nbytes in ((False, bytes_fwd), (True, bytes_fb)):
                 us = {k: bench_us(step(f, leaves, backward), leaves, cpu) for k, f in fns.items()}
                 for impl, t in us.items():
-                    rows.append(dict(case=case[0], op=op, pass_="fwd+bwd" if backward else "fwd", impl=impl, us=t,
+                    rows.append(dict(case=case.name, op=op, pass_="fwd+bwd" if backward else "fwd", impl=impl, us=t,
                                      gbs=nbytes / t / 1e3, copy=nbytes / t / 1e3 / copy_gbs,
                                      vs_eager=us["eager"] / t,
                                      vs_compile=us["compile"] / t if "compile" in us else None,
                                      err=err if impl == "triton" else None))
                 print_rows(rows[-len(us):])
-
-
-def run_blocks(blocks, device, cpu, rows, use_compile, dtype=torch.bfloat16):
-    # Whole SD3.5 joint blocks from model.py (LoRA-style: frozen weights, gradients w.r.t. the activations).
-    # FLUX / LTX-2 blocks: add them here once model.py has them.
-    try:
-        from model import SD3_PRESETS, JointBlock, SD3Config
-    except ImportError as e:
-        print(f"joint block rows skipped: {e}")
-        return
-    for name, preset, i, n_img, n_txt in blocks:
-        cfg = SD3Config(**SD3_PRESETS[preset])
-        blk = JointBlock(cfg, i).to(device, dtype).requires_grad_(False)
-        g = torch.Generator(device).manual_seed(0)
-        rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device=device) * scale).to(dtype).requires_grad_()
-        D = cfg.hidden
-        leaves = [rnd(1, n_txt, D), rnd(1, n_img, D), rnd(1, D), rnd(1, D, scale=0.1)]  # ctx, x, c, m (slider)
-        f = lambda ctx, x, c, m: tuple(t for t in blk(ctx, x, c, m) if t is not None)
-        variants = [("eager", "torch", False), ("triton", "triton", False)]
-        if use_compile:
-            variants += [("compile", "torch", True)] + ([] if cpu else [("compile+triton", "triton", True)])
-        for backward in (False, True):
-            us = {}
-            for impl, backend, comp in variants:
-                kernels.set_backend(backend)
-                torch._dynamo.reset()
-                us[impl] = bench_us(step(torch.compile(f) if comp else f, leaves, backward), leaves, cpu)
-            kernels.set_backend("triton")
-            for impl, t in us.items():
-                rows.append(dict(case=name, op="JointBlock", pass_="fwd+bwd" if backward else "fwd", impl=impl, us=t,
-                                 gbs=None, copy=None, vs_eager=us["eager"] / t,
-                                 vs_compile=us["compile"] / t if "compile" in us else None, err=None))
-            print_rows(rows[-len(us):])
 
 
 OUT = None  # --out: rows are appended as JSON lines as they come, so a run cut short keeps what it measured
@@ -197,7 +191,7 @@ def print_rows(rows):
         if OUT:
             with open(OUT, "a") as fh:
                 fh.write(json.dumps(r) + "\n")
-        print(f"{r['case']:<34} {r['op']:<27} {r['pass_']:<8} {r['impl']:<15} {r['us']:>10.1f} "
+        print(f"{r['case']:<34} {r['op']:<40} {r['pass_']:<8} {r['impl']:<15} {r['us']:>10.1f} "
               f"{fmt(r['gbs'], '8.0f'):>8} {fmt(r['copy'], '6.0%'):>6} {fmt(r['vs_eager'], '6.2f'):>6}x "
               f"{fmt(r['vs_compile'], '6.2f'):>6}x {fmt(r['err'], '.1e'):>8}", flush=True)
 
@@ -227,21 +221,24 @@ def record_launches(cases):
     for mod in (adaln, residual, qk_rope):
         mod.launcher = Recorder
     meta = dict(device="meta", dtype=torch.bfloat16)
-    for case_name, B, T, D, H, Dh, rms, rope in cases:
-        x, cond, m = torch.empty(B, T, D, **meta), torch.empty(B, 6 * D, **meta), torch.empty(B, D, **meta)
-        gate, shift, scale = cond[:, :D], cond[:, D:2 * D], cond[:, 2 * D:3 * D]
-        adaln._launch_fwd(x, shift, scale, 1e-6, rms)
-        adaln._launch_bwd(x, x, scale, 1e-6, rms)
-        for mm in (None, m):
-            residual._launch_fwd(x, gate, x, mm, shift, scale, 1e-6, rms, modulate=True)
-            residual._launch_fwd(x, gate, x, mm, None, None, 0.0, False, modulate=False)
-            residual._launch_bwd(x, x, x, x, gate, mm, scale, 1e-6, rms)
-            residual._launch_bwd(x, None, None, x, gate, mm, None, 0.0, False)
+    for case in cases:
+        case_name, B, T, D, H, Dh, rms = case[:7]
+        x, m = torch.empty(B, T, D, **meta), torch.empty(B, D, **meta)
+        for c in ((), (T,)) if case.per_token else ((),):  # [B, 6D], and [B, T, 6D] conditioning
+            gate, shift, scale = torch.empty(B, *c, 6 * D, **meta).chunk(6, -1)[:3]
+            tok = shift.dim() == 3
+            adaln._launch_fwd(x, shift, scale, 1e-6, rms)
+            adaln._launch_bwd(x, x, scale, 1e-6, rms, tok)
+            for mm in (None, m):
+                residual._launch_fwd(x, gate, x, mm, shift, scale, 1e-6, rms, True, case.m_start, T)
+                residual._launch_fwd(x, gate, x, mm, None, None, 0.0, False, False, case.m_start, T)
+                residual._launch_bwd(x, x, x, x, gate, mm, scale, 1e-6, rms, tok, case.m_start, T)
+                residual._launch_bwd(x, None, None, x, gate, mm, None, 0.0, False, False, case.m_start, T)
         q = torch.empty(B, T, 3, H, Dh, **meta)[:, :, 0]
-        w = torch.empty(Dh, **meta)
-        cs = [torch.empty(1, T, 1, Dh // 2, device="meta")] * 2 if rope else [None, None]
-        qk_rope._launch(qk_rope._qk_fwd, q, w, *cs, 1e-6, rope != "split")
-        qk_rope._launch(qk_rope._qk_bwd, q, w, *cs, 1e-6, rope != "split", dout=q)
+        w = torch.empty(H * Dh if case.qk_across else Dh, **meta)
+        cs = [torch.empty(T, Dh // 2, device="meta")] * 2 if case.rope else [None, None]
+        qk_rope._launch(qk_rope._qk_fwd, q, w, *cs, 1e-6, case.rope != "split")
+        qk_rope._launch(qk_rope._qk_bwd, q, w, *cs, 1e-6, case.rope != "split", dout=q)
     return launches
 
 
@@ -283,22 +280,11 @@ def ptx_report(cases):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cpu-smoke", action="store_true", help="CPU + interpreter, tiny shapes: check the script runs")
-    p.add_argument("--ptx", action="store_true", help="compile all launches for sm_90 offline, report registers")
-    p.add_argument("--case", default="", help="only cases/blocks whose name contains this")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
-    p.add_argument("--no-blocks", action="store_true", help="skip the whole joint block rows")
-    p.add_argument("--out", help="also append the rows here as JSON lines")
-    args = p.parse_args()
-    cases = [c for c in (SMOKE_CASES if args.cpu_smoke else CASES) if args.case in c[0]]
-    blocks = [b for b in (SMOKE_BLOCKS if args.cpu_smoke else BLOCKS) if args.case in b[0]]
-    if args.ptx:
-        ptx_report(cases)
-    cpu = args.cpu_smoke
-    if not cpu and not torch.cuda.is_available():
-        sys.exit("no CUDA device: run with --cpu-smoke (interpreter) or --ptx (offline compile check)")
+def start(cpu, out):
+    # the run's header: device, versions, git, copy bandwidth, column names; --out also gets it as a JSON line.
+    # Shared with benchmarks/blocks.py, so both print one table format. -> device, copy GB/s
+    global OUT
+    OUT = out
     device = torch.device("cpu" if cpu else "cuda")
     kernels.set_backend("triton")
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
@@ -306,19 +292,32 @@ def main():
     print(f"device {dev} | torch {torch.__version__} | triton {triton.__version__} | git {git.strip()} | bf16")
     copy_gbs = copy_bandwidth(device, cpu)
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
-    print(f"{'case':<34} {'op':<27} {'pass':<8} {'impl':<15} {'us':>10} {'GB/s':>8} {'%copy':>6} {'vs eager':>7} "
+    print(f"{'case':<34} {'op':<40} {'pass':<8} {'impl':<15} {'us':>10} {'GB/s':>8} {'%copy':>6} {'vs eager':>7} "
           f"{'vs compile':>7} {'max err':>8}")
-    global OUT
-    OUT = args.out
     if OUT:
         with open(OUT, "a") as fh:
             fh.write(json.dumps(dict(device=dev, copy_gbs=copy_gbs, git=git.strip(), torch=torch.__version__,
                                      triton=triton.__version__)) + "\n")
+    return device, copy_gbs
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu-smoke", action="store_true", help="CPU + interpreter, tiny shapes: check the script runs")
+    p.add_argument("--ptx", action="store_true", help="compile all launches for sm_90 offline, report registers")
+    p.add_argument("--case", default="", help="only cases whose name contains this")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
+    p.add_argument("--out", help="also append the rows here as JSON lines")
+    args = p.parse_args()
+    cases = [c for c in (SMOKE_CASES if args.cpu_smoke else CASES) if args.case in c.name]
+    if args.ptx:
+        ptx_report(cases)
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --cpu-smoke (interpreter) or --ptx (offline compile check)")
+    device, copy_gbs = start(args.cpu_smoke, args.out)
     rows = []
     t0 = time.time()
-    run_ops(cases, device, cpu, copy_gbs, rows, not args.no_compile)
-    if not args.no_blocks:
-        run_blocks(blocks, device, cpu, rows, not args.no_compile)
+    run_ops(cases, device, args.cpu_smoke, copy_gbs, rows, not args.no_compile)
     print(f"done in {time.time() - t0:.0f} s")
 
 

@@ -1,10 +1,13 @@
-"""Per-head RMSNorm of q and k with a learnable weight, then rotary position embedding.
+"""RMSNorm of q and k with a learnable weight, then rotary position embedding.
 
-q, k [B, L, H, Dh], often strided views of the fused qkv projection [B, L, 3, H, Dh] (read in place, no copy);
-weights [Dh]; cos, sin broadcastable to [B, L, H, Dh/2] (fp32) or None for no RoPE (SD3.5).
-RoPE rotates pairs of channels: interleaved pairs (2i, 2i+1) as in FLUX, or split halves (i, i + Dh/2) as in
-LTX-2. Both kernels work on the two members of every pair as two [rows, Dh/2] tiles, so the layouts differ
-only in which columns are loaded. Outputs are contiguous [B, L, H, Dh], the layout SDPA reads after a transpose.
+q, k [B, L, H, Dh], often strided views of the fused qkv projection [B, L, 3, H, Dh] (read in place, no copy).
+Weights [Dh] normalise each head (SD3.5, FLUX); weights [H * Dh] normalise all heads of a token together, one
+RMS over its H * Dh features with a weight per feature (LTX-2: RMSNorm over the inner dim), and RoPE still
+rotates within each head. cos, sin [B, L, H, Dh/2] or any shape that broadcasts to it ([L, Dh/2] is one row
+per token), or None for no RoPE (SD3.5). RoPE rotates pairs of channels: interleaved pairs (2i, 2i+1) as in
+FLUX, or split halves (i, i + Dh/2) as in LTX-2. Both kernels work on the two members of every pair as two
+[rows, Dh/2] tiles, so the layouts differ only in which columns are loaded. Outputs are contiguous
+[B, L, H, Dh], the layout SDPA reads after a transpose.
 """
 from typing import Optional
 
@@ -15,28 +18,64 @@ from torch.library import triton_op
 from ._common import _up, launcher, row_tiling, tl, triton, use_triton
 
 # ----------------------------------------------------------------------------------------------------------
-# Reference (fp32 math, results in the input dtypes)
+# Shapes (both backends check them first) and the reference (fp32 math, results in the input dtypes)
+
+
+def rope_table(t):
+    # cos or sin -> a view that broadcasts against x [B, L, H, Dh] as [B, L, H, Dh/2]: [L, Dh/2] (the usual
+    # position table) is one row per token, larger tables broadcast as they are
+    return t[:, None] if t.dim() == 2 else t
+
+
+def check_qk(q, k, q_weight, k_weight, cos, sin):
+    for name, x, w in (("q", q, q_weight), ("k", k, k_weight)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be [B, L, H, Dh], got {tuple(x.shape)}")
+        B, L, H, Dh = x.shape
+        if w.shape not in ((Dh,), (H * Dh,)):
+            raise ValueError(f"{name}_weight must be [Dh] or [H * Dh] for {name} {tuple(x.shape)}, "
+                             f"got {tuple(w.shape)}")
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must both be given or both be None")
+    if cos is None:
+        return
+    for name, x in (("q", q), ("k", k)):
+        B, L, H, Dh = x.shape
+        if Dh % 2:
+            raise ValueError(f"RoPE needs an even head dim, got {name} {tuple(x.shape)}")
+        for tname, t in (("cos", cos), ("sin", sin)):
+            t4 = rope_table(t)
+            if t4.dim() > 4 or any(a not in (1, b) for a, b in zip(t4.shape[::-1], (Dh // 2, H, L, B))):
+                raise ValueError(f"{tname} must broadcast to [B, L, H, Dh/2] = {(B, L, H, Dh // 2)} for "
+                                 f"{name} {tuple(x.shape)}, got {tuple(t.shape)}")
 
 
 def qk_norm_rope_ref(q, k, q_weight, k_weight, cos=None, sin=None, eps=1e-6, interleaved=True):
+    check_qk(q, k, q_weight, k_weight, cos, sin)
+
     def norm(t, w):  # F.rms_norm: one fused op on CPU, same fp32 math as x * rsqrt(mean(x^2) + eps) * w
-        return torch.nn.functional.rms_norm(t.float(), t.shape[-1:], w.float(), eps)
+        if w.numel() == t.shape[-1]:
+            return torch.nn.functional.rms_norm(t.float(), t.shape[-1:], w.float(), eps)
+        return torch.nn.functional.rms_norm(t.float().flatten(-2), w.shape, w.float(), eps).view(t.shape)
 
     def rope(t):
         if cos is None:
             return t
+        c, s = rope_table(cos), rope_table(sin)
         if interleaved:
             t1, t2 = t[..., 0::2], t[..., 1::2]
-            return torch.stack([t1 * cos - t2 * sin, t1 * sin + t2 * cos], -1).flatten(-2)
+            return torch.stack([t1 * c - t2 * s, t1 * s + t2 * c], -1).flatten(-2)
         t1, t2 = t.chunk(2, -1)
-        return torch.cat([t1 * cos - t2 * sin, t1 * sin + t2 * cos], -1)
+        return torch.cat([t1 * c - t2 * s, t1 * s + t2 * c], -1)
 
     return rope(norm(q, q_weight)).to(q.dtype), rope(norm(k, k_weight)).to(k.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Kernels. Rows are the B*L*H heads; a program owns `rows` of them, BLOCK_M (e.g. 16 of 128 channels) at a
-# time, so the grid stays small for 128-wide rows. Row r is head (b, l, h) = (r // (L*H), r // H % L, r % H).
+# Kernels. Rows are the B*L*H heads; row r is head (b, l, h) = (r // (L*H), r // H % L, r % H). A tile holds
+# BLOCK_M rows (e.g. 16 heads of 128 channels), so the grid stays small for 128-wide rows; a program owns
+# `rows` of them. ACROSS ([H * Dh] weights): a tile is the H heads of one token (BLOCK_M >= H), its norm
+# group, so the tiles step by H rows and the sums of the norm run over the whole tile.
 
 
 @triton.jit
@@ -49,14 +88,56 @@ def _pair_columns(Dh, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(X, r, c1, c2, imask, R, L, H, Dh, s_xb, s_xl, s_xh, eps):
-    # rows r = heads (b, l, h) of X -> mask, the two channels of every pair (fp32), 1/rms, and (b, l, h)
-    mask = (r < R)[:, None] & imask[None, :]
+def _tile_rows(r0, R, H, BLOCK_M: tl.constexpr, ACROSS: tl.constexpr):
+    # the rows of the tile that starts at row r0, and which of them are real
+    r = r0 + tl.arange(0, BLOCK_M)
+    if ACROSS:
+        return r, (r < R) & (tl.arange(0, BLOCK_M) < H)
+    else:
+        return r, r < R
+
+
+@triton.jit
+def _group_sum(a1, a2, ACROSS: tl.constexpr):
+    # sum of a1 + a2 over each row's norm group: its head ([BLOCK_M, 1]) or all heads of the token (scalar)
+    s = tl.sum(a1, 1) + tl.sum(a2, 1)
+    if ACROSS:
+        return tl.sum(s, 0)
+    else:
+        return s[:, None]
+
+
+@triton.jit
+def _load_weight(W, c, imask, H, Dh, BLOCK_M: tl.constexpr, ACROSS: tl.constexpr):
+    # the weight at channels c: [Dh], shared by the heads -> [1, BLOCK_H]; [H * Dh] -> [BLOCK_M, BLOCK_H]
+    if ACROSS:
+        h = tl.arange(0, BLOCK_M)
+        wmask = (h < H)[:, None] & imask[None, :]
+        return _up(tl.load(W + h[:, None] * Dh + c[None, :], mask=wmask, other=0.0))
+    else:
+        return _up(tl.load(W + c, mask=imask, other=0.0))[None, :]
+
+
+@triton.jit
+def _store_dweight(P, dw, c, imask, H, Dh, BLOCK_M: tl.constexpr, ACROSS: tl.constexpr):
+    # this program's dweight partial sums dw [BLOCK_M, BLOCK_H] at channels c (rows are heads when ACROSS)
+    if ACROSS:
+        h = tl.arange(0, BLOCK_M)
+        tl.store(P + h[:, None] * Dh + c[None, :], dw, mask=(h < H)[:, None] & imask[None, :])
+    else:
+        tl.store(P + c, tl.sum(dw, 0), mask=imask)
+
+
+@triton.jit
+def _load_rows(X, r, rmask, c1, c2, imask, L, H, N, s_xb, s_xl, s_xh, eps, ACROSS: tl.constexpr):
+    # rows r = heads (b, l, h) of X -> mask, the two channels of every pair (fp32), 1/rms over the N features
+    # of the norm group, and (b, l, h)
+    mask = rmask[:, None] & imask[None, :]
     b, l, h = r // (L * H), r // H % L, r % H
     x_row = (b.to(tl.int64) * s_xb + l.to(tl.int64) * s_xl + h * s_xh)[:, None]
     x1 = _up(tl.load(X + x_row + c1[None, :], mask=mask, other=0.0))
     x2 = _up(tl.load(X + x_row + c2[None, :], mask=mask, other=0.0))
-    rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / Dh + eps)[:, None]
+    rstd = tl.rsqrt(_group_sum(x1 * x1, x2 * x2, ACROSS) / N + eps)
     return mask, x1, x2, rstd, b, l, h
 
 
@@ -69,17 +150,22 @@ def _load_cos_sin(COS, SIN, b, l, h, i, mask, s_cb, s_cl, s_ch, s_cd):
 
 
 @triton.jit
-def _qk_fwd(X, W, COS, SIN, OUT, R, L, H, Dh, s_xb, s_xl, s_xh, s_cb, s_cl, s_ch, s_cd, rows, eps,
-            HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+def _qk_fwd(X, W, COS, SIN, OUT, R, L, H, Dh, N, s_xb, s_xl, s_xh, s_cb, s_cl, s_ch, s_cd, rows, eps,
+            HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, ACROSS: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     r0 = tl.program_id(0) * rows
     i, c1, c2, imask = _pair_columns(Dh, BLOCK_H, INTERLEAVED)
-    w1 = _up(tl.load(W + c1, mask=imask, other=0.0))
-    w2 = _up(tl.load(W + c2, mask=imask, other=0.0))
-    for j in range(0, rows, BLOCK_M):
-        r = r0 + j + tl.arange(0, BLOCK_M)
-        mask, x1, x2, rstd, b, l, h = _load_rows(X, r, c1, c2, imask, R, L, H, Dh, s_xb, s_xl, s_xh, eps)
-        n1 = x1 * rstd * w1[None, :]
-        n2 = x2 * rstd * w2[None, :]
+    w1 = _load_weight(W, c1, imask, H, Dh, BLOCK_M, ACROSS)
+    w2 = _load_weight(W, c2, imask, H, Dh, BLOCK_M, ACROSS)
+    if ACROSS:
+        step = H
+    else:
+        step = BLOCK_M
+    for j in range(0, rows, step):
+        r, rmask = _tile_rows(r0 + j, R, H, BLOCK_M, ACROSS)
+        mask, x1, x2, rstd, b, l, h = _load_rows(X, r, rmask, c1, c2, imask, L, H, N, s_xb, s_xl, s_xh, eps, ACROSS)
+        n1 = x1 * rstd * w1
+        n2 = x2 * rstd * w2
         if HAS_ROPE:
             cos, sin = _load_cos_sin(COS, SIN, b, l, h, i, mask, s_cb, s_cl, s_ch, s_cd)
             n1, n2 = n1 * cos - n2 * sin, n1 * sin + n2 * cos
@@ -89,20 +175,25 @@ def _qk_fwd(X, W, COS, SIN, OUT, R, L, H, Dh, s_xb, s_xl, s_xh, s_cb, s_cl, s_ch
 
 
 @triton.jit
-def _qk_bwd(X, W, COS, SIN, DOUT, DX, PARTIAL, R, L, H, Dh, s_xb, s_xl, s_xh, s_cb, s_cl, s_ch, s_cd, rows, eps,
-            HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+def _qk_bwd(X, W, COS, SIN, DOUT, DX, PARTIAL, R, L, H, Dh, N, s_xb, s_xl, s_xh, s_cb, s_cl, s_ch, s_cd, rows, eps,
+            HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, ACROSS: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     # RoPE backward is the inverse rotation (sin -> -sin); then RMSNorm backward with weight.
-    # PARTIAL [programs, Dh]: this program's sum over its rows of dn * xhat (-> dweight).
+    # PARTIAL [programs, weight size]: this program's sum over its rows of dn * xhat (-> dweight).
     pid = tl.program_id(0)
     r0 = pid * rows
     i, c1, c2, imask = _pair_columns(Dh, BLOCK_H, INTERLEAVED)
-    w1 = _up(tl.load(W + c1, mask=imask, other=0.0))
-    w2 = _up(tl.load(W + c2, mask=imask, other=0.0))
+    w1 = _load_weight(W, c1, imask, H, Dh, BLOCK_M, ACROSS)
+    w2 = _load_weight(W, c2, imask, H, Dh, BLOCK_M, ACROSS)
     dw1 = tl.zeros([BLOCK_M, BLOCK_H], dtype=w1.dtype)
     dw2 = tl.zeros([BLOCK_M, BLOCK_H], dtype=w1.dtype)
-    for j in range(0, rows, BLOCK_M):
-        r = r0 + j + tl.arange(0, BLOCK_M)
-        mask, x1, x2, rstd, b, l, h = _load_rows(X, r, c1, c2, imask, R, L, H, Dh, s_xb, s_xl, s_xh, eps)
+    if ACROSS:
+        step = H
+    else:
+        step = BLOCK_M
+    for j in range(0, rows, step):
+        r, rmask = _tile_rows(r0 + j, R, H, BLOCK_M, ACROSS)
+        mask, x1, x2, rstd, b, l, h = _load_rows(X, r, rmask, c1, c2, imask, L, H, N, s_xb, s_xl, s_xh, eps, ACROSS)
         xh1 = x1 * rstd
         xh2 = x2 * rstd
         o_row = r.to(tl.int64)[:, None] * Dh
@@ -113,14 +204,14 @@ def _qk_bwd(X, W, COS, SIN, DOUT, DX, PARTIAL, R, L, H, Dh, s_xb, s_xl, s_xh, s_
             dn1, dn2 = dn1 * cos + dn2 * sin, dn2 * cos - dn1 * sin
         dw1 += dn1 * xh1
         dw2 += dn2 * xh2
-        g1 = dn1 * w1[None, :]
-        g2 = dn2 * w2[None, :]
-        c = ((tl.sum(g1 * xh1, 1) + tl.sum(g2 * xh2, 1)) / Dh)[:, None]
+        g1 = dn1 * w1
+        g2 = dn2 * w2
+        c = _group_sum(g1 * xh1, g2 * xh2, ACROSS) / N
         tl.store(DX + o_row + c1[None, :], ((g1 - xh1 * c) * rstd).to(DX.dtype.element_ty), mask=mask)
         tl.store(DX + o_row + c2[None, :], ((g2 - xh2 * c) * rstd).to(DX.dtype.element_ty), mask=mask)
-    p = PARTIAL + pid.to(tl.int64) * Dh
-    tl.store(p + c1, tl.sum(dw1, 0), mask=imask)
-    tl.store(p + c2, tl.sum(dw2, 0), mask=imask)
+    p = PARTIAL + pid.to(tl.int64) * N
+    _store_dweight(p, dw1, c1, imask, H, Dh, BLOCK_M, ACROSS)
+    _store_dweight(p, dw2, c2, imask, H, Dh, BLOCK_M, ACROSS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -128,14 +219,26 @@ def _qk_bwd(X, W, COS, SIN, DOUT, DX, PARTIAL, R, L, H, Dh, s_xb, s_xl, s_xh, s_
 
 
 def _rope_args(x, cos, sin):
-    # cos/sin as [B, L, H, Dh/2] broadcast views (stride 0 where broadcast): 4 strides shared by both
+    # cos/sin as [B, L, H, Dh/2] broadcast views (stride 0 where broadcast, no copy): 4 strides shared by both
     if cos is None:
         return x, x, (0, 0, 0, 0)  # never read: HAS_ROPE=False
     B, L, H, Dh = x.shape
-    cos, sin = torch.broadcast_to(cos, (B, L, H, Dh // 2)), torch.broadcast_to(sin, (B, L, H, Dh // 2))
-    if cos.stride() != sin.stride():
+    cos, sin = torch.broadcast_tensors(rope_table(cos), rope_table(sin))
+    if cos.stride() != sin.stride():  # densify at the tables' common shape (small), not at [B, L, H, Dh/2]
         cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = cos.broadcast_to((B, L, H, Dh // 2)), sin.broadcast_to((B, L, H, Dh // 2))
     return cos, sin, cos.stride()
+
+
+def _tiling(x, across, backward):
+    # -> BLOCK_M, BLOCK_D, rows (heads) per program, programs, warps
+    B, L, H, Dh = x.shape
+    if not across:
+        return row_tiling(B * L * H, 1, Dh, x.device, backward, tile=2048)
+    # a tile is the H heads of one token (LTX-2: 32 x 128); row_tiling sizes the tokens per program
+    BLOCK_M, BLOCK_D = triton.next_power_of_2(H), triton.next_power_of_2(Dh)
+    _, _, tokens, programs, _ = row_tiling(B * L, 1, BLOCK_M * BLOCK_D, x.device, backward, tile=2048)
+    return BLOCK_M, BLOCK_D, tokens * H, programs, min(16, max(1, BLOCK_M * BLOCK_D // 256))
 
 
 def _launch(kernel, x, w, cos, sin, eps, interleaved, dout=None):
@@ -144,19 +247,18 @@ def _launch(kernel, x, w, cos, sin, eps, interleaved, dout=None):
         x = x.contiguous()
     cos_, sin_, s_c = _rope_args(x, cos, sin)
     out = torch.empty(B, L, H, Dh, device=x.device, dtype=x.dtype)  # y (forward) or dx (backward)
-    R = B * L * H
-    BLOCK_M, BLOCK_D, rows, programs, num_warps = row_tiling(R, 1, Dh, x.device, backward=dout is not None,
-                                                             tile=2048)
+    across = w.numel() != Dh  # [H * Dh] weights: one norm over all heads of a token
+    BLOCK_M, BLOCK_D, rows, programs, num_warps = _tiling(x, across, backward=dout is not None)
     args = [x, w, cos_, sin_]
     if dout is not None:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        partial = torch.empty(programs, Dh, device=x.device, dtype=acc)
+        partial = torch.empty(programs, w.numel(), device=x.device, dtype=acc)
         args += [dout.contiguous(), out, partial]  # dout of .sum().backward() is a stride-0 expand
     else:
         args += [out]
     launcher(kernel)[(programs,)](
-        *args, R, L, H, Dh, x.stride(0), x.stride(1), x.stride(2), *s_c, rows, eps,
-        HAS_ROPE=cos is not None, INTERLEAVED=interleaved, BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_D // 2,
+        *args, B * L * H, L, H, Dh, w.numel(), x.stride(0), x.stride(1), x.stride(2), *s_c, rows, eps,
+        HAS_ROPE=cos is not None, INTERLEAVED=interleaved, ACROSS=across, BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_D // 2,
         num_warps=num_warps)
     return out if dout is None else (out, partial.sum(0).to(w.dtype))
 
@@ -200,8 +302,10 @@ _qk_norm_rope_op.register_autograd(_backward, setup_context=_setup)
 
 def qk_norm_rope(q, k, q_weight, k_weight, cos=None, sin=None, eps=1e-6, interleaved=True):
     # -> (q, k) normalised and rotated, contiguous [B, L, H, Dh] in the input dtypes.
-    # RoPE tables are constants: if one needs a gradient, the reference computes it.
+    # RoPE tables are constants: if one needs a gradient, the reference computes it (and an odd head dim,
+    # which has no channel pairs).
+    check_qk(q, k, q_weight, k_weight, cos, sin)
     rope_grad = cos is not None and (cos.requires_grad or sin.requires_grad)
-    if not use_triton(q) or rope_grad or q.shape[-1] % 2:
+    if not (use_triton(q) and use_triton(k)) or rope_grad or q.shape[-1] % 2 or k.shape[-1] % 2:
         return qk_norm_rope_ref(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
     return torch.ops.paretoslider.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, float(eps), bool(interleaved))

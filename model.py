@@ -249,12 +249,22 @@ def read_adapter_meta(path):
     """-> the adapter file's metadata with lora/config/objectives decoded; errors name the file."""
     meta = read_safetensors_meta(path)
     if meta.get("format") != "paretoslider-adapter":
-        raise ValueError(f"{path}: not a ParetoSlider adapter file (no adapter metadata; a training checkpoint or a "
-                         "diffusers LoRA export? pass the run's adapters.safetensors)")
+        raise ValueError(f"{path}: not a ParetoSlider adapter file: {file_kind(meta)}")
     try:
         return {**meta, **{k: json.loads(meta[k]) for k in ("lora", "config", "objectives")}}
     except (KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: malformed adapter metadata ({e})") from None
+
+
+def file_kind(meta):
+    # what one of this project's .safetensors files is, from its header metadata (for errors on misplaced files)
+    if meta.get("format") == "paretoslider-adapter":
+        return "it is a ParetoSlider adapter (LoRA + preference modules): pass it with --lora, the base with --weights"
+    if "step" in meta and "config" in meta:
+        return "it is a train.py checkpoint (optimizer state included): use its run folder's adapters.safetensors"
+    if "lora_adapter_metadata" in meta:
+        return "it is a LoRA exported for diffusers (pipe.load_lora_weights): use the run's adapters.safetensors"
+    return "no adapter metadata (a base model checkpoint?): pass the run's adapters.safetensors"
 
 
 def load_adapters(net, path, objectives=None):
@@ -448,8 +458,9 @@ def load_transformer(path, pref_dim=0, dtype=torch.float32, device="cpu"):
             sd = {k: v for k, v in sd.items() if not k.startswith(BUNDLED)}
         spec = next((b for b in BACKBONES.values() if b.signature in sd), None)
         if spec is None:
-            raise ValueError(f"{path}: not a recognised checkpoint (none of the signature keys "
-                             f"{', '.join(b.signature for b in BACKBONES.values())})")
+            own = f"; {file_kind(meta)}" if meta.get("format") or "step" in meta or "lora_adapter_metadata" in meta else ""
+            raise ValueError(f"{path}: not a recognised base checkpoint (none of the signature keys "
+                             f"{', '.join(b.signature for b in BACKBONES.values())}){own}")
         cfg = spec.config_from_state(sd, meta)
     else:
         raise FileNotFoundError(f"no such checkpoint: {path}")

@@ -2,9 +2,9 @@
 
 Layout: shared primitives (timestep embedding, LoRA linear, attention, preference modules, the Backbone base
 class, checkpoint I/O, loading), then one section per backbone, then the VAE, then the load table BACKBONES.
-Module attribute names ARE the original checkpoint keys (Stability's single files), so an original file loads by
-stripping its prefix; a diffusers folder goes through one explicit key-mapping function per backbone. Loading is
-strict: any missing, unexpected or mis-shaped key is an error.
+Module attribute names ARE the original checkpoint keys (Stability's and BFL's single files), so an original file
+loads by stripping its prefix; a diffusers folder goes through one explicit key-mapping function per backbone.
+Loading is strict: any missing, unexpected or mis-shaped key is an error.
 
 Preference conditioning (ParetoSlider, arXiv 2604.20816, released SD3.5 code):
   pref_mlp:    Linear(M,D)-SiLU-Linear(D,D), added to the conditioning vector c (timestep + pooled text);
@@ -787,6 +787,366 @@ def sd3_lora_to_diffusers(net):
 
 
 # ----------------------------------------------------------------------------------------------------
+# FLUX.1 Kontext [dev] (and FLUX.1 [dev], the same network: text-to-image is Kontext without a reference).
+# BFL flux/model.py, modules/layers.py, math.py; diffusers transformer_flux.py. Module names are BFL's keys.
+
+
+@dataclass
+class FluxConfig:
+    depth: int = 19  # double-stream blocks (separate image / text weights, joint attention)
+    depth_single: int = 38  # single-stream blocks (one weight set over the [text, image] sequence)
+    hidden: int = 3072  # width D = heads * head_dim
+    heads: int = 24
+    in_channels: int = 64  # packed token width = latent channels * 2*2; the output has the same
+    context_dim: int = 4096  # text token width (T5-XXL)
+    pooled_dim: int = 768  # CLIP-L pooler_output (un-projected)
+    axes_dim: tuple = (16, 56, 56)  # RoPE dims per id axis (index, row, col); sums to head_dim
+    theta: int = 10000  # RoPE base
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True  # bias on the double blocks' qkv (every released FLUX.1)
+    guidance_embed: bool = True  # guidance-distilled (dev, Kontext-dev); False for schnell
+    pref_dim: int = 0  # number of objectives M (0: plain base model)
+
+
+FLUX_PRESETS = {
+    "flux-dev": dict(),  # FLUX.1 [dev] and FLUX.1 Kontext [dev]: same shapes, same keys (BFL util.py configs)
+    # CPU default: a 32x32 RGB image space-to-depth'ed 2x2 (F.pixel_unshuffle -> [12, 16, 16]) packs to 8x8 = 64
+    # tokens of 48 features: sd35-tiny's token grid and token width (patch 4 on RGB), so its CPU budget carries
+    # over. Head dim 32 with BFL's axis proportions (1/8, 7/16, 7/16 of 128 -> 16, 56, 56), which is what
+    # flux_config_from_state reads back from a bare state dict (RoPE axes are not in the tensor shapes).
+    "flux-tiny": dict(depth=2, depth_single=2, hidden=64, heads=2, in_channels=48, context_dim=64, pooled_dim=64,
+                      axes_dim=(4, 14, 14)),
+}
+
+FLUX_MOD = ("shift", "scale", "gate", "shift_mlp", "scale_mlp", "gate_mlp")  # double: all 6; single: first 3
+
+
+def flux_pack(x):
+    # unpacked latent [B, C, h, w] -> tokens [B, (h/2)(w/2), 4C], feature c*4 + ph*2 + pw (BFL sampling.py:41)
+    return rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
+
+
+def flux_ids(index, h, w, device=None):
+    # ids [h*w, 3] of a packed h x w token grid, raster order: (index, row, col); index 0 = target, 1 = Kontext
+    # reference (BFL sampling.py prepare_kontext; diffusers pipeline_flux_kontext.py:560-571, 663)
+    rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    return torch.stack([torch.full_like(rows, index), rows, cols], -1).flatten(0, 1)
+
+
+def flux_rope(ids, axes_dim, theta):
+    # ids [L, 3] -> cos, sin [L, head_dim/2], one angle per interleaved pair (2i, 2i+1): axis a owns axes_dim[a]/2
+    # pairs, angle pos_a * theta^(-2i/d_a) (BFL math.py rope). Angles in float64, tables in fp32, as diffusers'
+    # FluxPosEmbed (transformer_flux.py:500-526); BFL's fp32 angles differ by ~1e-7 relative.
+    ang = []
+    for a, d in enumerate(axes_dim):
+        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)  # [d/2]
+        ang.append(ids[:, a, None].double() * freqs)  # [L, d/2]
+    ang = torch.cat(ang, -1)
+    return ang.cos().float(), ang.sin().float()
+
+
+class MLPEmbedder(nn.Module):
+    # BFL MLPEmbedder (layers.py:52): in_layer - SiLU - out_layer
+    def __init__(self, din, dim):
+        super().__init__()
+        self.in_layer, self.out_layer = Linear(din, dim), Linear(dim, dim)
+
+    def forward(self, x):
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class Modulation(nn.Module):
+    # BFL Modulation (layers.py:113): lin(SiLU(vec)) [B, n*D] -> its n named [B, D] chunks (FLUX_MOD order)
+    def __init__(self, dim, n):
+        super().__init__()
+        self.lin = Linear(dim, n * dim)
+
+    def forward(self, vec):
+        return chunks(self.lin(F.silu(vec)), FLUX_MOD[: self.lin.out_features // self.lin.in_features])
+
+
+class RMSScale(nn.Module):
+    # only the weight of BFL's RMSNorm (key `scale` [head_dim]); the norm itself runs in kernels.qk_norm_rope
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+
+class QKNorm(nn.Module):
+    # per-head RMSNorm of q and k (eps 1e-6, fp32 as BFL layers.py:63-84), then the interleaved RoPE
+    def __init__(self, head_dim):
+        super().__init__()
+        self.query_norm, self.key_norm = RMSScale(head_dim), RMSScale(head_dim)
+
+    def forward(self, q, k, cos, sin):  # q, k [B, L, H, Dh]; cos, sin [L, Dh/2]
+        return kernels.qk_norm_rope(q, k, self.query_norm.scale, self.key_norm.scale, cos, sin, 1e-6, interleaved=True)
+
+
+class FluxSelfAttention(nn.Module):
+    # one stream's attention weights in a double block (BFL SelfAttention): qkv [3D, D], norm, proj [D, D]
+    def __init__(self, dim, heads, bias):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.norm, self.proj = Linear(dim, 3 * dim, bias=bias), QKNorm(dim // heads), Linear(dim, dim)
+
+    def qkv_heads(self, x, cos, sin):
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b l h d", three=3, h=self.heads)
+        return (*self.norm(q, k, cos, sin), v)
+
+
+def flux_mlp(dim, hidden):  # keys .0 / .2 (BFL's nn.Sequential)
+    return nn.Sequential(Linear(dim, hidden), nn.GELU(approximate="tanh"), Linear(hidden, dim))
+
+
+class DoubleStreamBlock(nn.Module):
+    """BFL DoubleStreamBlock (layers.py:129-191): image and text streams with their own weights, one joint
+    attention over [text, image] with RoPE; the slider vector m joins the image stream's MLP residual."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, mlp = cfg.hidden, int(cfg.hidden * cfg.mlp_ratio)
+        self.img_mod, self.txt_mod = Modulation(D, 6), Modulation(D, 6)
+        self.img_attn = FluxSelfAttention(D, cfg.heads, cfg.qkv_bias)
+        self.txt_attn = FluxSelfAttention(D, cfg.heads, cfg.qkv_bias)
+        self.img_mlp, self.txt_mlp = flux_mlp(D, mlp), flux_mlp(D, mlp)
+
+    @staticmethod
+    def stream_out(x, o, mod, attn, mlp, m=None):
+        # x += gate * proj(o); x += gate_mlp * (mlp(LN(x) * (1 + scale_mlp) + shift_mlp) + m)
+        x, h = kernels.gated_residual_modulate(x, mod.gate, attn.proj(o), mod.shift_mlp, mod.scale_mlp, 1e-6)
+        return kernels.gated_residual(x, mod.gate_mlp, mlp(h), m)
+
+    def forward(self, txt, img, vec, cos, sin, m=None):
+        L = txt.shape[1]  # cos, sin cover [text, image] in that order
+        tmod, imod = self.txt_mod(vec), self.img_mod(vec)
+        qt, kt, vt = self.txt_attn.qkv_heads(kernels.modulate(txt, tmod.shift, tmod.scale, 1e-6), cos[:L], sin[:L])
+        qi, ki, vi = self.img_attn.qkv_heads(kernels.modulate(img, imod.shift, imod.scale, 1e-6), cos[L:], sin[L:])
+        o = attention(*(torch.cat(heads_first(a, b), 2) for a, b in ((qt, qi), (kt, ki), (vt, vi))))
+        txt = self.stream_out(txt, o[:, :L], tmod, self.txt_attn, self.txt_mlp)
+        return txt, self.stream_out(img, o[:, L:], imod, self.img_attn, self.img_mlp, m)
+
+
+class SingleStreamBlock(nn.Module):
+    """BFL SingleStreamBlock (layers.py:194-239): parallel attention + MLP over x = [text, image] tokens. linear1
+    [3D + mlp, D] = q | k | v | mlp-in; linear2 [D, D + mlp] reads [attention out, GELU(mlp-in)]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, self.heads, self.mlp_hidden = cfg.hidden, cfg.heads, int(cfg.hidden * cfg.mlp_ratio)
+        self.linear1, self.linear2 = Linear(D, 3 * D + self.mlp_hidden), Linear(D + self.mlp_hidden, D)
+        self.hidden = D
+        self.norm = QKNorm(D // cfg.heads)
+        self.modulation = Modulation(D, 3)
+
+    def forward(self, x, vec, cos, sin, m=None, m_range=None):
+        mod = self.modulation(vec)
+        h = kernels.modulate(x, mod.shift, mod.scale, 1e-6)
+        qkv, mlp = self.linear1(h).split([3 * self.hidden, self.mlp_hidden], -1)
+        q, k, v = rearrange(qkv, "b l (three h d) -> three b l h d", three=3, h=self.heads)
+        o = attention(*heads_first(*self.norm(q, k, cos, sin), v))
+        y = self.linear2(torch.cat([o, F.gelu(mlp, approximate="tanh")], -1))
+        return kernels.gated_residual(x, mod.gate, y, m, m_range)  # m on the image tokens m_range only
+
+
+class FluxTransformer(Backbone):
+    """FLUX.1 Kontext [dev] / FLUX.1 [dev]. forward(x [B,C,h,w], sigma [B], context [B,L,4096], pooled [B,768],
+    guidance [B] raw scale (e.g. 2.5), ref [B,C,hr,wr] | None, pref [B,M] | None) -> v [B,C,h,w] (diffusers'
+    output at timestep = sigma). x and ref are unpacked latents (h, w even); packing, position ids, the
+    [text, target, reference] order and slicing the reference tokens off happen inside."""
+
+    name = "flux-kontext"
+    # both streams' attention in the double blocks; single blocks' fused linear1 (q | k | v | mlp-in) and linear2
+    lora_targets = {"img_attn.qkv": (1, 1, 1), "txt_attn.qkv": (1, 1, 1), "img_attn.proj": (1,),
+                    "txt_attn.proj": (1,), "linear1": (1, 1, 1, 4), "linear2": (1,)}
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        self.cfg, D = cfg, cfg.hidden
+        if sum(cfg.axes_dim) != D // cfg.heads or any(d % 2 for d in cfg.axes_dim):
+            raise ValueError(f"RoPE axes {cfg.axes_dim} must be even and sum to the head dim {D // cfg.heads}")
+        if cfg.mlp_ratio != 4.0:  # every FLUX.1; diffusers and the linear1 LoRA split (1, 1, 1, 4) assume it
+            raise ValueError(f"unsupported mlp_ratio {cfg.mlp_ratio} (FLUX.1 uses 4.0)")
+        self.img_in, self.txt_in = Linear(cfg.in_channels, D), Linear(cfg.context_dim, D)
+        self.time_in, self.vector_in = MLPEmbedder(256, D), MLPEmbedder(cfg.pooled_dim, D)
+        if cfg.guidance_embed:
+            self.guidance_in = MLPEmbedder(256, D)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single))
+        self.final_layer = FinalLayer(D, 1, cfg.in_channels)  # BFL LastLayer: same (shift, scale) layout as SD3's
+        self.grad_ckpt = False
+        self.init_preference()
+
+    def check_inputs(self, x, context, pooled, guidance, ref):
+        C = self.cfg.in_channels // 4
+        for name, t in (("x", x), ("ref", ref)):
+            if t is not None and (t.dim() != 4 or t.shape[1] != C or t.shape[2] % 2 or t.shape[3] % 2):
+                raise ValueError(f"{name} must be an unpacked latent [B, {C}, h, w] with h, w even, "
+                                 f"got {list(t.shape)}")
+        if ref is not None and ref.shape[0] != x.shape[0]:
+            raise ValueError(f"ref batch {ref.shape[0]} != x batch {x.shape[0]}")
+        if context.dim() != 3 or context.shape[-1] != self.cfg.context_dim:
+            raise ValueError(f"context must be [B, L, {self.cfg.context_dim}], got {list(context.shape)}")
+        if pooled.dim() != 2 or pooled.shape[-1] != self.cfg.pooled_dim:
+            raise ValueError(f"pooled must be [B, {self.cfg.pooled_dim}], got {list(pooled.shape)}")
+        if self.cfg.guidance_embed and guidance is None:
+            raise ValueError("this FLUX model is guidance-distilled (dev / Kontext-dev): pass guidance [B], e.g. 2.5")
+
+    def forward(self, x, sigma, context, pooled, guidance=None, ref=None, pref=None):
+        self.check_inputs(x, context, pooled, guidance, ref)
+        B, _, H, W = x.shape
+        img, ids = flux_pack(x), flux_ids(0, H // 2, W // 2, x.device)
+        if ref is not None:  # Kontext: the reference's tokens follow the target's, id index 1, never noised
+            img = torch.cat([img, flux_pack(ref)], 1)
+            ids = torch.cat([ids, flux_ids(1, ref.shape[2] // 2, ref.shape[3] // 2, x.device)])
+        L, N = context.shape[1], (H // 2) * (W // 2)
+        cos, sin = flux_rope(torch.cat([ids.new_zeros(L, 3), ids]), self.cfg.axes_dim, self.cfg.theta)  # text ids 0
+        img = self.img_in(img)
+        # vec: time_in(emb(1000 t)) + guidance_in(emb(1000 g)) + vector_in(pooled) (BFL model.py:98-104)
+        vec = self.time_in(timestep_embedding(1000 * sigma).to(img.dtype))
+        if self.cfg.guidance_embed:  # without the embedding (schnell) guidance is ignored, as BFL does
+            g = torch.as_tensor(guidance, dtype=torch.float32, device=x.device).expand(B)  # [B] (a scalar is fine)
+            vec = vec + self.guidance_in(timestep_embedding(1000 * g).to(img.dtype))
+        vec = vec + self.vector_in(pooled)
+        dvec, m = self.preference(pref, B, vec.dtype)
+        if dvec is not None:
+            vec = vec + dvec
+        txt = self.txt_in(context)
+        for blk in self.double_blocks:
+            txt, img = self.run(blk, txt, img, vec, cos, sin, m)
+        x_joint = torch.cat([txt, img], 1)  # [B, L + N + N_ref, D]
+        for blk in self.single_blocks:  # the slider reaches the image part (target and reference tokens)
+            x_joint = self.run(blk, x_joint, vec, cos, sin, m, (L, x_joint.shape[1]))
+        out = self.final_layer(x_joint[:, L: L + N], vec)  # target tokens only: [B, N, 4C]
+        return rearrange(out, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=H // 2, ph=2, pw=2)
+
+    def run(self, blk, *args):
+        if self.grad_ckpt and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, *args, use_reentrant=False)
+        return blk(*args)
+
+
+def flux_config_from_diffusers(c):
+    known = {"patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers", "attention_head_dim",
+             "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds",
+             "axes_dims_rope"}
+    extra = sorted(k for k in c if not k.startswith("_") and k not in known)
+    if extra:
+        raise ValueError(f"unsupported FluxTransformer2DModel config options: {extra}")
+    if c.get("patch_size", 1) != 1:
+        raise ValueError(f"unsupported patch_size {c['patch_size']} (FLUX packs 2x2 outside the model: patch_size 1)")
+    cin = c.get("in_channels", 64)
+    if c.get("out_channels") not in (None, cin) or cin % 4:
+        raise ValueError(f"unsupported in/out channels {cin}/{c.get('out_channels')} (Fill/Depth/Canny-style "
+                         "channel-concat models are not implemented; in_channels must be 4 x latent channels)")
+    return FluxConfig(depth=c.get("num_layers", 19), depth_single=c.get("num_single_layers", 38),
+                      hidden=c.get("num_attention_heads", 24) * c.get("attention_head_dim", 128),
+                      heads=c.get("num_attention_heads", 24), in_channels=cin,
+                      context_dim=c.get("joint_attention_dim", 4096), pooled_dim=c.get("pooled_projection_dim", 768),
+                      axes_dim=tuple(c.get("axes_dims_rope", (16, 56, 56))),
+                      guidance_embed=bool(c.get("guidance_embeds", False)))
+
+
+def flux_config_from_state(sd, meta=None):
+    # Architecture from tensor shapes (BFL util.py configs). The RoPE axes are not in the shapes: BFL's
+    # (16, 56, 56) for head dim 128, the same proportions (1/8, 7/16, 7/16) for other multiples of 32.
+    D, cin = sd["img_in.weight"].shape
+    if sd["final_layer.linear.weight"].shape[0] != cin:
+        raise ValueError(f"img_in takes {cin} channels but final_layer gives {sd['final_layer.linear.weight'].shape[0]}"
+                         ": a Fill/Depth/Canny-style channel-concat model, not implemented")
+    head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    if head_dim % 32:
+        raise ValueError(f"head dim {head_dim}: the RoPE axes cannot be inferred (BFL's layout needs a multiple of 32)")
+    count = lambda p: len({k.split(".")[1] for k in sd if k.startswith(p)})
+    return FluxConfig(depth=count("double_blocks."), depth_single=count("single_blocks."), hidden=D,
+                      heads=D // head_dim, in_channels=cin, context_dim=sd["txt_in.weight"].shape[1],
+                      pooled_dim=sd["vector_in.in_layer.weight"].shape[1],
+                      axes_dim=(head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16),
+                      mlp_ratio=sd["double_blocks.0.img_mlp.0.weight"].shape[0] / D,
+                      qkv_bias="double_blocks.0.img_attn.qkv.bias" in sd,
+                      guidance_embed="guidance_in.in_layer.weight" in sd)
+
+
+def flux_module_map(cfg):
+    """{our module: diffusers module, or a tuple of them for a fused tensor (concatenated along the output)} for
+    every weight-holding module (notes/backbones.md §2.4; diffusers single_file_utils.py:2294-2488). Our qk norms
+    (`*_norm`, tensor `scale`) are diffusers' RMSNorms (tensor `weight`)."""
+    e = "time_text_embed."
+    m = {"img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out",
+         "final_layer.adaLN_modulation.1": "norm_out.linear"}  # (shift, scale) here, (scale, shift) there
+    embedders = {"time_in": "timestep_embedder", "vector_in": "text_embedder"}
+    if cfg.guidance_embed:
+        embedders["guidance_in"] = "guidance_embedder"
+    for ours, theirs in embedders.items():
+        m.update({f"{ours}.in_layer": f"{e}{theirs}.linear_1", f"{ours}.out_layer": f"{e}{theirs}.linear_2"})
+    for i in range(cfg.depth):
+        o, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        m.update({f"{o}.img_mod.lin": f"{d}.norm1.linear", f"{o}.txt_mod.lin": f"{d}.norm1_context.linear",
+                  f"{o}.img_attn.qkv": tuple(f"{d}.attn.to_{c}" for c in "qkv"),
+                  f"{o}.txt_attn.qkv": tuple(f"{d}.attn.add_{c}_proj" for c in "qkv"),
+                  f"{o}.img_attn.norm.query_norm": f"{d}.attn.norm_q",
+                  f"{o}.img_attn.norm.key_norm": f"{d}.attn.norm_k",
+                  f"{o}.txt_attn.norm.query_norm": f"{d}.attn.norm_added_q",
+                  f"{o}.txt_attn.norm.key_norm": f"{d}.attn.norm_added_k",
+                  f"{o}.img_attn.proj": f"{d}.attn.to_out.0", f"{o}.txt_attn.proj": f"{d}.attn.to_add_out",
+                  f"{o}.img_mlp.0": f"{d}.ff.net.0.proj", f"{o}.img_mlp.2": f"{d}.ff.net.2",
+                  f"{o}.txt_mlp.0": f"{d}.ff_context.net.0.proj", f"{o}.txt_mlp.2": f"{d}.ff_context.net.2"})
+    for i in range(cfg.depth_single):
+        o, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        m.update({f"{o}.modulation.lin": f"{d}.norm.linear",
+                  f"{o}.linear1": (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"),
+                  f"{o}.norm.query_norm": f"{d}.attn.norm_q", f"{o}.norm.key_norm": f"{d}.attn.norm_k",
+                  f"{o}.linear2": f"{d}.proj_out"})
+    return m
+
+
+def _flux_tensors(cfg):
+    # (our key, [diffusers keys], swapped halves?) for every tensor the mapping knows
+    for o, d in flux_module_map(cfg).items():
+        parts = d if isinstance(d, tuple) else (d,)
+        leaves = (("scale", "weight"),) if o.endswith("_norm") else (("weight", "weight"), ("bias", "bias"))
+        for ours, theirs in leaves:
+            yield f"{o}.{ours}", [f"{p}.{theirs}" for p in parts], o == "final_layer.adaLN_modulation.1"
+
+
+def flux_from_diffusers(sd, cfg):
+    """diffusers FluxTransformer2DModel state dict -> our (BFL) keys. Every diffusers key is consumed exactly
+    once; the rest is kept under `<diffusers>.` so that the strict check reports it as unexpected."""
+    out, used = {}, set()
+    for ours, theirs, swap in _flux_tensors(cfg):
+        if all(k in sd for k in theirs):
+            t = torch.cat([sd[k] for k in theirs]) if len(theirs) > 1 else sd[theirs[0]]
+            out[ours] = _swap_halves(t) if swap else t
+            used.update(theirs)
+    out.update({f"<diffusers>.{k}": v for k, v in sd.items() if k not in used})
+    return out
+
+
+def flux_to_diffusers(sd, cfg):
+    """Inverse of flux_from_diffusers (tests, export): fused tensors split as q, k, v (| mlp-in) along the output."""
+    out, D = {}, cfg.hidden
+    for ours, theirs, swap in _flux_tensors(cfg):
+        if ours in sd:
+            t = _swap_halves(sd[ours]) if swap else sd[ours]
+            parts = t.split([D, D, D, t.shape[0] - 3 * D][: len(theirs)]) if len(theirs) > 1 else (t,)
+            out.update(zip(theirs, parts))
+    return out
+
+
+def flux_lora_to_diffusers(net):
+    """Our LoRA tensors -> diffusers/peft names (`transformer.<module>.lora_A/B.weight`): fused qkv and linear1
+    adapters split into their to_q / to_k / to_v (/ proj_mlp) pairs, linear2 -> proj_out. Targets are full module
+    names: a bare `proj_out` would also match the final projection."""
+    fmap, out, targets = flux_module_map(net.cfg), {}, []
+    for name, m in net.named_modules():
+        if isinstance(m, Linear) and m.lora_A is not None:
+            d = fmap[name]
+            for (A, B), dn in zip(split_lora(m), d if isinstance(d, tuple) else (d,)):
+                out[f"transformer.{dn}.lora_A.weight"], out[f"transformer.{dn}.lora_B.weight"] = A, B
+                targets.append(dn)
+    return out, sorted(targets)
+
+
+# ----------------------------------------------------------------------------------------------------
 # VAE (SD3.5 / FLUX 16-channel AutoencoderKL)
 # The LDM autoencoder (Rombach et al. 2022, ldm/modules/diffusionmodules/model.py) as SD3 and FLUX ship it: 16 latent
 # channels, 8x downsampling, one single-head attention in the middle, no quant convs. Same layout as Stability's
@@ -1017,8 +1377,9 @@ def _vae_config_from_shapes(sd, file):
 def load_vae(path, dtype=torch.float32, device="cpu", scaling=None, shift=None, groups=None):
     """path: a diffusers vae/ folder, a diffusers repo root holding vae/, or one .safetensors file (Stability single
     file with first_stage_model.* keys, possibly bundling the transformer and text encoders, or BFL's
-    ae.safetensors with bare keys). scaling/shift override config.json (a single file has none: SD3 constants
-    unless given, e.g. **VAE_FLUX for FLUX's ae.safetensors); groups overrides GroupNorm's 32 for a single file."""
+    ae.safetensors with bare keys). scaling/shift override config.json; a single file carries none, so there they
+    are required: **VAE_SD3 or **VAE_FLUX (a Stability-style first_stage_model.* bundle does not tell SD3 from a
+    FLUX repack). groups overrides GroupNorm's 32 for a single file."""
     path = os.fspath(path)
     if os.path.isdir(os.path.join(path, "vae")):
         path = os.path.join(path, "vae")
@@ -1038,7 +1399,10 @@ def load_vae(path, dtype=torch.float32, device="cpu", scaling=None, shift=None, 
         sd = read_safetensors(file)[0]
         if any(k.startswith("first_stage_model.") for k in sd):  # a bundle: take only the VAE
             sd = {k[len("first_stage_model."):]: t for k, t in sd.items() if k.startswith("first_stage_model.")}
-        config = dict(_vae_config_from_shapes(sd, file), groups=32, **VAE_SD3)
+        config = dict(_vae_config_from_shapes(sd, file), groups=32)
+        if scaling is None or shift is None:
+            raise ValueError(f"{file}: a single-file VAE has no latent scaling/shift: pass them, "
+                             "load_vae(path, **model.VAE_SD3) for SD3.5 or load_vae(path, **model.VAE_FLUX) for FLUX")
     config.update({k: v for k, v in dict(scaling=scaling, shift=shift, groups=groups).items() if v is not None})
     sd = {k: t.to(device=device, dtype=dtype) for k, t in sd.items()}
 
@@ -1070,4 +1434,7 @@ BACKBONES = {
     "sd35": BackboneSpec(SD3Transformer, "SD3Transformer2DModel", "joint_blocks.0.x_block.attn.qkv.weight",
                          sd3_config_from_diffusers, sd3_config_from_state,
                          lambda sd, cfg: sd3_from_diffusers(sd, cfg.depth), sd3_lora_to_diffusers),
+    "flux-kontext": BackboneSpec(FluxTransformer, "FluxTransformer2DModel", "double_blocks.0.img_attn.qkv.weight",
+                                 flux_config_from_diffusers, flux_config_from_state, flux_from_diffusers,
+                                 flux_lora_to_diffusers),
 }

@@ -85,8 +85,9 @@ def test_original_file_converts_back_exactly(tiny):
 
 @pytest.mark.parametrize("source", ["folder", "root", "single"])
 def test_parity_with_diffusers(tiny, source):
-    # norm groups are not in a single file's shapes: the released VAEs use 32, the tiny ones 8
-    vae, ref = load_vae(tiny[source], groups=8 if source == "single" else None), tiny["ref"]
+    # norm groups and latent constants are not in a single file: the released VAEs use 32 groups, the tiny ones 8
+    single = dict(groups=8, **VAE_SD3) if source == "single" else {}
+    vae, ref = load_vae(tiny[source], **single), tiny["ref"]
     assert vae.config["channels"] == tiny["channels"] and (vae.scaling, vae.shift) == SD3
     torch.manual_seed(1)
     img = torch.rand(2, 3, 24, 40)  # non-square, batch 2
@@ -116,8 +117,13 @@ def test_sample_matches_diffusers_posterior(tiny):
 
 
 def test_constants_and_dtype(tiny):
-    flux = load_vae(tiny["single"], groups=8, **VAE_FLUX)  # a single file has no config: SD3 unless told
+    flux = load_vae(tiny["single"], groups=8, **VAE_FLUX)  # a single file has no config: the caller says which
     assert (flux.scaling, flux.shift) == (0.3611, 0.1159)
+    with pytest.raises(ValueError, match=r"sd3.safetensors: a single-file VAE has no latent scaling/shift.*"
+                                         r"VAE_SD3.*VAE_FLUX"):
+        load_vae(tiny["single"], groups=8)  # never SD3's constants by default
+    with pytest.raises(ValueError, match="no latent scaling/shift"):
+        load_vae(tiny["single"], groups=8, scaling=VAE_FLUX["scaling"])
     config = json.loads((tiny["folder"] / "config.json").read_text())
     (tiny["tmp"] / "flux_vae").mkdir(exist_ok=True)
     (tiny["tmp"] / "flux_vae" / "config.json").write_text(json.dumps(dict(config, scaling_factor=0.3611,
@@ -129,6 +135,17 @@ def test_constants_and_dtype(tiny):
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in from_config.parameters())
     with torch.no_grad():
         assert from_config.decode(from_config.encode(torch.rand(1, 3, 16, 16, dtype=torch.bfloat16))).isfinite().all()
+
+
+def test_bfl_ae_file_with_flux_constants(tiny):
+    # BFL's ae.safetensors: bare LDM keys, no prefix, no constants; FLUX's z = (mean - 0.1159) * 0.3611
+    save_file({k: t.contiguous() for k, t in tiny["original"].items()}, tiny["tmp"] / "ae.safetensors")
+    vae, ref = load_vae(tiny["tmp"] / "ae.safetensors", groups=8, **VAE_FLUX), tiny["ref"]
+    img = torch.rand(2, 3, 24, 40, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        z, mean = vae.encode(img), ref.encode(2 * img - 1).latent_dist.mean
+        assert rel_err(z, (mean - 0.1159) * 0.3611) <= 1e-5
+        assert rel_err(vae.decode(z), ((ref.decode(z / 0.3611 + 0.1159).sample + 1) / 2).clamp(0, 1)) <= 1e-5
 
 
 # --- bad checkpoints: each error names the file or the key
@@ -154,14 +171,14 @@ def test_missing_unexpected_misshaped_keys(tiny, tmp_path):
     sd = dict(tiny["original"])
     del sd["decoder.up.0.block.1.conv2.bias"]
     with pytest.raises(ValueError, match=r"missing keys \(1\): decoder.up.0.block.1.conv2.bias"):
-        load_vae(write_original(tmp_path, "missing.safetensors", sd), groups=8)
+        load_vae(write_original(tmp_path, "missing.safetensors", sd), groups=8, **VAE_SD3)
     sd = dict(tiny["original"], **{"decoder.mid.attn_2.q.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"unexpected keys \(1\): decoder.mid.attn_2.q.weight"):
-        load_vae(write_original(tmp_path, "unexpected.safetensors", sd), groups=8)
+        load_vae(write_original(tmp_path, "unexpected.safetensors", sd), groups=8, **VAE_SD3)
     q = tiny["original"]["encoder.mid.attn_1.q.weight"]
     sd = dict(tiny["original"], **{"encoder.mid.attn_1.q.weight": q[:, :, 0, 0]})  # a linear where a conv belongs
     with pytest.raises(ValueError, match=r"mis-shaped keys \(1\): encoder.mid.attn_1.q.weight: "):
-        load_vae(write_original(tmp_path, "misshaped.safetensors", sd), groups=8)
+        load_vae(write_original(tmp_path, "misshaped.safetensors", sd), groups=8, **VAE_SD3)
     with pytest.raises(ValueError, match="encoder.mid_block.attentions.1.to_q.weight"):  # diffusers side
         vae_from_diffusers({"encoder.mid_block.attentions.1.to_q.weight": torch.zeros(2, 2)}, 2)
 

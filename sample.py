@@ -33,6 +33,23 @@ def get_schedule(steps: int, shift: float = 3.0, num_train_timesteps: int = 1000
     return torch.cat([sigmas, torch.zeros(1)])
 
 
+def flux_mu(image_seq_len: int, base=(256, 0.5), top=(4096, 1.15)) -> float:
+    # FLUX's resolution-dependent shift: mu linear in the target's token count through (256, 0.5) and (4096, 1.15)
+    # (diffusers pipeline_flux_kontext.py calculate_shift; BFL sampling.py get_lin_function). Kontext counts the
+    # target tokens only, never the reference's.
+    m = (top[1] - base[1]) / (top[0] - base[0])
+    return image_seq_len * m + base[1] - m * base[0]
+
+
+def get_flux_schedule(steps: int, image_seq_len: int) -> torch.Tensor:
+    # FluxKontextPipeline: sigmas = linspace(1, 1/steps, steps) (float64, then float32), shifted by
+    # e^mu / (e^mu + (1/σ - 1)) in float32 (scheduling_flow_match_euler_discrete.py _time_shift_exponential),
+    # then a terminal 0. -> [steps+1]
+    sigmas = torch.linspace(1.0, 1 / steps, steps, dtype=torch.float64).float()
+    e = math.exp(flux_mu(image_seq_len))
+    return torch.cat([e / (e + (1 / sigmas - 1)), torch.zeros(1)])
+
+
 def noise_like(shape, seed: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
     # drawn on the CPU so that a seed gives the same image on every device
     g = torch.Generator("cpu").manual_seed(seed)
@@ -139,35 +156,46 @@ def tiny_text_encoders(vocab: list[str], seed: int = 0, clip_dims=(32, 32), t5_d
                        t5_len: int = 8) -> TextEncoders:
     # The same three transformers classes with tiny random configs and an offline word-level tokenizer, for the
     # CPU default (SPEC §4). Fixed seed -> identical weights on every run, without touching the global RNG.
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config,
-                              T5EncoderModel)
+    from transformers import CLIPTextModelWithProjection
     assert sum(clip_dims) <= t5_dim, "the CLIP states are zero-padded to the T5 width"
-    specials = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]  # eos must not be id 2: modeling_clip.py:551
-    ids = {t: i for i, t in enumerate(specials + sorted(set(w.lower() for w in vocab) - set(specials)))}
-
-    def tokenizer(template, max_len):
-        tok = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
-        tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[
-            ("<|startoftext|>", ids["<|startoftext|>"]), ("<|endoftext|>", ids["<|endoftext|>"])])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_len, pad_token="<pad>",
-                                       unk_token="<unk>", bos_token="<|startoftext|>", eos_token="<|endoftext|>")
-
-    def clip(dim):
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(ids), hidden_size=dim, intermediate_size=2 * dim, projection_dim=dim, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=clip_len, pad_token_id=0, bos_token_id=2,
-            eos_token_id=3)).eval()
-
+    ids = _tiny_vocab(vocab)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        clip_l, clip_g = clip(clip_dims[0]), clip(clip_dims[1])
-        t5 = T5EncoderModel(T5Config(vocab_size=len(ids), d_model=t5_dim, d_kv=t5_dim // 2, d_ff=2 * t5_dim,
-                                     num_layers=2, num_heads=2, pad_token_id=0, eos_token_id=3)).eval()
-    clip_tok = tokenizer("<|startoftext|> $A <|endoftext|>", clip_len)
-    return TextEncoders(clip_l, clip_tok, clip_g, clip_tok, t5, tokenizer("$A <|endoftext|>", t5_len),
+        clip_l, clip_g = (_tiny_clip(CLIPTextModelWithProjection, ids, d, clip_len) for d in clip_dims)
+        t5 = _tiny_t5(ids, t5_dim)
+    clip_tok = _tiny_tokenizer(ids, "<|startoftext|> $A <|endoftext|>", clip_len)
+    return TextEncoders(clip_l, clip_tok, clip_g, clip_tok, t5, _tiny_tokenizer(ids, "$A <|endoftext|>", t5_len),
                         context_dim=t5_dim, t5_len=t5_len)
+
+
+def _tiny_vocab(vocab):
+    specials = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]  # eos must not be id 2: modeling_clip.py:551
+    return {t: i for i, t in enumerate(specials + sorted(set(w.lower() for w in vocab) - set(specials)))}
+
+
+def _tiny_tokenizer(ids, template, max_len):
+    # a word-level tokenizer built in code (no files, no hub), wrapped as a transformers fast tokenizer
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[
+        ("<|startoftext|>", ids["<|startoftext|>"]), ("<|endoftext|>", ids["<|endoftext|>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_len, pad_token="<pad>",
+                                   unk_token="<unk>", bos_token="<|startoftext|>", eos_token="<|endoftext|>")
+
+
+def _tiny_clip(cls, ids, dim, max_len):  # CLIPTextModel(WithProjection), 2 layers
+    from transformers import CLIPTextConfig
+    return cls(CLIPTextConfig(vocab_size=len(ids), hidden_size=dim, intermediate_size=2 * dim, projection_dim=dim,
+                              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_len,
+                              pad_token_id=0, bos_token_id=2, eos_token_id=3)).eval()
+
+
+def _tiny_t5(ids, dim):
+    from transformers import T5Config, T5EncoderModel
+    return T5EncoderModel(T5Config(vocab_size=len(ids), d_model=dim, d_kv=dim // 2, d_ff=2 * dim, num_layers=2,
+                                   num_heads=2, pad_token_id=0, eos_token_id=3)).eval()
 
 
 @torch.no_grad()
@@ -195,6 +223,67 @@ def encode_prompts(enc: TextEncoders, prompts: list[str], t5_len: int | None = N
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# FLUX text encoders (notes/backbones.md §2.6): T5-XXL last hidden states (512 tokens, padded, no attention mask)
+# as the context, CLIP-L's un-projected pooler output as the pooled vector.
+
+
+@dataclass
+class FluxTextEncoders:
+    clip: torch.nn.Module            # CLIPTextModel (pooler_output, not the projected embedding)
+    tok_clip: object
+    t5: torch.nn.Module              # T5EncoderModel
+    tok_t5: object
+    t5_len: int = 512                # FLUX.1 dev / Kontext (diffusers max_sequence_length)
+
+    def to(self, device):
+        self.clip.to(device), self.t5.to(device)
+        return self
+
+
+def load_flux_text_encoders(path: str, device="cpu", dtype=torch.float32) -> FluxTextEncoders:
+    # `path`: a diffusers FLUX repo folder (text_encoder/ = CLIP-L, text_encoder_2/ = T5, tokenizer{,_2}/)
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"text encoders: {path!r} is not a folder (a local FLUX diffusers repo with "
+                                "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
+
+    def part(cls, sub):
+        if not os.path.isdir(os.path.join(path, sub)):
+            raise FileNotFoundError(f"text encoders: {os.path.join(path, sub)} is missing")
+        if cls is AutoTokenizer:
+            return cls.from_pretrained(path, subfolder=sub)
+        return cls.from_pretrained(path, subfolder=sub, dtype=dtype).to(device).eval()
+
+    return FluxTextEncoders(part(CLIPTextModel, "text_encoder"), part(AutoTokenizer, "tokenizer"),
+                            part(T5EncoderModel, "text_encoder_2"), part(AutoTokenizer, "tokenizer_2"))
+
+
+def tiny_flux_text_encoders(vocab: list[str], seed: int = 0, clip_dim: int = 32, t5_dim: int = 64, clip_len: int = 8,
+                            t5_len: int = 8) -> FluxTextEncoders:
+    # FLUX's two encoder classes, tiny and random (fixed seed), with the offline word-level tokenizers
+    from transformers import CLIPTextModel
+    ids = _tiny_vocab(vocab)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip, t5 = _tiny_clip(CLIPTextModel, ids, clip_dim, clip_len), _tiny_t5(ids, t5_dim)
+    return FluxTextEncoders(clip, _tiny_tokenizer(ids, "<|startoftext|> $A <|endoftext|>", clip_len), t5,
+                            _tiny_tokenizer(ids, "$A <|endoftext|>", t5_len), t5_len=t5_len)
+
+
+@torch.no_grad()
+def encode_flux_prompts(enc: FluxTextEncoders, prompts: list[str]):
+    # pipeline_flux_kontext.py _get_t5_prompt_embeds / _get_clip_prompt_embeds -> context [B, t5_len, D_t5],
+    # pooled [B, D_clip]
+    ids = enc.tok_clip(prompts, padding="max_length", max_length=enc.tok_clip.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids
+    pooled = enc.clip(ids.to(enc.clip.device), output_hidden_states=False).pooler_output
+    ids = enc.tok_t5(prompts, padding="max_length", max_length=enc.t5_len, truncation=True,
+                     return_tensors="pt").input_ids
+    context = enc.t5(ids.to(enc.t5.device), output_hidden_states=False)[0]
+    return context.to(pooled.device), pooled
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Images
 
 
@@ -219,15 +308,9 @@ def decode(vae, x0):
 @torch.no_grad()
 def generate(net, vae, cond, uncond, pref, steps: int, seed: int, size: int, guidance: float = 1.0,
              solver: str = "euler", shift: float = 3.0, progress: bool = False) -> torch.Tensor:
-    # -> images [B,3,H,W] in [0,1]. The same seed always starts from the same noise, so a sweep over ω compares like with like.
-    p = next(net.parameters())
-    to_net = lambda d: None if d is None else {k: v.to(p.device, p.dtype) for k, v in d.items()}
-    cond, uncond = to_net(cond), to_net(uncond)
-    batch, side = cond["context"].shape[0], size // 8 if vae is not None else size
-    x = noise_like((batch, net.cfg.in_channels, side, side), seed, p.device, p.dtype)
-    if pref is not None:
-        pref = torch.as_tensor(pref, dtype=p.dtype, device=p.device).expand(batch, -1)
-    return decode(vae, denoise(net, x, get_schedule(steps, shift), cond, pref, guidance, uncond, solver, progress))
+    # -> images [B,3,size,size] in [0,1] from an SD3-style net (latents at size/8 with the VAE, pixels without)
+    return Pipeline(net, vae, None, None).generate(cond, uncond, pref, steps, seed, size, size, guidance, solver,
+                                                   shift, progress)
 
 
 def sample_images(net, vae, enc, prompts, pref, steps: int, seed: int, size: int, guidance: float = 1.0,
@@ -301,25 +384,54 @@ def parse_pref(text: str) -> list[float]:
 @dataclass
 class Pipeline:
     net: torch.nn.Module                     # the transformer (+ the adapter, if one was given)
-    vae: torch.nn.Module | None              # None: a pixel-space net (the tiny default) whose x0 lives in [-1, 1]
+    vae: torch.nn.Module | None              # None: a pixel-space net (the tiny defaults) whose x0 lives in [-1, 1]
     enc: object                              # the text encoders
     encode: callable                         # prompts -> cond dict of tensors [B, ...] (the net's keyword inputs)
+    latent: callable = None                  # (height, width) px -> one x0's shape; None: SD3's (C, H/8, W/8)
+    schedule: callable = None                # (steps, shift, x0 shape) -> sigmas; None: get_schedule(steps, shift)
+    to_latent: callable = None               # images [B,3,H,W] in [0,1] -> latents (Kontext's reference image)
+    from_latent: callable = None             # x0 -> images in [0,1]; None: the VAE's decode (pixels without one)
+    guidance_input: bool = False             # FLUX: the guidance scale is an input of the net, not CFG
 
     def conditions(self, prompts, guidance=1.0, negative_prompt=""):
-        return prompt_conditions(self.encode, prompts, guidance, negative_prompt)
+        return prompt_conditions(self.encode, prompts, guidance if not self.guidance_input else 1.0, negative_prompt)
 
     def decode(self, x0):
-        return decode(self.vae, x0)
+        return self.from_latent(x0) if self.from_latent else decode(self.vae, x0)
+
+    def x0_shape(self, height, width):
+        if self.latent:
+            return self.latent(height, width)
+        return (self.net.cfg.in_channels, height // 8, width // 8) if self.vae is not None else \
+            (self.net.cfg.in_channels, height, width)
+
+    @torch.no_grad()
+    def generate(self, cond, uncond, pref, steps, seed, height, width, guidance=1.0, solver="euler", shift=3.0,
+                 progress=False):
+        # -> images [B,3,H,W] in [0,1]. The same seed always starts from the same noise, so a sweep over ω compares
+        # like with like.
+        p = next(self.net.parameters())
+        to_net = lambda d: None if d is None else {k: v.to(p.device, p.dtype) for k, v in d.items()}
+        cond, uncond = to_net(cond), to_net(uncond)
+        batch = next(iter(cond.values())).shape[0]
+        if self.guidance_input:  # guidance-distilled: one forward per step, the scale goes in as an input
+            cond["guidance"], guidance = torch.full((batch,), float(guidance), device=p.device), 1.0
+        shape = self.x0_shape(height, width)
+        x = noise_like((batch, *shape), seed, p.device, p.dtype)
+        if pref is not None:
+            pref = torch.as_tensor(pref, dtype=p.dtype, device=p.device).expand(batch, -1)
+        sigmas = self.schedule(steps, shift, shape) if self.schedule else get_schedule(steps, shift)
+        return self.decode(denoise(self.net, x, sigmas, cond, pref, guidance, uncond, solver, progress))
 
 
-def load_net(weights, lora, dtype, device, objectives=None):
+def load_net(weights, lora, dtype, device):
     import model
     pref_dim = 0
     if lora:  # the adapter records the config it was trained with (model.save_adapters), incl. the objective count
         pref_dim = model.read_adapter_meta(lora)["config"].get("pref_dim", 0)
     net = model.load_transformer(weights, pref_dim=pref_dim, dtype=dtype, device=device)
     if lora:
-        model.load_adapters(net, lora, objectives)
+        model.load_adapters(net, lora)
     return net.eval()
 
 
@@ -331,9 +443,10 @@ def load_sd35(spec, dtype=torch.float32, device="cpu", lora=None):
     weights = spec["weights"]
     net = load_net(weights, lora, dtype, device)
     vae = None
-    if os.path.isdir(weights) and os.path.exists(os.path.join(weights, "vae")) or net.cfg.in_channels != 3:
-        vae = model.load_vae(os.path.join(weights, "vae") if os.path.isdir(weights) else weights, dtype=dtype,
-                             device=device)
+    if os.path.isdir(weights) and os.path.exists(os.path.join(weights, "vae")):
+        vae = model.load_vae(os.path.join(weights, "vae"), dtype=dtype, device=device)  # constants from config.json
+    elif net.cfg.in_channels != 3:  # a Stability single file bundles the VAE (first_stage_model.*), no constants
+        vae = model.load_vae(weights, dtype=dtype, device=device, **model.VAE_SD3)
     if "tiny_text_encoders" in spec:
         enc = tiny_text_encoders(**spec["tiny_text_encoders"])
     else:
@@ -361,7 +474,7 @@ def main(argv=None):
     ap.add_argument("--prompt", required=True, help="text prompt")
     ap.add_argument("--negative-prompt", default="", help="unconditional prompt for CFG")
     ap.add_argument("--pref", help="ω: w1 for two objectives (ω = (w1, 1-w1)) or a full vector like 0.2,0.3,0.5")
-    ap.add_argument("--sweep", type=int, default=0, help="N >= 2: one strip of N images, ω = (1-i/(N-1), i/(N-1))")
+    ap.add_argument("--sweep", type=int, help="N >= 2: one strip of N images, ω = (1-i/(N-1), i/(N-1))")
     ap.add_argument("--steps", type=int, help="ODE steps (default 28; a run's sample_steps)")
     ap.add_argument("--solver", choices=["euler", "dpm2"], help="ODE solver (default euler; a run's solver)")
     ap.add_argument("--shift", type=float, help="schedule time shift (default 3.0 for SD3.5; a run's shift)")
@@ -415,10 +528,14 @@ def run_settings(args):
 
 def run(args):
     # validate everything cheap before loading anything
-    if args.pref and args.sweep:
+    if args.pref is not None and args.sweep is not None:
         raise UsageError("give either --pref or --sweep, not both")
-    if args.sweep == 1 or args.sweep < 0:
+    if args.sweep is not None and args.sweep < 2:
         raise UsageError("--sweep needs N >= 2")
+    if args.pref is not None and not args.pref.strip():
+        raise UsageError("--pref is empty: give w1 (two objectives) or a full vector like 0.2,0.3,0.5")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device here")
     prefs = [parse_pref(args.pref)] if args.pref else [None]
     if args.sweep:
         prefs = [[1 - i / (args.sweep - 1), i / (args.sweep - 1)] for i in range(args.sweep)]
@@ -428,8 +545,11 @@ def run(args):
             setattr(args, k, v)
     if args.size % 16:
         raise UsageError(f"--size {args.size}: must be a multiple of 16 (VAE 8x, patch 2)")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
         raise UsageError(f"--out {args.out}: the folder does not exist")
+    if not os.access(out_dir, os.W_OK):
+        raise UsageError(f"--out {args.out}: the folder {out_dir} is not writable")
     if backbone not in LOADERS:
         raise UsageError(f"backbone {backbone!r} has no loader here (available: {', '.join(sorted(LOADERS))})")
 
@@ -440,6 +560,10 @@ def run(args):
         raise UsageError(f"--sweep moves ω between two objectives; this model has {m}: use --pref")
     if prefs[0] is not None and m == 0:
         raise UsageError("this model has no preference input (pref_dim=0): pass its adapter with --lora")
+    if prefs[0] is None and m > 0:  # pref=None turns the preference paths off: a mode the model never trained in
+        names = f" {objectives}" if objectives else ""
+        raise UsageError(f"this model was trained with a preference over {m} objectives{names}: pass --pref w1[,w2...] "
+                         "or --sweep N")
     if prefs[0] is not None and len(prefs[0]) != m:
         raise UsageError(f"ω has {len(prefs[0])} entries but the model was trained with {m} objectives")
     cond, uncond = pipe.conditions([args.prompt], args.guidance, args.negative_prompt)

@@ -17,6 +17,7 @@ Deviations from the released code: the slider projector's last layer starts at z
 ranks; the tiny default trains in pixel space on a procedural world instead of SD3.5 latents.
 """
 import argparse
+import hashlib
 import inspect
 import json
 import math
@@ -89,6 +90,19 @@ class Config:
 
 CHOICES = dict(kernels=("", "triton", "torch"), solver=("euler", "dpm2"), dtype=("fp32", "bf16"),
                device=("", "cuda", "cpu"))
+# numeric flags: the smallest (and largest) value that makes sense; group_size 1 would give zero advantages
+AT_LEAST = dict(steps=1, prompts_per_step=1, prefs_per_prompt=1, group_size=2, sample_steps=1, size=8, batch=1,
+                lora_rank=1, ckpt_every=1, pretrain_steps=1, pretrain_batch=1, eval_points=2, eval_prompts=1,
+                kl_beta=0.0, weight_decay=0.0, ema=0.0)
+POSITIVE = ("lr", "lora_alpha", "grad_clip", "adv_clip", "shift", "pretrain_lr", "beta", "timestep_fraction")
+AT_MOST = dict(beta=1.0, timestep_fraction=1.0, ema=0.999999)
+# what --resume may change: how far to train, where to run, what to evaluate; everything else is the method
+RESUMABLE = ("steps", "resume", "kernels", "device", "eval_points", "eval_prompts", "ref_point", "ckpt_every", "batch",
+             "cache")
+
+
+class RunError(Exception):
+    """An expected failure (bad input, a broken file, a reward that returned garbage): one line, exit code 2."""
 
 
 def die(msg):
@@ -110,13 +124,7 @@ def parse_config(argv=None):
             p.add_argument(flag, type=f.type, help=h)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     if args.get("resume"):
-        path = os.path.join(args["resume"], "config.json")
-        if not os.path.isfile(path):
-            die(f"--resume {args['resume']}: no config.json there (not a run folder)")
-        with open(path) as fh:
-            saved = json.load(fh)
-        cfg = Config(**{**saved, **{k: v for k, v in args.items() if k in ("steps", "resume", "kernels", "device")}})
-        cfg.out = args["resume"]
+        cfg = resume_config(args)
     else:
         b = args.get("backbone", Config.backbone)
         if b not in BACKBONES:
@@ -125,7 +133,70 @@ def parse_config(argv=None):
     for name, ok in CHOICES.items():
         if getattr(cfg, name) not in ok:
             die(f"--{name} {getattr(cfg, name)!r}: choose one of {[v for v in ok if v]}")
+    for name in [*AT_LEAST, *POSITIVE, *AT_MOST]:
+        v, lo, hi = getattr(cfg, name), AT_LEAST.get(name), AT_MOST.get(name, math.inf)
+        if not (v >= lo if lo is not None else v > 0) or not v <= hi or v != v:
+            rule = f">= {lo}" if lo is not None else "> 0"
+            die(f"--{name.replace('_', '-')} {v}: must be {rule}" + (f" and <= {hi}" if hi < math.inf else ""))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        die("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
     objectives(cfg)  # rewards, --fixed-pref and --ref-point checked now, not after the models load
+    if not cfg.tiny:
+        check_full_size(cfg)
+    if not cfg.resume and int(os.environ.get("RANK", "0")) == 0:
+        cfg.out = claim_run_folder(cfg.out, explicit="out" in args)
+    return cfg
+
+
+def holds_run(folder):
+    return any(os.path.exists(os.path.join(folder, f)) for f in ("config.json", "checkpoint.safetensors", "eval.json"))
+
+
+def claim_run_folder(out, explicit):
+    """A new run never writes into a folder that holds a run. An explicit --out is refused; the preset's default
+    (runs/tiny) moves on to the first free runs/tiny-2, runs/tiny-3, ... and says so."""
+    if not holds_run(out):
+        return out
+    if explicit:
+        die(f"--out {out} already holds a run: continue it with --resume {out}, or choose another --out")
+    k = 2
+    while holds_run(f"{out}-{k}"):
+        k += 1
+    print(f"note: {out} holds an earlier run; this run writes to {out}-{k} (--out to choose, --resume {out} to continue)")
+    return f"{out}-{k}"
+
+
+def resume_config(args):
+    """The saved config of the run folder, with only the RESUMABLE flags changed; its checkpoint header read now
+    (step, readable), before any model is built. Flags that would change the method are refused, listed."""
+    d = args["resume"]
+    path = os.path.join(d, "config.json")
+    if not os.path.isfile(path):
+        die(f"--resume {d}: no config.json there (not a run folder)")
+    try:
+        saved = model.read_json(path)
+        cfg = Config(**saved)
+    except (ValueError, TypeError) as e:
+        die(f"--resume {d}: {path} is not a train.py config ({e})")
+    changed = [f"--{k.replace('_', '-')} {v!r} (the run has {saved.get(k)!r})" for k, v in args.items()
+               if k not in RESUMABLE and k != "out" and v != saved.get(k)]
+    if args.get("out") and os.path.abspath(args["out"]) != os.path.abspath(d):
+        changed.append(f"--out {args['out']} (a resumed run stays in {d})")
+    if changed:
+        die(f"--resume {d}: these flags would change the run, which cannot change on resume: " + "; ".join(changed)
+            + f". Start a new run with another --out instead (resumable: {', '.join('--' + k for k in RESUMABLE[:1] + RESUMABLE[2:])})")
+    cfg = Config(**{**saved, **{k: v for k, v in args.items() if k in RESUMABLE}})
+    cfg.out = d
+    ckpt = os.path.join(d, "checkpoint.safetensors")
+    if os.path.isfile(ckpt):
+        try:
+            step = int(model.read_safetensors_meta(ckpt)["step"])
+        except (ValueError, KeyError) as e:
+            die(f"--resume {d}: cannot read the checkpoint {ckpt}: {e}")
+        if step >= cfg.steps:
+            print(f"note: {d} is already at step {step} of {cfg.steps}: evaluating again (--steps N > {step} to train on)")
+    else:
+        print(f"note: {d} has no checkpoint yet: starting it at step 0 with its saved config")
     return cfg
 
 
@@ -332,21 +403,32 @@ def sd35_tiny_setup(cfg, M, device):
     setup = Setup(None, prompts, cond, [{} for _ in prompts], [(7 * i) % len(prompts) for i in range(cfg.eval_prompts)],
                   (3, cfg.size, cfg.size), lambda x0: sample.decode(None, x0), {})
 
-    def world():  # x0 in [-1, 1] and the item of each image, for flow matching
+    def world():  # x0 in [-1, 1] and the conditioning of each image, for flow matching
         n = min(cfg.pretrain_steps * cfg.pretrain_batch, 20000)
         images, world_prompts, _ = R.tiny_world(n, size=cfg.size, seed=cfg.seed)
-        return images * 2 - 1, torch.tensor([prompts.index(p) for p in world_prompts])
+        return images * 2 - 1, {k: v[[prompts.index(p) for p in world_prompts]] for k, v in cond.items()}
 
-    key = f"tiny_base_{cfg.size}px_{cfg.pretrain_steps}x{cfg.pretrain_batch}_lr{cfg.pretrain_lr}_s{cfg.seed}_v1"
     mcfg = model.SD3Config(**model.SD3_PRESETS["sd35-tiny"])
+    key = cache_key("tiny_sd35", cfg, asdict(mcfg), tiny_enc, prompts, R.tiny_world, R._render, R._shape_distance)
     path = pretrain_tiny(cfg, setup, lambda: model.SD3Transformer(mcfg), world, key, device)
-    setup.pipeline = dict(weights=path, tiny_text_encoders=tiny_enc)
+    setup.pipeline = dict(weights=os.path.abspath(path), tiny_text_encoders=tiny_enc)
     return setup
 
 
+def cache_key(name, cfg, *parts):
+    """A cache file name that changes with everything the tiny base depends on: the pretraining settings, the net's
+    preset, the text encoders, and the world (the source of its functions), so a code change never serves a stale
+    base. (model.py's own code is not hashed: a refactor that changes a number must show it in the tests.)"""
+    items = [cfg.size, cfg.seed, cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr]
+    items += [inspect.getsource(p) if callable(p) else p for p in parts]
+    digest = hashlib.sha1(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{name}_{cfg.size}px_{cfg.pretrain_steps}x{cfg.pretrain_batch}_s{cfg.seed}_{digest}"
+
+
 def pretrain_tiny(cfg, setup, make_net, world, key, device):
-    """The tiny base model: flow matching on the procedural world (its styles mixed), cached on disk under a
-    name that hashes everything it depends on. Sets setup.net; returns the cache file."""
+    """The tiny base model: flow matching on the procedural world (world() -> x0 [n, *x0_shape] and the net's
+    conditioning of each, {keyword: [n, ...]}), cached on disk under a name that hashes everything it depends on.
+    Sets setup.net; returns the cache file."""
     path = os.path.join(cfg.cache, key + ".safetensors")
     if os.path.isfile(path):
         setup.net = model.load_transformer(path, device=device)
@@ -356,7 +438,7 @@ def pretrain_tiny(cfg, setup, make_net, world, key, device):
     torch.manual_seed(cfg.seed)
     with torch.device(device):
         net = setup.net = make_net()
-    x0_all, items_all = world()
+    x0_all, cond_all = world()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     warm = max(1, cfg.pretrain_steps // 20)  # linear warm-up, then cosine decay to 0
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -368,7 +450,7 @@ def pretrain_tiny(cfg, setup, make_net, world, key, device):
         t = torch.sigmoid(torch.randn(len(idx), generator=gen)).to(device)  # logit-normal t (SD3 paper)
         eps = torch.randn(x0.shape, generator=gen).to(device)
         xt = (1 - expand(t, x0)) * x0 + expand(t, x0) * eps
-        v = velocity(net, setup, xt, t, lookup(setup, items_all[idx], device, torch.float32))
+        v = velocity(net, setup, xt, t, {k: c[idx].to(device) for k, c in cond_all.items()})
         loss = (v - (eps - x0)).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -387,23 +469,31 @@ def check_full_size(cfg):
         die(f"no base weights: pass --weights <{cfg.backbone} diffusers folder (with transformer/, vae/, text encoders)>, "
             "e.g. a local download of stabilityai/stable-diffusion-3.5-medium; or run the CPU default: "
             f"python train.py --backbone {cfg.backbone} --tiny")
-    if not os.path.exists(cfg.weights) and cfg.weights.count("/") != 1:
-        die(f"--weights {cfg.weights}: no such file or folder")
+    if not os.path.exists(cfg.weights):
+        hub = " (a hub id? weights are never downloaded here: download the repo and pass its folder)" \
+            if cfg.weights.count("/") == 1 else ""
+        die(f"--weights {cfg.weights}: no such file or folder{hub}")
     if not torch.cuda.is_available() and cfg.device != "cpu":
         die(f"full-size training needs a CUDA GPU (bf16); on a CPU run: python train.py --backbone {cfg.backbone} --tiny "
             "(--device cpu forces the full-size path on a CPU, for small test models)")
     if not cfg.prompts or not os.path.isfile(cfg.prompts):
         die(f"--prompts {cfg.prompts!r}: give a text file with one training prompt per line")
+    if not read_prompts(cfg.prompts):
+        die(f"--prompts {cfg.prompts}: the file has no prompt (one per line; blank lines are skipped)")
+
+
+def read_prompts(path):
+    with open(path) as fh:
+        return [ln.strip() for ln in fh if ln.strip()]
 
 
 def sd35_setup(cfg, M, device):
     """Full-size SD3.5 through sample.py's loader: base weights in bf16, text encoders run once over all prompts
     then moved off the GPU, the VAE decodes x0 for the rewards."""
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    spec = dict(weights=cfg.weights)
+    spec = dict(weights=os.path.abspath(cfg.weights))
     pipe = sample.LOADERS["sd35"](spec, dtype, device)
-    with open(cfg.prompts) as fh:
-        prompts = [ln.strip() for ln in fh if ln.strip()]
+    prompts = read_prompts(cfg.prompts)
     parts = [{k: v.cpu() for k, v in pipe.encode(prompts[i: i + 16]).items()} for i in range(0, len(prompts), 16)]
     cond = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     pipe.enc.to("cpu")  # never needed again: the prompts' embeddings are cached
@@ -462,13 +552,26 @@ def update_losses(net, old, setup, x0, eps, t, cond, pref, p, cfg):
     return loss, kl
 
 
-def score(reward_fns, decode, x0, prompts, meta, batch):
+def score(reward_fns, names, decode, x0, prompts, meta, batch, where):
     """Decode x0 and score every image with every reward, in micro-batches (a 512^2 VAE decode is
-    memory-hungry). -> rewards [B, M] on the CPU, and the first micro-batch of images (for pictures)."""
+    memory-hungry). -> rewards [B, M] on the CPU, and the first micro-batch of images (for pictures).
+    Every reward must return a finite float tensor of shape [B]: anything else stops the run here, before it
+    can reach an advantage, a gradient or a checkpoint."""
     rows, first = [], None
     for i in range(0, len(x0), batch):
         images, ps, ms = decode(x0[i: i + batch]), prompts[i: i + batch], meta[i: i + batch]
-        rows.append(torch.stack([fn(images, ps, ms).float().cpu() for fn in reward_fns], 1))
+        cols = []
+        for fn, name in zip(reward_fns, names):
+            r = fn(images, ps, ms)
+            if not torch.is_tensor(r) or not r.is_floating_point() or r.shape != (len(ps),):
+                what = f"{r.dtype} tensor of shape {list(r.shape)}" if torch.is_tensor(r) else type(r).__name__
+                raise RunError(f"{where}: reward {name} returned a {what}, not a float tensor of shape [{len(ps)}]")
+            bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
+            if bad:
+                show = ", ".join(f"#{i + j} {ps[j]!r} = {r[j].item()}" for j in bad[:4]) + (" …" if len(bad) > 4 else "")
+                raise RunError(f"{where}: reward {name} returned non-finite scores for {len(bad)} sample(s): {show}")
+            cols.append(r.float().cpu())
+        rows.append(torch.stack(cols, 1))
         first = images.float().cpu() if first is None else first
     return torch.cat(rows), first
 
@@ -478,6 +581,9 @@ def score(reward_fns, decode, x0, prompts, meta, batch):
 
 
 def save_checkpoint(path, step, params, old, ema, opt, gen, cfg):
+    bad = [n for n, p in params.items() if not torch.isfinite(p).all()]
+    if bad:  # never replace a good checkpoint by a poisoned one
+        raise RunError(f"step {step}: non-finite weights in {bad[:3]}; not saving over {path}")
     t = {f"policy.{n}": p.detach() for n, p in params.items()}
     t |= {f"old.{n}": v for n, v in old.items()} | {f"ema.{n}": v for n, v in ema.items()}
     for n, p in params.items():
@@ -527,12 +633,12 @@ def evaluate(cfg, net, ema, setup, reward_fns, names, fixed, ref_point, device, 
     sweep, tiles = [], []
     for w in tqdm(prefs, desc="eval sweep", disable=not is_rank0()):
         pref = None if fixed is not None else torch.tensor(w, device=device, dtype=dtype).expand(E, M)
-        r, images = score(reward_fns, setup.decode, rollout(fn, setup, noise, cond, pref, sigmas, cfg), prompts, meta,
-                          cfg.batch)
+        r, images = score(reward_fns, names, setup.decode, rollout(fn, setup, noise, cond, pref, sigmas, cfg), prompts,
+                          meta, cfg.batch, f"evaluation at w={w}")
         sweep.append(dict(pref=[round(v, 6) for v in w], rewards=r.mean(0).tolist(), std=r.std(0, unbiased=False).tolist()))
         tiles.append(images[:6])
-    rb, _ = score(reward_fns, setup.decode, rollout(base_model(net), setup, noise, cond, None, sigmas, cfg), prompts, meta,
-                  cfg.batch)
+    rb, _ = score(reward_fns, names, setup.decode, rollout(base_model(net), setup, noise, cond, None, sigmas, cfg),
+                  prompts, meta, cfg.batch, "evaluation of the base model")
     pts = [s["rewards"] for s in sweep]
     W, Rw = torch.tensor([s["pref"] for s in sweep]), torch.tensor(pts)
     result = dict(objectives=names, sweep=sweep, hypervolume=hypervolume(pts, ref_point), ref_point=ref_point,
@@ -589,7 +695,7 @@ def plot_front(path, res):
         d.line([bx - 6, by - 6, bx + 6, by + 6], fill="black", width=2)
         d.line([bx - 6, by + 6, bx + 6, by - 6], fill="black", width=2)
         d.text((bx + 8, by), "base", fill="black")
-    img.save(path)
+    model.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -597,11 +703,16 @@ def plot_front(path, res):
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
+    # the error boundary: expected failures (bad files, bad flags, I/O, a broken reward) end as one line, exit 2
+    try:
+        return train(parse_config(argv))
+    except (RunError, ValueError, OSError, sample.UsageError) as e:
+        die(str(e))
+
+
+def train(cfg):
     names, fixed, ref_point = objectives(cfg)
     M = len(names)
-    if not cfg.tiny:
-        check_full_size(cfg)
     rank, world, device = compute_init(cfg.device)
     if cfg.kernels:
         try:
@@ -610,7 +721,11 @@ def main(argv=None):
             die(str(e))
     torch.manual_seed(cfg.seed + rank)  # rank-local draws only; the loop's draws come from `gen`, shared
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    os.makedirs(cfg.out, exist_ok=True)
+    if is_rank0():
+        os.makedirs(cfg.out, exist_ok=True)
+        for f in os.listdir(cfg.out):  # temporaries of a write that was killed (kill -9): never a finished file
+            if re.fullmatch(r".+\.tmp\d+", f):
+                os.remove(os.path.join(cfg.out, f))
     log = os.path.join(cfg.out, "log.txt")
     header = run_header(cfg)
     print0(json.dumps(header, indent=1), log=log)
@@ -634,7 +749,9 @@ def main(argv=None):
     ckpt = os.path.join(cfg.out, "checkpoint.safetensors")
     start = load_checkpoint(ckpt, params, old, ema, opt, gen) if cfg.resume and os.path.isfile(ckpt) else 0
     if cfg.resume:
-        print0(f"resumed from {ckpt} at step {start}", log=log)
+        print0(f"resumed {cfg.out} at step {start}" if start else f"{cfg.out}: no checkpoint yet, starting at step 0",
+               log=log)
+    last = start  # the step of the newest checkpoint
 
     P, K, G = cfg.prompts_per_step, cfg.prefs_per_prompt, cfg.group_size  # FixedWeight: same budget, one w
     N = P * K * G
@@ -660,8 +777,8 @@ def main(argv=None):
 
         # --- rewards: every image, every objective; gathered so groups may span ranks
         r = torch.zeros(N, M)
-        r[mine] = score(reward_fns, setup.decode, x0, [setup.prompts[i] for i in my_items.tolist()],
-                        [setup.meta[i] for i in my_items.tolist()], cfg.batch)[0]
+        r[mine] = score(reward_fns, names, setup.decode, x0, [setup.prompts[i] for i in my_items.tolist()],
+                        [setup.meta[i] for i in my_items.tolist()], cfg.batch, f"step {step + 1}")[0]
         r = all_sum(r.to(device)).cpu()
 
         # --- advantages: per reward, inside each (prompt, w) group; mixed with the sample's own w
@@ -686,6 +803,11 @@ def main(argv=None):
             if prm.grad is not None:
                 all_sum(prm.grad)
         gnorm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
+        if not (torch.isfinite(stats).all() and torch.isfinite(gnorm)):  # stop before the step writes NaN weights
+            raise RunError(f"step {step + 1}: non-finite loss or gradient (loss {stats[0].item()}, kl "
+                           f"{stats[1].item()}, grad norm {gnorm.item()}); stopped before the optimizer step, so no "
+                           f"weight changed: {cfg.out} is intact at its last checkpoint (step {last}), resumable "
+                           f"with --resume {cfg.out}")
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -701,7 +823,9 @@ def main(argv=None):
         msg = (f"step {step + 1}/{cfg.steps} | " + " ".join(f"{nm} {v:.4f}" for nm, v in zip(names, r.mean(0).tolist()))
                + f" | loss {stats[0]:.4f} kl {stats[1]:.2e} gnorm {gnorm:.3f} | {time.time() - t0:.1f}s")
         print0(msg, log=log, bar=bar)
-        if is_rank0() and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            last = step + 1
+        if is_rank0() and last == step + 1:
             save_checkpoint(ckpt, step + 1, params, old, ema, opt, gen, cfg)
             model.save_adapters(net, os.path.join(cfg.out, "adapters.safetensors"), ema, names,
                                 extra={"pipeline": json.dumps(setup.pipeline)})

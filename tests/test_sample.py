@@ -43,6 +43,18 @@ def test_schedule_matches_diffusers(steps):
     torch.testing.assert_close(ours, sched.sigmas, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("steps,tokens", [(1, 4096), (4, 1024), (28, 4096), (30, 64), (25, 8000)])
+def test_flux_schedule_matches_diffusers(steps, tokens):
+    from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
+    import numpy as np
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                      base_image_seq_len=256, max_image_seq_len=4096)
+    mu = calculate_shift(tokens, 256, 4096, 0.5, 1.15)
+    sched.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    assert sample.flux_mu(tokens) == pytest.approx(mu, rel=1e-12)
+    torch.testing.assert_close(sample.get_flux_schedule(steps, tokens), sched.sigmas, atol=1e-7, rtol=0)
+
+
 def test_time_shift_closed_form():
     s = torch.tensor([0.0, 0.5, 1.0])
     torch.testing.assert_close(sample.time_shift(s, 3.0), torch.tensor([0.0, 0.75, 1.0]))
@@ -204,6 +216,26 @@ def test_encode_prompts_match_diffusers_pipeline(repo, with_t5):
     torch.testing.assert_close(context, ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(pooled, ref_pooled, atol=1e-6, rtol=0)
     assert context[:, 10:].abs().sum() > 0 if with_t5 else context[:, 10:].abs().sum() == 0
+
+
+def test_flux_encode_prompts_match_diffusers_pipeline(tmp_path):
+    # T5 states + CLIP-L pooler, as FluxKontextPipeline.encode_prompt, from a saved diffusers-style folder
+    enc = sample.tiny_flux_text_encoders(VOCAB, seed=3, t5_len=6)
+    for sub, obj in [("text_encoder", enc.clip), ("tokenizer", enc.tok_clip), ("text_encoder_2", enc.t5),
+                     ("tokenizer_2", enc.tok_t5)]:
+        obj.save_pretrained(tmp_path / sub)
+    ours = sample.load_flux_text_encoders(str(tmp_path))
+    ours.t5_len = 6
+    pipe = diffusers.FluxKontextPipeline(transformer=None, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+                                         vae=None, text_encoder=enc.clip, tokenizer=enc.tok_clip,
+                                         text_encoder_2=enc.t5, tokenizer_2=enc.tok_t5)
+    with torch.no_grad():
+        ref, ref_pooled, _ = pipe.encode_prompt(PROMPTS, None, device="cpu", max_sequence_length=6)
+    context, pooled = sample.encode_flux_prompts(ours, PROMPTS)
+    assert context.shape == (3, 6, 64) and pooled.shape == (3, 32)
+    torch.testing.assert_close(context, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(pooled, ref_pooled, atol=1e-6, rtol=0)
+    assert not torch.allclose(pooled[0], pooled[1])
 
 
 def test_load_text_encoders_bad_path(tmp_path):

@@ -1,7 +1,8 @@
 # Rewards for ParetoSlider. One signature for all of them:
 #     fn(images, prompts, meta) -> scores
-# images: float tensor [B,3,H,W] in [0,1]; prompts: list[str]; meta: list[dict], one per sample (e.g.
-# {"source": [3,H,W]} for source-fidelity rewards); scores: float32 [B] on the images' device, higher = better.
+# images: float tensor [B,3,H,W] in [0,1]; prompts: list[str] (for editing: the instructions); meta: list[dict],
+# one per sample (editing: {"source": [3,H',W'] in [0,1]}, optionally "source_caption" / "target_caption");
+# scores: float32 [B] on the images' device, higher = better.
 # Offline rewards are plain functions. Model-based rewards come from load_<name>(path_or_hub_id, device,
 # dtype) loaders that load the weights once and return such a function. A reward that cannot be computed
 # raises; it never returns a silent zero (flow_grpo's UnifiedReward regex failure -> 0 collapsed runs).
@@ -267,6 +268,207 @@ def tiny_prompt(images, prompts, meta):
     return 1 - torch.exp(-(hue * gate).flatten(1).mean(1) / 0.1)
 
 
+# --- the tiny editing world
+# The editing counterpart of the tiny world, for FLUX.1 Kontext's source preservation <-> instruction adherence
+# (notes/paper.md §4.2). A source is a photo of one shape (tiny_world's photo style, its background kept muted
+# and its lighting soft so the object stands out in chroma: the rewards below find it in the source); an
+# instruction asks for one change; the target is the same scene with only that change:
+#   colour - "make it blue": the object repainted, same shading and noise;
+#   shape  - "make it a square": same colour, centre, radius and lighting, another outline;
+#   style  - "make it a sketch": tiny_world's sketch of the same outline (gray paper, a pencil line).
+# tiny_preserve pulls towards the source, tiny_adhere towards the target: the editing trade-off, offline.
+
+EDIT_INSTRUCTIONS = [f"make it {c}" for c in COLORS] + [f"make it a {s}" for s in SHAPES] + ["make it a sketch"]
+# area of SHAPES[j] at radius 1, in closed form from _shape_distance: a circle; a square of half-side 0.8;
+# a triangle of inradius 1/2; a ring of radii 0.4..1; a cross of two 2 x 0.66 bars; a diamond |x|+|y| <= 0.75·√2
+_SHAPE_AREA = torch.tensor([math.pi, 2.56, 3 * math.sqrt(3) / 4, 0.84 * math.pi, 2 * 2 * 0.66 - 0.66**2, 2.25])
+
+
+def _outline(shape, dx, dy, r):  # _shape_distance with one shape per sample: shape [n], dx, dy [n,S,S], r [n,1,1]
+    d = torch.empty(dx.shape, device=dx.device)
+    for j in range(len(SHAPES)):
+        m = shape == j
+        d[m] = _shape_distance(j, dx[m], dy[m], r[m])
+    return d
+
+
+def _edit_scenes(n, size, gen):
+    # every random number of one chunk of the editing world, drawn in a fixed order -> dict of tensors
+    def u(*shape, lo=0.0, hi=1.0):
+        return lo + (hi - lo) * torch.rand(*shape, generator=gen)
+
+    color, shape, kind = (torch.randint(k, (n,), generator=gen) for k in (len(COLORS), len(SHAPES), 3))
+    new_color = (color + torch.randint(1, len(COLORS), (n,), generator=gen)) % len(COLORS)  # never the source's
+    new_shape = (shape + torch.randint(1, len(SHAPES), (n,), generator=gen)) % len(SHAPES)
+    return dict(color=color, shape=shape, kind=kind, new_color=new_color, new_shape=new_shape,
+                cx=u(n, 1, 1, lo=0.38, hi=0.62), cy=u(n, 1, 1, lo=0.38, hi=0.62), r=u(n, 1, 1, lo=0.2, hi=0.3),
+                hue=u(n, 1), sat=u(n, 1, lo=0.1, hi=0.3), val=u(n, 1, lo=0.25, hi=0.5), terrain=u(n, 1, 4, 4),
+                tint=u(n, 3, 3, 3, lo=-0.02, hi=0.02),
+                light=F.normalize(torch.randn(n, 2, generator=gen), dim=1).view(n, 2, 1, 1),
+                paper=u(n, 1, 1, 1, lo=0.9, hi=0.98), ink=u(n, 1, 1, 1, lo=0.05, hi=0.2), width=u(n, 1, 1, lo=0.9, hi=1.3),
+                pressure=u(n, 1, 6, 6), noise=torch.randn(n, 4, size, size, generator=gen))
+
+
+def _edit_grid(sc, size):  # pixel-centre offsets from each scene's centre, in pixels: dx, dy [n,S,S]
+    c = torch.arange(size, dtype=torch.float32) + 0.5
+    n = sc["cx"].shape[0]
+    dx = (c.view(1, 1, size) - sc["cx"] * size).expand(n, size, size)
+    return dx, (c.view(1, size, 1) - sc["cy"] * size).expand(n, size, size)
+
+
+def _paint(sc, d, rgb, sketch):
+    # scenes -> images [n,3,S,S] in [0,1], given the signed distance to the outline d [n,S,S] (pixels), the object
+    # colour rgb [n,3] and the style sketch [n] (bool). _render's two styles, with the lighting a property of the
+    # scene (centre and radius), so a source and its target are lit alike whatever their outlines.
+    size = d.shape[-1]
+
+    def up(z):
+        return F.interpolate(z, size=(size, size), mode="bicubic", align_corners=False)
+
+    dx, dy = _edit_grid(sc, size)
+    noise = sc["noise"]
+    k = (torch.tensor([5.0, 3.0, 1.0]) + 6 * sc["hue"]) % 6  # HSV -> RGB of the background, chroma <= 0.19
+    bg = (sc["val"] * (1 - sc["sat"] * torch.minimum(k, 4 - k).clamp(0, 1))).view(-1, 3, 1, 1)
+    bg = bg * (0.75 + 0.5 * up(sc["terrain"])) + up(sc["tint"]) + 0.06 * noise[:, :1] + 0.015 * noise[:, 1:]
+    shade = 0.85 + 0.2 * (sc["light"][:, 0] * dx + sc["light"][:, 1] * dy) / (sc["r"] * size)
+    obj = rgb.view(-1, 3, 1, 1) * shade.unsqueeze(1) + 0.02 * noise[:, 1:]
+    alpha = torch.sigmoid(-d / 0.5).unsqueeze(1)
+    images = alpha * obj + (1 - alpha) * bg
+    if sketch.any():
+        line = (1 - d.abs() / sc["width"]).clamp(0, 1).unsqueeze(1) * (0.8 + 0.2 * up(sc["pressure"]))
+        drawing = ((sc["paper"] + 0.015 * noise[:, :1]) * (1 - line) + sc["ink"] * line).expand(-1, 3, size, size)
+        images = torch.where(sketch.view(-1, 1, 1, 1), drawing, images)
+    return images.clamp(0, 1)
+
+
+def tiny_edit_world(n, size=32, seed=0):
+    # -> (sources [n,3,size,size], instructions [n] from EDIT_INSTRUCTIONS, targets [n,3,size,size]), float32 in
+    # [0,1]. Colour, shape and style edits 1/3 each. Chunks of 256 with one generator per (seed, chunk), as
+    # tiny_world: deterministic, and tiny_edit_world(m) is a prefix of tiny_edit_world(n > m).
+    sources, instructions, targets = [], [], []
+    for i, start in enumerate(range(0, n, 256)):
+        gen = torch.Generator().manual_seed(seed * 100_003 + i)
+        sc = _edit_scenes(256, size, gen)
+        dx, dy = _edit_grid(sc, size)
+        kind, r = sc["kind"], sc["r"] * size
+        color = torch.where(kind == 0, sc["new_color"], sc["color"])
+        shape = torch.where(kind == 1, sc["new_shape"], sc["shape"])
+        keep, photo = min(256, n - start), torch.zeros(256, dtype=torch.bool)
+        sources.append(_paint(sc, _outline(sc["shape"], dx, dy, r), _RGB[sc["color"]], photo)[:keep])
+        targets.append(_paint(sc, _outline(shape, dx, dy, r), _RGB[color], kind == 2)[:keep])
+        instructions += [f"make it {COLORS[c]}" if k == 0 else f"make it a {SHAPES[s]}" if k == 1 else "make it a sketch"
+                         for k, c, s in zip(kind[:keep].tolist(), color[:keep].tolist(), shape[:keep].tolist())]
+    if not sources:
+        return torch.zeros(0, 3, size, size), [], torch.zeros(0, 3, size, size)
+    return torch.cat(sources), instructions, torch.cat(targets)
+
+
+def _parse_edits(prompts):  # -> kind [B] (0 colour, 1 shape, 2 style), index [B] into COLORS / SHAPES (0 for style)
+    parsed = []
+    for p in prompts:
+        if p not in EDIT_INSTRUCTIONS:
+            raise ValueError(f"not a tiny edit instruction: {p!r}; valid: {EDIT_INSTRUCTIONS}")
+        w = p.split()[-1]
+        parsed.append((0, COLORS.index(w)) if w in COLORS else (1, SHAPES.index(w)) if w in SHAPES else (2, 0))
+    kind, index = torch.tensor(parsed, dtype=torch.long).view(-1, 2).unbind(1)
+    return kind, index
+
+
+def _wmean(w, v, pad=0.0):
+    # weighted mean over the pixels: w, v [B,H,W] -> [B]; `pad` pixels of weight count as zeros, so that a
+    # region of a pixel or two (a circle made a diamond at 24 px) adds little instead of a noisy full term
+    return (w * v).flatten(1).sum(1) / (w.flatten(1).sum(1) + pad).clamp_min(1e-6)
+
+
+def _edit_reference(s, kind, index):
+    # what tiny_adhere compares an output with, read off the source photos s [B,3,H,W] and the instructions (kind,
+    # index from _parse_edits). The object is every pixel whose chroma is above the background's (<= ~0.25 by
+    # construction, the object's >= ~0.3); from it come its palette colour (the nearest hue), centre (the centroid),
+    # shape and radius (the shape template of the mask's area that fits the mask best, other than the one a shape
+    # edit asks for: the world never asks for the shape a source already has). Distances in pixels.
+    b, _, h, w = s.shape
+    palette = _RGB.to(s.device)
+    mask = torch.sigmoid((_chroma(s) - 0.3) / 0.02)  # [B,H,W]
+    area = mask.flatten(1).sum(1).clamp_min(1.0)
+    ab = (_opponent(s.movedim(1, -1)) * mask[..., None]).sum((1, 2))  # [B,2]
+    color = (F.normalize(ab, dim=-1) @ F.normalize(_opponent(palette), dim=-1).T).argmax(1)
+    ys, xs = torch.arange(h, device=s.device) + 0.5, torch.arange(w, device=s.device) + 0.5
+    dx = (xs.view(1, 1, w) - ((mask.sum(1) * xs).sum(1) / area).view(b, 1, 1)).expand(b, h, w)
+    dy = (ys.view(1, h, 1) - ((mask.sum(2) * ys).sum(1) / area).view(b, 1, 1)).expand(b, h, w)
+    radius = (area.view(b, 1) / _SHAPE_AREA.to(s.device)).sqrt()  # [B,6]: each template at the mask's area
+    misfit = torch.stack([(torch.sigmoid(-_shape_distance(j, dx, dy, radius[:, j].view(b, 1, 1)) / 0.5) - mask)
+                          .abs().flatten(1).mean(1) for j in range(len(SHAPES))], 1)
+    shape = misfit.masked_fill(F.one_hot(index, len(SHAPES)).bool() & (kind == 1)[:, None], math.inf).argmin(1)
+    r = radius.gather(1, shape[:, None]).view(b, 1, 1)
+    d = _outline(shape, dx, dy, r)  # [B,H,W] signed distance to the source's outline
+    # colour edits: the source repainted in the asked colour with its own shading (its luma / its colour's luma)
+    shade = _luma(s) / _luma(palette[color].view(b, 3, 1, 1))
+    repainted = (palette[torch.where(kind == 0, index, color)].view(b, 3, 1, 1) * shade).clamp(0, 1)
+    # shape edits: objectness = chroma along the object's hue, 0 at the source's background, 1 on its object
+    hue = F.normalize(_opponent(palette[color]), dim=-1).view(b, 1, 1, 2)
+    along = (_opponent(s.movedim(1, -1)) * hue).sum(-1)
+    lo = _wmean(torch.sigmoid((d - 1.5) / 0.25), along).view(b, 1, 1)
+    hi = _wmean(torch.sigmoid((-d - 1.5) / 0.25), along).view(b, 1, 1)
+    new, old = torch.sigmoid(-_outline(torch.where(kind == 1, index, shape), dx, dy, r) / 0.5), torch.sigmoid(-d / 0.5)
+    return dict(kind=kind, inside=torch.sigmoid((-d - 1.0) / 0.25), repainted=repainted, hue=hue, lo=lo,
+                scale=(hi - lo).clamp_min(1e-3), new=new, gained=(new - old).clamp_min(0), lost=(old - new).clamp_min(0),
+                kept=torch.minimum(new, old),
+                # style edits: the pencil line along the outline, and the paper 1.5-3.5 px away from it
+                line=(1 - d.abs() / 1.1).clamp(0, 1),
+                near=torch.sigmoid((d.abs() - 1.5) / 0.25) * torch.sigmoid((3.5 - d.abs()) / 0.25))
+
+
+def _edit_distance(z, ref):
+    # [B] distance of the images z [B,3,H,W] to what each instruction asks of its source (ref = _edit_reference);
+    # z=None: of the target as the reward predicts it. Every term is a norm, hinge or clamp of an affine map of z,
+    # so the distance is convex in z:
+    #   colour - mean |z - the repainted source| inside the object (1 px in from its outline);
+    #   shape  - 1 - mean of min(objectness, 1) where the new outline adds area, and where both outlines have the
+    #            object (it must stay), + mean of max(objectness, 0) where the new outline removes area;
+    #   style  - paper: mean shortfall of luma below 0.9 off the line; line: 1 - (luma of the paper 1.5-3.5 px
+    #            away - luma on the outline), one minus its contrast; gray: mean chroma.
+    if z is None:  # the repainted source, the new outline filled, the template sketch (paper 0.94, a 0.2 line)
+        zero = ref["lo"].new_zeros(ref["kind"].shape)
+        colour, o, luma, chroma = zero, ref["new"], 0.94 - 0.74 * ref["line"], zero
+    else:
+        z = z.float()
+        colour = _wmean(ref["inside"], (z - ref["repainted"]).abs().mean(1))
+        o = ((_opponent(z.movedim(1, -1)) * ref["hue"]).sum(-1) - ref["lo"]) / ref["scale"]
+        luma, chroma = _luma(z)[:, 0], _chroma(z).flatten(1).mean(1)
+    outline = (_wmean(ref["gained"], 1 - o.clamp(max=1), pad=1.0) + _wmean(ref["lost"], o.clamp(min=0), pad=1.0)
+               + _wmean(ref["kept"], 1 - o.clamp(max=1)))
+    line = ref["line"]
+    sketch = _wmean(1 - line, (0.9 - luma).clamp_min(0)) + 1 - (_wmean(ref["near"], luma) - _wmean(line, luma)) + chroma
+    kind = ref["kind"]
+    return torch.where(kind == 0, colour, torch.where(kind == 1, outline, sketch))
+
+
+def tiny_preserve(images, prompts, meta):
+    # how much of meta["source"] survives, <= 1 (1 = the source itself): 1 - mean |x - s| over pixels and channels
+    # - mean |∂L(x) - ∂L(s)| over both forward differences of luma (edges and texture: structure). Both are
+    # norms of x - s, so the score falls exactly linearly along a pixel blend from the source to anything.
+    x, s = images.float(), _sources(images, meta)
+    e = _luma(x - s)[:, 0]
+    grad = 0.5 * ((e[:, 1:] - e[:, :-1]).abs().flatten(1).mean(1) + (e[:, :, 1:] - e[:, :, :-1]).abs().flatten(1).mean(1))
+    return 1 - (x - s).abs().flatten(1).mean(1) - grad
+
+
+def tiny_adhere(images, prompts, meta):
+    # how well images follow prompts[i] (an EDIT_INSTRUCTIONS entry) on meta[i]["source"] (a tiny_edit_world
+    # source): (D(source) - D(x)) / (D(source) - D(predicted target)) with D = _edit_distance. 0 for the source, ~1
+    # for the target (32 px, 8k triples: mean 0.94, min 0.64), continuous and unbounded below; concave along any
+    # pixel blend, so with tiny_preserve (linear there) a partial edit never sits under the chord between source
+    # and target. The denominator is floored at 0.05 (the 32-px world's smallest is 0.11) so that a source the
+    # reward misreads cannot blow the score up. Meant for 32 px; from 24 px on, rare shape edits are misread.
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"tiny_adhere: {images.shape[0]} images but {len(prompts)} instructions")
+    kind, index = _parse_edits(prompts)
+    s = _sources(images, meta)
+    ref = _edit_reference(s, kind.to(s.device), index.to(s.device))
+    d0, d1 = _edit_distance(s, ref), _edit_distance(None, ref)
+    return (d0 - _edit_distance(images, ref)) / (d0 - d1).clamp_min(0.05)
+
+
 
 # --- model-based rewards, through transformers only: notes/rewards.md §1.2 and §1.6
 # Each load_<name>(path_or_hub_id=None, device, dtype, ...) loads once (lazily: only when asked for) and returns
@@ -384,6 +586,33 @@ def load_clip_image_sim(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16,
     return clip_image_sim
 
 
+NEUTRAL_CAPTION = "a photo"  # the text a CLIP direction starts from when meta has no "source_caption"
+
+
+def load_clip_direction(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, tokenizer=None, differentiable=False):
+    # Editing adherence: CLIP directional similarity (Gal et al. 2022, StyleGAN-NADA; InstructPix2Pix's "CLIP
+    # direction similarity"), the cosine between the change of the image and the change of the text,
+    #     cos(E_I(output) - E_I(source), E_T(to) - E_T(from)),
+    # E_I, E_T the L2-normalised CLIP ViT-L/14 image and text embeddings, source = meta["source"], to = the prompt
+    # (the instruction) or meta["target_caption"] where given, from = meta["source_caption"] or NEUTRAL_CAPTION.
+    # In [-1,1]; 0 for an output equal to its source (no change has no direction: cosine_similarity's eps), and
+    # exactly -1 times itself when output and source swap. Output and source go through separate forwards, so
+    # an unchanged image gives exactly the same embedding, not a batch-dependent rounding of it. (Near an
+    # unchanged output the direction, and with differentiable=True the gradient, is dominated by tiny changes.)
+    image_embed, text_embed, _ = _clip(path_or_hub_id or CLIP_L, device, dtype, tokenizer)
+
+    def clip_direction(images, prompts, meta):
+        src = _sources(images, meta)
+        to = [m.get("target_caption", p) for m, p in zip(meta, prompts)]
+        start = [m.get("source_caption", NEUTRAL_CAPTION) for m in meta]
+        with torch.enable_grad() if differentiable else torch.no_grad():
+            di = image_embed(images) - image_embed(src)
+            dt = text_embed(to) - text_embed(start)
+            return F.cosine_similarity(di, dt, dim=-1, eps=1e-8).to(images.device)
+
+    return clip_direction
+
+
 def load_aesthetic(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, clip=CLIP_L, differentiable=False):
     # LAION improved-aesthetic-predictor (christophschuhmann/improved-aesthetic-predictor, file
     # sac+logos+ava1-l14-linearMSE.pth; ddpo-pytorch and flow_grpo ship it in their assets/): an MLP
@@ -463,6 +692,27 @@ PHOTO_RUBRIC = (
 )
 
 
+# The editing pair (notes/paper.md §4.2): ParetoSlider's multi_reward_server.py asks Qwen2.5-VL-7B, with its
+# SCORE_LOGIT template (reward_server/prompt_template.py: "Here are two images: the original and the edited
+# version", the reference first, the edit second, a 0-5 digit), once with the requirement "Ignore the
+# instruction! Score only if the output is exactly the same as the reference image!" (preservation) and once
+# with "follow the instructions strictly" (instruction following). The wording below is ours, after those.
+PRESERVE_RUBRIC = (
+    "Here are two images: the original (first) and the edited version (second).\n"
+    'Edit instruction: "{prompt}"\n'
+    "Ignore the instruction. Is the edited image the same image as the original? Check: the same subject and "
+    "identity, the same composition, pose and background, the same colours, lighting, style and details.\n"
+    "Score from 0 (a different image) to 5 (exactly the same image). Answer with one digit."
+)
+EDIT_RUBRIC = (
+    "Here are two images: the original (first) and the edited version (second).\n"
+    'Edit instruction: "{prompt}"\n'
+    "Does the edited image apply the instruction to the original? Judge only the instruction following: the "
+    "requested change is made, complete and correct, where it was asked for. Do not judge what else changed.\n"
+    "Score from 0 (no change, or the wrong change) to 5 (the instruction perfectly followed). Answer with one digit."
+)
+
+
 def digit_expectation(logits, digit_ids):
     # logits [B,V] at the answer position -> Σ_k k·p(k) / K-1 in [0,1], with p the softmax over the K digit
     # tokens only (= the full softmax renormalised over the digits)
@@ -483,31 +733,46 @@ def qwen_patches(x, patch=14, merge=2, temporal=2):
 
 
 def qwen_inputs(tok, config, images, prompts, rubric, image_size=448):
-    # -> model kwargs for one batch. Qwen's ChatML with its default system prompt and one image before the
-    # question, written out rather than taken from a processor: Qwen2_5_VLProcessor builds a video processor
-    # that needs torchvision, and its PIL image path is neither batched nor differentiable. Images are resized
-    # (aspect kept) to about image_size² pixels in multiples of patch·merge (Qwen's smart_resize, simplified).
+    # -> model kwargs for one batch. images [B,3,H,W], or [B,N,3,H,W]: N images per prompt, shown in that order
+    # (the editing judges: source, then output). Qwen's ChatML with its default system prompt and the images
+    # before the question, as its chat template writes a user turn [image, ..., text], written out rather than
+    # taken from a processor: Qwen2_5_VLProcessor builds a video processor that needs torchvision, and its PIL
+    # image path is neither batched nor differentiable. Images are resized (aspect kept) to about image_size²
+    # pixels in multiples of patch·merge (Qwen's smart_resize, simplified).
+    if images.dim() == 4:
+        images = images.unsqueeze(1)
+    if images.dim() != 5 or images.shape[0] != len(prompts) or images.shape[2] != 3:
+        raise ValueError(f"qwen_inputs: images must be [B,3,H,W] or [B,N,3,H,W] for the {len(prompts)} prompts, "
+                         f"got {tuple(images.shape)}")
+    b, n = images.shape[:2]
     vc = config.vision_config
     patch, merge, unit = vc.patch_size, vc.spatial_merge_size, vc.patch_size * vc.spatial_merge_size
     h, w = images.shape[-2:]
     scale = image_size / math.sqrt(h * w)
     rh, rw = max(unit, round(h * scale / unit) * unit), max(unit, round(w * scale / unit) * unit)
-    x = F.interpolate(images.float(), size=(rh, rw), mode="bicubic", antialias=True, align_corners=False)
+    # [B·N,3,rh,rw], each prompt's images consecutive: the order in which Qwen fills the batch's image tokens
+    x = F.interpolate(images.flatten(0, 1).float(), size=(rh, rw), mode="bicubic", antialias=True, align_corners=False)
     pixels = qwen_patches(_normalize(x.clamp(0, 1), CLIP_MEAN, CLIP_STD), patch, merge, vc.temporal_patch_size)
     name = tok.convert_ids_to_tokens
     n_tokens = (rh // patch) * (rw // patch) // merge**2  # one LLM token per merge x merge patches
-    vision = name(config.vision_start_token_id) + name(config.image_token_id) * n_tokens + name(config.vision_end_token_id)
+    one = name(config.vision_start_token_id) + name(config.image_token_id) * n_tokens + name(config.vision_end_token_id)
+    vision = one * n
     texts = ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + vision
              + rubric.format(prompt=p) + "<|im_end|>\n<|im_start|>assistant\n" for p in prompts]
     # left padding: the answer position is the last one in every row
     t = tok(texts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
-    grid = torch.tensor([[1, rh // patch, rw // patch]] * len(prompts))
+    found = (t.input_ids == config.image_token_id).sum(1)
+    if (found != n * n_tokens).any():  # else Qwen fails later with "image features and image tokens do not match"
+        raise ValueError(f"qwen_inputs: expected {n}x{n_tokens} image tokens per prompt, the tokenizer gave "
+                         f"{found.tolist()}; is {name(config.image_token_id)!r} one special token of it?")
+    grid = torch.tensor([[1, rh // patch, rw // patch]] * (b * n))
     return dict(input_ids=t.input_ids, attention_mask=t.attention_mask, pixel_values=pixels, image_grid_thw=grid)
 
 
 def load_vlm_judge(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, rubric=SKETCH_RUBRIC, image_size=448,
-                   differentiable=False):
-    # rubric: a str.format template with {prompt}; image_size: judge at about image_size² pixels (448: 256 tokens)
+                   with_source=False, differentiable=False):
+    # rubric: a str.format template with {prompt}; image_size: judge at about image_size² pixels (448: 256 tokens
+    # per image); with_source: show meta[i]["source"] first and the image second, in one prompt (editing)
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     path = path_or_hub_id or QWEN_VL
@@ -519,6 +784,8 @@ def load_vlm_judge(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, rubr
             raise ValueError(f"tokenizer of {path!r} does not encode {k!r} as the single token {i}")
 
     def vlm_judge(images, prompts, meta):
+        if with_source:  # [B,2,3,H,W]: the source (resized to the image's size), then the image
+            images = torch.stack([_sources(images, meta), images.float()], 1)
         inputs = qwen_inputs(tok, model.config, images, prompts, rubric, image_size)
         inputs = {k: v.to(device) for k, v in inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -538,6 +805,16 @@ def load_vlm_photo(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, **kw
     return load_vlm_judge(path_or_hub_id, device, dtype, rubric=PHOTO_RUBRIC, **kw)
 
 
+def load_vlm_preserve(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, **kw):
+    # editing, source preservation: is the output (second image) the source (first), instruction ignored
+    return load_vlm_judge(path_or_hub_id, device, dtype, rubric=PRESERVE_RUBRIC, with_source=True, **kw)
+
+
+def load_vlm_edit(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, **kw):
+    # editing, instruction adherence: does the output (second image) apply prompts[i] to the source (first)
+    return load_vlm_judge(path_or_hub_id, device, dtype, rubric=EDIT_RUBRIC, with_source=True, **kw)
+
+
 # --- registry: train.py picks rewards by name (--rewards a,b[,c])
 
 OFFLINE = {  # name -> reward fn
@@ -551,6 +828,8 @@ OFFLINE = {  # name -> reward fn
     "tiny_photo": tiny_photo,
     "tiny_sketch": tiny_sketch,
     "tiny_prompt": tiny_prompt,
+    "tiny_preserve": tiny_preserve,  # the tiny editing world's pair: source preservation ...
+    "tiny_adhere": tiny_adhere,  # ... and instruction adherence
 }
 MODEL = {  # name -> load_<name>(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, ...) -> reward fn
     "pickscore": load_pickscore,
@@ -561,6 +840,11 @@ MODEL = {  # name -> load_<name>(path_or_hub_id=None, device="cpu", dtype=torch.
     "dino_sim": load_dino_sim,
     "vlm_sketch": load_vlm_sketch,
     "vlm_photo": load_vlm_photo,
+    # editing (FLUX.1 Kontext), with meta[i]["source"]: preservation = ssim (offline), clip_image_sim, dino_sim,
+    # vlm_preserve; adherence = clip_direction, vlm_edit
+    "clip_direction": load_clip_direction,
+    "vlm_preserve": load_vlm_preserve,
+    "vlm_edit": load_vlm_edit,
 }
 REWARDS = {**OFFLINE, **MODEL}
 

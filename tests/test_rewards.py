@@ -78,6 +78,8 @@ def test_jpeg_flat_smaller_than_noise():
 @pytest.mark.parametrize("name", sorted(R.OFFLINE))
 def test_offline_contract(name):
     images, prompts, _ = R.tiny_world(4, size=16, seed=1)
+    if name == "tiny_adhere":  # reads an edit instruction; any source, even noise, gives a finite score
+        prompts = ["make it blue", "make it a square", "make it a sketch", "make it red"]
     meta = _meta(torch.rand(4, 3, 16, 16))
     for x in (images, images.bfloat16()):
         out = R.get_reward(name)(x, prompts, meta)
@@ -94,6 +96,8 @@ def test_registry_errors():
     with pytest.raises(ValueError, match="no options"):
         R.get_reward("tiny_photo", path_or_hub_id="x")
     assert set(R.REWARDS) == set(R.OFFLINE) | set(R.MODEL)
+    editing = {"ssim", "clip_image_sim", "dino_sim", "vlm_preserve", "clip_direction", "vlm_edit", "tiny_preserve", "tiny_adhere"}
+    assert editing <= set(R.REWARDS)
 
 
 # --- the tiny world
@@ -147,6 +151,95 @@ def test_tiny_prompt_prefers_the_named_color():
         R.tiny_prompt(ph[:1], ["a shape"], None)
 
 
+# --- the tiny editing world
+
+def test_tiny_edit_world_deterministic_prefix():
+    s, ins, t = R.tiny_edit_world(300, seed=2)
+    assert s.shape == t.shape == (300, 3, 32, 32) and s.dtype == t.dtype == torch.float32
+    assert 0 <= min(s.min(), t.min()) and max(s.max(), t.max()) <= 1
+    s2, ins2, t2 = R.tiny_edit_world(260, seed=2)  # deterministic, and chunked: a shorter world is a prefix
+    assert torch.equal(s2, s[:260]) and torch.equal(t2, t[:260]) and ins2 == ins[:260]
+    assert not torch.equal(R.tiny_edit_world(8, seed=3)[0], s[:8])
+    assert len(R.EDIT_INSTRUCTIONS) == 13 and set(ins) <= set(R.EDIT_INSTRUCTIONS)
+    kind, _ = R._parse_edits(ins)
+    assert all(0.25 < (kind == k).float().mean() < 0.42 for k in range(3))
+    changed = (s - t).abs().amax(1).gt(0.05).flatten(1).float().mean(1)  # fraction of the pixels an edit changes
+    assert changed[kind < 2].max() < 0.4 and changed[kind < 2].min() > 0 and changed[kind == 2].min() > 0.8
+    assert R.tiny_edit_world(0)[0].shape == (0, 3, 32, 32) and R.tiny_edit_world(2, size=24)[2].shape == (2, 3, 24, 24)
+    c = (torch.arange(800) + 0.5) / 200 - 2  # cell centres of a fine grid on [-2, 2]²: area = fraction inside x 16
+    dx, dy = torch.meshgrid(c, c, indexing="xy")
+    area = [(R._shape_distance(j, dx, dy, torch.ones(1, 1)) < 0).float().mean().item() * 16 for j in range(len(R.SHAPES))]
+    torch.testing.assert_close(R._SHAPE_AREA, torch.tensor(area), rtol=5e-3, atol=0)  # the closed forms
+
+
+def _edit_scores(x, instructions, meta):
+    return R.tiny_preserve(x, instructions, meta), R.tiny_adhere(x, instructions, meta)
+
+
+def test_tiny_edit_rewards_conflict():
+    s, ins, t = R.tiny_edit_world(512, seed=4)
+    meta = _meta(s)
+    p_s, a_s = _edit_scores(s, ins, meta)
+    p_t, a_t = _edit_scores(t, ins, meta)
+    assert p_s.eq(1).all() and a_s.eq(0).all()  # the source: all of it kept, nothing done
+    assert (p_t < p_s).all() and (a_t > 0.6).all() and a_t.mean() > 0.9  # the target: the reverse (min 0.64, mean 0.94)
+    # another triple's source, normalised so that the source is (1, 0) and the target (0, 1): never a good
+    # trade-off (under the chord: p + a < 1, measured <= 0.88), low adherence, and low preservation except for a
+    # sketch, which keeps less of a photo's pixels than another photo does (measured p ~0.62 there, < 0 else)
+    p_o, a_o = _edit_scores(s.roll(1, 0), ins, meta)
+    p, a = (p_o - p_t) / (p_s - p_t), (a_o - a_s) / (a_t - a_s)
+    assert (p + a < 0.95).all()
+    kind, _ = R._parse_edits(ins)
+    for k, p_mean in ((0, 0.0), (1, 0.0), (2, 0.7)):
+        assert a[kind == k].mean() < 0.4 and p[kind == k].mean() < p_mean
+    gray = torch.full_like(t, 0.5)  # no object: neither the source's nor a recoloured or reshaped one
+    p_g, a_g = _edit_scores(gray, ins, meta)
+    assert (p_g < p_t)[kind < 2].all() and a_g[kind < 2].mean() < 0.1 and a_g[kind < 2].max() < 0.75
+
+
+def _recolour(seed, n):
+    # the renderer's interpolation of the colour edits among the first n triples of tiny_edit_world(seed): the
+    # same scene painted with the palette colour blended from the source's to the asked one
+    sc = R._edit_scenes(256, 32, torch.Generator().manual_seed(seed * 100_003))  # chunk 0's generator
+    dx, dy = R._edit_grid(sc, 32)
+    d = R._outline(sc["shape"], dx, dy, sc["r"] * 32)
+    c0, c1, photo = R._RGB[sc["color"]], R._RGB[sc["new_color"]], torch.zeros(256, dtype=torch.bool)
+    return lambda a: R._paint(sc, d, (1 - a) * c0 + a * c1, photo)[:n]
+
+
+def test_tiny_edit_partial_edits_score_in_between():
+    # Partial edits, from the source (alpha 0) to the target (alpha 1): both rewards move strictly monotonically
+    # and no point sits under the chord between the two ends. With p, a each normalised by its end-to-end range
+    # (p: 1 -> 0, a: 0 -> 1), the chord is p + a = 1; asked for: p + a >= 0.95. Measured over 8k triples:
+    # min(p + a - 1) = 0 up to rounding (>= -4e-6), as it must be: tiny_preserve is linear along a pixel blend and
+    # tiny_adhere concave there (1 - a convex distance). Paths that detour are not covered (same 8k): an SDF morph
+    # of the outline dips to -0.09 (8% of them below -0.05), a hue rotation of the colour to -0.31 (median -0.10).
+    s, ins, t = R.tiny_edit_world(240, seed=5)
+    meta, alphas = _meta(s), torch.linspace(0, 1, 11)
+    kind, _ = R._parse_edits(ins)
+    recolour = _recolour(5, 240)
+    colour = kind == 0
+    assert torch.equal(recolour(0.0), s) and torch.allclose(recolour(1.0)[colour], t[colour], atol=1e-6)
+    for name, family, rows in (("pixel blend", lambda a: (1 - a) * s + a * t, slice(None)),
+                               ("renderer colour blend", recolour, colour)):
+        x = torch.cat([family(a) for a in alphas])  # [11·n,3,32,32], alpha-major: one call per reward
+        p, a = (v.view(len(alphas), -1).T[rows] for v in _edit_scores(x, ins * len(alphas), meta * len(alphas)))
+        assert (p.diff(dim=1) < 0).all() and (a.diff(dim=1) > 0).all(), name  # p, a: [n, 11]
+        p, a = (p - p[:, -1:]) / (p[:, :1] - p[:, -1:]), (a - a[:, :1]) / (a[:, -1:] - a[:, :1])
+        assert (p + a - 1).min() > -1e-3, name
+
+
+def test_tiny_edit_rewards_fail_loudly():
+    s, ins, t = R.tiny_edit_world(2)
+    with pytest.raises(ValueError, match="not a tiny edit instruction"):
+        R.tiny_adhere(t, ["make it pretty", ins[1]], _meta(s))
+    with pytest.raises(ValueError, match="2 images but 1 instructions"):
+        R.tiny_adhere(t, ins[:1], _meta(s))
+    for fn in (R.tiny_adhere, R.tiny_preserve):
+        with pytest.raises(KeyError, match="source"):
+            fn(t, ins, [{}, {}])
+
+
 # --- model-based rewards on tiny random models of the real classes, saved and loaded back by path
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -155,16 +248,19 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<
 
 def _tokenizer():
     # offline WordLevel tokenizer: the digits as single tokens, Qwen's chat tokens as special tokens
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     words = [str(d) for d in range(10)] + sorted(set(
-        (R.SKETCH_RUBRIC + R.PHOTO_RUBRIC + R.PHOTO_PREFIX + " ".join(R.COLORS + R.SHAPES) + " system user assistant")
+        (R.SKETCH_RUBRIC + R.PHOTO_RUBRIC + R.PRESERVE_RUBRIC + R.EDIT_RUBRIC + R.PHOTO_PREFIX + R.NEUTRAL_CAPTION
+         + " ".join(R.COLORS + R.SHAPES + R.EDIT_INSTRUCTIONS) + " system user assistant")
         .lower().replace(".", " ").replace(",", " ").replace('"', " ").replace(":", " ").replace("(", " ").replace(")", " ").split()))
     vocab = {t: i for i, t in enumerate(dict.fromkeys(["[UNK]", *SPECIAL, ".", ",", '"', ":", "(", ")", *words]))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
     tok.add_special_tokens(SPECIAL)
+    # an end token after every text (CLIP pools there; the Qwen judges tokenize with add_special_tokens=False)
+    tok.post_processor = processors.TemplateProcessing(single="$A <|im_end|>", special_tokens=[("<|im_end|>", vocab["<|im_end|>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<|endoftext|>", eos_token="<|im_end|>")
 
 
@@ -178,7 +274,9 @@ def tiny(tmp_path_factory):
     tok = _tokenizer()
     vocab = len(tok)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    clip = CLIPModel(CLIPConfig(text_config=dict(vocab_size=vocab, max_position_embeddings=77, **small),
+    ends = dict(bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"), eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
+    clip = CLIPModel(CLIPConfig(text_config=dict(vocab_size=vocab, max_position_embeddings=77, **ends, **small),
                                 vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16))
     clip.save_pretrained(root / "clip")
     tok.save_pretrained(root / "clip")
@@ -188,9 +286,11 @@ def tiny(tmp_path_factory):
     sd = {f"layers.{k}": v for k, v in head.state_dict().items()}  # the improved-aesthetic-predictor keys
     torch.save(sd, root / "head.pth")
     save_file(sd, root / "head.safetensors")
+    torch.manual_seed(0)  # each model from its own seed: a longer vocabulary must not reshuffle the others
     Dinov2Model(Dinov2Config(image_size=28, patch_size=14, mlp_ratio=2, **{k: v for k, v in small.items() if k != "intermediate_size"})
                 ).save_pretrained(root / "dino")
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+    torch.manual_seed(0)
     qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
         text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=1024,
@@ -288,8 +388,8 @@ def test_aesthetic_head(tiny):
 def test_dino_sim(tiny):
     x = tiny["images"]
     fn = R.get_reward("dino_sim", path_or_hub_id=tiny["dino"], dtype=torch.float32)
-    sim = _check(fn, x, [""] * 3, _meta(x.roll(1, 0)))
-    torch.testing.assert_close(fn(x, [""] * 3, _meta(x)), torch.ones(3), rtol=0, atol=1e-5)
+    sim = _check(fn, x, [""] * 3, _meta(1 - x.roll(1, 0)))  # inverted: a random tiny DINO hardly tells two sketches apart
+    torch.testing.assert_close(fn(x, [""] * 3, _meta(x)), torch.ones(3), rtol=0, atol=1e-5)  # the source itself: the maximum
     assert (sim < 1 - 1e-4).all()
 
 
@@ -324,6 +424,87 @@ def test_vlm_judge_digit_expectation(tiny):
     # token 6 is not a digit; uniform digits -> 2.5/5; p(0) = 1/4, p(5) = 3/4 -> 3.75/5
     logits = torch.tensor([[0.0] * 6 + [9.0], [0.0, *[-math.inf] * 4, math.log(3), 9.0]])
     torch.testing.assert_close(R.digit_expectation(logits, [0, 1, 2, 3, 4, 5]), torch.tensor([0.5, 0.75]))
+
+
+EDITS = ["make it blue", "make it a square", "make it a sketch"]
+
+
+def test_clip_direction(tiny):
+    from transformers import AutoTokenizer
+
+    x, m = tiny["images"], tiny["model"]
+    src = x.roll(1, 0)
+    fn = R.get_reward("clip_direction", path_or_hub_id=tiny["clip"], dtype=torch.float32)
+    score = _check(fn, x, EDITS, _meta(src))
+    assert (score.abs() <= 1).all()
+    tok = AutoTokenizer.from_pretrained(tiny["clip"])
+    F = torch.nn.functional
+
+    def image(z):  # 32x32, the model's size: resize and crop are identities
+        return F.normalize(m.get_image_features(pixel_values=R._normalize(z, R.CLIP_MEAN, R.CLIP_STD)).pooler_output, dim=-1)
+
+    def text(texts):
+        t = tok(texts, padding=True, return_tensors="pt")
+        return F.normalize(m.get_text_features(input_ids=t.input_ids, attention_mask=t.attention_mask).pooler_output, dim=-1)
+
+    with torch.no_grad():  # cos(E_I(output) - E_I(source), E_T(instruction) - E_T("a photo"))
+        ref = F.cosine_similarity(image(x) - image(src), text(EDITS) - text([R.NEUTRAL_CAPTION] * 3), dim=-1)
+    torch.testing.assert_close(score, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(fn(src, EDITS, _meta(x)), -score)  # the change reversed: the sign flips, exactly
+    assert fn(x, EDITS, _meta(x)).eq(0).all()  # no change, no direction
+    captions = [{"source": s, "source_caption": p} for s, p in zip(src, tiny["prompts"])]
+    assert not torch.allclose(fn(x, EDITS, captions), score)  # the direction starts from the source's caption
+    targets = [{"source": s, "target_caption": "a blue square"} for s in src]
+    assert not torch.allclose(fn(x, EDITS, targets), score)  # ... and ends at the target caption, where given
+    with pytest.raises(KeyError, match="source"):
+        fn(x, EDITS, [{}] * 3)
+
+
+def test_vlm_edit_judges_see_the_source_then_the_output(tiny):
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    x = tiny["images"]
+    src = x.roll(1, 0)
+    tok = AutoTokenizer.from_pretrained(tiny["qwen"])
+    model = R._model(Qwen2_5_VLForConditionalGeneration, tiny["qwen"], "cpu", torch.float32)
+    cfg = model.config
+    pair = torch.stack([src, x], 1)  # [3,2,3,32,32]: source first, as the judge shows them
+    inputs = R.qwen_inputs(tok, cfg, pair, EDITS, R.EDIT_RUBRIC, 56)
+    # two images in every prompt: two vision blocks of 4 tokens each (56 px: 4x4 patches of 14, merged 2x2) ...
+    assert (inputs["input_ids"] == cfg.image_token_id).sum(1).tolist() == [8] * 3
+    assert (inputs["input_ids"] == cfg.vision_start_token_id).sum(1).tolist() == [2] * 3
+    assert (inputs["input_ids"] == cfg.vision_end_token_id).sum(1).tolist() == [2] * 3
+    # ... and pixels for 6 images, in the order the model fills the tokens: source 0, output 0, source 1, ...
+    small = torch.nn.functional.interpolate(pair.flatten(0, 1), size=56, mode="bicubic", antialias=True, align_corners=False)
+    ref = Qwen2VLImageProcessorPil(do_resize=False, do_rescale=False)(images=list(small.clamp(0, 1)), return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == ref["image_grid_thw"].tolist() == [[1, 4, 4]] * 6
+    torch.testing.assert_close(inputs["pixel_values"], ref["pixel_values"], rtol=1e-5, atol=1e-5)
+
+    fn = R.get_reward("vlm_edit", path_or_hub_id=tiny["qwen"], dtype=torch.float32, image_size=56)
+    score = _check(fn, x, EDITS, _meta(src))
+    digits = [tok.convert_tokens_to_ids(str(k)) for k in range(6)]
+    with torch.no_grad():  # one forward, full-vocabulary softmax renormalised over "0".."5" by hand
+
+        def expected(kw):
+            p = model(**kw).logits[:, -1].softmax(-1)[:, digits]
+            return (p / p.sum(-1, keepdim=True) * torch.arange(6.0)).sum(-1) / 5
+
+        torch.testing.assert_close(score, expected(inputs), rtol=1e-4, atol=1e-6)
+        swapped = expected(R.qwen_inputs(tok, cfg, pair.flip(1), EDITS, R.EDIT_RUBRIC, 56))
+    assert not torch.allclose(swapped, score)  # the order is part of the prompt
+    assert not torch.allclose(fn(x, EDITS, _meta(src.flip(0))), score)  # the source is seen
+    one = torch.cat([fn(x[i:i + 1], EDITS[i:i + 1], _meta(src[i:i + 1])) for i in range(3)])  # left padding is inert
+    torch.testing.assert_close(one, score, rtol=1e-4, atol=1e-5)
+    preserve = R.get_reward("vlm_preserve", path_or_hub_id=tiny["qwen"], dtype=torch.float32, image_size=56)
+    p = _check(preserve, x, EDITS, _meta(src))
+    assert (0 <= p).all() and (p <= 1).all() and not torch.allclose(p, score)  # another rubric
+    with pytest.raises(KeyError, match="source"):
+        fn(x, EDITS, [{}] * 3)
+    with pytest.raises(ValueError, match="for the 2 prompts"):
+        fn(x, EDITS[:2], _meta(src))
+    with pytest.raises(ValueError, match="image tokens"):  # a stray image token would shift every image
+        R.qwen_inputs(tok, cfg, pair, EDITS, "<|image_pad|> {prompt}", 56)
 
 
 @pytest.mark.parametrize("name", sorted(R.MODEL))

@@ -384,9 +384,9 @@ def parse_pref(text: str) -> list[float]:
 @dataclass
 class Pipeline:
     net: torch.nn.Module                     # the transformer (+ the adapter, if one was given)
-    vae: torch.nn.Module | None              # None: a pixel-space net (the tiny defaults) whose x0 lives in [-1, 1]
-    enc: object                              # the text encoders
-    encode: callable                         # prompts -> cond dict of tensors [B, ...] (the net's keyword inputs)
+    vae: torch.nn.Module | None = None       # None: a pixel-space net (the tiny defaults) whose x0 lives in [-1, 1]
+    enc: object = None                       # the text encoders
+    encode: callable = None                  # prompts -> cond dict of tensors [B, ...] (the net's keyword inputs)
     latent: callable = None                  # (height, width) px -> one x0's shape; None: SD3's (C, H/8, W/8)
     schedule: callable = None                # (steps, shift, x0 shape) -> sigmas; None: get_schedule(steps, shift)
     to_latent: callable = None               # images [B,3,H,W] in [0,1] -> latents (Kontext's reference image)
@@ -447,17 +447,81 @@ def load_sd35(spec, dtype=torch.float32, device="cpu", lora=None):
         vae = model.load_vae(os.path.join(weights, "vae"), dtype=dtype, device=device)  # constants from config.json
     elif net.cfg.in_channels != 3:  # a Stability single file bundles the VAE (first_stage_model.*), no constants
         vae = model.load_vae(weights, dtype=dtype, device=device, **model.VAE_SD3)
-    if "tiny_text_encoders" in spec:
-        enc = tiny_text_encoders(**spec["tiny_text_encoders"])
-    else:
-        te = spec.get("text_encoders") or (weights if os.path.isdir(weights) else None)
-        if te is None:
-            raise UsageError("--weights is a single file: pass --text-encoders (a diffusers SD3.5 folder or hub id)")
-        enc = load_text_encoders(te, device, dtype if device != "cpu" else torch.float32, t5=spec.get("t5", True))
+    enc = text_encoders(spec, tiny_text_encoders, load_text_encoders, device, dtype,
+                        "a diffusers SD3.5 folder or hub id", t5=spec.get("t5", True))
     return Pipeline(net, vae, enc, lambda prompts: sd3_cond(enc, prompts))
 
 
-LOADERS = {"sd35": load_sd35}  # --backbone -> loader(spec, dtype, device, lora) -> Pipeline
+def text_encoders(spec, tiny, load, device, dtype, what, **kw):
+    # the spec's tiny encoders (rebuilt from their vocabulary and seed), or loaded from a folder (fp32 on a CPU)
+    if "tiny_text_encoders" in spec:
+        return tiny(**spec["tiny_text_encoders"])
+    te = spec.get("text_encoders") or (spec["weights"] if os.path.isdir(spec["weights"]) else None)
+    if te is None:
+        raise UsageError(f"--weights is a single file: pass --text-encoders ({what})")
+    return load(te, device, dtype if device != "cpu" else torch.float32, **kw)
+
+
+def load_flux(spec, dtype=torch.float32, device="cpu", lora=None):
+    """FLUX.1 Kontext [dev] (or FLUX.1 [dev]). spec: {"weights": diffusers repo folder (transformer/, vae/,
+    text_encoder/ = CLIP-L, text_encoder_2/ = T5) or BFL's single file, "vae": BFL's ae.safetensors (a single file
+    carries no latent constants: FLUX's are used), "text_encoders": a FLUX diffusers folder (default: weights)} or,
+    for the tiny default, {"weights": the cached base, "tiny_text_encoders": {...}, "pixels": 2}: a pixel-space
+    net whose x0 is the image in [-1, 1] space-to-depth'ed 2x2 ([12, H/2, W/2])."""
+    import model
+    weights = spec["weights"]
+    net = load_net(weights, lora, dtype, device)
+    C = net.cfg.in_channels // 4  # unpacked latent channels (16 for the released model)
+    if spec.get("pixels"):
+        f = spec["pixels"]
+        to_latent = lambda img: F.pixel_unshuffle(img.to(next(net.parameters()).dtype) * 2 - 1, f)
+        from_latent = lambda x0: ((F.pixel_shuffle(x0.float(), f) + 1) / 2).clamp(0, 1)
+        pipe = dict(vae=None, latent=lambda h, w: (C, h // f, w // f), to_latent=to_latent, from_latent=from_latent)
+    else:
+        folder_vae = os.path.join(weights, "vae") if os.path.isdir(weights) else None
+        if spec.get("vae"):
+            vae = model.load_vae(spec["vae"], dtype=dtype, device=device, **model.VAE_FLUX)
+        elif folder_vae and os.path.isdir(folder_vae):
+            vae = model.load_vae(folder_vae, dtype=dtype, device=device)
+        else:
+            raise UsageError("FLUX needs its VAE: --weights a diffusers folder with vae/, or --vae ae.safetensors")
+        # the reference image: VAE posterior mean, shifted and scaled (pipeline_flux_kontext.py sample_mode="argmax")
+        to_latent = lambda img: vae.encode(img.to(next(vae.parameters()).dtype))
+        pipe = dict(vae=vae, latent=lambda h, w: (C, h // 8, w // 8), to_latent=to_latent,
+                    schedule=lambda steps, shift, shape: get_flux_schedule(steps, (shape[1] // 2) * (shape[2] // 2)))
+    enc = text_encoders(spec, tiny_flux_text_encoders, load_flux_text_encoders, device, dtype, "a FLUX diffusers folder")
+    encode = lambda prompts: dict(zip(("context", "pooled"), encode_flux_prompts(enc, prompts)))
+    return Pipeline(net, enc=enc, encode=encode, guidance_input=True, **pipe)
+
+
+# Kontext was trained at these ~1 MP (width, height) sizes; a reference image goes to the one nearest its aspect
+# ratio (diffusers pipeline_flux_kontext.py:82-100, 937-943; BFL util.py PREFERED_KONTEXT_RESOLUTIONS)
+KONTEXT_RESOLUTIONS = [(672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
+                       (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
+                       (1456, 720), (1504, 688), (1568, 672)]
+
+
+def kontext_resolution(width, height):
+    return min((abs(width / height - w / h), w, h) for w, h in KONTEXT_RESOLUTIONS)[1:]
+
+
+def load_image(path, size=None):
+    """-> image [1, 3, H, W] in [0, 1]. size: (width, height) to resize to (bicubic, as diffusers' VaeImageProcessor),
+    or None. Errors name the file; any mode (grayscale, RGBA, palette) is converted to RGB."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise UsageError(f"--image {path}: cannot read it as an image ({e})") from None
+    img = img.convert("RGB")
+    if size is not None and img.size != tuple(size):
+        img = img.resize(tuple(size), Image.BICUBIC)
+    import numpy as np
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+
+
+LOADERS = {"sd35": load_sd35, "flux-kontext": load_flux}  # --backbone -> loader(spec, dtype, device, lora) -> Pipeline
 
 
 def main(argv=None):
@@ -478,7 +542,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, help="ODE steps (default 28; a run's sample_steps)")
     ap.add_argument("--solver", choices=["euler", "dpm2"], help="ODE solver (default euler; a run's solver)")
     ap.add_argument("--shift", type=float, help="schedule time shift (default 3.0 for SD3.5; a run's shift)")
-    ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    ap.add_argument("--guidance", type=float, help="SD3.5: classifier-free guidance scale (default 1 = off); FLUX: "
+                    "the distilled guidance input (default 2.5, one forward per step)")
+    ap.add_argument("--image", help="editing backbones (flux-kontext): the source image to edit; resized to the nearest "
+                    "Kontext resolution (a tiny run: to its size)")
+    ap.add_argument("--vae", help="FLUX with a single-file --weights: BFL's ae.safetensors")
     ap.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same noise on every device)")
     ap.add_argument("--size", type=int, help="image side in pixels (multiple of 16; default 1024; a run's size)")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="transformer dtype (default fp32; a run's dtype)")
@@ -497,6 +565,9 @@ def main(argv=None):
         sys.exit(2)
 
 
+GUIDANCE = {"sd35": 1.0, "flux-kontext": 2.5}  # default --guidance: SD3.5 CFG off; Kontext's distilled input
+
+
 def run_settings(args):
     # -> (backbone, spec, adapter path, objectives) and the run's sampling settings as defaults for unset flags
     import model
@@ -508,8 +579,10 @@ def run_settings(args):
             raise UsageError(f"--weights {args.weights}: no such file or folder")
         if args.lora and not os.path.isfile(args.lora):
             raise UsageError(f"--lora {args.lora}: no such file")
-        spec = dict(weights=args.weights, text_encoders=args.text_encoders, t5=not args.no_t5)
-        return args.backbone, spec, args.lora, None, defaults
+        if args.vae and not os.path.isfile(args.vae):
+            raise UsageError(f"--vae {args.vae}: no such file")
+        spec = dict(weights=args.weights, text_encoders=args.text_encoders, t5=not args.no_t5, vae=args.vae)
+        return args.backbone, spec, args.lora, None, dict(defaults, guidance=GUIDANCE[args.backbone])
     config, lora = os.path.join(args.run, "config.json"), args.lora or os.path.join(args.run, "adapters.safetensors")
     if not os.path.isfile(config):
         raise UsageError(f"--run {args.run}: no config.json there (not a train.py run folder)")
@@ -521,8 +594,9 @@ def run_settings(args):
     spec = json.loads(meta["pipeline"])
     if args.weights:  # the base moved: point at it
         spec = dict(spec, weights=args.weights)
+    defaults.update(guidance=GUIDANCE.get(meta["backbone"], 1.0))
     defaults.update({k: cfg[c] for k, c in (("steps", "sample_steps"), ("solver", "solver"), ("shift", "shift"),
-                                            ("size", "size"), ("dtype", "dtype")) if c in cfg})
+                                            ("size", "size"), ("dtype", "dtype"), ("guidance", "guidance")) if c in cfg})
     return meta["backbone"], spec, lora, meta["objectives"], defaults
 
 
@@ -556,6 +630,10 @@ def run(args):
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
     pipe = LOADERS[backbone](spec, dtype, args.device, lora)
     m = pipe.net.cfg.pref_dim
+    if args.image and not pipe.to_latent:
+        raise UsageError(f"--image: backbone {backbone!r} does not edit images")
+    if args.image and not os.path.isfile(args.image):
+        raise UsageError(f"--image {args.image}: no such file")
     if args.sweep and m not in (0, 2):
         raise UsageError(f"--sweep moves ω between two objectives; this model has {m}: use --pref")
     if prefs[0] is not None and m == 0:
@@ -569,12 +647,24 @@ def run(args):
     cond, uncond = pipe.conditions([args.prompt], args.guidance, args.negative_prompt)
     if hasattr(pipe.enc, "to"):
         pipe.enc.to("cpu")  # the text encoders are done; free the accelerator for the transformer
+    width = height = args.size
+    source = None
+    if args.image:  # Kontext: the reference latent joins the conditioning; the output takes its size
+        from PIL import Image
+        with Image.open(args.image) as im:
+            w0, h0 = im.size
+        width, height = (args.size, args.size) if spec.get("pixels") else kontext_resolution(w0, h0)
+        source = load_image(args.image, (width, height))
+        cond["ref"] = pipe.to_latent(source.to(args.device))
 
-    images = [generate(pipe.net, pipe.vae, cond, uncond, p, args.steps, args.seed, args.size, args.guidance,
-                       args.solver, args.shift, progress=True)[0] for p in prefs]
+    images = [pipe.generate(cond, uncond, p, args.steps, args.seed, height, width, args.guidance, args.solver,
+                            args.shift, progress=True)[0] for p in prefs]
     if args.sweep:
         names = f"  ({objectives[0]} → {objectives[1]})" if objectives else ""
-        image_grid([images], [pref_label(p) for p in prefs]).save(args.out)
+        labels = [pref_label(p) for p in prefs]
+        if source is not None:  # the source first, then preservation -> adherence
+            images, labels = [source[0]] + images, ["source"] + labels
+        image_grid([images], labels).save(args.out)
         print(f"wrote {args.out} ({len(prefs)} values of ω{names})")
     else:
         to_pil(images[0]).save(args.out)

@@ -42,10 +42,12 @@ import sample
 
 @dataclass
 class Config:
-    backbone: str = "sd35"  # which network (the keys of BACKBONES below; FLUX Kontext and LTX-2 come later)
+    backbone: str = "sd35"  # which network: sd35 | flux-kontext (the keys of BACKBONES at the end; LTX-2 comes later)
     tiny: bool = False  # the CPU default: a tiny net of the same code, tiny text encoders, a procedural world
     weights: str = ""  # diffusers folder / single file of the base model (full size)
-    prompts: str = ""  # text file, one training prompt per line (full size)
+    prompts: str = ""  # text file, one training prompt per line (full size, text-to-image)
+    edits: str = ""  # editing backbones (full size): JSONL of {"image": path, "prompt": text}, or a folder of x.png + x.txt
+    guidance: float = 2.5  # FLUX: the distilled guidance input (Kontext-dev: 2.5); SD3.5 does not use it
     rewards: str = "tiny_photo,tiny_sketch"  # objectives, in the order of w's components
     fixed_pref: str = ""  # "w1,w2,...": FixedWeight baseline: sum_m w_m r_m, then group norm, no w input
     out: str = "runs/tiny"  # run folder: log, config, checkpoint, eval.json, pareto.png, slider.png
@@ -128,7 +130,7 @@ def parse_config(argv=None):
     else:
         b = args.get("backbone", Config.backbone)
         if b not in BACKBONES:
-            die(f"unknown backbone {b!r}; available: {', '.join(BACKBONES)} (FLUX Kontext and LTX-2 are not wired in yet)")
+            die(f"unknown backbone {b!r}; available: {', '.join(BACKBONES)} (LTX-2 is not wired in yet)")
         cfg = Config(**{**BACKBONES[b]["preset"], **(BACKBONES[b]["tiny"] if args.get("tiny") else {}), **args})
     for name, ok in CHOICES.items():
         if getattr(cfg, name) not in ok:
@@ -374,6 +376,7 @@ class Setup:
     x0_shape: tuple  # one x0 as the loop stores it (packed), e.g. (C, h, w)
     decode: callable  # x0 [B, *x0_shape] -> what the rewards take (images [B,3,H,W] in [0,1])
     pipeline: dict  # the loader spec (sample.LOADERS) that rebuilds net + text encoders + VAE; saved with adapters
+    schedule: callable = None  # steps -> sigmas [steps+1] (None: the shifted SD3 schedule with cfg.shift)
     pack: callable = lambda latents: latents[0]  # the net's output latents (a tuple) -> one x0-shaped tensor
     unpack: callable = lambda x: (x,)  # x0-shaped tensor -> the net's positional latents
 
@@ -388,6 +391,10 @@ def velocity(fn, setup, x, sigma, cond, pref=None):
 def lookup(setup, items, device, dtype):
     # items [n] (indices) -> their cached conditioning, batched
     return {k: v[items].to(device, dtype if v.is_floating_point() else v.dtype) for k, v in setup.cond.items()}
+
+
+def schedule(cfg, setup):  # the sampler's sigmas, rollouts and evaluation alike
+    return setup.schedule(cfg.sample_steps) if setup.schedule else sample.get_schedule(cfg.sample_steps, cfg.shift)
 
 
 def expand(t, x):  # [B] -> [B, 1, ..., 1], broadcasting over x's latent dims (any rank)
@@ -464,11 +471,116 @@ def pretrain_tiny(cfg, setup, make_net, world, key, device):
     return path
 
 
+def to_pixels_latent(img):  # [B,3,H,W] in [0,1] -> [B,12,H/2,W/2] in [-1,1]: the tiny FLUX's "latent" space
+    return torch.nn.functional.pixel_unshuffle(img * 2 - 1, 2)
+
+
+def flux_tiny_setup(cfg, M, device):
+    """The editing world: (source, instruction) items; the tiny FLUX edits in pixel space (the image 2x2
+    space-to-depth'ed, packed 2x2 again inside the net: 64 tokens per image at 32 px), conditioned on the
+    instruction (tiny T5 + CLIP) and on the source as Kontext reference tokens. The rewards see the source in
+    meta["source"]."""
+    spec = dict(pixels=2, tiny_text_encoders=dict(vocab=sorted({w for t in R.EDIT_INSTRUCTIONS for w in t.split()}),
+                                                  seed=0, clip_dim=64, t5_dim=64))
+    enc = sample.tiny_flux_text_encoders(**spec["tiny_text_encoders"])
+    instructions = list(R.EDIT_INSTRUCTIONS)
+    context, pooled = sample.encode_flux_prompts(enc, instructions)  # one row per distinct instruction
+
+    def conditioning(sources, texts):  # the net's keyword inputs for these items, [n, ...]
+        idx = [instructions.index(t) for t in texts]
+        return dict(context=context[idx], pooled=pooled[idx], guidance=torch.full((len(texts),), cfg.guidance),
+                    ref=to_pixels_latent(sources))
+
+    n_items = 96  # a fixed set of edit items for RL and evaluation, apart from the pretraining stream
+    sources, texts, _ = R.tiny_edit_world(n_items, size=cfg.size, seed=cfg.seed + 1)
+    setup = Setup(None, texts, conditioning(sources, texts), [{"source": s} for s in sources],
+                  list(range(cfg.eval_prompts)), (12, cfg.size // 2, cfg.size // 2),
+                  lambda x0: ((torch.nn.functional.pixel_shuffle(x0.float(), 2) + 1) / 2).clamp(0, 1), {})
+
+    def world():
+        # (source, instruction) -> a blend of source and target: half full edits, a quarter partial (alpha ~ U(0,1)),
+        # a quarter unchanged, so the base model samples the whole range between keeping and editing
+        n = min(cfg.pretrain_steps * cfg.pretrain_batch, 20000)
+        src, txt, tgt = R.tiny_edit_world(n, size=cfg.size, seed=cfg.seed)
+        g = torch.Generator().manual_seed(cfg.seed)
+        u = torch.rand(n, generator=g)
+        alpha = torch.where(u < 0.5, 1.0, torch.where(u < 0.75, torch.rand(n, generator=g), 0.0)).view(-1, 1, 1, 1)
+        return to_pixels_latent(alpha * tgt + (1 - alpha) * src), conditioning(src, txt)
+
+    mcfg = model.FluxConfig(**model.FLUX_PRESETS["flux-tiny"])
+    key = cache_key("tiny_flux", cfg, asdict(mcfg), spec, cfg.guidance, R.tiny_edit_world, R._edit_scenes,
+                    R._edit_grid, R._paint, R._outline, R._shape_distance, world)
+    path = pretrain_tiny(cfg, setup, lambda: model.FluxTransformer(mcfg), world, key, device)
+    setup.pipeline = dict(spec, weights=os.path.abspath(path))
+    return setup
+
+
+def read_edits(path):
+    """An edit set -> (images [n,3,H,W] in [0,1] as loaded, instructions). JSONL: {"image": path (relative to the
+    file), "prompt": text} per line; a folder: every x.png/x.jpg with its instruction in x.txt."""
+    from PIL import Image
+    pairs = []
+    if os.path.isdir(path):
+        for f in sorted(os.listdir(path)):
+            stem, ext = os.path.splitext(f)
+            if ext.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+                txt = os.path.join(path, stem + ".txt")
+                if not os.path.isfile(txt):
+                    raise RunError(f"--edits {path}: {f} has no instruction file {stem}.txt")
+                with open(txt) as fh:
+                    pairs.append((os.path.join(path, f), fh.read().strip()))
+    else:
+        with open(path) as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                    image, prompt = item["image"], item["prompt"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise RunError(f"--edits {path}:{i}: expected {{\"image\": path, \"prompt\": text}}, got "
+                                   f"{line.strip()[:80]!r}") from None
+                pairs.append((os.path.join(os.path.dirname(os.path.abspath(path)), image), str(prompt)))
+    if not pairs:
+        raise RunError(f"--edits {path}: no (image, instruction) pair in it")
+    missing = [p for p, _ in pairs if not os.path.isfile(p)]
+    if missing:
+        raise RunError(f"--edits {path}: {len(missing)} image(s) not found, e.g. {missing[0]}")
+    return pairs
+
+
+def flux_setup(cfg, M, device):
+    """Full-size FLUX.1 Kontext through sample.py's loader: every source resized to one training resolution
+    (cfg.size x cfg.size, so items batch) and VAE-encoded once (the reference latent), every instruction
+    encoded once (T5 + CLIP-L, then the encoders leave the GPU); guidance cfg.guidance."""
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    pairs = read_edits(cfg.edits)
+    spec = dict(weights=os.path.abspath(cfg.weights))
+    pipe = sample.LOADERS["flux-kontext"](spec, dtype, device)
+    images = torch.cat([sample.load_image(p, (cfg.size, cfg.size)) for p, _ in pairs])
+    texts = [t for _, t in pairs]
+    parts = []
+    for i in range(0, len(pairs), 8):
+        c = pipe.encode(texts[i: i + 8])
+        with torch.no_grad():
+            c["ref"] = pipe.to_latent(images[i: i + 8].to(device))
+        parts.append({k: v.cpu() for k, v in c.items()})
+    cond = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    cond["guidance"] = torch.full((len(pairs),), cfg.guidance)
+    pipe.enc.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    h = cfg.size // 8
+    return Setup(pipe.net, texts, cond, [{"source": im} for im in images], list(range(min(cfg.eval_prompts, len(pairs)))),
+                 (pipe.net.cfg.in_channels // 4, h, h), pipe.decode, spec,
+                 schedule=lambda steps: sample.get_flux_schedule(steps, (h // 2) ** 2))
+
+
 def check_full_size(cfg):
+    example = BACKBONES[cfg.backbone]["example"]
     if not cfg.weights:
         die(f"no base weights: pass --weights <{cfg.backbone} diffusers folder (with transformer/, vae/, text encoders)>, "
-            "e.g. a local download of stabilityai/stable-diffusion-3.5-medium; or run the CPU default: "
-            f"python train.py --backbone {cfg.backbone} --tiny")
+            f"e.g. a local download of {example}; or run the CPU default: python train.py --backbone {cfg.backbone} --tiny")
     if not os.path.exists(cfg.weights):
         hub = " (a hub id? weights are never downloaded here: download the repo and pass its folder)" \
             if cfg.weights.count("/") == 1 else ""
@@ -476,6 +588,11 @@ def check_full_size(cfg):
     if not torch.cuda.is_available() and cfg.device != "cpu":
         die(f"full-size training needs a CUDA GPU (bf16); on a CPU run: python train.py --backbone {cfg.backbone} --tiny "
             "(--device cpu forces the full-size path on a CPU, for small test models)")
+    if BACKBONES[cfg.backbone]["data"] == "edits":
+        if not cfg.edits or not os.path.exists(cfg.edits):
+            die(f"--edits {cfg.edits!r}: give the edit set, a JSONL of {{\"image\": path, \"prompt\": text}} per line "
+                "or a folder of image + .txt pairs")
+        return
     if not cfg.prompts or not os.path.isfile(cfg.prompts):
         die(f"--prompts {cfg.prompts!r}: give a text file with one training prompt per line")
     if not read_prompts(cfg.prompts):
@@ -628,7 +745,7 @@ def evaluate(cfg, net, ema, setup, reward_fns, names, fixed, ref_point, device, 
     prefs = [fixed.tolist()] if fixed is not None else pref_grid(M, cfg.eval_points)
     noise = torch.randn(E, *setup.x0_shape, generator=torch.Generator().manual_seed(1234)).to(device, dtype)
     cond = lookup(setup, items, device, dtype)
-    sigmas = sample.get_schedule(cfg.sample_steps, cfg.shift)
+    sigmas = schedule(cfg, setup)
     fn = policy(net, ema)
     sweep, tiles = [], []
     for w in tqdm(prefs, desc="eval sweep", disable=not is_rank0()):
@@ -648,8 +765,10 @@ def evaluate(cfg, net, ema, setup, reward_fns, names, fixed, ref_point, device, 
     model.atomic_json(result, os.path.join(cfg.out, "eval.json"))
     plot_front(os.path.join(cfg.out, "pareto.png"), result)
     rows = [[col[i] for col in tiles] for i in range(len(tiles[0]))]  # rows: eval prompts (same noise); columns: w
-    grid = sample.image_grid(rows, [sample.pref_label(s["pref"]) for s in sweep], [p[:18] for p in prompts[:len(rows)]],
-                             tile=96)
+    labels = [sample.pref_label(s["pref"]) for s in sweep]
+    if "source" in meta[0]:  # editing: the source image first
+        rows, labels = [[meta[i]["source"]] + row for i, row in enumerate(rows)], ["source"] + labels
+    grid = sample.image_grid(rows, labels, [p[:18] for p in prompts[:len(rows)]], tile=96)
     model.atomic_write(os.path.join(cfg.out, "slider.png"), lambda tmp: grid.save(tmp, format="PNG"))
     return result
 
@@ -756,7 +875,7 @@ def train(cfg):
     P, K, G = cfg.prompts_per_step, cfg.prefs_per_prompt, cfg.group_size  # FixedWeight: same budget, one w
     N = P * K * G
     mine = torch.arange(rank, N, world)  # this rank's share of the global batch
-    sigmas = sample.get_schedule(cfg.sample_steps, cfg.shift)
+    sigmas = schedule(cfg, setup)
     T = max(1, int(cfg.timestep_fraction * cfg.sample_steps))
     bar = tqdm(range(start, cfg.steps), desc="ParetoSlider" if fixed is None else "FixedWeight",
                disable=not is_rank0(), initial=start, total=cfg.steps)
@@ -851,13 +970,21 @@ def train(cfg):
 
 BACKBONES = {
     "sd35": dict(
-        setup=sd35_setup, tiny_setup=sd35_tiny_setup,
+        setup=sd35_setup, tiny_setup=sd35_tiny_setup, data="prompts", example="stabilityai/stable-diffusion-3.5-medium",
         preset=dict(out="runs/sd35", rewards="pickscore_photo,vlm_sketch", steps=300, prompts_per_step=4, group_size=8,
                     sample_steps=25, shift=3.0, size=512, batch=8, dtype="bf16", grad_ckpt=True, eval_points=11,
                     eval_prompts=8),
         tiny=dict(out="runs/tiny", rewards="tiny_photo,tiny_sketch", steps=30, prompts_per_step=4, group_size=6,
                   sample_steps=8, shift=1.0, size=32, batch=64, dtype="fp32", grad_ckpt=False, eval_points=11,
                   eval_prompts=12)),
+    "flux-kontext": dict(
+        setup=flux_setup, tiny_setup=flux_tiny_setup, data="edits", example="black-forest-labs/FLUX.1-Kontext-dev",
+        preset=dict(out="runs/flux-kontext", rewards="dino_sim,vlm_edit", steps=300, prompts_per_step=4,
+                    group_size=8, sample_steps=28, size=512, batch=4, dtype="bf16", grad_ckpt=True, guidance=2.5,
+                    eval_points=11, eval_prompts=8),
+        tiny=dict(out="runs/flux-kontext-tiny", rewards="tiny_preserve,tiny_adhere", steps=30, prompts_per_step=4,
+                  group_size=6, sample_steps=8, shift=1.0, size=32, batch=64, dtype="fp32", grad_ckpt=False,
+                  guidance=1.0, eval_points=11, eval_prompts=12)),
 }
 
 

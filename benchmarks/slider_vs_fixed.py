@@ -1,6 +1,6 @@
 """The paper's central claim on the tiny world: one ParetoSlider model vs five FixedWeight runs.
 
-    python benchmarks/slider_vs_fixed.py [--steps 30] [--out runs/bench]
+    python benchmarks/slider_vs_fixed.py [--backbone sd35 | flux-kontext] [--steps 30] [--out runs/bench]
 
 ParetoSlider once, and FixedWeight (early scalarization, no preference input) at w1 in {1, .75, .5, .25, 0},
 each with the same per-run budget (steps x prompts x K x G samples). Hypervolumes share one reference point;
@@ -8,7 +8,6 @@ the FixedWeight front is the union of the five runs' points. Spearman: w_m again
 slider's sweep. Prints a markdown table (the README carries it).
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,11 +20,13 @@ FIXED = ["1,0", "0.75,0.25", "0.5,0.5", "0.25,0.75", "0,1"]
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--backbone", default="sd35", help="sd35 (photo <-> sketch) or flux-kontext (preserve <-> adhere)")
     p.add_argument("--steps", default="30")
-    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--out", default="")
     p.add_argument("--ref-point", default="0,0")
     args, rest = p.parse_known_args()
-    common = ["--backbone", "sd35", "--tiny", "--steps", args.steps, "--ref-point", args.ref_point, *rest]
+    args.out = args.out or f"runs/bench-{args.backbone}"
+    common = ["--backbone", args.backbone, "--tiny", "--steps", args.steps, "--ref-point", args.ref_point, *rest]
     runs = {}
     t0 = time.time()
     runs["ParetoSlider"] = train.main(common + ["--out", f"{args.out}/slider"])
@@ -52,9 +53,8 @@ def main():
           f"(ratio {hv_slider / max(hv_fixed, 1e-12):.3f})")
     print(f"Spearman(w_m, reward m) over the sweep: {[round(v, 3) for v in slider['spearman']]}")
     print(f"wall time {time.time() - t0:.0f} s for 6 runs")
-    with open(os.path.join(args.out, "summary.json"), "w") as fh:
-        json.dump(dict(hv_slider=hv_slider, hv_fixed_union=hv_fixed, spearman=slider["spearman"], ref_point=ref,
-                       table=lines), fh, indent=1)
+    train.model.atomic_json(dict(hv_slider=hv_slider, hv_fixed_union=hv_fixed, spearman=slider["spearman"],
+                                 ref_point=ref, table=lines), os.path.join(args.out, "summary.json"))
 
 
 if __name__ == "__main__":

@@ -254,3 +254,43 @@ def test_full_size_path_on_a_tiny_diffusers_folder(tmp_path):
     assert (tmp_path / "run" / "slider.png").is_file()
     with pytest.raises(SystemExit):
         train.main(["--backbone", "sd35", "--weights", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+
+
+def test_flux_kontext_tiny_run_and_sample_run(tmp_path):
+    # the editing backbone through the same loop: source images as Kontext reference tokens and as the rewards'
+    # meta["source"]; sample.py --run rebuilds it and puts the source first in the strip
+    import sample
+    from PIL import Image
+    res = train.main(["--backbone", "flux-kontext", "--tiny", *TINY[3:], "--steps", "1", "--out", str(tmp_path / "run"),
+                      "--cache", str(tmp_path / "cache")])
+    assert res["objectives"] == ["tiny_preserve", "tiny_adhere"] and len(res["sweep"]) == 3
+    assert all(torch.isfinite(torch.tensor(s["rewards"])).all() for s in res["sweep"])
+    grid = Image.open(tmp_path / "run" / "slider.png")
+    assert grid.width >= 4 * 96  # source + 3 values of w
+    src = tmp_path / "src.png"
+    sample.to_pil(torch.rand(3, 32, 32)).save(src)
+    out = tmp_path / "strip.png"
+    sample.main(["--run", str(tmp_path / "run"), "--image", str(src), "--prompt", "make it blue", "--sweep", "3",
+                 "--out", str(out)])
+    strip = Image.open(out)
+    assert strip.width == 4 * 160  # 32 px tiles enlarged 5x: the source, then 3 values of w
+    band = strip.height - 160
+    first = torch.tensor(list(strip.crop((0, band, 160, band + 160)).resize((32, 32), Image.NEAREST).get_flattened_data()))
+    assert (first.float() - torch.tensor(list(Image.open(src).get_flattened_data())).float()).abs().max() <= 1
+
+
+def test_edit_set_errors(tmp_path, capsys):
+    bad = tmp_path / "edits.jsonl"
+    bad.write_text('{"image": "a.png", "prompt": "make it blue"}\n{"prompt": "no image here"}\n')
+    with pytest.raises(train.RunError, match=r"edits.jsonl:2: expected \{\"image\": path, \"prompt\": text\}"):
+        train.read_edits(str(bad))
+    bad.write_text('{"image": "missing.png", "prompt": "make it blue"}\n')
+    with pytest.raises(train.RunError, match="1 image\\(s\\) not found"):
+        train.read_edits(str(bad))
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "x.png").write_bytes(b"")
+    with pytest.raises(train.RunError, match="x.png has no instruction file x.txt"):
+        train.read_edits(str(tmp_path / "f"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--backbone", "flux-kontext", "--weights", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "--edits ''" in capsys.readouterr().err

@@ -566,6 +566,7 @@ def main(argv=None):
 
 
 GUIDANCE = {"sd35": 1.0, "flux-kontext": 2.5}  # default --guidance: SD3.5 CFG off; Kontext's distilled input
+DISTILLED = {"flux-kontext"}  # guidance is an input of the net: a run's --guidance is what it trained with
 
 
 def run_settings(args):
@@ -595,8 +596,10 @@ def run_settings(args):
     if args.weights:  # the base moved: point at it
         spec = dict(spec, weights=args.weights)
     defaults.update(guidance=GUIDANCE.get(meta["backbone"], 1.0))
-    defaults.update({k: cfg[c] for k, c in (("steps", "sample_steps"), ("solver", "solver"), ("shift", "shift"),
-                                            ("size", "size"), ("dtype", "dtype"), ("guidance", "guidance")) if c in cfg})
+    keys = (("steps", "sample_steps"), ("solver", "solver"), ("shift", "shift"), ("size", "size"), ("dtype", "dtype"))
+    if meta["backbone"] in DISTILLED:  # the run's guidance is the net's input it trained with (never CFG)
+        keys += (("guidance", "guidance"),)
+    defaults.update({k: cfg[c] for k, c in keys if c in cfg})
     return meta["backbone"], spec, lora, meta["objectives"], defaults
 
 

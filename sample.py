@@ -474,8 +474,8 @@ def load_flux(spec, dtype=torch.float32, device="cpu", lora=None):
     C = net.cfg.in_channels // 4  # unpacked latent channels (16 for the released model)
     if spec.get("pixels"):
         f = spec["pixels"]
-        to_latent = lambda img: F.pixel_unshuffle(img.to(next(net.parameters()).dtype) * 2 - 1, f)
-        from_latent = lambda x0: ((F.pixel_shuffle(x0.float(), f) + 1) / 2).clamp(0, 1)
+        to_latent = lambda img: space_to_depth(img.to(next(net.parameters()).dtype), f)
+        from_latent = lambda x0: depth_to_space(x0, f)
         pipe = dict(vae=None, latent=lambda h, w: (C, h // f, w // f), to_latent=to_latent, from_latent=from_latent)
     else:
         folder_vae = os.path.join(weights, "vae") if os.path.isdir(weights) else None
@@ -492,6 +492,14 @@ def load_flux(spec, dtype=torch.float32, device="cpu", lora=None):
     enc = text_encoders(spec, tiny_flux_text_encoders, load_flux_text_encoders, device, dtype, "a FLUX diffusers folder")
     encode = lambda prompts: dict(zip(("context", "pooled"), encode_flux_prompts(enc, prompts)))
     return Pipeline(net, enc=enc, encode=encode, guidance_input=True, **pipe)
+
+
+def space_to_depth(img, f=2):  # images [B,3,H,W] in [0,1] -> the tiny FLUX's x0 [B,3f^2,H/f,W/f] in [-1,1]
+    return F.pixel_unshuffle(img * 2 - 1, f)
+
+
+def depth_to_space(x0, f=2):  # the inverse, clamped to [0,1]
+    return ((F.pixel_shuffle(x0.float(), f) + 1) / 2).clamp(0, 1)
 
 
 # Kontext was trained at these ~1 MP (width, height) sizes; a reference image goes to the one nearest its aspect

@@ -471,10 +471,6 @@ def pretrain_tiny(cfg, setup, make_net, world, key, device):
     return path
 
 
-def to_pixels_latent(img):  # [B,3,H,W] in [0,1] -> [B,12,H/2,W/2] in [-1,1]: the tiny FLUX's "latent" space
-    return torch.nn.functional.pixel_unshuffle(img * 2 - 1, 2)
-
-
 def flux_tiny_setup(cfg, M, device):
     """The editing world: (source, instruction) items; the tiny FLUX edits in pixel space (the image 2x2
     space-to-depth'ed, packed 2x2 again inside the net: 64 tokens per image at 32 px), conditioned on the
@@ -489,13 +485,13 @@ def flux_tiny_setup(cfg, M, device):
     def conditioning(sources, texts):  # the net's keyword inputs for these items, [n, ...]
         idx = [instructions.index(t) for t in texts]
         return dict(context=context[idx], pooled=pooled[idx], guidance=torch.full((len(texts),), cfg.guidance),
-                    ref=to_pixels_latent(sources))
+                    ref=sample.space_to_depth(sources))
 
     n_items = 96  # a fixed set of edit items for RL and evaluation, apart from the pretraining stream
     sources, texts, _ = R.tiny_edit_world(n_items, size=cfg.size, seed=cfg.seed + 1)
     setup = Setup(None, texts, conditioning(sources, texts), [{"source": s} for s in sources],
                   list(range(cfg.eval_prompts)), (12, cfg.size // 2, cfg.size // 2),
-                  lambda x0: ((torch.nn.functional.pixel_shuffle(x0.float(), 2) + 1) / 2).clamp(0, 1), {})
+                  sample.depth_to_space, {})
 
     def world():
         # (source, instruction) -> a blend of source and target: half full edits, a quarter partial (alpha ~ U(0,1)),
@@ -505,7 +501,7 @@ def flux_tiny_setup(cfg, M, device):
         g = torch.Generator().manual_seed(cfg.seed)
         u = torch.rand(n, generator=g)
         alpha = torch.where(u < 0.5, 1.0, torch.where(u < 0.75, torch.rand(n, generator=g), 0.0)).view(-1, 1, 1, 1)
-        return to_pixels_latent(alpha * tgt + (1 - alpha) * src), conditioning(src, txt)
+        return sample.space_to_depth(alpha * tgt + (1 - alpha) * src), conditioning(src, txt)
 
     mcfg = model.FluxConfig(**model.FLUX_PRESETS["flux-tiny"])
     key = cache_key("tiny_flux", cfg, asdict(mcfg), spec, cfg.guidance, R.tiny_edit_world, R._edit_scenes,

@@ -119,6 +119,16 @@ def _load_weight(W, c, imask, H, Dh, BLOCK_M: tl.constexpr, ACROSS: tl.constexpr
 
 
 @triton.jit
+def _pairs_and_weights(W, H, Dh, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
+                       ACROSS: tl.constexpr):
+    # what forward and backward both start with: the rotation pairs' columns and the weight at both of them
+    i, c1, c2, imask = _pair_columns(Dh, BLOCK_H, INTERLEAVED)
+    w1 = _load_weight(W, c1, imask, H, Dh, BLOCK_M, ACROSS)
+    w2 = _load_weight(W, c2, imask, H, Dh, BLOCK_M, ACROSS)
+    return i, c1, c2, imask, w1, w2
+
+
+@triton.jit
 def _store_dweight(P, dw, c, imask, H, Dh, BLOCK_M: tl.constexpr, ACROSS: tl.constexpr):
     # this program's dweight partial sums dw [BLOCK_M, BLOCK_H] at channels c (rows are heads when ACROSS)
     if ACROSS:
@@ -154,9 +164,7 @@ def _qk_fwd(X, W, COS, SIN, OUT, R, L, H, Dh, N, s_xb, s_xl, s_xh, s_cb, s_cl, s
             HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, ACROSS: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     r0 = tl.program_id(0) * rows
-    i, c1, c2, imask = _pair_columns(Dh, BLOCK_H, INTERLEAVED)
-    w1 = _load_weight(W, c1, imask, H, Dh, BLOCK_M, ACROSS)
-    w2 = _load_weight(W, c2, imask, H, Dh, BLOCK_M, ACROSS)
+    i, c1, c2, imask, w1, w2 = _pairs_and_weights(W, H, Dh, BLOCK_M, BLOCK_H, INTERLEAVED, ACROSS)
     if ACROSS:
         step = H
     else:
@@ -182,9 +190,7 @@ def _qk_bwd(X, W, COS, SIN, DOUT, DX, PARTIAL, R, L, H, Dh, N, s_xb, s_xl, s_xh,
     # PARTIAL [programs, weight size]: this program's sum over its rows of dn * xhat (-> dweight).
     pid = tl.program_id(0)
     r0 = pid * rows
-    i, c1, c2, imask = _pair_columns(Dh, BLOCK_H, INTERLEAVED)
-    w1 = _load_weight(W, c1, imask, H, Dh, BLOCK_M, ACROSS)
-    w2 = _load_weight(W, c2, imask, H, Dh, BLOCK_M, ACROSS)
+    i, c1, c2, imask, w1, w2 = _pairs_and_weights(W, H, Dh, BLOCK_M, BLOCK_H, INTERLEAVED, ACROSS)
     dw1 = tl.zeros([BLOCK_M, BLOCK_H], dtype=w1.dtype)
     dw2 = tl.zeros([BLOCK_M, BLOCK_H], dtype=w1.dtype)
     if ACROSS:

@@ -1,7 +1,8 @@
 """Whole model blocks with the kernels on and off, at the real shapes: the end-to-end check of kernels/.
 
-  python benchmarks/blocks.py              CUDA, bf16: each block forward and forward+backward, eager (kernels
-                                           off) vs kernels on vs torch.compile (off / on)
+  python benchmarks/blocks.py              CUDA, bf16: each block (SD3.5 joint; FLUX double / single, at 1024^2 with
+                                           and without a Kontext reference) forward and forward+backward, eager
+                                           (kernels off) vs kernels on vs torch.compile (off / on)
   python benchmarks/blocks.py --cpu-smoke  CPU (TRITON_INTERPRET=1), a tiny block: the script itself works
 
 LoRA-style: frozen weights, gradients w.r.t. the activations only. The per-op rows are kernels/bench.py, whose
@@ -22,25 +23,56 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels.bench import bench_us, print_rows, start, step  # noqa: E402
-from model import SD3_PRESETS, JointBlock, SD3Config  # noqa: E402
+import model  # noqa: E402
+from model import FLUX_PRESETS, SD3_PRESETS, DoubleStreamBlock, FluxConfig, JointBlock, SD3Config, SingleStreamBlock  # noqa: E402
 
-# whole SD3.5 joint blocks from model.py: (name, preset, block index, image tokens, text tokens).
-# FLUX / LTX-2 blocks: add them here once model.py has them.
-BLOCKS = [("sd35m-512 joint block (dual attn)", "sd35-medium", 0, 1024, 333),
-          ("sd35m-512 joint block", "sd35-medium", 13, 1024, 333),
-          ("sd35m-1024 joint block", "sd35-medium", 13, 4096, 333)]
-SMOKE_BLOCKS = [("tiny joint block (dual attn)", "sd35-tiny", 0, 16, 7)]
+
+def sd3_block(preset, i, n_img, n_txt):
+    # an SD3.5 joint block (dual attention in blocks 0-12 of medium): leaves ctx, x, c, m (slider)
+    cfg = SD3Config(**SD3_PRESETS[preset])
+    blk, D = JointBlock(cfg, i), cfg.hidden
+    return blk, [(1, n_txt, D), (1, n_img, D), (1, D), (1, D)], lambda ctx, x, c, m: tuple(
+        t for t in blk(ctx, x, c, m) if t is not None)
+
+
+def flux_block(preset, kind, n_img, n_txt):
+    # a FLUX double or single block with its RoPE tables; n_img = target (+ Kontext reference) tokens. Leaves: the
+    # stream(s), vec, m; the slider reaches the image tokens only (single blocks: m_range over the image part)
+    cfg = FluxConfig(**FLUX_PRESETS[preset])
+    D, L = cfg.hidden, n_txt + n_img
+    ids = torch.cat([torch.zeros(n_txt, 3), model.flux_ids(0, 1, n_img)]).long()  # token count, not geometry, matters
+    cos, sin = model.flux_rope(ids, cfg.axes_dim, cfg.theta)
+    if kind == "double":
+        blk = DoubleStreamBlock(cfg)
+        return blk, [(1, n_txt, D), (1, n_img, D), (1, D), (1, D)], lambda txt, img, vec, m: blk(
+            txt, img, vec, cos.to(img.device), sin.to(img.device), m)
+    blk = SingleStreamBlock(cfg)
+    return blk, [(1, L, D), (1, D), (1, D)], lambda x, vec, m: (blk(
+        x, vec, cos.to(x.device), sin.to(x.device), m, (n_txt, L)),)
+
+
+# whole blocks from model.py at the real shapes: (name, builder, its arguments). FLUX.1 Kontext at 1024^2: 64 x 64
+# packed target tokens + as many reference tokens, 512 T5 tokens. LTX-2 blocks: add them once model.py has them.
+BLOCKS = [("sd35m-512 joint block (dual attn)", sd3_block, ("sd35-medium", 0, 1024, 333)),
+          ("sd35m-512 joint block", sd3_block, ("sd35-medium", 13, 1024, 333)),
+          ("sd35m-1024 joint block", sd3_block, ("sd35-medium", 13, 4096, 333)),
+          ("flux-kontext-1024 double block (+ref)", flux_block, ("flux-dev", "double", 8192, 512)),
+          ("flux-kontext-1024 single block (+ref)", flux_block, ("flux-dev", "single", 8192, 512)),
+          ("flux-dev-1024 double block", flux_block, ("flux-dev", "double", 4096, 512)),
+          ("flux-dev-1024 single block", flux_block, ("flux-dev", "single", 4096, 512))]
+SMOKE_BLOCKS = [("tiny joint block (dual attn)", sd3_block, ("sd35-tiny", 0, 16, 7)),
+                ("tiny flux double block", flux_block, ("flux-tiny", "double", 32, 7)),
+                ("tiny flux single block", flux_block, ("flux-tiny", "single", 32, 7))]
 
 
 def run_blocks(blocks, device, cpu, rows, use_compile, dtype=torch.bfloat16):
-    for name, preset, i, n_img, n_txt in blocks:
-        cfg = SD3Config(**SD3_PRESETS[preset])
-        blk = JointBlock(cfg, i).to(device, dtype).requires_grad_(False)
+    for name, build, args in blocks:
+        blk, shapes, f = build(*args)
+        blk.to(device, dtype).requires_grad_(False)
         g = torch.Generator(device).manual_seed(0)
-        rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device=device) * scale).to(dtype).requires_grad_()
-        D = cfg.hidden
-        leaves = [rnd(1, n_txt, D), rnd(1, n_img, D), rnd(1, D), rnd(1, D, scale=0.1)]  # ctx, x, c, m (slider)
-        f = lambda ctx, x, c, m: tuple(t for t in blk(ctx, x, c, m) if t is not None)
+        # activations ~N(0, 1); conditioning vectors too; the slider vector m (last) small, as trained
+        leaves = [(torch.randn(*s, generator=g, device=device) * (0.1 if i == len(shapes) - 1 else 1.0))
+                  .to(dtype).requires_grad_() for i, s in enumerate(shapes)]
         variants = [("eager", "torch", False), ("triton", "triton", False)]
         if use_compile:
             variants += [("compile", "torch", True)] + ([] if cpu else [("compile+triton", "triton", True)])
@@ -52,8 +84,8 @@ def run_blocks(blocks, device, cpu, rows, use_compile, dtype=torch.bfloat16):
                 us[impl] = bench_us(step(torch.compile(f) if comp else f, leaves, backward), leaves, cpu)
             kernels.set_backend("triton")
             for impl, t in us.items():
-                rows.append(dict(case=name, op="JointBlock", pass_="fwd+bwd" if backward else "fwd", impl=impl, us=t,
-                                 gbs=None, copy=None, vs_eager=us["eager"] / t,
+                rows.append(dict(case=name, op=type(blk).__name__, pass_="fwd+bwd" if backward else "fwd", impl=impl,
+                                 us=t, gbs=None, copy=None, vs_eager=us["eager"] / t,
                                  vs_compile=us["compile"] / t if "compile" in us else None, err=None))
             print_rows(rows[-len(us):])
 

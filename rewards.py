@@ -114,12 +114,16 @@ def ssim(images, prompts, meta):
 # --- the tiny world
 # `python train.py --backbone sd35 --tiny` pretrains a tiny pixel-space model on this world and then slides
 # between its two styles, mirroring the paper's photorealism <-> sketch pair (notes/paper.md §4.1).
-# Each prompt "a {color} {shape}" is drawn in two styles:
-#   photo  - a filled, shaded shape over a textured, muted, noisy background: colour and texture everywhere;
-#   sketch - a thin dark gray outline of the same shape on near-white paper.
-# The three rewards below measure exactly these properties, so they are well spread on the world and in
-# conflict: tiny_photo wants chroma, texture and no white; tiny_sketch wants white paper plus a little dark
-# ink; tiny_prompt wants the prompt's hue (absent from a sketch, which is gray).
+# Each prompt "a {color} {shape}" is drawn in two styles, and in every pixel blend between them:
+#   photo  (s = 0) - a filled, shaded shape over a textured, muted, noisy background: colour everywhere;
+#   sketch (s = 1) - a thin dark gray outline of the same shape on near-white paper;
+#   mixed  (0 < s < 1) - (1 - s) photo + s sketch of the same scene, a photo fading into its drawing.
+# The training pair measures each style by a statistic that is linear in s along that family (mean chroma, mean
+# luma), through a concave map: intermediates score *above* the chord between the pure styles (a concave front,
+# tested), so linear scalarisation has an interior optimum for every w and the slider can move smoothly. The
+# held-out pair (evaluation only, as the paper evaluates with scorers it did not train on) reads other
+# statistics: opponent-colour spread and dark tones for photo, white-pixel area and edge presence for sketch.
+# tiny_prompt wants the prompt's hue (absent from a sketch, which is gray): a third objective for M = 3.
 
 COLORS = ["red", "orange", "yellow", "green", "blue", "purple"]
 SHAPES = ["circle", "square", "triangle", "ring", "cross", "diamond"]
@@ -148,9 +152,17 @@ def _shape_distance(shape, dx, dy, r):
     raise ValueError(name)
 
 
+STYLE_WORDS = ("photo", "mixed", "sketch")  # caption words of the prompt-rewriting baseline (train.py --method prompt)
+
+
+def style_word(s):
+    # the caption word of a style s in [0, 1]: photo below 0.2, sketch above 0.8, mixed between
+    return "photo" if s < 0.2 else "sketch" if s > 0.8 else "mixed"
+
+
 def _render(n, size, gen, style):
-    # one chunk of the world: -> images [n,3,size,size], color [n], shape [n], is_photo [n]. Every random
-    # number is drawn whatever the style (pairing); each style is then rendered only where it is used.
+    # one chunk of the world: -> images [n,3,size,size], color [n], shape [n], s [n] (0 photo ... 1 sketch).
+    # Every random number is drawn whatever the style (pairing): the same seed gives the same scenes in every style.
     def u(*shape, lo=0.0, hi=1.0):
         return lo + (hi - lo) * torch.rand(*shape, generator=gen)
 
@@ -159,8 +171,10 @@ def _render(n, size, gen, style):
 
     color = torch.randint(len(COLORS), (n,), generator=gen)
     shape = torch.randint(len(SHAPES), (n,), generator=gen)
-    coin = torch.rand(n, generator=gen)  # drawn even when the style is fixed, to keep the pairing
-    is_photo = coin < 0.5 if style is None else torch.full((n,), style == "photo")
+    coin, mix = torch.rand(n, generator=gen), torch.rand(n, generator=gen)
+    # style None: 3/8 photos, 3/8 sketches, 1/4 blends with s ~ U(0, 1), so the base model samples intermediates
+    s = torch.where(coin < 0.375, 0.0, torch.where(coin < 0.75, 1.0, mix)) if style is None \
+        else torch.full((n,), {"photo": 0.0, "sketch": 1.0}.get(style, style))
     cx, cy, r = u(n, 1, 1, lo=0.35, hi=0.65), u(n, 1, 1, lo=0.35, hi=0.65), u(n, 1, 1, lo=0.2, hi=0.32)
     hue, sat, val = u(n, 1), u(n, 1, lo=0.15, hi=0.4), u(n, 1, lo=0.25, hi=0.5)
     terrain, tint, pressure = u(n, 1, 4, 4), u(n, 3, 3, 3, lo=-0.04, hi=0.04), u(n, 1, 6, 6)
@@ -176,42 +190,39 @@ def _render(n, size, gen, style):
         m = shape == j
         d[m] = _shape_distance(j, dx[m], dy[m], r[m]) * size
 
-    images = torch.empty(n, 3, size, size)
-    p = is_photo
     # photo: background = a muted random colour (chroma < 0.3, below tiny_prompt's gate) modulated by
     # low-frequency terrain and a little tint, plus mostly-luma pixel noise (texture without adding hue);
     # object = the prompt colour, lit from a random direction, with antialiased edges.
-    k = (torch.tensor([5.0, 3.0, 1.0]) + 6 * hue[p]) % 6  # HSV -> RGB, vectorised: [np,3]
-    bg = (val[p] * (1 - sat[p] * torch.minimum(k, 4 - k).clamp(0, 1))).view(-1, 3, 1, 1)
-    bg = bg * (0.75 + 0.5 * up(terrain[p])) + up(tint[p]) + 0.06 * noise[p, :1] + 0.015 * noise[p, 1:]
-    shade = 0.85 + 0.3 * (light[p, 0] * dx[p] + light[p, 1] * dy[p]) / r[p]  # brighter towards the light
-    obj = _RGB[color[p]].view(-1, 3, 1, 1) * shade.unsqueeze(1) + 0.02 * noise[p, 1:]
-    alpha = torch.sigmoid(-d[p] / 0.5).unsqueeze(1)
-    images[p] = alpha * obj + (1 - alpha) * bg
+    k = (torch.tensor([5.0, 3.0, 1.0]) + 6 * hue) % 6  # HSV -> RGB, vectorised: [n,3]
+    bg = (val * (1 - sat * torch.minimum(k, 4 - k).clamp(0, 1))).view(-1, 3, 1, 1)
+    bg = bg * (0.75 + 0.5 * up(terrain)) + up(tint) + 0.06 * noise[:, :1] + 0.015 * noise[:, 1:]
+    shade = 0.85 + 0.3 * (light[:, 0] * dx + light[:, 1] * dy) / r  # brighter towards the light
+    obj = _RGB[color].view(-1, 3, 1, 1) * shade.unsqueeze(1) + 0.02 * noise[:, 1:]
+    alpha = torch.sigmoid(-d / 0.5).unsqueeze(1)
+    photo = (alpha * obj + (1 - alpha) * bg).clamp(0, 1)
     # sketch: gray paper with faint grain, a pencil line of half-width 0.9..1.3 px whose pressure varies
-    q = ~is_photo
-    line = (1 - d[q].abs() / width[q]).clamp(0, 1).unsqueeze(1) * (0.8 + 0.2 * up(pressure[q]))
-    grain = paper[q] + 0.015 * noise[q, :1]
-    images[q] = (grain * (1 - line) + ink[q] * line).expand(-1, 3, size, size)
-    return images.clamp(0, 1), color, shape, is_photo
+    line = (1 - d.abs() / width).clamp(0, 1).unsqueeze(1) * (0.8 + 0.2 * up(pressure))
+    sketch = ((paper + 0.015 * noise[:, :1]) * (1 - line) + ink * line).clamp(0, 1).expand(-1, 3, size, size)
+    w = s.view(-1, 1, 1, 1)
+    return (1 - w) * photo + w * sketch, color, shape, s
 
 
 def tiny_world(n, size=32, seed=0, style=None):
-    # -> (images [n,3,size,size] float32 in [0,1], prompts, styles). style None: each image photo or sketch
-    # with probability 1/2; "photo"/"sketch": all of one style. Rendered in whole chunks of 256 with one
-    # generator per (seed, chunk), so it is deterministic, tiny_world(m) is a prefix of tiny_world(n > m),
-    # and the same seed gives the same prompts and geometry in both styles (paired images).
-    if style not in (None, "photo", "sketch"):
-        raise ValueError(f"style must be None, 'photo' or 'sketch', got {style!r}")
+    # -> (images [n,3,size,size] float32 in [0,1], prompts "a {color} {shape}", styles: s of each image, floats in
+    # [0, 1]). style None: 3/8 photos (s = 0), 3/8 sketches (s = 1), 1/4 blends (s ~ U(0, 1)); "photo", "sketch"
+    # or a number s: all of that style. Rendered in whole chunks of 256 with one generator per (seed, chunk), so it
+    # is deterministic, tiny_world(m) is a prefix of tiny_world(n > m), and the same seed gives the same prompts
+    # and geometry in every style (paired images).
+    if not (style in (None, "photo", "sketch") or (isinstance(style, (int, float)) and 0 <= style <= 1)):
+        raise ValueError(f"style must be None, 'photo', 'sketch' or a number in [0, 1], got {style!r}")
     images, prompts, styles = [], [], []
     for i, start in enumerate(range(0, n, 256)):
         gen = torch.Generator().manual_seed(seed * 100_003 + i)
-        x, color, shape, is_photo = _render(256, size, gen, style)
+        x, color, shape, s = _render(256, size, gen, style)
         keep = min(256, n - start)
-        x, color, shape, is_photo = x[:keep], color[:keep], shape[:keep], is_photo[:keep]
-        images.append(x)
-        prompts += [f"a {COLORS[c]} {SHAPES[s]}" for c, s in zip(color.tolist(), shape.tolist())]
-        styles += ["photo" if p else "sketch" for p in is_photo.tolist()]
+        images.append(x[:keep])
+        prompts += [f"a {COLORS[c]} {SHAPES[j]}" for c, j in zip(color[:keep].tolist(), shape[:keep].tolist())]
+        styles += s[:keep].tolist()
     return torch.cat(images) if images else torch.zeros(0, 3, size, size), prompts, styles
 
 
@@ -219,29 +230,49 @@ def _white(x):  # per-pixel soft "paper": bright (luma > ~0.7) and gray (chroma 
     return torch.sigmoid((_luma(x)[:, 0] - 0.7) / 0.06) * torch.sigmoid((0.12 - _chroma(x)) / 0.04)
 
 
-def _ink(x):  # per-pixel soft "pencil": dark (luma < 0.6) and gray; a ramp, so paper is exactly ink-free
-    return ((0.6 - _luma(x)[:, 0]) / 0.3).clamp(0, 1) * torch.sigmoid((0.15 - _chroma(x)) / 0.03)
+def _mean(v):  # [B, ...] -> [B]
+    return v.flatten(1).mean(1)
 
 
 def tiny_photo(images, prompts, meta):
-    # "photorealism" of the tiny world, in [0,1]: colour (mean chroma, saturating near 0.3) and texture
-    # (fraction of pixels with high-frequency luma energy: the photo background's noise, everywhere),
-    # averaged, times the fraction of non-paper pixels. A white page scores 0 whatever its strokes.
+    # "photorealism" of the tiny world, in [0,1): colour (mean chroma) and tonal depth (1 - mean luma), through a
+    # concave map. Both statistics are linear along the photo -> sketch blend (a gray sketch adds no chroma), so
+    # intermediates score above the chord; a sketch still scores ~0.15 (its dark lines), never a flat 0.
     x = images.float()
-    colour = torch.tanh(_chroma(x).flatten(1).mean(1) / 0.2)
-    y = _luma(x)
-    hi = (y - F.avg_pool2d(F.pad(y, (1, 1, 1, 1), mode="replicate"), 3, stride=1)).abs()
-    texture = (1 - torch.exp(-hi / 0.02)).flatten(1).mean(1)
-    return 0.5 * (colour + texture) * (1 - _white(x).flatten(1).mean(1))
+    return 1 - torch.exp(-(_mean(_chroma(x)) + 0.25 * (1 - _mean(_luma(x)))) / 0.15)
 
 
 def tiny_sketch(images, prompts, meta):
-    # "sketch-ness", in [0,1]: fraction of paper pixels times the presence of dark gray ink. Ink presence
-    # saturates at a few percent of the pixels (a thin outline), and every extra dark pixel costs paper, so
-    # thin lines beat filled shapes and an empty page scores 0.
+    # "sketch-ness", in [0,1): gray paper (mean of luma - chroma, linear along the blend) through a concave map,
+    # times the presence of dark ink (saturating below one percent of the pixels, a thin outline), so a blank page
+    # scores 0.7x a drawing. A photo still scores ~0.3 (its brighter patches), never a flat 0.
     x = images.float()
-    strokes = 1 - torch.exp(-_ink(x).flatten(1).mean(1) / 0.015)
-    return _white(x).flatten(1).mean(1) * strokes
+    y = _luma(x)[:, 0]
+    paper = F.softplus(_mean(y - _chroma(x)), beta=20)  # a smooth max(., 0): a dark, saturated photo ~1e-5, not 0
+    ink = 1 - torch.exp(-_mean(((0.8 - y) / 0.4).clamp(0, 1)) / 0.005)
+    return (1 - torch.exp(-paper / 0.4)) * (0.7 + 0.3 * ink)
+
+
+def tiny_photo_heldout(images, prompts, meta):
+    # held-out "photo" (evaluation only; other statistics than tiny_photo's): the Hasler-Susstrunk colourfulness
+    # (spread and mean of the opponent channels rg, yb; Proc. SPIE 5007, 2003) and the fraction of dark pixels
+    x = images.float()
+    r, g, b = x.unbind(1)
+    rg, yb = (r - g).flatten(1), (0.5 * (r + g) - b).flatten(1)
+    colourful = (rg.var(1, unbiased=False) + yb.var(1, unbiased=False) + 1e-12).sqrt() \
+        + 0.3 * (rg.mean(1).square() + yb.mean(1).square() + 1e-12).sqrt()
+    dark = _mean(torch.sigmoid((0.5 - _luma(x)) / 0.05))
+    return 0.5 * (1 - torch.exp(-colourful / 0.15)) + 0.5 * dark
+
+
+def tiny_sketch_heldout(images, prompts, meta):
+    # held-out "sketch" (evaluation only): the area of white gray paper times the presence of edges (soft count of
+    # pixels with a luma step, saturating at a few percent: the outline). A blank page scores 0.
+    x = images.float()
+    y = _luma(x)[:, 0]
+    step = 0.5 * ((y[:, 1:, 1:] - y[:, 1:, :-1]).abs() + (y[:, 1:, 1:] - y[:, :-1, 1:]).abs())  # [B,H-1,W-1]
+    edges = _mean(1 - torch.exp(-step / 0.04))
+    return _mean(_white(x)) * (1 - torch.exp(-edges / 0.03))
 
 
 def _opponent(rgb):  # [...,3] -> [...,2]: the (a, b) chroma plane orthogonal to gray; its angle is the hue
@@ -828,6 +859,8 @@ OFFLINE = {  # name -> reward fn
     "tiny_photo": tiny_photo,
     "tiny_sketch": tiny_sketch,
     "tiny_prompt": tiny_prompt,
+    "tiny_photo_heldout": tiny_photo_heldout,  # held-out evaluators of the tiny world (train.py --heldout)
+    "tiny_sketch_heldout": tiny_sketch_heldout,
     "tiny_preserve": tiny_preserve,  # the tiny editing world's pair: source preservation ...
     "tiny_adhere": tiny_adhere,  # ... and instruction adherence
 }

@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -50,6 +51,9 @@ class Config:
     guidance: float = 2.5  # FLUX: the distilled guidance input (Kontext-dev: 2.5); SD3.5 does not use it
     rewards: str = "tiny_photo,tiny_sketch"  # objectives, in the order of w's components
     fixed_pref: str = ""  # "w1,w2,...": FixedWeight baseline: sum_m w_m r_m, then group norm, no w input
+    method: str = "slider"  # slider (ParetoSlider) | fixed (FixedWeight: --fixed-pref) | flowmulti | prompt | soups
+    heldout: str = ""  # evaluation-only objectives "h1,h2" (held-out scorers), scored at every point, never trained on
+    soup: str = ""  # --method soups: "runA,runB", the run folders of two single-reward FixedWeight runs to interpolate
     out: str = "runs/tiny"  # run folder: log, config, checkpoint, eval.json, pareto.png, slider.png
     resume: str = ""  # run folder to continue (config from there; --steps may extend it)
     seed: int = 0
@@ -91,7 +95,19 @@ class Config:
 
 
 CHOICES = dict(kernels=("", "triton", "torch"), solver=("euler", "dpm2"), dtype=("fp32", "bf16"),
-               device=("", "cuda", "cpu"))
+               device=("", "cuda", "cpu"), method=("slider", "fixed", "flowmulti", "prompt", "soups"))
+# The paper's method and its baselines (notes/paper.md §5.1), one loop. Which train, and what eval.json calls them:
+#   slider    ParetoSlider: one model with the w input, late scalarisation (per-reward advantages mixed by w)
+#   fixed     FixedWeight: early scalarisation sum_m w_m r_m at one --fixed-pref, no w input; one run per w
+#   flowmulti FlowMulti: the summed rewards, no w input, evaluated at 1/3, 2/3 and the end of training. (Group
+#             normalisation is scale-free, so its update is exactly FixedWeight's at the uniform w; what differs is
+#             the evaluation: three checkpoints of one static model, as the paper plots it.)
+#   prompt    prompt rewriting: no training; the base model prompted with style words it learned in its captions
+#   soups     Rewarded Soups (arXiv 2306.04488): no training; the LoRA weights of two single-reward runs
+#             interpolated, (lam, 1 - lam) at eval_points values of lam
+METHOD_NAMES = dict(slider="ParetoSlider", fixed="FixedWeight", flowmulti="FlowMulti", prompt="PromptRewriting",
+                    soups="RewardedSoups")
+TRAINS = ("slider", "fixed", "flowmulti")
 # numeric flags: the smallest (and largest) value that makes sense; group_size 1 would give zero advantages
 AT_LEAST = dict(steps=1, prompts_per_step=1, prefs_per_prompt=1, group_size=2, sample_steps=1, size=8, batch=1,
                 lora_rank=1, ckpt_every=1, pretrain_steps=1, pretrain_batch=1, eval_points=2, eval_prompts=1,
@@ -140,6 +156,8 @@ def parse_config(argv=None):
         if not (v >= lo if lo is not None else v > 0) or not v <= hi or v != v:
             rule = f">= {lo}" if lo is not None else "> 0"
             die(f"--{name.replace('_', '-')} {v}: must be {rule}" + (f" and <= {hi}" if hi < math.inf else ""))
+    if cfg.fixed_pref and cfg.method == "slider":  # --fixed-pref alone means FixedWeight, as it always did
+        cfg.method = "fixed"
     if cfg.device == "cuda" and not torch.cuda.is_available():
         die("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
     objectives(cfg)  # rewards, --fixed-pref and --ref-point checked now, not after the models load
@@ -203,9 +221,11 @@ def resume_config(args):
 
 
 def objectives(cfg):
-    """-> (reward names, FixedWeight w or None, hypervolume reference point), or a clear error."""
+    """-> (reward names, early-scalarisation weights or None, hypervolume reference point, held-out names), or a
+    clear error. The weights: FixedWeight's w, FlowMulti's uniform w (the summed rewards); None for the others."""
     names = [n for n in cfg.rewards.split(",") if n]
-    unknown = [n for n in names if n not in R.REWARDS]
+    heldout = [n for n in cfg.heldout.split(",") if n]
+    unknown = [n for n in names + heldout if n not in R.REWARDS]
     if unknown:
         die(f"unknown reward(s) {unknown}; valid: {', '.join(sorted(R.REWARDS))}")
     M, fixed = len(names), None
@@ -216,12 +236,28 @@ def objectives(cfg):
             die(str(e).replace("--pref", "--fixed-pref"))
         if len(fixed) != M:
             die(f"--fixed-pref {cfg.fixed_pref!r} has {len(fixed)} weights but there are {M} objectives")
-    if fixed is None and M < 2:
-        die("ParetoSlider needs at least two objectives (--rewards a,b[,c])")
+    if cfg.method == "fixed" and fixed is None:
+        die("--method fixed (FixedWeight) needs its weights: --fixed-pref w1,w2,...")
+    if fixed is not None and cfg.method != "fixed":
+        die(f"--fixed-pref is FixedWeight's; --method {cfg.method} takes none")
+    if cfg.method != "fixed" and M < 2:
+        die(f"{METHOD_NAMES[cfg.method]} needs at least two objectives (--rewards a,b[,c])")
+    if cfg.method in ("prompt", "soups") and M != 2:
+        die(f"--method {cfg.method} compares along two objectives (photo <-> sketch); got {M}")
+    if cfg.method == "flowmulti":  # the summed rewards; group normalisation is scale-free, so their mean
+        fixed = torch.full((M,), 1 / M)
+    if bool(cfg.soup) != (cfg.method == "soups"):
+        die("--method soups needs --soup runA,runB (two FixedWeight runs), and --soup is for --method soups only")
+    if cfg.soup:
+        runs = cfg.soup.split(",")
+        missing = [d for d in runs if not os.path.isfile(os.path.join(d, "adapters.safetensors"))]
+        if len(runs) != 2 or missing:
+            die(f"--soup {cfg.soup!r}: give two finished run folders, each with adapters.safetensors"
+                + (f" (none in {', '.join(missing)})" if missing else ""))
     ref_point = [float(v) for v in cfg.ref_point.split(",")] if cfg.ref_point else [0.0] * M
     if len(ref_point) != M:
         die(f"--ref-point has {len(ref_point)} values for {M} objectives")
-    return names, fixed, ref_point
+    return names, fixed, ref_point, heldout
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -379,6 +415,7 @@ class Setup:
     schedule: callable = None  # steps -> sigmas [steps+1] (None: the shifted SD3 schedule with cfg.shift)
     pack: callable = lambda latents: latents[0]  # the net's output latents (a tuple) -> one x0-shaped tensor
     unpack: callable = lambda x: (x,)  # x0-shaped tensor -> the net's positional latents
+    rewrites: dict = None  # --method prompt: {caption suffix: (the w it stands for, conditioning of every item)}
 
 
 def velocity(fn, setup, x, sigma, cond, pref=None):
@@ -388,9 +425,9 @@ def velocity(fn, setup, x, sigma, cond, pref=None):
     return setup.pack(out if isinstance(out, tuple) else (out,))
 
 
-def lookup(setup, items, device, dtype):
-    # items [n] (indices) -> their cached conditioning, batched
-    return {k: v[items].to(device, dtype if v.is_floating_point() else v.dtype) for k, v in setup.cond.items()}
+def lookup(setup, items, device, dtype, cond=None):
+    # items [n] (indices) -> their cached conditioning (or that of `cond`, laid out alike), batched
+    return {k: v[items].to(device, dtype if v.is_floating_point() else v.dtype) for k, v in (cond or setup.cond).items()}
 
 
 def schedule(cfg, setup):  # the sampler's sigmas, rollouts and evaluation alike
@@ -402,24 +439,49 @@ def expand(t, x):  # [B] -> [B, 1, ..., 1], broadcasting over x's latent dims (a
 
 
 def sd35_tiny_setup(cfg, M, device):
-    # the tiny world's prompts "a {color} {shape}", encoded once by tiny text encoders (fixed seed, offline vocab)
+    """The tiny world's prompts "a {color} {shape}", encoded once by tiny text encoders (fixed seed, offline vocab).
+    Half of the pretraining captions also name the image's style ("a red circle, sketch"; R.style_word), so the base
+    model learns the words the prompt-rewriting baseline uses; RL and evaluation use the plain prompts."""
     prompts = [f"a {c} {s}" for c in R.COLORS for s in R.SHAPES]
-    tiny_enc = dict(vocab=["a"] + R.COLORS + R.SHAPES, seed=0)
+    styled = {w: [f"{p}, {w}" for p in prompts] for w in R.STYLE_WORDS}
+    tiny_enc = dict(vocab=["a", ","] + R.COLORS + R.SHAPES + list(R.STYLE_WORDS), seed=0)
     enc = sample.tiny_text_encoders(**tiny_enc)
     cond = sample.sd3_cond(enc, prompts)
+    rewrites = {w: sample.sd3_cond(enc, styled[w]) for w in R.STYLE_WORDS}
+    labels = dict(photo=[1.0, 0.0], mixed=[0.5, 0.5], sketch=[0.0, 1.0])  # the trade-off each word asks for
     setup = Setup(None, prompts, cond, [{} for _ in prompts], [(7 * i) % len(prompts) for i in range(cfg.eval_prompts)],
-                  (3, cfg.size, cfg.size), lambda x0: sample.decode(None, x0), {})
+                  (3, cfg.size, cfg.size), lambda x0: sample.decode(None, x0), {},
+                  rewrites={f", {w}": (labels[w], rewrites[w]) for w in R.STYLE_WORDS})
 
-    def world():  # x0 in [-1, 1] and the conditioning of each image, for flow matching
+    def world():  # x0 in [-1, 1] and the conditioning of each image (its caption), for flow matching
         n = min(cfg.pretrain_steps * cfg.pretrain_batch, 20000)
-        images, world_prompts, _ = R.tiny_world(n, size=cfg.size, seed=cfg.seed)
-        return images * 2 - 1, {k: v[[prompts.index(p) for p in world_prompts]] for k, v in cond.items()}
+        images, world_prompts, styles = R.tiny_world(n, size=cfg.size, seed=cfg.seed)
+        captioned = torch.rand(n, generator=torch.Generator().manual_seed(cfg.seed)) < 0.5
+        rows = [prompts.index(p) for p in world_prompts]
+        out = {k: v[rows] for k, v in cond.items()}
+        for w, c in rewrites.items():  # the captioned images whose style is w take the "…, w" conditioning
+            m = captioned & torch.tensor([R.style_word(s) == w for s in styles])
+            for k in out:
+                out[k][m] = c[k][torch.tensor(rows)[m]]
+        return images * 2 - 1, out
 
     mcfg = model.SD3Config(**model.SD3_PRESETS["sd35-tiny"])
-    key = cache_key("tiny_sd35", cfg, asdict(mcfg), tiny_enc, prompts, R.tiny_world, R._render, R._shape_distance)
+    key = cache_key("tiny_sd35", cfg, asdict(mcfg), tiny_enc, prompts, R.tiny_world, R._render, R._shape_distance,
+                    R.style_word, world)
     path = pretrain_tiny(cfg, setup, lambda: model.SD3Transformer(mcfg), world, key, device)
     setup.pipeline = dict(weights=os.path.abspath(path), tiny_text_encoders=tiny_enc)
     return setup
+
+
+def code_of(fn):
+    """What a function runs, as loaded: its bytecode, names and constants (nested functions too) and its defaults.
+    Not its source text: inspect.getsource reads the file as it is now, so an edit made while a run is going (lines
+    moved) would change the key of a base that did not change. Line numbers are left out for the same reason."""
+    def walk(c):
+        const = lambda k: walk(k) if isinstance(k, types.CodeType) else sorted(map(repr, k)) \
+            if isinstance(k, frozenset) else repr(k)  # a frozenset's order follows the string hash seed
+        return [c.co_code.hex(), list(c.co_names), [const(k) for k in c.co_consts]]
+    return [walk(fn.__code__), repr(fn.__defaults__)]
 
 
 def cache_key(name, cfg, *parts):
@@ -427,7 +489,7 @@ def cache_key(name, cfg, *parts):
     preset, the text encoders, and the world (the source of its functions), so a code change never serves a stale
     base. (model.py's own code is not hashed: a refactor that changes a number must show it in the tests.)"""
     items = [cfg.size, cfg.seed, cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr]
-    items += [inspect.getsource(p) if callable(p) else p for p in parts]
+    items += [code_of(p) if callable(p) else p for p in parts]
     digest = hashlib.sha1(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{name}_{cfg.size}px_{cfg.pretrain_steps}x{cfg.pretrain_batch}_s{cfg.seed}_{digest}"
 
@@ -514,7 +576,6 @@ def flux_tiny_setup(cfg, M, device):
 def read_edits(path):
     """An edit set -> (images [n,3,H,W] in [0,1] as loaded, instructions). JSONL: {"image": path (relative to the
     file), "prompt": text} per line; a folder: every x.png/x.jpg with its instruction in x.txt."""
-    from PIL import Image
     pairs = []
     if os.path.isdir(path):
         for f in sorted(os.listdir(path)):
@@ -734,34 +795,103 @@ def spearman(a, b):
     return float((ra * rb).sum() / (ra.norm() * rb.norm() + 1e-12))
 
 
+def snapshots(cfg):
+    # FlowMulti's three evaluated checkpoints: step -> the EMA adapter file written at that step
+    return {k: os.path.join(cfg.out, f"adapters_step{k}.safetensors")
+            for k in sorted({max(1, round(cfg.steps * j / 3)) for j in (1, 2, 3)})}
+
+
+def soup(a, b, lam):
+    # Rewarded Soups: every adapter tensor (LoRA A and B alike, as arXiv 2306.04488 interpolates LoRA weights)
+    # mixed linearly, lam * a + (1 - lam) * b
+    return {n: lam * a[n] + (1 - lam) * b[n] for n in a}
+
+
+def adapter_file_state(net, path, names, setup):
+    """A finished run's EMA adapter as an adapter state of `net`, checked against this base (backbone, config,
+    pipeline) and these objectives; the live weights are left as they were."""
+    meta = model.read_adapter_meta(path)
+    if meta.get("pipeline") and json.loads(meta["pipeline"]).get("weights") != setup.pipeline.get("weights"):
+        raise RunError(f"{path}: trained on the base {json.loads(meta['pipeline']).get('weights')}, this run's base is "
+                       f"{setup.pipeline.get('weights')} (same --seed and pretraining flags?)")
+    live = {n: p.detach().clone() for n, p in model.adapter_state(net).items()}
+    model.load_adapters(net, path, names)
+    state = {n: p.detach().clone() for n, p in model.adapter_state(net).items()}
+    with torch.no_grad():
+        for n, p in model.adapter_state(net).items():
+            p.copy_(live[n])
+    return state
+
+
+def eval_points(cfg, net, ema, setup, names, fixed):
+    """What a method is evaluated at: [(label, w, policy fn, w input or None, conditioning or None)]; w places the
+    point on the trade-off (the slider's input; a baseline's nominal weights), conditioning None = setup.cond.
+    ParetoSlider: the w sweep of one model. FixedWeight: its own w. FlowMulti: its EMA at 1/3, 2/3 and the end of
+    training. Prompt rewriting: the base model prompted with each style suffix. Rewarded Soups: the two runs'
+    adapters mixed at eval_points values of lam, labelled w = (lam, 1 - lam)."""
+    M = len(names)
+    if cfg.method == "slider":
+        return [(sample.pref_label(w), w, policy(net, ema), w, None) for w in pref_grid(M, cfg.eval_points)]
+    if cfg.method == "fixed":
+        return [(sample.pref_label(fixed.tolist()), fixed.tolist(), policy(net, ema), None, None)]
+    if cfg.method == "flowmulti":
+        missing = [p for p in snapshots(cfg).values() if not os.path.isfile(p)]
+        if missing:
+            raise RunError(f"FlowMulti evaluates its checkpoints at 1/3, 2/3 and the end; missing {missing} (was the "
+                           f"run extended with --steps? start a new one)")
+        return [(f"step {k}", [1 / M] * M, policy(net, adapter_file_state(net, p, names, setup)), None, None)
+                for k, p in snapshots(cfg).items()]
+    if cfg.method == "prompt":
+        if not setup.rewrites:
+            raise RunError(f"--method prompt needs a world whose captions carry style words "
+                           f"(the tiny {cfg.backbone} setup has none)")
+        return [(f"prompt '{sfx}'", w, base_model(net), None, c) for sfx, (w, c) in setup.rewrites.items()]
+    a, b = (adapter_file_state(net, os.path.join(d, "adapters.safetensors"), names, setup) for d in cfg.soup.split(","))
+    lams = [1 - i / (cfg.eval_points - 1) for i in range(cfg.eval_points)]
+    return [(f"soup lam={lam:.2f}", [lam, 1 - lam], policy(net, soup(a, b, lam)), None, None) for lam in lams]
+
+
+def front_stats(W, Rw, ref):
+    # hypervolume of the points and, per objective, Spearman(w_m, r_m) (None where w_m does not vary or < 3 points)
+    return hypervolume(Rw.tolist(), ref), [
+        spearman(W[:, m], Rw[:, m]) if len(W) > 2 and W[:, m].max() > W[:, m].min() else None for m in range(W.shape[1])]
+
+
 @torch.no_grad()
-def evaluate(cfg, net, ema, setup, reward_fns, names, fixed, ref_point, device, dtype):
+def evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, device, dtype):
+    """Sample the fixed evaluation items (one noise each, the same at every point) at each of the method's points;
+    score them with the training rewards and the held-out scorers; eval.json, pareto.png, slider.png."""
     M, items = len(names), torch.tensor(setup.eval_items)
     E, prompts, meta = len(items), [setup.prompts[i] for i in setup.eval_items], [setup.meta[i] for i in setup.eval_items]
-    prefs = [fixed.tolist()] if fixed is not None else pref_grid(M, cfg.eval_points)
     noise = torch.randn(E, *setup.x0_shape, generator=torch.Generator().manual_seed(1234)).to(device, dtype)
-    cond = lookup(setup, items, device, dtype)
     sigmas = schedule(cfg, setup)
-    fn = policy(net, ema)
+    all_names = names + heldout
+
+    def run(fn, w_in, cond, where):
+        pref = None if w_in is None else torch.tensor(w_in, device=device, dtype=dtype).expand(E, M)
+        x0 = rollout(fn, setup, noise, lookup(setup, items, device, dtype, cond), pref, sigmas, cfg)
+        r, images = score(reward_fns, all_names, setup.decode, x0, prompts, meta, cfg.batch, where)
+        m, sd = r.mean(0).tolist(), r.std(0, unbiased=False).tolist()
+        out = dict(rewards=m[:M], std=sd[:M])
+        return (out | dict(heldout=m[M:], heldout_std=sd[M:]) if heldout else out), images
+
     sweep, tiles = [], []
-    for w in tqdm(prefs, desc="eval sweep", disable=not is_rank0()):
-        pref = None if fixed is not None else torch.tensor(w, device=device, dtype=dtype).expand(E, M)
-        r, images = score(reward_fns, names, setup.decode, rollout(fn, setup, noise, cond, pref, sigmas, cfg), prompts,
-                          meta, cfg.batch, f"evaluation at w={w}")
-        sweep.append(dict(pref=[round(v, 6) for v in w], rewards=r.mean(0).tolist(), std=r.std(0, unbiased=False).tolist()))
+    for label, w, fn, w_in, cond in tqdm(points, desc="eval", disable=not is_rank0()):
+        entry, images = run(fn, w_in, cond, f"evaluation at {label}")
+        sweep.append(dict(pref=[round(v, 6) for v in w], label=label, **entry))
         tiles.append(images[:6])
-    rb, _ = score(reward_fns, names, setup.decode, rollout(base_model(net), setup, noise, cond, None, sigmas, cfg),
-                  prompts, meta, cfg.batch, "evaluation of the base model")
-    pts = [s["rewards"] for s in sweep]
-    W, Rw = torch.tensor([s["pref"] for s in sweep]), torch.tensor(pts)
-    result = dict(objectives=names, sweep=sweep, hypervolume=hypervolume(pts, ref_point), ref_point=ref_point,
-                  base=dict(rewards=rb.mean(0).tolist(), std=rb.std(0, unbiased=False).tolist()),
-                  spearman=[spearman(W[:, m], Rw[:, m]) for m in range(M)] if len(sweep) > 2 else None,
-                  eval_prompts=prompts, method="FixedWeight" if fixed is not None else "ParetoSlider")
+    base, _ = run(base_model(net), None, None, "evaluation of the base model")
+    W = torch.tensor([s["pref"] for s in sweep])
+    hv, rho = front_stats(W, torch.tensor([s["rewards"] for s in sweep]), ref_point)
+    result = dict(objectives=names, sweep=sweep, hypervolume=hv, ref_point=ref_point, base=base, spearman=rho,
+                  eval_prompts=prompts, method=METHOD_NAMES[cfg.method])
+    if heldout:  # the held-out front, reference point 0 (every tiny scorer is in [0, 1])
+        hv_h, rho_h = front_stats(W, torch.tensor([s["heldout"] for s in sweep]), [0.0] * len(heldout))
+        result |= dict(heldout_objectives=heldout, heldout_hypervolume=hv_h, heldout_spearman=rho_h)
     model.atomic_json(result, os.path.join(cfg.out, "eval.json"))
     plot_front(os.path.join(cfg.out, "pareto.png"), result)
-    rows = [[col[i] for col in tiles] for i in range(len(tiles[0]))]  # rows: eval prompts (same noise); columns: w
-    labels = [sample.pref_label(s["pref"]) for s in sweep]
+    rows = [[col[i] for col in tiles] for i in range(len(tiles[0]))]  # rows: eval prompts (same noise); columns: points
+    labels = [s["label"] for s in sweep]
     if "source" in meta[0]:  # editing: the source image first
         rows, labels = [[meta[i]["source"]] + row for i, row in enumerate(rows)], ["source"] + labels
     grid = sample.image_grid(rows, labels, [p[:18] for p in prompts[:len(rows)]], tile=96)
@@ -769,21 +899,45 @@ def evaluate(cfg, net, ema, setup, reward_fns, names, fixed, ref_point, device, 
     return result
 
 
+def w_colour(w1):  # w1 = 1 red ... 0 blue
+    return int(255 * w1), 60, int(255 * (1 - w1))
+
+
 def plot_front(path, res):
-    """The front (objective m vs n for every pair), points coloured by w1 and joined in sweep order,
-    the base model as a black cross. PIL only (no plotting dependency)."""
+    """A run's front: objective m vs n for every pair (then the held-out pair, if scored), points coloured by w1
+    and joined in order, the base model as a black cross."""
+    panels = []
+    for key, names in (("rewards", res["objectives"]), ("heldout", res.get("heldout_objectives") or [])):
+        pts = [s[key] for s in res["sweep"]]
+        labels = [f"{s['pref'][0]:.1f}" if res["method"] == "ParetoSlider" else s["label"] for s in res["sweep"]]
+        series = [dict(points=pts, colours=[w_colour(s["pref"][0]) for s in res["sweep"]], labels=labels,
+                       join=len(names) == 2)]
+        base = res["base"][key]
+        panels += [(names[a], names[b], [dict(s, points=[(p[a], p[b]) for p in s["points"]]) for s in series],
+                    (base[a], base[b])) for a in range(len(names)) for b in range(a + 1, len(names))]
+    title = f"{res['method']}  hypervolume {res['hypervolume']:.4f} (ref {res['ref_point']})"
+    if "heldout_hypervolume" in res:
+        title += f"; held-out {res['heldout_hypervolume']:.4f}"
+    draw_panels(path, title, panels)
+
+
+def draw_panels(path, title, panels, legend=()):
+    """Scatter panels, PIL only (no plotting dependency). panels: [(x name, y name, series, base (x, y) or None)];
+    a series: dict(points [(x, y)], colours [rgb per point] or colour, labels [str per point] or None, join bool).
+    legend: [(text, rgb)], drawn under the title. benchmarks/baselines.py draws every method's front with this."""
     from PIL import Image, ImageDraw
-    names, M = res["objectives"], len(res["objectives"])
-    pairs = [(a, b) for a in range(M) for b in range(a + 1, M)]
     S, pad = 420, 60
-    img = Image.new("RGB", (S * len(pairs), S + 30), "white")
+    top = 30 + 14 * len(legend)
+    img = Image.new("RGB", (S * len(panels), S + top), "white")
     d = ImageDraw.Draw(img)
-    d.text((8, 6), f"{res['method']}  hypervolume {res['hypervolume']:.4f} (ref {res['ref_point']})", fill="black")
-    pts = [s["rewards"] for s in res["sweep"]]
-    for k, (a, b) in enumerate(pairs):
-        x0, y0 = k * S + pad, 30
-        xs = [p[a] for p in pts] + [res["base"]["rewards"][a]]
-        ys = [p[b] for p in pts] + [res["base"]["rewards"][b]]
+    d.text((8, 6), title, fill="black")
+    for i, (text, rgb) in enumerate(legend):
+        d.rectangle([8, 24 + 14 * i, 16, 32 + 14 * i], fill=rgb)
+        d.text((22, 22 + 14 * i), text, fill="black")
+    for k, (xname, yname, series, base) in enumerate(panels):
+        x0, y0 = k * S + pad, top
+        xs = [p[0] for s in series for p in s["points"]] + ([base[0]] if base else [])
+        ys = [p[1] for s in series for p in s["points"]] + ([base[1]] if base else [])
         lo_x, hi_x, lo_y, hi_y = min(xs), max(xs), min(ys), max(ys)
         sx, sy = (hi_x - lo_x) * 0.1 + 1e-6, (hi_y - lo_y) * 0.1 + 1e-6
         lo_x, hi_x, lo_y, hi_y = lo_x - sx, hi_x + sx, lo_y - sy, hi_y + sy
@@ -795,21 +949,22 @@ def plot_front(path, res):
             v, u = lo_x + (hi_x - lo_x) * i / 4, lo_y + (hi_y - lo_y) * i / 4
             d.text((X(v) - 12, y0 + W + 4), f"{v:.3f}", fill="gray")
             d.text((x0 - 44, Y(u) - 5), f"{u:.3f}", fill="gray")
-        d.text((x0 + W / 2 - 30, y0 + W + 18), names[a], fill="black")
-        d.text((x0 - 55, y0 - 16), names[b], fill="black")
-        xy = [(X(p[a]), Y(p[b])) for p in pts]
-        if M == 2 and len(xy) > 1:
-            d.line(xy, fill=(150, 150, 150), width=1)
-        for (px, py), s in zip(xy, res["sweep"]):
-            w1 = s["pref"][0]
-            col = (int(255 * w1), 60, int(255 * (1 - w1)))
-            d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=col)
-            if M == 2:
-                d.text((px + 5, py - 12), f"{w1:.1f}", fill=col)
-        bx, by = X(res["base"]["rewards"][a]), Y(res["base"]["rewards"][b])
-        d.line([bx - 6, by - 6, bx + 6, by + 6], fill="black", width=2)
-        d.line([bx - 6, by + 6, bx + 6, by - 6], fill="black", width=2)
-        d.text((bx + 8, by), "base", fill="black")
+        d.text((x0 + W / 2 - 30, y0 + W + 18), xname, fill="black")
+        d.text((x0 - 55, y0 - 16), yname, fill="black")
+        for s in series:
+            xy = [(X(a), Y(b)) for a, b in s["points"]]
+            colours = s.get("colours") or [s["colour"]] * len(xy)
+            if s.get("join") and len(xy) > 1:
+                d.line(xy, fill=tuple((c + 255) // 2 for c in colours[0]) if "colour" in s else (150, 150, 150), width=1)
+            for j, (px, py) in enumerate(xy):
+                d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colours[j])
+                if s.get("labels"):
+                    d.text((px + 5, py - 12), s["labels"][j], fill=colours[j])
+        if base:
+            bx, by = X(base[0]), Y(base[1])
+            d.line([bx - 6, by - 6, bx + 6, by + 6], fill="black", width=2)
+            d.line([bx - 6, by + 6, bx + 6, by - 6], fill="black", width=2)
+            d.text((bx + 8, by), "base", fill="black")
     model.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
@@ -826,7 +981,7 @@ def main(argv=None):
 
 
 def train(cfg):
-    names, fixed, ref_point = objectives(cfg)
+    names, fixed, ref_point, heldout = objectives(cfg)
     M = len(names)
     rank, world, device = compute_init(cfg.device)
     if cfg.kernels:
@@ -846,13 +1001,13 @@ def train(cfg):
     print0(json.dumps(header, indent=1), log=log)
     if is_rank0():
         model.atomic_json(asdict(cfg), os.path.join(cfg.out, "config.json"))
-    reward_fns = [R.get_reward(n, device=device) for n in names]
+    reward_fns = [R.get_reward(n, device=device) for n in names + heldout]  # held-out ones: evaluation only
 
     # --- model: base + preference modules (not for FixedWeight) + LoRA; only the adapters train
     setup = BACKBONES[cfg.backbone]["tiny_setup" if cfg.tiny else "setup"](cfg, M, device)
     net = setup.net.to(dtype)
     torch.manual_seed(cfg.seed)  # adapter init identical on every rank
-    if fixed is None:
+    if cfg.method == "slider":  # the baselines have no w input
         model.add_preference(net, M)
     model.add_lora(net, cfg.lora_rank, cfg.lora_alpha)
     net.grad_ckpt = cfg.grad_ckpt
@@ -873,8 +1028,8 @@ def train(cfg):
     mine = torch.arange(rank, N, world)  # this rank's share of the global batch
     sigmas = schedule(cfg, setup)
     T = max(1, int(cfg.timestep_fraction * cfg.sample_steps))
-    bar = tqdm(range(start, cfg.steps), desc="ParetoSlider" if fixed is None else "FixedWeight",
-               disable=not is_rank0(), initial=start, total=cfg.steps)
+    steps = cfg.steps if cfg.method in TRAINS else 0  # prompt rewriting and soups only evaluate
+    bar = tqdm(range(start, steps), desc=METHOD_NAMES[cfg.method], disable=not is_rank0(), initial=start, total=steps)
     for step in bar:
         t0 = time.time()
         # --- rollout: P prompts x K preferences x G samples, from the old policy, deterministic ODE
@@ -892,12 +1047,12 @@ def train(cfg):
 
         # --- rewards: every image, every objective; gathered so groups may span ranks
         r = torch.zeros(N, M)
-        r[mine] = score(reward_fns, names, setup.decode, x0, [setup.prompts[i] for i in my_items.tolist()],
+        r[mine] = score(reward_fns[:M], names, setup.decode, x0, [setup.prompts[i] for i in my_items.tolist()],
                         [setup.meta[i] for i in my_items.tolist()], cfg.batch, f"step {step + 1}")[0]
         r = all_sum(r.to(device)).cpu()
 
         # --- advantages: per reward, inside each (prompt, w) group; mixed with the sample's own w
-        if fixed is not None:  # FixedWeight: early scalarization, then per-prompt normalisation
+        if fixed is not None:  # FixedWeight / FlowMulti: early scalarization, then per-prompt normalisation
             p = optimality(group_advantages((r * fixed).sum(1, keepdim=True), groups // K), cfg.adv_clip)[:, 0]
         else:
             p = (pref * optimality(group_advantages(r, groups), cfg.adv_clip)).sum(1)
@@ -944,15 +1099,18 @@ def train(cfg):
             save_checkpoint(ckpt, step + 1, params, old, ema, opt, gen, cfg)
             model.save_adapters(net, os.path.join(cfg.out, "adapters.safetensors"), ema, names,
                                 extra={"pipeline": json.dumps(setup.pipeline)})
+        if is_rank0() and cfg.method == "flowmulti" and step + 1 in snapshots(cfg):  # one of its three checkpoints
+            model.save_adapters(net, snapshots(cfg)[step + 1], ema, names, extra={"pipeline": json.dumps(setup.pipeline)})
 
     # --- evaluation: the sweep over w with the EMA weights
     result = None
     if is_rank0():
-        result = evaluate(cfg, net, ema, setup, reward_fns, names, fixed, ref_point, device, dtype)
+        points = eval_points(cfg, net, ema, setup, names, fixed)
+        result = evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, device, dtype)
         print0(f"eval: hypervolume {result['hypervolume']:.4f}; wrote {cfg.out}/eval.json, pareto.png, slider.png", log=log)
         for s in result["sweep"]:
-            print0("  w=" + ",".join(f"{v:.2f}" for v in s["pref"]) + "  " + "  ".join(
-                f"{nm} {m:.4f}±{sd:.4f}" for nm, m, sd in zip(names, s["rewards"], s["std"])), log=log)
+            print0(f"  {s['label']:<18}" + "  ".join(f"{nm} {m:.4f}±{sd:.4f}" for nm, m, sd in zip(
+                names + heldout, s["rewards"] + s.get("heldout", []), s["std"] + s.get("heldout_std", []))), log=log)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -970,7 +1128,7 @@ BACKBONES = {
         preset=dict(out="runs/sd35", rewards="pickscore_photo,vlm_sketch", steps=300, prompts_per_step=4, group_size=8,
                     sample_steps=25, shift=3.0, size=512, batch=8, dtype="bf16", grad_ckpt=True, eval_points=11,
                     eval_prompts=8),
-        tiny=dict(out="runs/tiny", rewards="tiny_photo,tiny_sketch", steps=30, prompts_per_step=4, group_size=6,
+        tiny=dict(out="runs/tiny", rewards="tiny_photo,tiny_sketch", heldout="tiny_photo_heldout,tiny_sketch_heldout", steps=30, prompts_per_step=4, group_size=6,
                   sample_steps=8, shift=1.0, size=32, batch=64, dtype="fp32", grad_ckpt=False, eval_points=11,
                   eval_prompts=12)),
     "flux-kontext": dict(

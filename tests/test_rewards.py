@@ -110,33 +110,67 @@ def test_tiny_world_deterministic_paired_prefix():
     assert not torch.equal(R.tiny_world(8, seed=8)[0], x[:8])
     x3, p3, _ = R.tiny_world(300, seed=7)  # chunked generators: a shorter world is a prefix
     assert torch.equal(x3, x[:300]) and p3 == p[:300]
-    assert 0.4 < s.count("photo") / len(s) < 0.6
+    st = torch.tensor(s)
+    # 3/8 photos, 3/8 sketches, 1/4 blends strictly between
+    assert 0.3 < (st == 0).float().mean() < 0.45 and 0.3 < (st == 1).float().mean() < 0.45
+    assert 0.18 < ((st > 0) & (st < 1)).float().mean() < 0.32
     assert all(q.split()[1] in R.COLORS and q.split()[2] in R.SHAPES for q in p)
     ph, pp, sp = R.tiny_world(50, seed=7, style="photo")
     sk, ps, ss = R.tiny_world(50, seed=7, style="sketch")
-    assert pp == ps == p[:50] and set(sp) == {"photo"} and set(ss) == {"sketch"}
-    photo = torch.tensor([t == "photo" for t in s[:50]])
-    assert torch.equal(x[:50][photo], ph[photo]) and torch.equal(x[:50][~photo], sk[~photo])
+    mid, pm, sm = R.tiny_world(50, seed=7, style=0.3)
+    assert pp == ps == pm == p[:50] and set(sp) == {0.0} and set(ss) == {1.0} and sm == pytest.approx([0.3] * 50)
+    # paired: the same scenes in every style, and a blend is the pixel blend of the photo and the sketch
+    torch.testing.assert_close(mid, 0.7 * ph + 0.3 * sk, atol=1e-6, rtol=0)
+    for i in range(50):
+        torch.testing.assert_close(x[i], (1 - s[i]) * ph[i] + s[i] * sk[i], atol=1e-6, rtol=0)
     assert R.tiny_world(0)[0].shape == (0, 3, 32, 32) and R.tiny_world(3, size=16)[0].shape == (3, 3, 16, 16)
-    with pytest.raises(ValueError, match="style"):
-        R.tiny_world(2, style="oil")
+    for bad in ("oil", 1.5):
+        with pytest.raises(ValueError, match="style"):
+            R.tiny_world(2, style=bad)
+    assert [R.style_word(v) for v in (0.0, 0.19, 0.2, 0.5, 0.8, 0.81, 1.0)] == \
+        ["photo", "photo", "mixed", "mixed", "mixed", "sketch", "sketch"]
+
+
+STYLE_PAIRS = [(R.tiny_photo, R.tiny_sketch), (R.tiny_photo_heldout, R.tiny_sketch_heldout)]
 
 
 @pytest.mark.parametrize("size", [16, 32])
 def test_tiny_rewards_separate_the_styles(size):
     ph, prompts, _ = R.tiny_world(200, size=size, seed=3, style="photo")
     sk, _, _ = R.tiny_world(200, size=size, seed=3, style="sketch")
-    blend = 0.5 * ph + 0.5 * sk  # same prompt and geometry, pixel-wise halfway
-    for fn, sign in ((R.tiny_photo, 1), (R.tiny_sketch, -1)):
-        a, b, c = (sign * fn(x, prompts, None) for x in (ph, blend, sk))
-        assert a.min() > c.max()  # AUC 1.0 between the styles
-        assert ((a > b) & (b > c)).all()  # each blend sits between its photo and its sketch
-    for x in (ph, sk):  # both in [0, 1]
-        for fn in (R.tiny_photo, R.tiny_sketch, R.tiny_prompt):
+    blend = R.tiny_world(200, size=size, seed=3, style=0.5)[0]  # same prompt and geometry, pixel-wise halfway
+    for photo, sketch in STYLE_PAIRS:  # the training pair and the held-out pair alike
+        for fn, sign in ((photo, 1), (sketch, -1)):
+            a, b, c = (sign * fn(x, prompts, None) for x in (ph, blend, sk))
+            assert a.min() > c.max()  # AUC 1.0 between the styles
+            assert ((a > b) & (b > c)).all()  # each blend sits between its photo and its sketch
+    for x in (ph, sk):  # all in [0, 1]
+        for fn in (R.tiny_photo, R.tiny_sketch, R.tiny_prompt, R.tiny_photo_heldout, R.tiny_sketch_heldout):
             y = fn(x, prompts, None)
             assert 0 <= y.min() and y.max() <= 1
-    assert R.tiny_photo(torch.ones(1, 3, size, size), [""], None) < 1e-6  # a blank page is not a photo ...
-    assert R.tiny_sketch(torch.ones(1, 3, size, size), [""], None) < 1e-6  # ... nor a sketch
+    blank = torch.ones(1, 3, size, size)
+    assert R.tiny_photo(blank, [""], None) < 1e-6 and R.tiny_photo_heldout(blank, [""], None) < 1e-3  # not a photo
+    assert R.tiny_sketch_heldout(blank, [""], None) < 1e-6  # ... nor a drawing
+    assert R.tiny_sketch(blank, [""], None) < R.tiny_sketch(sk, prompts, None).min()  # paper alone < paper + ink
+
+
+def test_tiny_front_is_concave_along_the_styles():
+    # The redesigned pair (issue 11): along the renderer's family photo -> blend -> sketch, photo falls and sketch
+    # rises strictly, neither saturates at 0 on a half of the front, and every blend scores above the chord between
+    # the pure styles (a concave front), so a linear mix of the rewards is maximised by a different blend for each w.
+    s = torch.linspace(0, 1, 11)
+    pts = []
+    for v in s.tolist():
+        x, prompts, _ = R.tiny_world(128, seed=11, style=v)
+        pts.append([R.tiny_photo(x, prompts, None).mean().item(), R.tiny_sketch(x, prompts, None).mean().item()])
+    P = torch.tensor(pts)  # [11, 2]
+    assert (P[1:, 0] < P[:-1, 0]).all() and (P[1:, 1] > P[:-1, 1]).all()
+    assert P.min() > 0.1  # no flat zeros anywhere on the family
+    chord = (1 - s)[:, None] * P[0] + s[:, None] * P[-1]
+    above = (P - chord).min(1).values  # a blend dominates the chord point at the same s by this much
+    assert above[1:-1].min() > 0.03 and above[5] > 0.1
+    best = [int((w * P[:, 0] + (1 - w) * P[:, 1]).argmax()) for w in torch.linspace(1, 0, 11).tolist()]
+    assert best == sorted(best) and len(set(best)) >= 6  # the scalarised optimum moves with w, through blends
 
 
 def test_tiny_prompt_prefers_the_named_color():

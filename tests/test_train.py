@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import model
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,6 +136,58 @@ def test_tiny_run_end_to_end(tmp_path):
     assert fw["method"] == "FixedWeight" and [s["pref"] for s in fw["sweep"]] == [[0.25, 0.75]]
 
 
+def test_baselines_are_what_they_say(tmp_path):
+    # FlowMulti: an unconditioned model (no preference modules) trained on the summed rewards, evaluated at its three
+    # checkpoints; group normalisation is scale-free, so its update is exactly FixedWeight's at the uniform w
+    fm = run(tmp_path, "--steps", "3", "--method", "flowmulti", name="flowmulti")
+    assert fm["method"] == "FlowMulti" and [s["label"] for s in fm["sweep"]] == ["step 1", "step 2", "step 3"]
+    d = tmp_path / "flowmulti"
+    ada = load_file(d / "adapters.safetensors")
+    assert ada and not any(k.startswith("pref_") for k in ada)
+    assert json.loads(model.read_safetensors_meta(str(d / "adapters.safetensors"))["config"])["pref_dim"] == 0
+    last = load_file(d / "adapters_step3.safetensors")
+    assert all(torch.equal(last[k], ada[k]) for k in ada)  # the last checkpoint is the final EMA
+    assert any((load_file(d / "adapters_step1.safetensors")[k] != ada[k]).any() for k in ada)
+    fw = run(tmp_path, "--steps", "3", "--fixed-pref", "0.5,0.5", name="fixed_half")
+    half = load_file(tmp_path / "fixed_half" / "adapters.safetensors")
+    assert ada.keys() == half.keys() and all(torch.equal(ada[k], half[k]) for k in ada)
+    assert fm["sweep"][-1]["rewards"] == fw["sweep"][0]["rewards"]
+    # Rewarded Soups: the two single-reward runs' adapters mixed tensor by tensor; its ends are those runs exactly
+    a = run(tmp_path, "--steps", "2", "--fixed-pref", "1,0", name="photo")
+    b = run(tmp_path, "--steps", "2", "--fixed-pref", "0,1", name="sketch")
+    rs = run(tmp_path, "--method", "soups", "--soup", f"{tmp_path / 'photo'},{tmp_path / 'sketch'}", name="soups")
+    assert rs["method"] == "RewardedSoups" and [s["pref"] for s in rs["sweep"]] == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
+    assert rs["sweep"][0]["rewards"] == a["sweep"][0]["rewards"] and rs["sweep"][-1]["rewards"] == b["sweep"][0]["rewards"]
+    assert rs["sweep"][0]["heldout"] == a["sweep"][0]["heldout"]
+    assert not (tmp_path / "soups" / "checkpoint.safetensors").exists()  # nothing trained
+    sa, sb = load_file(tmp_path / "photo" / "adapters.safetensors"), load_file(tmp_path / "sketch" / "adapters.safetensors")
+    mix = train.soup(sa, sb, 0.25)
+    assert mix.keys() == sa.keys() and all(torch.equal(mix[k], 0.25 * sa[k] + 0.75 * sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa)
+    # prompt rewriting: no training; the base model prompted with the style words of its captions
+    pr = run(tmp_path, "--method", "prompt", name="prompt")
+    assert [s["label"] for s in pr["sweep"]] == ["prompt ', photo'", "prompt ', mixed'", "prompt ', sketch'"]
+    assert [s["pref"] for s in pr["sweep"]] == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
+    assert pr["sweep"][0]["rewards"] != pr["sweep"][2]["rewards"]  # the words reach the network
+    assert not (tmp_path / "prompt" / "adapters.safetensors").exists()
+    # the held-out scorers are in every eval.json, with their own front
+    for r in (fm, rs, pr):
+        assert r["heldout_objectives"] == ["tiny_photo_heldout", "tiny_sketch_heldout"]
+        assert all(len(s["heldout"]) == 2 for s in r["sweep"]) and len(r["base"]["heldout"]) == 2
+        assert r["heldout_hypervolume"] == pytest.approx(train.hypervolume([s["heldout"] for s in r["sweep"]], [0, 0]))
+    assert fm["spearman"] == [None, None] and pr["spearman"][0] is not None  # constant w: no rank correlation
+
+
+def test_tiny_captions_carry_style_words(tmp_path):
+    # about half of the pretraining captions name the image's style; the rewrites are those captions' encodings
+    cfg = train.parse_config(TINY + ["--out", str(tmp_path / "x"), "--cache", str(tmp_path / "cache")])
+    setup = train.sd35_tiny_setup(cfg, 2, "cpu")
+    assert list(setup.rewrites) == [", photo", ", mixed", ", sketch"]
+    for w, c in setup.rewrites.values():
+        assert c["context"].shape == setup.cond["context"].shape and not torch.equal(c["context"], setup.cond["context"])
+    assert not torch.equal(setup.rewrites[", photo"][1]["pooled"], setup.rewrites[", sketch"][1]["pooled"])
+
+
 def test_sample_run_matches_slider_png(tmp_path):
     # sample.py --run rebuilds a finished tiny run (cached base, tiny text encoders, EMA adapter, the run's steps /
     # solver / shift / size) and draws the same picture as the run's slider.png for the same prompt, noise and w
@@ -181,6 +234,14 @@ def test_resume_equals_straight(tmp_path):
     (["--fixed-pref", "0.7,0.7"], "not on the simplex"),
     (["--rewards", "tiny_photo,nope"], "unknown reward"),
     (["--rewards", "tiny_photo"], "at least two objectives"),
+    (["--method", "fixed"], "needs its weights: --fixed-pref"),
+    (["--method", "flowmulti", "--fixed-pref", "0.5,0.5"], "--method flowmulti takes none"),
+    (["--method", "soups"], "needs --soup runA,runB"),
+    (["--soup", "a,b"], "--soup is for --method soups only"),
+    (["--method", "soups", "--soup", "nowhere,nothere"], "each with adapters.safetensors (none in nowhere, nothere)"),
+    (["--method", "prompt", "--rewards", "tiny_photo,tiny_sketch,tiny_prompt"], "along two objectives"),
+    (["--method", "dpo"], "--method 'dpo': choose one of"),
+    (["--heldout", "tiny_nope"], "unknown reward"),
 ])
 def test_bad_input_clear_errors(tmp_path, capsys, args, msg):
     with pytest.raises(SystemExit) as e:

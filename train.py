@@ -927,13 +927,15 @@ def draw_panels(path, title, panels, legend=()):
     legend: [(text, rgb)], drawn under the title. benchmarks/baselines.py draws every method's front with this."""
     from PIL import Image, ImageDraw
     S, pad = 420, 60
-    top = 30 + 14 * len(legend)
+    top = 56 if legend else 30
     img = Image.new("RGB", (S * len(panels), S + top), "white")
     d = ImageDraw.Draw(img)
     d.text((8, 6), title, fill="black")
-    for i, (text, rgb) in enumerate(legend):
-        d.rectangle([8, 24 + 14 * i, 16, 32 + 14 * i], fill=rgb)
-        d.text((22, 22 + 14 * i), text, fill="black")
+    x = 8
+    for text, rgb in legend:  # one row under the title
+        d.rectangle([x, 26, x + 8, 34], fill=rgb)
+        d.text((x + 12, 24), text, fill="black")
+        x += 12 + int(d.textlength(text)) + 16
     for k, (xname, yname, series, base) in enumerate(panels):
         x0, y0 = k * S + pad, top
         xs = [p[0] for s in series for p in s["points"]] + ([base[0]] if base else [])

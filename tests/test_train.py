@@ -355,3 +355,25 @@ def test_edit_set_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--backbone", "flux-kontext", "--weights", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "--edits ''" in capsys.readouterr().err
+
+
+def test_baselines_benchmark_runs(tmp_path, monkeypatch, capsys):
+    # benchmarks/baselines.py end to end on the tiny flags: every method, the table, the goals, the picture; a
+    # second call reads the finished runs instead of training again
+    import runpy
+    flags = [a for a in TINY if a not in ("--backbone", "sd35", "--tiny")]
+    argv = ["baselines.py", "--seeds", "0", "--steps", "1", "--out", str(tmp_path / "b"), "--cache",
+            str(tmp_path / "cache"), *flags]
+    for _ in range(2):
+        monkeypatch.setattr(sys, "argv", argv)
+        runpy.run_path(os.path.join(ROOT, "benchmarks", "baselines.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert out.count("done before, reading its eval.json") == 9  # 1 + 5 + 1 + 1 + 1 runs, read back
+    for name in ("ParetoSlider", "FixedWeight", "FlowMulti", "PromptRewriting", "RewardedSoups"):
+        assert f"| **{name}** | hypervolume" in out
+    assert out.count("seed 0: ") == 4  # Spearman, the w-weighted reward, and both hypervolumes
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    m = summary["methods"]
+    assert len(m["ParetoSlider"]["points"][0]) == 21 and len(m["RewardedSoups"]["points"][0]) == 11
+    assert m["RewardedSoups"]["points"][0][0][2] == m["FixedWeight"]["points"][0][0][2]  # lam = 1 is the w=(1,0) run
+    assert (tmp_path / "b" / "fronts.png").stat().st_size > 1000

@@ -371,7 +371,7 @@ def test_baselines_benchmark_runs(tmp_path, monkeypatch, capsys):
     assert out.count("done before, reading its eval.json") == 9  # 1 + 5 + 1 + 1 + 1 runs, read back
     for name in ("ParetoSlider", "FixedWeight", "FlowMulti", "PromptRewriting", "RewardedSoups"):
         assert f"| **{name}** | hypervolume" in out
-    assert out.count("seed 0: ") == 4  # Spearman, the w-weighted reward, and both hypervolumes
+    assert out.count("seed 0: ") == 2 * 4  # twice: Spearman, the w-weighted reward, and both hypervolumes
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     m = summary["methods"]
     assert len(m["ParetoSlider"]["points"][0]) == 21 and len(m["RewardedSoups"]["points"][0]) == 11

@@ -3,6 +3,8 @@
     python train.py --backbone sd35 --tiny                          # the whole method on a CPU, minutes
     python train.py --backbone sd35 --tiny --rewards tiny_photo,tiny_sketch,tiny_prompt   # M = 3
     python train.py --backbone sd35 --tiny --fixed-pref 0.5,0.5     # FixedWeight baseline (early scalarization)
+    python train.py --backbone sd35 --tiny --method flowmulti       # the other baselines: flowmulti | prompt |
+    python train.py --backbone sd35 --tiny --method soups --soup runs/a,runs/b       # soups (see METHODS below)
     python train.py --backbone sd35 --weights <diffusers folder> --rewards pickscore_photo,vlm_sketch
     torchrun --nproc_per_node 8 train.py ...                        # same script, N GPUs
 
@@ -52,7 +54,7 @@ class Config:
     rewards: str = "tiny_photo,tiny_sketch"  # objectives, in the order of w's components
     fixed_pref: str = ""  # "w1,w2,...": FixedWeight baseline: sum_m w_m r_m, then group norm, no w input
     method: str = "slider"  # slider (ParetoSlider) | fixed (FixedWeight: --fixed-pref) | flowmulti | prompt | soups
-    heldout: str = ""  # evaluation-only objectives "h1,h2" (held-out scorers), scored at every point, never trained on
+    heldout: str = ""  # evaluation-only scorers "h1,h2" (h_m judges objective m), scored at every point, never trained on
     soup: str = ""  # --method soups: "runA,runB", the run folders of two single-reward FixedWeight runs to interpolate
     out: str = "runs/tiny"  # run folder: log, config, checkpoint, eval.json, pareto.png, slider.png
     resume: str = ""  # run folder to continue (config from there; --steps may extend it)
@@ -96,7 +98,7 @@ class Config:
 
 CHOICES = dict(kernels=("", "triton", "torch"), solver=("euler", "dpm2"), dtype=("fp32", "bf16"),
                device=("", "cuda", "cpu"), method=("slider", "fixed", "flowmulti", "prompt", "soups"))
-# The paper's method and its baselines (notes/paper.md §5.1), one loop. Which train, and what eval.json calls them:
+# METHODS: the paper's method and its baselines (notes/paper.md §5.1), one loop. Which train, and their eval.json names:
 #   slider    ParetoSlider: one model with the w input, late scalarisation (per-reward advantages mixed by w)
 #   fixed     FixedWeight: early scalarisation sum_m w_m r_m at one --fixed-pref, no w input; one run per w
 #   flowmulti FlowMulti: the summed rewards, no w input, evaluated at 1/3, 2/3 and the end of training. (Group
@@ -852,9 +854,11 @@ def eval_points(cfg, net, ema, setup, names, fixed):
 
 
 def front_stats(W, Rw, ref):
-    # hypervolume of the points and, per objective, Spearman(w_m, r_m) (None where w_m does not vary or < 3 points)
+    """Hypervolume of the points Rw [N, H] and, per column m, Spearman(w_m, r_m) over them: None where there is no
+    w_m (H > M), w_m does not vary, or there are fewer than 3 points."""
     return hypervolume(Rw.tolist(), ref), [
-        spearman(W[:, m], Rw[:, m]) if len(W) > 2 and W[:, m].max() > W[:, m].min() else None for m in range(W.shape[1])]
+        spearman(W[:, m], Rw[:, m]) if m < W.shape[1] and len(W) > 2 and W[:, m].max() > W[:, m].min() else None
+        for m in range(Rw.shape[1])]
 
 
 @torch.no_grad()
@@ -886,6 +890,7 @@ def evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, dev
     result = dict(objectives=names, sweep=sweep, hypervolume=hv, ref_point=ref_point, base=base, spearman=rho,
                   eval_prompts=prompts, method=METHOD_NAMES[cfg.method])
     if heldout:  # the held-out front, reference point 0 (every tiny scorer is in [0, 1])
+        # held-out scorer m judges objective m: Spearman pairs them by position
         hv_h, rho_h = front_stats(W, torch.tensor([s["heldout"] for s in sweep]), [0.0] * len(heldout))
         result |= dict(heldout_objectives=heldout, heldout_hypervolume=hv_h, heldout_spearman=rho_h)
     model.atomic_json(result, os.path.join(cfg.out, "eval.json"))

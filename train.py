@@ -913,6 +913,8 @@ def plot_front(path, res):
     and joined in order, the base model as a black cross."""
     panels = []
     for key, names in (("rewards", res["objectives"]), ("heldout", res.get("heldout_objectives") or [])):
+        if not names:
+            continue
         pts = [s[key] for s in res["sweep"]]
         labels = [f"{s['pref'][0]:.1f}" if res["method"] == "ParetoSlider" else s["label"] for s in res["sweep"]]
         series = [dict(points=pts, colours=[w_colour(s["pref"][0]) for s in res["sweep"]], labels=labels,

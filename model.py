@@ -2,8 +2,9 @@
 
 Layout: shared primitives (timestep embedding, LoRA linear, attention, preference modules, the Backbone base
 class, checkpoint I/O, loading), then one section per backbone, then the VAE, then the load table BACKBONES.
-Module attribute names ARE the original checkpoint keys (Stability's and BFL's single files), so an original file
-loads by stripping its prefix; a diffusers folder goes through one explicit key-mapping function per backbone.
+Module attribute names ARE the original checkpoint keys (Stability's, BFL's and Lightricks' single files), so an
+original file loads by stripping its prefix; a diffusers folder goes through one explicit key-mapping function per
+backbone.
 Loading is strict: any missing, unexpected or mis-shaped key is an error.
 
 Preference conditioning (ParetoSlider, arXiv 2604.20816, released SD3.5 code):
@@ -169,6 +170,12 @@ class Backbone(nn.Module):
         if pref.dim() != 2 or pref.shape != (batch, self.cfg.pref_dim):
             raise ValueError(f"pref must have shape [{batch}, {self.cfg.pref_dim}], got {list(pref.shape)}")
         return self.pref_mlp(pref.to(dtype)), self.pref_slider(pref)
+
+    def run(self, blk, *args):
+        # one block, under gradient checkpointing when self.grad_ckpt is set (training at full size)
+        if self.grad_ckpt and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, *args, use_reentrant=False)
+        return blk(*args)
 
 
 def add_preference(net, pref_dim):
@@ -461,6 +468,7 @@ def load_transformer(path, pref_dim=0, dtype=torch.float32, device="cpu"):
             own = f"; {file_kind(meta)}" if meta.get("format") or "step" in meta or "lora_adapter_metadata" in meta else ""
             raise ValueError(f"{path}: not a recognised base checkpoint (none of the signature keys "
                              f"{', '.join(b.signature for b in BACKBONES.values())}){own}")
+        sd = {k: v for k, v in sd.items() if not k.startswith(spec.bundled)}  # e.g. LTX-2's text connectors
         cfg = spec.config_from_state(sd, meta)
     else:
         raise FileNotFoundError(f"no such checkpoint: {path}")
@@ -637,10 +645,7 @@ class SD3Transformer(Backbone):
             c = c + dc
         ctx = self.context_embedder(context)
         for blk in self.joint_blocks:
-            if self.grad_ckpt and torch.is_grad_enabled():
-                ctx, x = torch.utils.checkpoint.checkpoint(blk, ctx, x, c, m, use_reentrant=False)
-            else:
-                ctx, x = blk(ctx, x, c, m)
+            ctx, x = self.run(blk, ctx, x, c, m)
         x = self.final_layer(x, c)  # [B, h*w, p*p*C], channel fastest within a patch
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)
 
@@ -1019,11 +1024,6 @@ class FluxTransformer(Backbone):
         out = self.final_layer(x_joint[:, L: L + N], vec)  # target tokens only: [B, N, 4C]
         return rearrange(out, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=H // 2, ph=2, pw=2)
 
-    def run(self, blk, *args):
-        if self.grad_ckpt and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(blk, *args, use_reentrant=False)
-        return blk(*args)
-
 
 def flux_config_from_diffusers(c):
     known = {"patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers", "attention_head_dim",
@@ -1144,6 +1144,464 @@ def flux_lora_to_diffusers(net):
                 out[f"transformer.{dn}.lora_A.weight"], out[f"transformer.{dn}.lora_B.weight"] = A, B
                 targets.append(dn)
     return out, sorted(targets)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LTX-2 (Lightricks, the 19B audio + video DiT; notes/backbones.md §3). Lightricks ltx-core model/transformer/*.py;
+# diffusers transformer_ltx2.py (0.42.1, line numbers below). Module names are the original checkpoint keys
+# (`model.diffusion_model.` stripped); a diffusers folder goes through ltx2_key, a pure rename.
+
+
+@dataclass
+class LTX2Config:
+    depth: int = 48  # transformer blocks, each holding both streams
+    hidden: int = 4096  # video width D = heads * head_dim (32 x 128)
+    heads: int = 32  # video heads; must equal audio_heads (the a2v / v2a time RoPE is split by it)
+    audio_hidden: int = 2048  # audio width (32 x 64)
+    audio_heads: int = 32
+    in_channels: int = 128  # video latent channels = token width (patch 1x1x1); the output has the same
+    audio_in_channels: int = 128  # audio token width = audio_channels * mel bins; the output has the same
+    audio_channels: int = 8  # audio-latent channels: the latent [B, 8, A, 16] packs to tokens [B, A, 128]
+    caption_channels: int = 3840  # text width out of the connectors (Gemma-3-12B hidden)
+    cross_attention_dim: int = 4096  # video text cross-attention k/v width = hidden (after caption_projection)
+    audio_cross_attention_dim: int = 2048  # audio one = audio_hidden; also the width of the a2v / v2a time RoPE
+    rope_type: str = "split"  # "split": pairs (i, i + Dh/2) in each head (2.0 release); "interleaved": (2i, 2i+1)
+    rope_theta: float = 10000.0
+    rope_double_precision: bool = True  # RoPE frequencies in float64 (metadata frequencies_precision "float64")
+    max_pos: tuple = (20, 2048, 2048)  # video RoPE normaliser: seconds, pixels, pixels
+    audio_max_pos: tuple = (20,)  # audio RoPE normaliser: seconds
+    timestep_scale_multiplier: float = 1000.0  # the timestep embeddings see t = sigma * this
+    cross_attn_timestep_scale_multiplier: float = 1000.0  # the a2v / v2a gates see sigma * this (ltx-core's code
+    #                                                       default 1 is wrong for 2.0; its metadata says 1000)
+    vae_scale_factors: tuple = (8, 32, 32)  # video latent -> pixels: frames, height, width
+    causal_offset: int = 1  # the causal VAE's first latent frame is a single pixel frame
+    audio_scale_factor: int = 4  # audio latent frame -> mel frames
+    audio_sampling_rate: int = 16000  # Hz
+    audio_hop_length: int = 160  # samples per mel frame: 100 mel frames per second
+    pref_dim: int = 0  # number of objectives M (0: plain base model)
+
+
+LTX2_PRESETS = {
+    "ltx2-19b": dict(),  # LTX-2 [dev] 2.0 (ltx-2-19b-dev.safetensors; diffusers Lightricks/LTX-2 transformer/)
+    # tests and a CPU default: 4 heads of 16 (video) and of 8 (audio); audio latent [B, 8, A, 2]
+    "ltx2-tiny": dict(depth=2, hidden=64, heads=4, audio_hidden=32, audio_heads=4, in_channels=16,
+                      audio_in_channels=16, caption_channels=64, cross_attention_dim=64, audio_cross_attention_dim=32),
+}
+
+LTX2_MOD = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")  # block tables, both streams
+LTX2_AV_MOD = ("a2v_scale", "a2v_shift", "v2a_scale", "v2a_shift")  # rows 0-3 of the a2v tables: scale first
+
+
+def ltx2_video_positions(F, h, w, fps, cfg, device=None):
+    # [F*h*w, 3] RoPE positions (seconds, pixels, pixels) of the latent voxels in raster order (f, h, w): the
+    # midpoint of each voxel's pixel span [start, end); the time span is shifted causally (the first latent frame is
+    # one pixel frame: t -> max(0, t + 1 - 8)) and divided by fps (diffusers transformer_ltx2.py:905-928, 1009-1014)
+    grid = torch.meshgrid(*(torch.arange(n, dtype=torch.float32, device=device) for n in (F, h, w)), indexing="ij")
+    start = torch.stack(grid, -1).flatten(0, 2)  # [T, 3] latent indices
+    scale = torch.tensor(cfg.vae_scale_factors, device=device)
+    span = torch.stack([start, start + 1]) * scale  # [2, T, 3] pixel bounds
+    t = (span[..., 0] + cfg.causal_offset - cfg.vae_scale_factors[0]).clamp(min=0) / fps
+    span = torch.cat([t[..., None], span[..., 1:]], -1)
+    return (span[0] + span[1]) / 2.0
+
+
+def ltx2_audio_positions(A, cfg, device=None):
+    # [A, 1] RoPE positions in seconds: the midpoint of each latent frame's mel span [4i, 4i + 4), shifted causally
+    # like the video's, at 100 mel frames per second (transformer_ltx2.py:958-985)
+    f = torch.arange(A, dtype=torch.float32, device=device)
+    s = cfg.audio_scale_factor
+    mel = (torch.stack([f, f + 1]) * s + cfg.causal_offset - s).clamp(min=0)  # [2, A]
+    sec = mel * cfg.audio_hop_length / cfg.audio_sampling_rate
+    return ((sec[0] + sec[1]) / 2.0)[:, None]
+
+
+def ltx2_rope(pos, max_pos, dim, heads, theta, double_precision=True):
+    """pos [T, n_axes] fp32 -> cos, sin [1, T, heads, dim/(2 heads)] fp32: RoPE over the whole inner dim, each head
+    getting its own slice of the frequency list (transformer_ltx2.py:987-1078; ltx-core rope.py)."""
+    # The release's arithmetic, in exactly this order (other orders of the same math miss diffusers by 4e-5 to 1e-4
+    # relative: angles in float64 7.8e-5, 2*frac*w - w 1.0e-4, theta^x cast to fp32 before * pi/2 3.6e-5):
+    #   w = fp32(theta ** linspace(0, 1, n) * pi / 2), computed in float64 (rope_double_precision);
+    #   angle = fp32((2 * (pos / max_pos) - 1) * w) on fp32 positions; cos and sin in fp32.
+    T, n_axes = pos.shape
+    n = dim // (2 * n_axes)  # frequencies per axis
+    dt = torch.float64 if double_precision else torch.float32
+    w = (theta ** torch.linspace(0.0, 1.0, n, dtype=dt, device=pos.device) * math.pi / 2.0).float()  # [n]
+    frac = torch.stack([pos[:, i] / m for i, m in enumerate(max_pos)], -1)  # [T, n_axes] in [0, 1)
+    ang = rearrange((frac[..., None] * 2 - 1) * w, "t a k -> t (k a)")  # slots cycle the axes: t, h, w, t, h, w, ...
+    pad = dim // 2 - ang.shape[1]  # the slots left over by dim // (2 n_axes) come first, as the identity rotation
+    cos = torch.cat([torch.ones(T, pad, device=pos.device), ang.cos()], -1)
+    sin = torch.cat([torch.zeros(T, pad, device=pos.device), ang.sin()], -1)
+    return tuple(rearrange(t, "t (h d) -> 1 t h d", h=heads) for t in (cos, sin))
+
+
+class LTX2Attention(nn.Module):
+    """ltx-core Attention: q from x, k and v from ctx (x itself in self-attention), RMSNorm of q and k across all
+    heads (q_norm, k_norm [H*Dh]), RoPE in each head, SDPA, to_out.0 (transformer_ltx2.py:161-222)."""
+
+    def __init__(self, dim, heads, head_dim, kv_dim=None, interleaved=False):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.interleaved = heads, interleaved
+        self.to_q, self.to_k, self.to_v = Linear(dim, inner), Linear(kv_dim or dim, inner), Linear(kv_dim or dim, inner)
+        self.q_norm, self.k_norm = nn.RMSNorm(inner, eps=1e-6), nn.RMSNorm(inner, eps=1e-6)
+        self.to_out = nn.ModuleList([Linear(inner, dim)])  # key to_out.0 (ltx-core: Sequential(Linear, Identity))
+
+    def forward(self, x, ctx=None, rope=None, k_rope=None, mask=None):
+        # x [B, Lq, D], ctx [B, Lk, Dkv]; rope (cos, sin) [1, L, H, Dh/2] for q and k, or q's only when k_rope is
+        # given (a2v / v2a: video time on one side, audio time on the other); mask [B, Lk] (text padding)
+        ctx = x if ctx is None else ctx
+        q, k, v = (rearrange(p(t), "b l (h d) -> b l h d", h=self.heads)
+                   for p, t in ((self.to_q, x), (self.to_k, ctx), (self.to_v, ctx)))
+        wq, wk = self.q_norm.weight, self.k_norm.weight
+        if k_rope is None:
+            q, k = kernels.qk_norm_rope(q, k, wq, wk, *(rope or (None, None)), 1e-6, self.interleaved)
+        else:  # the fused op takes one table for q and k, so each goes alone here (its partner's output unused)
+            q = kernels.qk_norm_rope(q, q, wq, wq, *rope, 1e-6, self.interleaved)[0]
+            k = kernels.qk_norm_rope(k, k, wk, wk, *k_rope, 1e-6, self.interleaved)[0]
+        return self.to_out[0](attention(*heads_first(q, k, v), mask))
+
+
+class GELUProj(nn.Module):
+    # diffusers / ltx-core GELU(approximate="tanh") activation module with its input projection (key `proj`)
+    def __init__(self, din, dout):
+        super().__init__()
+        self.proj = Linear(din, dout)
+
+    def forward(self, x):
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    # ltx-core / diffusers FeedForward, keys net.0.proj / net.2: GELU-tanh projection, Identity (dropout), Linear
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        self.net = nn.Sequential(GELUProj(dim, mult * dim), nn.Identity(), Linear(mult * dim, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TwoLinear(nn.Module):
+    # Linear - act - Linear with keys linear_1 / linear_2: the timestep MLP (SiLU; diffusers TimestepEmbedding) and
+    # the caption projection (GELU-tanh; PixArtAlphaTextProjection, embeddings.py:1957)
+    def __init__(self, din, dim, act):
+        super().__init__()
+        self.linear_1, self.act, self.linear_2 = Linear(din, dim), act, Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class AdaLNSingle(nn.Module):
+    """PixArt adaLN-single (ltx-core adaln.py; diffusers LTX2AdaLayerNormSingle, transformer_ltx2.py:101-142):
+    emb = MLP(sinusoid(t)) [B, D], modulation = linear(SiLU(emb)) [B, n*D]. d_emb (the preference path) joins emb
+    before both uses."""
+
+    def __init__(self, dim, n):
+        super().__init__()
+        self.emb = nn.Module()  # key emb.timestep_embedder (PixArtAlphaCombinedTimestepSizeEmbeddings, no size terms)
+        self.emb.timestep_embedder = TwoLinear(256, dim, nn.SiLU())
+        self.linear = Linear(dim, n * dim)
+
+    def forward(self, t, dtype, d_emb=None):
+        emb = self.emb.timestep_embedder(timestep_embedding(t).to(dtype))
+        if d_emb is not None:
+            emb = emb + d_emb
+        return self.linear(F.silu(emb)), emb
+
+
+class LTX2Block(nn.Module):
+    """ltx-core BasicAVTransformerBlock (diffusers LTX2VideoTransformerBlock.forward, transformer_ltx2.py:597-811):
+    per stream self-attention, text cross-attention, then audio-to-video and video-to-audio attention, then the
+    feed-forward. Norms are RMSNorm without affine; the slider vector m joins the video feed-forward residual."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, Da, il = cfg.hidden, cfg.audio_hidden, cfg.rope_type == "interleaved"
+        hd, ahd = D // cfg.heads, Da // cfg.audio_heads
+        self.attn1 = LTX2Attention(D, cfg.heads, hd, interleaved=il)
+        self.audio_attn1 = LTX2Attention(Da, cfg.audio_heads, ahd, interleaved=il)
+        self.attn2 = LTX2Attention(D, cfg.heads, hd, cfg.cross_attention_dim)
+        self.audio_attn2 = LTX2Attention(Da, cfg.audio_heads, ahd, cfg.audio_cross_attention_dim)
+        # both cross-modal attentions work at the audio width with the audio heads: to_q 4096 -> 2048 in a2v
+        self.audio_to_video_attn = LTX2Attention(D, cfg.audio_heads, ahd, Da, interleaved=il)  # q video, k/v audio
+        self.video_to_audio_attn = LTX2Attention(Da, cfg.audio_heads, ahd, D, interleaved=il)  # q audio, k/v video
+        self.ff, self.audio_ff = FeedForward(D), FeedForward(Da)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, D) / D**0.5)  # LTX2_MOD
+        self.audio_scale_shift_table = nn.Parameter(torch.randn(6, Da) / Da**0.5)
+        self.scale_shift_table_a2v_ca_video = nn.Parameter(torch.randn(5, D) / D**0.5)  # LTX2_AV_MOD, then the gate
+        self.scale_shift_table_a2v_ca_audio = nn.Parameter(torch.randn(5, Da) / Da**0.5)
+
+    def forward(self, x, a, ctx, actx, mask, mod, rope, m=None):
+        # x [B, Tv, D], a [B, Ta, Da]; ctx, actx the projected text; mod: the global modulations [B, n*D] (forward);
+        # rope: the four (cos, sin) tables. Global modulation + per-block table, then chunks (l.569-577).
+        v = chunks(mod.video + self.scale_shift_table.flatten(), LTX2_MOD)
+        s = chunks(mod.audio + self.audio_scale_shift_table.flatten(), LTX2_MOD)
+        tv, ta = self.scale_shift_table_a2v_ca_video, self.scale_shift_table_a2v_ca_audio
+        cv = chunks(mod.ca_video + tv[:4].flatten(), LTX2_AV_MOD)
+        ca = chunks(mod.ca_audio + ta[:4].flatten(), LTX2_AV_MOD)
+        mv = lambda shift, scale: kernels.modulate(x, shift, scale, 1e-6, rms=True)  # RMSNorm(x) * (1 + scale) + shift
+        ma = lambda shift, scale: kernels.modulate(a, shift, scale, 1e-6, rms=True)
+        # 1. self-attention (l.609-658)
+        x = kernels.gated_residual(x, v.gate_msa, self.attn1(mv(v.shift_msa, v.scale_msa), rope=rope.video))
+        a = kernels.gated_residual(a, s.gate_msa, self.audio_attn1(ma(s.shift_msa, s.scale_msa), rope=rope.audio))
+        # 2. text cross-attention: plain RMSNorm, no modulation, no gate, no RoPE in 2.0 (l.697-733)
+        x = x + self.attn2(F.rms_norm(x, x.shape[-1:], eps=1e-6), ctx, mask=mask)
+        a = a + self.audio_attn2(F.rms_norm(a, a.shape[-1:], eps=1e-6), actx, mask=mask)
+        # 3. a2v and v2a, both from the states before either update (l.735-796); time-only RoPE on both sides
+        y_a2v = self.audio_to_video_attn(mv(cv.a2v_shift, cv.a2v_scale), ma(ca.a2v_shift, ca.a2v_scale),
+                                         rope=rope.ca_video, k_rope=rope.ca_audio)
+        y_v2a = self.video_to_audio_attn(ma(ca.v2a_shift, ca.v2a_scale), mv(cv.v2a_shift, cv.v2a_scale),
+                                         rope=rope.ca_audio, k_rope=rope.ca_video)
+        # 4. the step-3 residuals fused with the feed-forward's norm and modulation (l.798-809)
+        x, h = kernels.gated_residual_modulate(x, mod.gate_video + tv[4], y_a2v, v.shift_mlp, v.scale_mlp, 1e-6,
+                                               rms=True)
+        x = kernels.gated_residual(x, v.gate_mlp, self.ff(h), m)  # m: slider vector (video stream only)
+        a, h = kernels.gated_residual_modulate(a, mod.gate_audio + ta[4], y_v2a, s.shift_mlp, s.scale_mlp, 1e-6,
+                                               rms=True)
+        return x, kernels.gated_residual(a, s.gate_mlp, self.audio_ff(h))
+
+
+class LTX2Transformer(Backbone):
+    """LTX-2 audio + video DiT. forward(video [B,C,F,h,w], audio [B,Ca,A,M], sigma [B], context [B,L,3840],
+    context_audio [B,L,3840], context_mask [B,L] | None, fps, pref [B,M] | None) -> (v_video, v_audio) in the input
+    layouts: diffusers' outputs at timestep = 1000 * sigma on the packed tokens. Latents are normalised (per-channel
+    VAE statistics applied); contexts are the text connectors' outputs; context_mask (1 attend, 0 padding) masks
+    both text cross-attentions. Packing and the RoPE coordinates (from F, h, w, fps and A) happen inside."""
+
+    name = "ltx2"
+    # q, k, v, out of all six attentions of a block (video / audio self, video / audio text, a2v, v2a)
+    lora_targets = {"to_q": (1,), "to_k": (1,), "to_v": (1,), "to_out.0": (1,)}
+
+    def __init__(self, cfg: LTX2Config):
+        super().__init__()
+        self.cfg, D, Da = cfg, cfg.hidden, cfg.audio_hidden
+        if cfg.heads != cfg.audio_heads:  # ltx-core asserts it: the a2v q table is split by the video head count
+            raise ValueError(f"video and audio head counts must be equal, got {cfg.heads} and {cfg.audio_heads}")
+        if D % cfg.heads or Da % cfg.audio_heads:
+            raise ValueError(f"widths {D}, {Da} must be multiples of the head counts {cfg.heads}, {cfg.audio_heads}")
+        if (cfg.cross_attention_dim, cfg.audio_cross_attention_dim) != (D, Da):  # caption_projection feeds attn2
+            raise ValueError(f"cross-attention dims {cfg.cross_attention_dim}, {cfg.audio_cross_attention_dim} must "
+                             f"equal the widths {D}, {Da} (LTX-2.0 projects the text to the stream width)")
+        if cfg.rope_type not in ("split", "interleaved"):
+            raise ValueError(f"unsupported rope_type {cfg.rope_type!r} (supported: 'split', 'interleaved')")
+        if cfg.audio_in_channels % cfg.audio_channels:
+            raise ValueError(f"audio_in_channels {cfg.audio_in_channels} is not audio_channels {cfg.audio_channels}"
+                             " x mel bins")
+        self.patchify_proj, self.audio_patchify_proj = Linear(cfg.in_channels, D), Linear(cfg.audio_in_channels, Da)
+        self.adaln_single, self.audio_adaln_single = AdaLNSingle(D, 6), AdaLNSingle(Da, 6)
+        self.av_ca_video_scale_shift_adaln_single = AdaLNSingle(D, 4)
+        self.av_ca_audio_scale_shift_adaln_single = AdaLNSingle(Da, 4)
+        self.av_ca_a2v_gate_adaln_single, self.av_ca_v2a_gate_adaln_single = AdaLNSingle(D, 1), AdaLNSingle(Da, 1)
+        self.caption_projection = TwoLinear(cfg.caption_channels, D, nn.GELU(approximate="tanh"))
+        self.audio_caption_projection = TwoLinear(cfg.caption_channels, Da, nn.GELU(approximate="tanh"))
+        self.transformer_blocks = nn.ModuleList(LTX2Block(cfg) for _ in range(cfg.depth))
+        self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)  # output (shift, scale), no swap
+        self.audio_scale_shift_table = nn.Parameter(torch.randn(2, Da) / Da**0.5)
+        self.proj_out, self.audio_proj_out = Linear(D, cfg.in_channels), Linear(Da, cfg.audio_in_channels)
+        self.grad_ckpt = False
+        self.init_preference()
+
+    def check_inputs(self, video, audio, sigma, context, context_audio, context_mask):
+        c = self.cfg
+        if video.dim() != 5 or video.shape[1] != c.in_channels:
+            raise ValueError(f"video must be a latent [B, {c.in_channels}, F, h, w], got {list(video.shape)}")
+        mel = c.audio_in_channels // c.audio_channels
+        if audio.dim() != 4 or audio.shape[1] != c.audio_channels or audio.shape[3] != mel:
+            raise ValueError(f"audio must be a latent [B, {c.audio_channels}, A, {mel}], got {list(audio.shape)}")
+        for name, t in (("context", context), ("context_audio", context_audio)):
+            if t.dim() != 3 or t.shape[-1] != c.caption_channels:
+                raise ValueError(f"{name} must be [B, L, {c.caption_channels}] (connector output), got {list(t.shape)}")
+        if context_mask is not None and context.shape[1] != context_audio.shape[1]:
+            raise ValueError(f"context_mask masks both contexts: their lengths {context.shape[1]} and "
+                             f"{context_audio.shape[1]} must be equal")
+        batches = [("video", video), ("audio", audio), ("sigma", sigma), ("context", context),
+                   ("context_audio", context_audio), ("context_mask", context_mask)]
+        if len({t.shape[0] for _, t in batches if t is not None}) > 1:
+            sizes = ", ".join(f"{n} {t.shape[0]}" for n, t in batches if t is not None)
+            raise ValueError(f"batch sizes differ: {sizes}")
+
+    def rope(self, F, h, w, A, fps, device):
+        # the four (cos, sin) tables: video 3-D and audio 1-D at the stream widths; the a2v / v2a time-only ones at
+        # the audio width over max(20 s, 20 s), both split by the video head count (transformer_ltx2.py:1272-1300)
+        c = self.cfg
+        vpos, apos = ltx2_video_positions(F, h, w, fps, c, device), ltx2_audio_positions(A, c, device)
+        table = lambda pos, max_pos, dim: ltx2_rope(pos, max_pos, dim, c.heads, c.rope_theta, c.rope_double_precision)
+        ca_max = (max(c.max_pos[0], c.audio_max_pos[0]),)
+        return SimpleNamespace(video=table(vpos, c.max_pos, c.hidden),
+                               audio=table(apos, c.audio_max_pos, c.audio_hidden),
+                               ca_video=table(vpos[:, :1], ca_max, c.audio_cross_attention_dim),
+                               ca_audio=table(apos, ca_max, c.audio_cross_attention_dim))
+
+    def forward(self, video, audio, sigma, context, context_audio, context_mask=None, fps=24.0, pref=None):
+        self.check_inputs(video, audio, sigma, context, context_audio, context_mask)
+        c, (B, _, Fr, h, w), (A, mel) = self.cfg, video.shape, audio.shape[2:]
+        x = self.patchify_proj(rearrange(video, "b c f h w -> b (f h w) c"))  # pipeline_ltx2.py _pack_latents, p=1
+        a = self.audio_patchify_proj(rearrange(audio, "b c a m -> b a (c m)"))  # feature c*16 + mel (l.727-745)
+        rope = self.rope(Fr, h, w, A, fps, x.device)
+        # one sigma for both streams; t on the 0..1000 scale as diffusers receives it. The gates see t * (ca / ts),
+        # = t for the release (l.1524-1530, 1568-1600)
+        t = c.timestep_scale_multiplier * sigma
+        t_gate = t * (c.cross_attn_timestep_scale_multiplier / c.timestep_scale_multiplier)
+        d_emb, m = self.preference(pref, B, x.dtype)  # pref_mlp joins the video timestep embedding
+        mod_video, emb = self.adaln_single(t, x.dtype, d_emb)
+        mod_audio, audio_emb = self.audio_adaln_single(t, a.dtype)
+        mod = SimpleNamespace(video=mod_video, audio=mod_audio,
+                              ca_video=self.av_ca_video_scale_shift_adaln_single(t, x.dtype)[0],
+                              ca_audio=self.av_ca_audio_scale_shift_adaln_single(t, a.dtype)[0],
+                              gate_video=self.av_ca_a2v_gate_adaln_single(t_gate, x.dtype)[0],
+                              gate_audio=self.av_ca_v2a_gate_adaln_single(t_gate, a.dtype)[0])
+        ctx, actx = self.caption_projection(context), self.audio_caption_projection(context_audio)
+        for blk in self.transformer_blocks:
+            x, a = self.run(blk, x, a, ctx, actx, context_mask, mod, rope, m)
+        # output: LayerNorm (eps 1e-6, no affine) modulated by table + the embedded timestep (not the linear's
+        # output); (shift, scale), no swap (l.1676-1686)
+        shift, scale = (self.scale_shift_table[None] + emb[:, None]).unbind(1)
+        x = self.proj_out(kernels.modulate(x, shift, scale, 1e-6))
+        shift, scale = (self.audio_scale_shift_table[None] + audio_emb[:, None]).unbind(1)
+        a = self.audio_proj_out(kernels.modulate(a, shift, scale, 1e-6))
+        return (rearrange(x, "b (f h w) c -> b c f h w", f=Fr, h=h),
+                rearrange(a, "b a (c m) -> b c a m", m=mel))
+
+
+# Original (ltx-core) key components -> diffusers' (convert_ltx2_transformer_to_diffusers, single_file_utils.py:
+# 4151-4221). Every rename is of a whole dot-separated component; all other components are spelled the same.
+LTX2_RENAMES = {"patchify_proj": "proj_in", "audio_patchify_proj": "audio_proj_in",
+                "adaln_single": "time_embed", "audio_adaln_single": "audio_time_embed",
+                "av_ca_video_scale_shift_adaln_single": "av_cross_attn_video_scale_shift",
+                "av_ca_audio_scale_shift_adaln_single": "av_cross_attn_audio_scale_shift",
+                "av_ca_a2v_gate_adaln_single": "av_cross_attn_video_a2v_gate",
+                "av_ca_v2a_gate_adaln_single": "av_cross_attn_audio_v2a_gate",
+                "scale_shift_table_a2v_ca_video": "video_a2v_cross_attn_scale_shift_table",
+                "scale_shift_table_a2v_ca_audio": "audio_a2v_cross_attn_scale_shift_table",
+                "q_norm": "norm_q", "k_norm": "norm_k"}
+LTX2_RENAMES_BACK = {d: o for o, d in LTX2_RENAMES.items()}
+# a bijection between two disjoint name sets, so ltx2_key(ltx2_key(k), to_diffusers=False) == k for every key
+assert len(LTX2_RENAMES_BACK) == len(LTX2_RENAMES) and not set(LTX2_RENAMES) & set(LTX2_RENAMES_BACK)
+
+# the combined file's other components (after `model.diffusion_model.` is stripped, or beside it): text connectors,
+# Gemma feature projection, video VAE, audio VAE, vocoder (notes/backbones.md §3.4)
+LTX2_BUNDLED = ("video_embeddings_connector.", "audio_embeddings_connector.", "text_embedding_projection.", "vae.",
+                "audio_vae.", "vocoder.")
+
+
+def ltx2_key(key, to_diffusers=True):
+    """The one LTX-2 key mapping: an original (ltx-core) key <-> its diffusers name, component by component."""
+    table, other = (LTX2_RENAMES, LTX2_RENAMES_BACK) if to_diffusers else (LTX2_RENAMES_BACK, LTX2_RENAMES)
+    parts = key.split(".")
+    assert not set(parts) & set(other), f"{key} already has a name of the target side"
+    return ".".join(table.get(p, p) for p in parts)
+
+
+def ltx2_from_diffusers(sd, cfg=None):
+    # diffusers LTX2VideoTransformer3DModel state dict -> original keys (unknown keys surface in the strict check)
+    return {ltx2_key(k, to_diffusers=False): v for k, v in sd.items()}
+
+
+def ltx2_to_diffusers(sd, cfg=None):
+    return {ltx2_key(k): v for k, v in sd.items()}
+
+
+def ltx2_lora_to_diffusers(net):
+    # our LoRA tensors -> diffusers/peft names; every adapted projection is a plain (unfused) Linear
+    out, targets = {}, set()
+    for name, m in net.named_modules():
+        if isinstance(m, Linear) and m.lora_A is not None:
+            (A, B), = split_lora(m)
+            dn = ltx2_key(name)
+            out[f"transformer.{dn}.lora_A.weight"], out[f"transformer.{dn}.lora_B.weight"] = A, B
+            targets.add(dn.split(".", 2)[2])
+    return out, sorted(targets)
+
+
+# diffusers LTX2VideoTransformer3DModel options this code implements only at one value (LTX-2.3 / 2.5 features)
+LTX2_DIFFUSERS_FIXED = dict(patch_size=1, patch_size_t=1, audio_patch_size=1, audio_patch_size_t=1, gated_attn=False,
+                            cross_attn_mod=False, audio_gated_attn=False, audio_cross_attn_mod=False,
+                            activation_fn="gelu-approximate", qk_norm="rms_norm_across_heads",
+                            norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True, attention_out_bias=True,
+                            use_prompt_embeddings=True, perturbed_attn=False, ff_bias=True, audio_ff_bias=True,
+                            use_keyframes_abs_pos_embedding=False)
+
+
+def ltx2_config_from_diffusers(c):
+    known = {"in_channels", "out_channels", "num_attention_heads", "attention_head_dim", "cross_attention_dim",
+             "vae_scale_factors", "pos_embed_max_pos", "base_height", "base_width", "audio_in_channels",
+             "audio_out_channels", "audio_num_attention_heads", "audio_attention_head_dim",
+             "audio_cross_attention_dim", "audio_scale_factor", "audio_pos_embed_max_pos", "audio_sampling_rate",
+             "audio_hop_length", "num_layers", "caption_channels", "rope_theta", "rope_double_precision",
+             "causal_offset", "timestep_scale_multiplier", "cross_attn_timestep_scale_multiplier", "rope_type",
+             "use_prompt_adaln_single", *LTX2_DIFFUSERS_FIXED}  # use_prompt_adaln_single acts only with cross_attn_mod
+    extra = sorted(k for k in c if not k.startswith("_") and k not in known)
+    if extra:
+        raise ValueError(f"unsupported LTX2VideoTransformer3DModel config options: {extra}")
+    bad = [f"{k}={c[k]!r} (only {v!r})" for k, v in LTX2_DIFFUSERS_FIXED.items() if k in c and c[k] != v]
+    if bad:
+        raise ValueError("unsupported LTX2VideoTransformer3DModel options (LTX-2.3/2.5 features?): " + ", ".join(bad))
+    for ours, theirs in (("in_channels", "out_channels"), ("audio_in_channels", "audio_out_channels")):
+        if c.get(theirs) not in (None, c.get(ours, 128)):
+            raise ValueError(f"{theirs} {c[theirs]} != {ours} {c.get(ours, 128)} (the output is unpacked to the "
+                             "input layout)")
+    heads, audio_heads = c.get("num_attention_heads", 32), c.get("audio_num_attention_heads", 32)
+    return LTX2Config(depth=c.get("num_layers", 48), hidden=heads * c.get("attention_head_dim", 128), heads=heads,
+                      audio_hidden=audio_heads * c.get("audio_attention_head_dim", 64), audio_heads=audio_heads,
+                      in_channels=c.get("in_channels", 128), audio_in_channels=c.get("audio_in_channels", 128),
+                      caption_channels=c.get("caption_channels", 3840),
+                      cross_attention_dim=c.get("cross_attention_dim", 4096),
+                      audio_cross_attention_dim=c.get("audio_cross_attention_dim", 2048),
+                      rope_type=c.get("rope_type", "interleaved"), rope_theta=float(c.get("rope_theta", 10000.0)),
+                      rope_double_precision=bool(c.get("rope_double_precision", True)),
+                      max_pos=(c.get("pos_embed_max_pos", 20), c.get("base_height", 2048), c.get("base_width", 2048)),
+                      audio_max_pos=(c.get("audio_pos_embed_max_pos", 20),),
+                      timestep_scale_multiplier=float(c.get("timestep_scale_multiplier", 1000)),
+                      cross_attn_timestep_scale_multiplier=float(c.get("cross_attn_timestep_scale_multiplier", 1000)),
+                      vae_scale_factors=tuple(c.get("vae_scale_factors", (8, 32, 32))),
+                      causal_offset=c.get("causal_offset", 1), audio_scale_factor=c.get("audio_scale_factor", 4),
+                      audio_sampling_rate=c.get("audio_sampling_rate", 16000),
+                      audio_hop_length=c.get("audio_hop_length", 160))
+
+
+# what only the combined file's metadata says (config -> transformer, ltx-core field names): to_q is square and the
+# q/k norms span all heads, so no shape gives the head count; RoPE layout and precision and the a2v gate multiplier
+# are not in the weights at all (ltx-core's code defaults for the last two are wrong for 2.0)
+LTX2_META_REQUIRED = ("num_attention_heads", "audio_num_attention_heads", "rope_type", "frequencies_precision",
+                      "av_ca_timestep_scale_multiplier")
+
+
+def ltx2_config_from_state(sd, meta=None):
+    # Lightricks' combined file: widths and depth from the tensor shapes, the rest from the metadata
+    # (ltx-core model_configurator.py LTXModelConfigurator.from_config)
+    try:
+        t = json.loads((meta or {})["config"])["transformer"]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise ValueError("LTX-2 single file without its config (JSON in the safetensors metadata under 'config' -> "
+                         "'transformer', as Lightricks ships it): the head count, rope_type, frequency precision and "
+                         "a2v timestep multiplier are in no tensor shape") from None
+    missing = [k for k in LTX2_META_REQUIRED if k not in t]
+    if missing:
+        raise ValueError(f"LTX-2 single file: its config metadata lacks {missing}")
+    if t["frequencies_precision"] not in ("float32", "float64"):
+        raise ValueError(f"unsupported frequencies_precision {t['frequencies_precision']!r} ('float32' or 'float64')")
+    if not t.get("use_middle_indices_grid", True):
+        raise ValueError("unsupported use_middle_indices_grid=False (RoPE at the span starts)")
+    D, cin = sd["patchify_proj.weight"].shape
+    Da, ain = sd["audio_patchify_proj.weight"].shape
+    for width, heads, dim_key in ((D, t["num_attention_heads"], "attention_head_dim"),
+                                  (Da, t["audio_num_attention_heads"], "audio_attention_head_dim")):
+        if width % heads or t.get(dim_key, width // heads) * heads != width:
+            raise ValueError(f"config metadata: {heads} heads x {dim_key} {t.get(dim_key)} != width {width} "
+                             "(patchify_proj)")
+    return LTX2Config(depth=len({k.split(".")[1] for k in sd if k.startswith("transformer_blocks.")}), hidden=D,
+                      heads=t["num_attention_heads"], audio_hidden=Da, audio_heads=t["audio_num_attention_heads"],
+                      in_channels=cin, audio_in_channels=ain,
+                      caption_channels=sd["caption_projection.linear_1.weight"].shape[1],
+                      cross_attention_dim=sd["transformer_blocks.0.attn2.to_k.weight"].shape[1],
+                      audio_cross_attention_dim=sd["transformer_blocks.0.audio_attn2.to_k.weight"].shape[1],
+                      rope_type=t["rope_type"], rope_theta=float(t.get("positional_embedding_theta", 10000.0)),
+                      rope_double_precision=t["frequencies_precision"] == "float64",
+                      max_pos=tuple(t.get("positional_embedding_max_pos", (20, 2048, 2048))),
+                      audio_max_pos=tuple(t.get("audio_positional_embedding_max_pos", (20,))),
+                      timestep_scale_multiplier=float(t.get("timestep_scale_multiplier", 1000)),
+                      cross_attn_timestep_scale_multiplier=float(t["av_ca_timestep_scale_multiplier"]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1428,6 +1886,7 @@ class BackboneSpec:
     config_from_state: callable  # (original state dict, file metadata) -> cfg, read off the tensor shapes
     from_diffusers: callable  # (diffusers state dict, cfg) -> original keys (unconsumed keys kept, to be reported)
     lora_to_diffusers: callable  # net -> (diffusers LoRA state dict, target module names)
+    bundled: tuple = ()  # key prefixes of other components in the same single file, skipped by name
 
 
 BACKBONES = {
@@ -1437,4 +1896,8 @@ BACKBONES = {
     "flux-kontext": BackboneSpec(FluxTransformer, "FluxTransformer2DModel", "double_blocks.0.img_attn.qkv.weight",
                                  flux_config_from_diffusers, flux_config_from_state, flux_from_diffusers,
                                  flux_lora_to_diffusers),
+    "ltx2": BackboneSpec(LTX2Transformer, "LTX2VideoTransformer3DModel",
+                         "av_ca_a2v_gate_adaln_single.emb.timestep_embedder.linear_1.weight",
+                         ltx2_config_from_diffusers, ltx2_config_from_state, ltx2_from_diffusers,
+                         ltx2_lora_to_diffusers, LTX2_BUNDLED),
 }

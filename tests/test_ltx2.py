@@ -1,0 +1,304 @@
+"""model.py's LTX-2 against diffusers (the oracle): tiny random configs in fp32, the full config on meta.
+
+The test packs the latents and passes diffusers the coordinates' ingredients (F, h, w, fps, A) itself, as
+LTX2Pipeline does (pipeline_ltx2.py:651-671, 727-745), so the code's own packing and RoPE positions are checked too.
+"""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import kernels
+import model
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import LTX2VideoTransformer3DModel  # noqa: E402
+from diffusers.loaders.single_file_utils import convert_ltx2_transformer_to_diffusers  # noqa: E402
+
+# equal head counts (2 x 16 video, 2 x 8 audio): the video RoPE's 3 x 5 frequencies leave one padding slot; audio
+# tokens of 16 features = 8 latent channels x 2 mel bins
+TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+            audio_in_channels=16, audio_out_channels=16, audio_num_attention_heads=2, audio_attention_head_dim=8,
+            audio_cross_attention_dim=16, num_layers=2, caption_channels=24, rope_type="split",
+            rope_double_precision=True, timestep_scale_multiplier=1000, cross_attn_timestep_scale_multiplier=1000)
+
+# the combined file's config (safetensors metadata "config" -> "transformer") in ltx-core's field names
+# (ltx_core/model/transformer/model_configurator.py)
+ORIGINAL_CONFIG = dict(num_attention_heads=2, attention_head_dim=16, audio_num_attention_heads=2,
+                       audio_attention_head_dim=8, num_layers=2, in_channels=4, out_channels=4, audio_in_channels=16,
+                       audio_out_channels=16, cross_attention_dim=32, audio_cross_attention_dim=16,
+                       caption_channels=24, rope_type="split", frequencies_precision="float64",
+                       positional_embedding_theta=10000.0, positional_embedding_max_pos=[20, 2048, 2048],
+                       audio_positional_embedding_max_pos=[20], timestep_scale_multiplier=1000,
+                       av_ca_timestep_scale_multiplier=1000, use_middle_indices_grid=True, norm_eps=1e-6)
+
+
+def diffusers_tiny(seed=0, **over):
+    torch.manual_seed(seed)
+    ref = LTX2VideoTransformer3DModel(**{**TINY, **over}).eval()
+    with torch.no_grad():  # random everything so no term can hide behind an init
+        for p in ref.state_dict().values():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return ref
+
+
+def inputs(B=2, F=3, h=2, w=5, A=7, L=6, seed=1):
+    # F > 1 (the causal first-frame fix), h != w, padding at both ends of the text
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(2, L)
+    mask[0, :2], mask[1, L - 2:] = 0, 0
+    return dict(video=torch.randn(B, 4, F, h, w, generator=g), audio=torch.randn(B, 8, A, 2, generator=g),
+                sigma=torch.tensor([0.999, 0.3])[:B], context=torch.randn(B, L, 24, generator=g),
+                context_audio=torch.randn(B, L, 24, generator=g), context_mask=mask[:B])
+
+
+def ref_out(ref, inp, fps=24.0, mask=True):
+    video, audio = inp["video"], inp["audio"]
+    B, C, F, h, w = video.shape
+    Ca, A, M = audio.shape[1:]
+    m = inp["context_mask"] if mask else None
+    with torch.no_grad():
+        v, a = ref(hidden_states=video.flatten(2).transpose(1, 2), audio_hidden_states=audio.transpose(1, 2).flatten(2),
+                   encoder_hidden_states=inp["context"], audio_encoder_hidden_states=inp["context_audio"],
+                   timestep=1000 * inp["sigma"], encoder_attention_mask=m, audio_encoder_attention_mask=m,
+                   num_frames=F, height=h, width=w, fps=fps, audio_num_frames=A, return_dict=False)
+    return v.transpose(1, 2).reshape(B, C, F, h, w), a.reshape(B, A, Ca, M).transpose(1, 2)
+
+
+def ours(net, inp, fps=24.0, mask=True, pref=None):
+    with torch.no_grad():
+        return net(inp["video"], inp["audio"], inp["sigma"], context=inp["context"], context_audio=inp["context_audio"],
+                   context_mask=inp["context_mask"] if mask else None, fps=fps, pref=pref)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def check_parity(net, ref, inp, what):
+    for fps in (24.0, 25.0):
+        for mask in (False, True):
+            (v, a), (rv, ra) = ours(net, inp, fps, mask), ref_out(ref, inp, fps, mask)
+            ev, ea = rel_err(v, rv), rel_err(a, ra)
+            print(f"{what}, fps {fps}, mask {mask}: video rel err {ev:.2e}, audio {ea:.2e}")
+            assert ev <= 1e-5 and ea <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    ref = diffusers_tiny()
+    root = tmp_path_factory.mktemp("ltx2")
+    ref.save_pretrained(root / "repo" / "transformer")
+    return dict(ref=ref, root=root, repo=root / "repo", inp=inputs())
+
+
+def combined_file(ref, path, config=ORIGINAL_CONFIG, edit=None):
+    # Lightricks' layout: the DiT and the text connectors under model.diffusion_model., the other components beside
+    orig = model.ltx2_from_diffusers({k: v.clone() for k, v in ref.state_dict().items()})
+    sd = {f"model.diffusion_model.{k}": v for k, v in orig.items()}
+    sd["model.diffusion_model.video_embeddings_connector.transformer_1d_blocks.0.attn1.to_q.weight"] = torch.zeros(3, 3)
+    sd["model.diffusion_model.audio_embeddings_connector.learnable_registers"] = torch.zeros(4, 3)
+    sd["text_embedding_projection.aggregate_embed.weight"] = torch.zeros(3, 5)
+    sd["vae.per_channel_statistics.mean-of-means"] = torch.zeros(4)
+    sd["audio_vae.per_channel_statistics.mean-of-means"] = torch.zeros(4)
+    sd["vocoder.conv_pre.weight"] = torch.zeros(2, 2)
+    if edit:
+        edit(sd)
+    meta = None if config is None else {"config": json.dumps({"transformer": config, "vae": {"dims": 3}})}
+    save_file(sd, path, metadata=meta)
+    return str(path)
+
+
+def test_parity_diffusers_folder(tiny):
+    net = model.load_transformer(str(tiny["repo"]))  # repo root holding transformer/
+    assert isinstance(net, model.LTX2Transformer) and net.cfg.rope_type == "split" and net.cfg.heads == 2
+    check_parity(net, tiny["ref"], tiny["inp"], "folder")
+    # the mask and fps reach the output (so the parity above covers them)
+    inp = tiny["inp"]
+    (v0, a0), (v1, a1), (v2, _) = ours(net, inp), ours(net, inp, mask=False), ours(net, inp, fps=25.0)
+    assert rel_err(v0, v1) > 1e-3 and rel_err(a0, a1) > 1e-3 and rel_err(v0, v2) > 1e-4
+
+
+def test_parity_interleaved_rope(tmp_path):
+    ref = diffusers_tiny(seed=2, rope_type="interleaved", rope_double_precision=False)
+    ref.save_pretrained(tmp_path)
+    net = model.load_transformer(str(tmp_path))
+    assert net.cfg.rope_type == "interleaved" and not net.cfg.rope_double_precision
+    check_parity(net, ref, inputs(B=1, F=2, h=3, w=2, A=4), "interleaved")
+
+
+def test_combined_single_file(tiny):
+    dsd = {k: v.clone() for k, v in tiny["ref"].state_dict().items()}
+    orig = model.ltx2_from_diffusers(dsd)  # our keys ARE ltx-core's
+    back = convert_ltx2_transformer_to_diffusers({f"model.diffusion_model.{k}": v for k, v in orig.items()})
+    assert back.keys() == dsd.keys() and all(torch.equal(back[k], dsd[k]) for k in dsd)
+    assert model.ltx2_to_diffusers(orig).keys() == dsd.keys()
+    net = model.load_transformer(combined_file(tiny["ref"], tiny["root"] / "ltx-2-tiny.safetensors"))
+    assert net.cfg == model.load_transformer(str(tiny["repo"])).cfg
+    assert not any("connector" in k or "vae" in k for k in net.state_dict())
+    check_parity(net, tiny["ref"], tiny["inp"], "combined file")
+
+
+def test_combined_file_errors(tiny, tmp_path):
+    ref = tiny["ref"]
+    with pytest.raises(ValueError, match="LTX-2 single file without its config"):
+        model.load_transformer(combined_file(ref, tmp_path / "a.safetensors", config=None))
+    partial = {k: v for k, v in ORIGINAL_CONFIG.items() if k != "av_ca_timestep_scale_multiplier"}
+    with pytest.raises(ValueError, match=r"lacks \['av_ca_timestep_scale_multiplier'\]"):
+        model.load_transformer(combined_file(ref, tmp_path / "b.safetensors", config=partial))
+    with pytest.raises(ValueError, match="unsupported rope_type 'rotary'"):
+        model.load_transformer(combined_file(ref, tmp_path / "c.safetensors", config={**ORIGINAL_CONFIG,
+                                                                                     "rope_type": "rotary"}))
+    key = "model.diffusion_model.transformer_blocks.1.audio_to_video_attn.k_norm.weight"
+    with pytest.raises(ValueError, match=r"missing keys \(1\): transformer_blocks.1.audio_to_video_attn.k_norm.weight"):
+        model.load_transformer(combined_file(ref, tmp_path / "d.safetensors", edit=lambda sd: sd.pop(key)))
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): transformer_blocks.0.attn1.to_gate_logits.weight"):
+        model.load_transformer(combined_file(ref, tmp_path / "e.safetensors", edit=lambda sd: sd.__setitem__(
+            "model.diffusion_model.transformer_blocks.0.attn1.to_gate_logits.weight", torch.zeros(2, 32))))
+    with pytest.raises(ValueError, match=r"mis-shaped keys \(1\): transformer_blocks.0.scale_shift_table"):
+        model.load_transformer(combined_file(ref, tmp_path / "f.safetensors", edit=lambda sd: sd.__setitem__(
+            "model.diffusion_model.transformer_blocks.0.scale_shift_table", torch.zeros(9, 32))))
+
+
+def test_diffusers_folder_errors(tiny, tmp_path):
+    folder = tmp_path / "d"
+    tiny["ref"].save_pretrained(folder)
+    c = json.loads((folder / "config.json").read_text())
+    for bad, msg in [({"gated_attn": True}, r"gated_attn=True \(only False\)"),
+                     ({"cross_attn_mod": True}, r"cross_attn_mod=True"),
+                     ({"use_prompt_embeddings": False}, "use_prompt_embeddings=False"),
+                     ({"rope_type": "rotary"}, "unsupported rope_type 'rotary'"),
+                     ({"audio_num_attention_heads": 4, "audio_attention_head_dim": 4}, "head counts must be equal"),
+                     ({"out_channels": 8}, "out_channels 8 != in_channels 4"),
+                     ({"use_rope_v3": True}, r"config options: \['use_rope_v3'\]")]:
+        (folder / "config.json").write_text(json.dumps({**c, **bad}))
+        with pytest.raises(ValueError, match=msg):
+            model.load_transformer(str(folder))
+    (folder / "config.json").write_text(json.dumps(c))
+    sd = load_file(folder / "diffusion_pytorch_model.safetensors")
+    del sd["transformer_blocks.1.video_a2v_cross_attn_scale_shift_table"]
+    save_file(sd, folder / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ValueError, match=r"missing keys \(1\): transformer_blocks.1.scale_shift_table_a2v_ca_video"):
+        model.load_transformer(str(folder))
+
+
+def test_full_size_on_meta():
+    with torch.device("meta"):
+        ref = LTX2VideoTransformer3DModel(rope_type="split")  # the other defaults are the 2.0 release's
+    cfg = model.ltx2_config_from_diffusers({k: v for k, v in ref.config.items() if not k.startswith("_")})
+    assert cfg == model.LTX2Config(**model.LTX2_PRESETS["ltx2-19b"])
+    with torch.device("meta"):
+        net = model.LTX2Transformer(cfg)
+    ours_shapes = {k: tuple(v.shape) for k, v in model.ltx2_to_diffusers(net.state_dict()).items()}
+    assert ours_shapes == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    n = sum(p.numel() for p in net.parameters())
+    assert n == 18_876_174_592 == sum(p.numel() for p in ref.parameters())
+    assert len(net.state_dict()) == 3510  # notes/backbones.md §3.4
+    meta = {"config": json.dumps({"transformer": {"num_attention_heads": 32, "audio_num_attention_heads": 32,
+                                                  "rope_type": "split", "frequencies_precision": "float64",
+                                                  "av_ca_timestep_scale_multiplier": 1000}})}
+    assert model.ltx2_config_from_state(net.state_dict(), meta) == cfg
+
+
+def test_pref_none_is_base_bit_exact_and_slider_on_video(tiny):
+    base = model.load_transformer(str(tiny["repo"]))
+    cond = model.load_transformer(str(tiny["repo"]), pref_dim=2)
+    inp, pref = tiny["inp"], torch.tensor([[1.0, 0.0], [0.3, 0.7]])
+    vb, ab = ours(base, inp)
+    vc, ac = ours(cond, inp)
+    assert torch.equal(vb, vc) and torch.equal(ab, ac)
+    v, a = ours(cond, inp, pref=pref)
+    assert v.shape == vb.shape and a.shape == ab.shape and not torch.equal(v, vb)  # pref_mlp acts
+    with torch.no_grad():  # pref_mlp off, slider's last layer still zero: the base model again
+        cond.pref_mlp[2].weight.zero_()
+    v, a = ours(cond, inp, pref=pref)
+    assert torch.equal(v, vb) and torch.equal(a, ab)
+    seen = []
+    hook = cond.transformer_blocks[0].register_forward_hook(lambda mod, i, o: seen.append([t.clone() for t in o]))
+    with torch.no_grad():
+        cond.pref_slider.mlp[-1].bias.add_(0.5)
+    v, a = ours(cond, inp, pref=pref)
+    ours(cond, inp)
+    hook.remove()
+    assert not torch.allclose(v, vb) and not torch.allclose(a, ab)  # audio too, through v2a in block 1
+    (x1, a1), (x0, a0) = seen
+    assert torch.equal(a1, a0) and not torch.allclose(x1, x0)  # in a block, m joins the video tokens only
+    with pytest.raises(ValueError, match=r"pref must have shape \[2, 2\]"):
+        ours(cond, inp, pref=pref[:, :1])
+    with pytest.raises(ValueError, match="no preference input"):
+        ours(base, inp, pref=pref)
+
+
+def test_bad_inputs(tiny):
+    net, inp = model.load_transformer(str(tiny["repo"])), tiny["inp"]
+    for bad, msg in [(dict(context=inp["context"][..., :8]), r"context must be \[B, L, 24\]"),
+                     (dict(context_audio=inp["context_audio"][..., :8]), r"context_audio must be \[B, L, 24\]"),
+                     (dict(video=inp["video"][:, :3]), r"video must be a latent \[B, 4, F, h, w\]"),
+                     (dict(video=inp["video"][:, :, 0]), r"video must be a latent"),
+                     (dict(audio=inp["audio"][:, :4]), r"audio must be a latent \[B, 8, A, 2\]"),
+                     (dict(audio=inp["audio"][..., :1]), r"audio must be a latent \[B, 8, A, 2\]"),
+                     (dict(audio=inp["audio"][:1]), "batch sizes differ: video 2, audio 1"),
+                     (dict(sigma=inp["sigma"][:1]), "batch sizes differ"),
+                     (dict(context_mask=inp["context_mask"][:, :4]), r"attention mask must be \[B, Lk\]"),
+                     (dict(context_audio=inp["context_audio"][:, :3]), "lengths 6 and 3 must be equal")]:
+        with pytest.raises(ValueError, match=msg):
+            ours(net, {**inp, **bad})
+
+
+def test_kernels_grad_ckpt_and_lora():
+    # the tiny preset (one block: the interpreter is slow): Triton kernels equal the references, forward and
+    # backward, and so does gradient checkpointing; LoRA lands on the q, k, v, out of all six attentions of a block
+    torch.manual_seed(0)
+    cfg = model.LTX2Config(**{**model.LTX2_PRESETS["ltx2-tiny"], "depth": 1}, pref_dim=2)
+    net = model.LTX2Transformer(cfg)
+    assert len(model.add_lora(net, rank=2, alpha=4)) == cfg.depth * 6 * 4
+    with torch.no_grad():  # random everything, so zero-inits (slider, LoRA B) cannot hide a term
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    g = torch.Generator().manual_seed(1)
+    video, audio = torch.randn(1, 16, 2, 2, 3, generator=g), torch.randn(1, 8, 3, 2, generator=g)
+    kw = dict(context=torch.randn(1, 4, 64, generator=g), context_audio=torch.randn(1, 4, 64, generator=g),
+              context_mask=torch.tensor([[0, 1, 1, 1]]), pref=torch.tensor([[0.2, 0.8]]))
+
+    def run(backend, ckpt):
+        kernels.set_backend(backend)
+        net.zero_grad(set_to_none=True)
+        net.grad_ckpt = ckpt
+        v, a = net(video, audio, torch.tensor([0.6]), **kw)
+        (v.square().mean() + a.square().mean()).backward()
+        return [v.detach(), a.detach()] + [p.grad for p in net.parameters() if p.requires_grad]
+
+    try:
+        t = run("triton", False)
+    finally:
+        kernels.set_backend("torch")
+    r, c = run("torch", False), run("torch", True)
+    assert len(r) == len(t) == len(c) and all(x is not None for x in r)
+    for a, b, d in zip(t, r, c):
+        torch.testing.assert_close(a, b, atol=1e-5 * (1 + b.abs().max().item()), rtol=1e-4)
+        torch.testing.assert_close(d, b, atol=1e-6, rtol=1e-5)
+
+
+def test_lora_export_loads_in_diffusers(tiny, tmp_path):
+    from diffusers import LTX2Pipeline
+
+    net = model.load_transformer(str(tiny["repo"]), pref_dim=2)
+    model.add_lora(net, rank=4, alpha=8)
+    torch.manual_seed(3)
+    with torch.no_grad():  # a trained-looking adapter: B no longer zero
+        for p in model.adapter_state(net).values():
+            p.copy_(torch.randn_like(p) * 0.1)
+    path = str(tmp_path / "pytorch_lora_weights.safetensors")
+    model.export_lora_diffusers(net, path)
+    assert "transformer.transformer_blocks.1.audio_to_video_attn.norm_q.weight" not in load_file(path)
+    assert "transformer.transformer_blocks.1.audio_to_video_attn.to_q.lora_A.weight" in load_file(path)
+    pipe = LTX2Pipeline(transformer=diffusers_tiny(), scheduler=None, vae=None, audio_vae=None, text_encoder=None,
+                        tokenizer=None, connectors=None, vocoder=None)
+    pipe.load_lora_weights(path)
+    model.merge_lora(net)
+    (v, a), (rv, ra) = ours(net, tiny["inp"]), ref_out(pipe.transformer, tiny["inp"])
+    print(f"LoRA export through LTX2Pipeline.load_lora_weights: video rel err {rel_err(v, rv):.2e}, "
+          f"audio {rel_err(a, ra):.2e}")
+    assert rel_err(v, rv) <= 1e-5 and rel_err(a, ra) <= 1e-5
+    assert rel_err(v, ref_out(tiny["ref"], tiny["inp"])[0]) > 1e-3  # the LoRA matters

@@ -532,7 +532,7 @@ def load_image(path, size=None):
 LOADERS = {"sd35": load_sd35, "flux-kontext": load_flux}  # --backbone -> loader(spec, dtype, device, lora) -> Pipeline
 
 
-def main(argv=None):
+def cli():
     ap = argparse.ArgumentParser(description="Sample images from a ParetoSlider model at one ω or a sweep of ω.")
     ap.add_argument("--run", help="a train.py run folder: its adapter, base model, text encoders and sampling "
                     "settings (steps, solver, shift, size; flags given here override them)")
@@ -543,7 +543,7 @@ def main(argv=None):
                     " (default: --weights when it is a folder)")
     ap.add_argument("--no-t5", action="store_true", help="skip T5-XXL (zeros instead, as diffusers does)")
     ap.add_argument("--lora", help="adapter .safetensors (LoRA + preference modules) written by train.py")
-    ap.add_argument("--prompt", required=True, help="text prompt")
+    ap.add_argument("--prompt", help="text prompt (not with --serve: the page asks for it)")
     ap.add_argument("--negative-prompt", default="", help="unconditional prompt for CFG")
     ap.add_argument("--pref", help="ω: w1 for two objectives (ω = (w1, 1-w1)) or a full vector like 0.2,0.3,0.5")
     ap.add_argument("--sweep", type=int, help="N >= 2: one strip of N images, ω = (1-i/(N-1), i/(N-1))")
@@ -562,12 +562,19 @@ def main(argv=None):
     ap.add_argument("--out", default="out.png", help="output PNG")
     ap.add_argument("--kernels", choices=["triton", "torch"], help="fused Triton kernels or the PyTorch references "
                     "(default: Triton on a GPU)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--serve", action="store_true", help="a local page with the slider: drag ω, watch the image move")
+    ap.add_argument("--port", type=int, default=7860, help="--serve: the port (0: any free one)")
+    ap.add_argument("--host", default="127.0.0.1", help="--serve: the address to bind (default: this machine only)")
+    return ap
+
+
+def main(argv=None):
+    args = cli().parse_args(argv)
     try:
         if args.kernels:
             import kernels
             kernels.set_backend(args.kernels)
-        run(args)
+        serve(args) if args.serve else run(args)
     except (UsageError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -612,7 +619,52 @@ def run_settings(args):
 
 
 def run(args):
-    # validate everything cheap before loading anything
+    if not args.prompt:
+        raise UsageError("--prompt is required (or --serve for the interactive page)")
+    pipe, backbone, spec, objectives, prefs = prepare(args)
+    m = pipe.net.cfg.pref_dim
+    if prefs[0] is not None and m == 0:
+        raise UsageError("this model has no preference input (pref_dim=0): pass its adapter with --lora")
+    if prefs[0] is None and m > 0:  # pref=None turns the preference paths off: a mode the model never trained in
+        names = f" {objectives}" if objectives else ""
+        raise UsageError(f"this model was trained with a preference over {m} objectives{names}: pass --pref w1[,w2...] "
+                         "or --sweep N")
+    if prefs[0] is not None and len(prefs[0]) != m:
+        raise UsageError(f"ω has {len(prefs[0])} entries but the model was trained with {m} objectives")
+    cond, uncond = pipe.conditions([args.prompt], args.guidance, args.negative_prompt)
+    if hasattr(pipe.enc, "to"):
+        pipe.enc.to("cpu")  # the text encoders are done; free the accelerator for the transformer
+    width = height = args.size
+    source = None
+    if args.image:  # Kontext: the reference latent joins the conditioning; the output takes its size
+        from PIL import Image
+        with Image.open(args.image) as im:
+            width, height = source_size(im.size, args.size, spec)
+        source = load_image(args.image, (width, height))
+        cond["ref"] = pipe.to_latent(source.to(args.device))
+
+    images = [pipe.generate(cond, uncond, p, args.steps, args.seed, height, width, args.guidance, args.solver,
+                            args.shift, progress=True)[0] for p in prefs]
+    if args.sweep:
+        names = f"  ({objectives[0]} → {objectives[1]})" if objectives else ""
+        labels = [pref_label(p) for p in prefs]
+        if source is not None:  # the source first, then preservation -> adherence
+            images, labels = [source[0]] + images, ["source"] + labels
+        image_grid([images], labels).save(args.out)
+        print(f"wrote {args.out} ({len(prefs)} values of ω{names})")
+    else:
+        to_pil(images[0]).save(args.out)
+        print(f"wrote {args.out}")
+
+
+def source_size(wh, size, spec):
+    # the size an edit comes out at: a tiny pixel-space run's own size, else the nearest Kontext resolution
+    return (size, size) if spec.get("pixels") else kontext_resolution(*wh)
+
+
+def prepare(args):
+    """Everything cheap checked before anything loads, then the pipeline. -> (pipe, backbone, spec, objectives,
+    the ω list of --pref / --sweep ([None] if neither)); the run's settings fill the flags left unset."""
     if args.pref is not None and args.sweep is not None:
         raise UsageError("give either --pref or --sweep, not both")
     if args.sweep is not None and args.sweep < 2:
@@ -638,48 +690,286 @@ def run(args):
     if backbone not in LOADERS:
         raise UsageError(f"backbone {backbone!r} has no loader here (available: {', '.join(sorted(LOADERS))})")
 
+    if args.image and not os.path.isfile(args.image):
+        raise UsageError(f"--image {args.image}: no such file")
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
     pipe = LOADERS[backbone](spec, dtype, args.device, lora)
     m = pipe.net.cfg.pref_dim
     if args.image and not pipe.to_latent:
         raise UsageError(f"--image: backbone {backbone!r} does not edit images")
-    if args.image and not os.path.isfile(args.image):
-        raise UsageError(f"--image {args.image}: no such file")
     if args.sweep and m not in (0, 2):
         raise UsageError(f"--sweep moves ω between two objectives; this model has {m}: use --pref")
-    if prefs[0] is not None and m == 0:
-        raise UsageError("this model has no preference input (pref_dim=0): pass its adapter with --lora")
-    if prefs[0] is None and m > 0:  # pref=None turns the preference paths off: a mode the model never trained in
-        names = f" {objectives}" if objectives else ""
-        raise UsageError(f"this model was trained with a preference over {m} objectives{names}: pass --pref w1[,w2...] "
-                         "or --sweep N")
-    if prefs[0] is not None and len(prefs[0]) != m:
-        raise UsageError(f"ω has {len(prefs[0])} entries but the model was trained with {m} objectives")
-    cond, uncond = pipe.conditions([args.prompt], args.guidance, args.negative_prompt)
-    if hasattr(pipe.enc, "to"):
-        pipe.enc.to("cpu")  # the text encoders are done; free the accelerator for the transformer
-    width = height = args.size
-    source = None
-    if args.image:  # Kontext: the reference latent joins the conditioning; the output takes its size
-        from PIL import Image
-        with Image.open(args.image) as im:
-            w0, h0 = im.size
-        width, height = (args.size, args.size) if spec.get("pixels") else kontext_resolution(w0, h0)
-        source = load_image(args.image, (width, height))
-        cond["ref"] = pipe.to_latent(source.to(args.device))
+    return pipe, backbone, spec, objectives, prefs
 
-    images = [pipe.generate(cond, uncond, p, args.steps, args.seed, height, width, args.guidance, args.solver,
-                            args.shift, progress=True)[0] for p in prefs]
-    if args.sweep:
-        names = f"  ({objectives[0]} → {objectives[1]})" if objectives else ""
-        labels = [pref_label(p) for p in prefs]
-        if source is not None:  # the source first, then preservation -> adherence
-            images, labels = [source[0]] + images, ["source"] + labels
-        image_grid([images], labels).save(args.out)
-        print(f"wrote {args.out} ({len(prefs)} values of ω{names})")
-    else:
-        to_pil(images[0]).save(args.out)
-        print(f"wrote {args.out}")
+
+# ----------------------------------------------------------------------------------------------------------------
+# The slider you can drag: `--serve` starts a local page (standard library only) that regenerates as ω moves.
+# One model instance behind a lock (no concurrent forwards); each page sends (client, seq) with a request, and a
+# request older than that client's newest is answered 409 without sampling (the last request wins while the user
+# drags); results are cached per (prompt, seed, ω, source); bad input is a 4xx with a one-line reason.
+
+MAX_UPLOAD = 8 << 20  # bytes of a request body (an uploaded source image, base64) we accept
+
+
+class Slider:
+    """The model behind the page: render(prompt, seed, ω, source PNG bytes or None) -> PNG bytes, cached."""
+
+    def __init__(self, pipe, args, info, cache_size=256):
+        import threading
+        from collections import OrderedDict
+        self.pipe, self.args, self.info = pipe, args, info
+        self.lock, self.cache, self.cache_size = threading.Lock(), OrderedDict(), cache_size
+        self.cache_lock = threading.Lock()  # the cache and `newest` are read by every request thread
+        self.newest = {}  # client -> its newest request number
+
+    def check(self, prompt, pref, source):
+        # -> the request's ω as a list, or UsageError with the reason (answered 400)
+        if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > 500:
+            raise UsageError("the prompt must be a non-empty string (at most 500 characters)")
+        m = self.info["pref_dim"]
+        if m:
+            if not isinstance(pref, list) or len(pref) != m or not all(isinstance(v, (int, float)) for v in pref):
+                raise UsageError(f"ω must be a list of {m} numbers")
+            if min(pref) < 0 or abs(sum(pref) - 1) > 1e-3 or any(v != v for v in pref):
+                raise UsageError(f"ω = {pref} is not on the simplex (non-negative, summing to 1)")
+        if self.info["editing"] and source is None:
+            raise UsageError("this model edits images: upload a source image first")
+        return [float(v) for v in pref] if m else None
+
+    def stale(self, client, seq):
+        # a request is stale when the same page has sent a newer one since (dropped while the user drags)
+        return client is not None and seq is not None and seq < self.newest.get(client, seq)
+
+    def render(self, prompt, seed, pref, source=None, client=None, seq=None):
+        """-> (PNG bytes, "hit" | "miss"), or None when the request went stale while it waited for the model."""
+        import hashlib
+        import io
+        from PIL import Image
+        w = self.check(prompt, pref, source)
+        key = (prompt.strip(), int(seed), tuple(round(v, 4) for v in w or ()),
+               hashlib.sha1(source).hexdigest() if source else None)
+        with self.cache_lock:
+            if client is not None and seq is not None:
+                self.newest[client] = max(seq, self.newest.get(client, seq))
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                return self.cache[key], "hit"
+        with self.lock:  # one forward at a time
+            with self.cache_lock:
+                if self.stale(client, seq):
+                    return None
+                if key in self.cache:  # rendered by the request we waited for
+                    return self.cache[key], "hit"
+            a = self.args
+            cond, uncond = self.pipe.conditions([key[0]], a.guidance, a.negative_prompt)
+            width = height = a.size
+            if source is not None:
+                try:
+                    with Image.open(io.BytesIO(source)) as im:
+                        im.load()
+                        wh = im.size
+                except Exception:  # PIL raises many kinds on a broken file: all of them are the client's fault
+                    raise UsageError("the uploaded source is not an image PIL can read") from None
+                width, height = source_size(wh, a.size, self.info["spec"])
+                img = load_image(io.BytesIO(source), (width, height))
+                cond["ref"] = self.pipe.to_latent(img.to(a.device))
+            x = self.pipe.generate(cond, uncond, w, a.steps, key[1], height, width, a.guidance, a.solver, a.shift)[0]
+            buf = io.BytesIO()
+            to_pil(x).save(buf, format="PNG")
+            with self.cache_lock:
+                self.cache[key] = buf.getvalue()
+                while len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
+            return buf.getvalue(), "miss"
+
+
+def make_server(slider, host="127.0.0.1", port=7860):
+    """A ThreadingHTTPServer for the page: GET / (the page), GET /info (the run, JSON), POST /render ({prompt,
+    seed, pref, source: data URL, client, seq} -> image/png; 409 when stale). Never raises out of a request."""
+    import base64
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, fmt, *a):  # quiet: one line per render is printed by do_POST
+            pass
+
+        def send(self, code, body, ctype="application/json", headers=()):
+            body = body if isinstance(body, bytes) else json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            for k, v in headers:
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            if self.path in ("/", "/index.html"):
+                page = PAGE.replace("__INFO__", json.dumps({k: v for k, v in slider.info.items() if k != "spec"}))
+                return self.send(200, page.encode(), "text/html; charset=utf-8")
+            if self.path == "/info":
+                return self.send(200, {k: v for k, v in slider.info.items() if k != "spec"})
+            self.send(404, {"error": f"no page {self.path}"})
+
+        def do_POST(self):
+            import time
+            if self.path != "/render":
+                return self.send(404, {"error": f"no endpoint {self.path}"})
+            try:
+                n = int(self.headers.get("Content-Length", "0"))
+            except ValueError:
+                return self.send(400, {"error": "bad Content-Length"})
+            if n > MAX_UPLOAD:
+                if n <= 4 * MAX_UPLOAD:  # read it away, so the client hears the answer instead of a broken pipe
+                    left = n
+                    while left > 0:
+                        left -= len(self.rfile.read(min(1 << 16, left)) or b"x" * left)  # (EOF: stop)
+                self.close_connection = True
+                return self.send(413, {"error": f"request of {n} bytes; at most {MAX_UPLOAD} (a smaller image)"})
+            try:
+                req = json.loads(self.rfile.read(n) or b"null")
+                if not isinstance(req, dict):
+                    raise ValueError("not a JSON object")
+                src = req.get("source")
+                if src is not None:
+                    if not isinstance(src, str) or "," not in src:
+                        raise UsageError("source must be a data URL (data:image/png;base64,...)")
+                    src = base64.b64decode(src.split(",", 1)[1], validate=True)
+                seed = req.get("seed", 0)
+                if not isinstance(seed, int) or not 0 <= seed < 2**31:
+                    raise UsageError("seed must be an integer in [0, 2^31)")
+                t0 = time.perf_counter()
+                out = slider.render(req.get("prompt"), seed, req.get("pref"), src, req.get("client"), req.get("seq"))
+            except (UsageError, ValueError, TypeError, base64.binascii.Error) as e:
+                return self.send(400, {"error": str(e) or type(e).__name__})
+            except Exception as e:  # never take the server down with a request
+                return self.send(500, {"error": f"{type(e).__name__}: {e}"})
+            if out is None:
+                return self.send(409, {"error": "stale: a newer request from this page superseded it"})
+            png, cache = out
+            ms = 1000 * (time.perf_counter() - t0)
+            print(f"render {req.get('prompt')!r} seed {seed} ω {req.get('pref')}: {cache}, {ms:.0f} ms", flush=True)
+            self.send(200, png, "image/png", [("X-Cache", cache), ("X-Render-Ms", f"{ms:.1f}")])
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def run_info(pipe, backbone, spec, objectives, args):
+    # what the page says about the run it serves: backbone, objectives, step, hypervolume (from the run folder)
+    info = dict(backbone=backbone, objectives=objectives or [], pref_dim=pipe.net.cfg.pref_dim,
+                editing=pipe.to_latent is not None, video=False, run=args.run or args.weights, step=None,
+                hypervolume=None, size=args.size, steps=args.steps, spec=spec)
+    if args.run:
+        import model
+        ev, ck = os.path.join(args.run, "eval.json"), os.path.join(args.run, "checkpoint.safetensors")
+        if os.path.isfile(ev):
+            info["hypervolume"] = model.read_json(ev).get("hypervolume")
+        if os.path.isfile(ck):
+            info["step"] = int(model.read_safetensors_meta(ck).get("step", 0))
+    return info
+
+
+def serve(args):
+    if args.pref or args.sweep or args.image:
+        raise UsageError("--serve takes ω, the prompt and the source image from the page, not from flags")
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port {args.port}: not a port")
+    pipe, backbone, spec, objectives, _ = prepare(args)
+    slider = Slider(pipe, args, run_info(pipe, backbone, spec, objectives, args))
+    try:
+        server = make_server(slider, args.host, args.port)
+    except OSError as e:
+        raise UsageError(f"--port {args.port}: {e.strerror} (another server there? --port 0 picks a free one)")
+    host, port = server.server_address[:2]
+    print(f"serving {slider.info['run']} ({backbone}, objectives {objectives}) at http://{host}:{port}/  (Ctrl-C stops)",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>ParetoSlider</title>
+<style>
+ body{font:14px system-ui,sans-serif;margin:24px;max-width:980px;color:#222}
+ .row{display:flex;gap:16px;align-items:center;margin:8px 0;flex-wrap:wrap}
+ input[type=text]{width:320px} input[type=range]{width:360px}
+ #img{width:320px;height:320px;image-rendering:pixelated;border:1px solid #ccc;background:#f4f4f4}
+ #strip img{width:96px;height:96px;image-rendering:pixelated;border:1px solid #ddd;cursor:pointer}
+ #strip{display:flex;gap:6px;flex-wrap:wrap} .muted{color:#777} .err{color:#b00}
+</style></head><body>
+<h2>ParetoSlider</h2>
+<div id="run" class="muted"></div>
+<div class="row"><label>prompt <input id="prompt" type="text"></label>
+ <label>seed <input id="seed" type="number" value="0" min="0" style="width:80px"></label>
+ <span id="upload" hidden><label>source image <input id="source" type="file" accept="image/*"></label></span></div>
+<div id="sliders"></div>
+<div class="row"><img id="img" alt="the image at this ω"><div><div id="w"></div><div id="status" class="muted"></div></div></div>
+<h3>the sweep (same prompt and seed)</h3><div id="strip"></div>
+<script>
+const INFO = __INFO__;
+const M = INFO.pref_dim, names = INFO.objectives.length ? INFO.objectives : [...Array(M).keys()].map(i => "objective " + (i + 1));
+const client = Math.random().toString(36).slice(2); let seq = 0, source = null, w = M ? Array(M).fill(1 / M) : [];
+document.getElementById("run").textContent = `run ${INFO.run} · ${INFO.backbone} · objectives ${names.join(" ↔ ")}` +
+  ` · step ${INFO.step ?? "?"} · hypervolume ${INFO.hypervolume == null ? "?" : INFO.hypervolume.toFixed(4)}`;
+document.getElementById("prompt").value = INFO.backbone === "flux-kontext" ? "make it blue" : "a red circle";
+if (INFO.editing) document.getElementById("upload").hidden = false;
+const box = document.getElementById("sliders");
+if (M === 2) {  // one slider: w = (1 - t, t)
+  box.innerHTML = `<div class="row"><b>${names[0]}</b><input id="s0" type="range" min="0" max="1000" value="500"><b>${names[1]}</b></div>`;
+  document.getElementById("s0").oninput = e => { const t = e.target.value / 1000; w = [1 - t, t]; render(); };
+} else if (M > 2) {  // M sliders kept on the simplex: moving one rescales the others
+  box.innerHTML = names.map((n, i) => `<div class="row"><input id="s${i}" type="range" min="0" max="1000" value="${Math.round(1000 / M)}"> ${n}</div>`).join("");
+  names.forEach((_, i) => document.getElementById("s" + i).oninput = e => {
+    const v = e.target.value / 1000, rest = w.reduce((a, b, j) => j === i ? a : a + b, 0);
+    w = w.map((x, j) => j === i ? v : rest > 0 ? x * (1 - v) / rest : (1 - v) / (M - 1));
+    w.forEach((x, j) => { if (j !== i) document.getElementById("s" + j).value = Math.round(1000 * x); });
+    render(); });
+}
+function status(t, err) { const s = document.getElementById("status"); s.textContent = t; s.className = err ? "err" : "muted"; }
+async function fetchImage(pref, mine) {
+  const body = {prompt: document.getElementById("prompt").value, seed: +document.getElementById("seed").value,
+                pref: M ? pref : null, source, client, seq: mine};
+  const r = await fetch("/render", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  if (r.status === 409) return null;  // superseded by a newer request: drop it
+  if (!r.ok) throw new Error((await r.json()).error);
+  return {url: URL.createObjectURL(await r.blob()), cache: r.headers.get("X-Cache"), ms: r.headers.get("X-Render-Ms")};
+}
+async function render() {
+  const mine = ++seq;
+  document.getElementById("w").textContent = M ? "ω = (" + w.map(x => x.toFixed(2)).join(", ") + ")" : "";
+  try {
+    const out = await fetchImage(w.slice(), mine);
+    if (!out || mine !== seq) return;  // a newer request is on its way
+    document.getElementById("img").src = out.url;
+    status(`${out.cache === "hit" ? "from the cache" : "sampled"} in ${(+out.ms).toFixed(0)} ms`);
+  } catch (e) { status(e.message, true); }
+}
+async function strip() {  // the sweep for this prompt and seed (cached on the server once drawn)
+  const el = document.getElementById("strip"); el.innerHTML = "";
+  if (M !== 2) return;
+  for (let i = 0; i < 7; i++) {
+    const t = i / 6, img = document.createElement("img"); img.title = `ω = (${(1 - t).toFixed(2)}, ${t.toFixed(2)})`;
+    img.onclick = () => { document.getElementById("s0").value = Math.round(1000 * t); w = [1 - t, t]; render(); };
+    el.appendChild(img);
+    try { const out = await fetchImage([1 - t, t], null); if (out) img.src = out.url; } catch (e) { status(e.message, true); return; }
+  }
+}
+function refresh() { render().then(strip); }
+document.getElementById("prompt").onchange = refresh;
+document.getElementById("seed").onchange = refresh;
+document.getElementById("source").onchange = e => {
+  const f = e.target.files[0]; if (!f) return;
+  const rd = new FileReader(); rd.onload = () => { source = rd.result; refresh(); }; rd.readAsDataURL(f); };
+if (!INFO.editing) refresh(); else status("upload a source image to edit");
+</script></body></html>
+"""
 
 
 if __name__ == "__main__":

@@ -1137,7 +1137,12 @@ BACKBONES = {
         preset=dict(out="runs/sd35", rewards="pickscore_photo,vlm_sketch", steps=300, prompts_per_step=4, group_size=8,
                     sample_steps=25, shift=3.0, size=512, batch=8, dtype="bf16", grad_ckpt=True, eval_points=11,
                     eval_prompts=8),
-        tiny=dict(out="runs/tiny", rewards="tiny_photo,tiny_sketch", heldout="tiny_photo_heldout,tiny_sketch_heldout", steps=30, prompts_per_step=4, group_size=6,
+        # kl_beta 0.1 on the tiny world (the paper: 1e-4): along its one-dimensional trade-off the two per-reward
+        # advantages are mirror images inside a group, so the late-scalarised push has the sign of w1 - w2 whatever
+        # the front's shape, and with a weak KL every w past ~0.6 ends at the same extreme; the pull to the base
+        # makes the end point grow with |w1 - w2| (seed 0: Spearman 0.92 / 0.93 -> 0.96 / 0.97, README)
+        tiny=dict(out="runs/tiny", rewards="tiny_photo,tiny_sketch", heldout="tiny_photo_heldout,tiny_sketch_heldout",
+                  kl_beta=0.1, steps=30, prompts_per_step=4, group_size=6,
                   sample_steps=8, shift=1.0, size=32, batch=64, dtype="fp32", grad_ckpt=False, eval_points=11,
                   eval_prompts=12)),
     "flux-kontext": dict(

@@ -16,7 +16,8 @@ own w (p = sum_m w_m p_m, exactly the w-weighted sum of M per-reward losses); on
 update the EMA used for evaluation.
 Deviations from the released code: the slider projector's last layer starts at zero (model.py); the
 (prompt, w) groups are formed on the global batch, so every group has exactly G samples on any number of
-ranks; the tiny default trains in pixel space on a procedural world instead of SD3.5 latents.
+ranks; the tiny default trains in pixel space on a procedural world instead of SD3.5 latents, with a stronger pull to
+the base (kl_beta 0.1, see its preset in BACKBONES).
 """
 import argparse
 import hashlib

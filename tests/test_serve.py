@@ -190,3 +190,33 @@ def test_serve_in_a_browser(server, tmp_path):
                 fh.write(base64.b64decode(png))
     finally:
         dt.close()
+
+
+def test_serve_an_editing_run(tmp_path):
+    # the editing backbone: the page asks for a source; an uploaded image is the Kontext reference, a broken one is a 400
+    train.main(["--backbone", "flux-kontext", "--tiny", *TINY[3:], "--steps", "1", "--out", str(tmp_path / "run"),
+                "--cache", str(tmp_path / "cache")])
+    args = sample.cli().parse_args(["--run", str(tmp_path / "run"), "--serve", "--port", "0"])
+    pipe, backbone, spec, objectives, _ = sample.prepare(args)
+    slider = sample.Slider(pipe, args, sample.run_info(pipe, backbone, spec, objectives, args))
+    assert slider.info["editing"] and slider.info["objectives"] == ["tiny_preserve", "tiny_adhere"]
+    srv = sample.make_server(slider, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        buf = io.BytesIO()
+        sample.to_pil(torch.rand(3, 40, 24)).save(buf, format="PNG")  # another size: resized to the run's
+        source = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        status, out, _ = post(url, dict(prompt="make it blue", seed=0, pref=[0.5, 0.5]))
+        assert status == 400 and "upload a source image" in json.loads(out)["error"]
+        status, png, headers = post(url, dict(prompt="make it blue", seed=0, pref=[0.5, 0.5], source=source))
+        assert status == 200 and png[:4] == b"\x89PNG" and headers["X-Cache"] == "miss"
+        from PIL import Image
+        assert Image.open(io.BytesIO(png)).size == (32, 32)
+        broken = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
+        status, out, _ = post(url, dict(prompt="make it blue", seed=0, pref=[0.5, 0.5], source=broken))
+        assert status == 400 and "not an image" in json.loads(out)["error"]
+        assert post(url, dict(prompt="make it red", seed=0, pref=[0.5, 0.5], source=source))[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()

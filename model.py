@@ -1,7 +1,8 @@
 """ParetoSlider networks: our own definitions of the backbones, loading their released weights.
 
 Layout: shared primitives (timestep embedding, LoRA linear, attention, preference modules, the Backbone base
-class, checkpoint I/O, loading), then one section per backbone, then the VAE, then the load table BACKBONES.
+class, checkpoint I/O, loading), then one section per backbone (LTX-2's text connectors in their own section after
+it), then the 16-channel VAE, then LTX-2's video VAE, then the load table BACKBONES.
 Module attribute names ARE the original checkpoint keys (Stability's, BFL's and Lightricks' single files), so an
 original file loads by stripping its prefix; a diffusers folder goes through one explicit key-mapping function per
 backbone.
@@ -349,13 +350,14 @@ def atomic_json(obj, path):
     atomic_write(path, write)
 
 
-def read_safetensors(path):
-    """Read one .safetensors file -> (state dict, metadata). Errors name the file."""
+def read_safetensors(path, keep=None):
+    """Read one .safetensors file -> (state dict, metadata). keep(name) -> bool: read only those tensors (one component
+    of a combined file, without loading the other 40 GB). Errors name the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such checkpoint file: {path}")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
 
@@ -423,18 +425,24 @@ def check_keys(expected, got, what="checkpoint"):
 BUNDLED = ("first_stage_model.", "text_encoders.", "conditioner.", "cond_stage_model.")  # not the transformer
 
 
-def build(cls, cfg, sd=None, dtype=torch.float32, device="cpu", what="checkpoint"):
-    """sd=None: random init (tests, tiny default). Otherwise build the base on the meta device, assign the
-    checkpoint tensors (strict: every key, every shape), then materialise the preference modules (in no base
-    checkpoint)."""
-    if sd is None:
-        with torch.device(device):
-            return cls(cfg).to(dtype)
+def assign_checkpoint(make, sd, dtype=torch.float32, device="cpu", what="checkpoint"):
+    """Build make() on the meta device (no random init, no second copy) and assign the checkpoint tensors as its
+    parameters and buffers, floating ones cast to dtype; strict: every key, every shape."""
     with torch.device("meta"):
-        net = cls(replace(cfg, pref_dim=0))
+        net = make()
     check_keys(net.state_dict(), sd, what)
     sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
     net.load_state_dict(sd, strict=True, assign=True)
+    return net
+
+
+def build(cls, cfg, sd=None, dtype=torch.float32, device="cpu", what="checkpoint"):
+    """sd=None: random init (tests, tiny default). Otherwise assign the checkpoint to the base (assign_checkpoint),
+    then materialise the preference modules (in no base checkpoint)."""
+    if sd is None:
+        with torch.device(device):
+            return cls(cfg).to(dtype)
+    net = assign_checkpoint(lambda: cls(replace(cfg, pref_dim=0)), sd, dtype, device, what)
     return add_preference(net, cfg.pref_dim) if cfg.pref_dim else net
 
 
@@ -1605,6 +1613,245 @@ def ltx2_config_from_state(sd, meta=None):
 
 
 # ----------------------------------------------------------------------------------------------------
+# LTX-2 text connectors (notes/backbones.md §3.6): Gemma-3's 49 stacked hidden states -> the two text contexts the DiT
+# cross-attends to. Lightricks ltx-core text_encoders/gemma (feature extractor + Embeddings1DConnector); diffusers
+# pipelines/ltx2/connectors.py (0.42.1, line numbers below). Module names are the combined file's keys
+# (`model.diffusion_model.` stripped where present); a diffusers `connectors/` folder goes through ltx2_connector_key.
+
+
+@dataclass
+class LTX2ConnectorConfig:
+    caption_channels: int = 3840  # Gemma-3-12B hidden width = each connector's width = the output width
+    text_layers: int = 49  # stacked hidden states: the embeddings + 48 layers
+    heads: int = 30  # video connector: heads * head_dim must equal caption_channels
+    head_dim: int = 128
+    depth: int = 2  # connector blocks
+    registers: int = 128  # learnable registers replacing the padding; the text length must be a multiple of it
+    audio_heads: int = 30  # the audio connector, same layout
+    audio_head_dim: int = 128
+    audio_depth: int = 2
+    audio_registers: int = 128
+    rope_type: str = "split"  # as the DiT: "split" for the 2.0 release
+    rope_theta: float = 10000.0
+    rope_double_precision: bool = True
+    rope_max_pos: int = 4096  # token positions 0..L-1 are normalised by this "base sequence length"
+
+
+def ltx2_text_valid(mask, L):
+    # mask [B, L] (1 token, 0 padding) -> the token counts [B]. The padding must be on the left, as LTX-2's Gemma
+    # tokenizer pads (pipeline_ltx2.py:303-360): the feature norm takes the last n positions as the tokens (l.47-54)
+    n = mask.sum(-1).long()
+    if not torch.equal(mask.bool(), torch.arange(L, device=mask.device)[None] >= L - n[:, None]):
+        raise ValueError("text mask must be left-padded 0/1 (padding first, then the tokens), as Gemma's tokenizer "
+                         "pads for LTX-2")
+    return n
+
+
+def ltx2_text_features(h, n, scale=8.0, eps=1e-6):
+    """Gemma's stacked hidden states h [B, L, C, N], left-padded with n [B] tokens at the end -> [B, L, C*N]
+    (flattened c-major, as aggregate_embed's input): every layer of every sample normalised over its tokens and all C
+    channels, (h - mean) / (max - min) * 8, then the padding zeroed (connectors.py:13-77 per_layer_masked_mean_norm).
+    In fp32 (diffusers: the input dtype, bf16 in its pipeline)."""
+    B, L, C, _ = h.shape
+    h = h.float()
+    valid = (torch.arange(L, device=h.device)[None] >= L - n[:, None])[:, :, None, None]  # [B, L, 1, 1]
+    mean = h.masked_fill(~valid, 0.0).sum((1, 2), keepdim=True) / (n.view(B, 1, 1, 1) * C + eps)  # [B, 1, 1, N]
+    lo = h.masked_fill(~valid, math.inf).amin((1, 2), keepdim=True)
+    hi = h.masked_fill(~valid, -math.inf).amax((1, 2), keepdim=True)
+    return ((h - mean) / (hi - lo + eps) * scale).masked_fill(~valid, 0.0).flatten(2)
+
+
+class LTX2ConnectorBlock(nn.Module):
+    """ltx-core BasicTransformerBlock1D (diffusers LTX2TransformerBlock1d, connectors.py:174-215): pre-norm
+    self-attention with the 1-D RoPE, then the feed-forward; RMSNorm without affine, no modulation."""
+
+    def __init__(self, dim, heads, interleaved):
+        super().__init__()
+        self.attn1 = LTX2Attention(dim, heads, dim // heads, interleaved=interleaved)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, rope):
+        x = x + self.attn1(F.rms_norm(x, x.shape[-1:], eps=1e-6), rope=rope)
+        return x + self.ff(F.rms_norm(x, x.shape[-1:], eps=1e-6))
+
+
+class LTX2Connector(nn.Module):
+    """ltx-core Embeddings1DConnector (diffusers LTX2ConnectorTransformer1d, connectors.py:218-332): the padding is
+    replaced by learnable registers, then a few plain transformer blocks with a 1-D split RoPE over the inner dim."""
+
+    def __init__(self, dim, heads, depth, registers, cfg):
+        super().__init__()
+        self.heads, self.cfg = heads, cfg
+        il = cfg.rope_type == "interleaved"
+        self.transformer_1d_blocks = nn.ModuleList(LTX2ConnectorBlock(dim, heads, il) for _ in range(depth))
+        self.learnable_registers = nn.Parameter(torch.rand(registers, dim) * 2 - 1)  # diffusers' init, U(-1, 1)
+
+    def forward(self, x, n):
+        # x [B, L, D] the projected text, n [B] tokens at the end of each row. The tokens move to the front in order
+        # and position p >= n takes register p mod R (the table tiled over L), so no padding is left and attention
+        # needs no mask (l.288-318: a stable argsort of the mask; for left padding a rotation by L - n)
+        B, L, _ = x.shape
+        R = self.learnable_registers.shape[0]
+        if L % R:
+            raise ValueError(f"text length {L} must be a multiple of the connector's {R} registers "
+                             "(LTX-2 pads to 1024)")
+        pos = torch.arange(L, device=x.device)
+        src = (pos[None] + L - n[:, None]) % L  # [B, L]: front position p takes token p + L - n
+        front = x.gather(1, src[..., None].expand_as(x))
+        registers = self.learnable_registers.repeat(L // R, 1).to(x.dtype)  # [L, D]
+        x = torch.where((pos[None] < n[:, None])[..., None], front, registers)
+        c = self.cfg  # RoPE over positions 0..L-1 normalised by rope_max_pos (l.111-171): the DiT's table with one axis
+        rope = ltx2_rope(pos[:, None].float(), (c.rope_max_pos,), x.shape[-1], self.heads, c.rope_theta,
+                         c.rope_double_precision)
+        for blk in self.transformer_1d_blocks:
+            x = blk(x, rope)
+        return F.rms_norm(x, x.shape[-1:], eps=1e-6)
+
+
+class LTX2TextConnectors(nn.Module):
+    """forward(hidden_states [B, L, C, N] (Gemma's N stacked hidden states, left-padded), mask [B, L]) ->
+    (context [B, L, C], context_audio [B, L, C], mask [B, L] all ones): what LTX2Transformer takes as context,
+    context_audio and context_mask (connectors.py:399-478, the 2.0 branch). The per-layer norm and aggregate_embed are
+    shared; each stream has its own connector."""
+
+    def __init__(self, cfg: LTX2ConnectorConfig):
+        super().__init__()
+        self.cfg, C = cfg, cfg.caption_channels
+        for name, heads, head_dim in (("", cfg.heads, cfg.head_dim), ("audio_", cfg.audio_heads, cfg.audio_head_dim)):
+            if heads * head_dim != C:  # aggregate_embed's output feeds both connectors
+                raise ValueError(f"{name}connector width {heads} x {head_dim} must equal caption_channels {C}")
+        if cfg.rope_type not in ("split", "interleaved"):
+            raise ValueError(f"unsupported rope_type {cfg.rope_type!r} (supported: 'split', 'interleaved')")
+        self.text_embedding_projection = nn.Module()  # key text_embedding_projection.aggregate_embed
+        self.text_embedding_projection.aggregate_embed = Linear(C * cfg.text_layers, C, bias=False)
+        self.video_embeddings_connector = LTX2Connector(C, cfg.heads, cfg.depth, cfg.registers, cfg)
+        self.audio_embeddings_connector = LTX2Connector(C, cfg.audio_heads, cfg.audio_depth, cfg.audio_registers, cfg)
+
+    def forward(self, hidden_states, mask):
+        c, proj = self.cfg, self.text_embedding_projection.aggregate_embed
+        if hidden_states.dim() != 4 or hidden_states.shape[2:] != (c.caption_channels, c.text_layers):
+            raise ValueError(f"hidden_states must be [B, L, {c.caption_channels}, {c.text_layers}] (all Gemma hidden "
+                             f"states stacked), got {list(hidden_states.shape)}")
+        if mask.shape != hidden_states.shape[:2]:
+            raise ValueError(f"mask must be [B, L] = {list(hidden_states.shape[:2])}, got {list(mask.shape)}")
+        n = ltx2_text_valid(mask, mask.shape[1])
+        x = proj(ltx2_text_features(hidden_states, n).to(proj.weight.dtype))
+        # diffusers multiplies the video context by the connector's output mask, all ones once registers fill the
+        # padding (l.469-474): the DiT's text attention is then unmasked
+        return self.video_embeddings_connector(x, n), self.audio_embeddings_connector(x, n), torch.ones_like(mask)
+
+
+# Original (ltx-core) key components -> diffusers' (scripts/convert_ltx2_to_diffusers.py
+# LTX_2_0_TEXT_ENCODER_RENAME_DICT, get_text_encoder_keys_from_combined_ckpt); aggregate_embed is text_proj_in
+LTX2_CONNECTOR_RENAMES = {"video_embeddings_connector": "video_connector",
+                          "audio_embeddings_connector": "audio_connector",
+                          "transformer_1d_blocks": "transformer_blocks", "q_norm": "norm_q", "k_norm": "norm_k"}
+LTX2_CONNECTOR_RENAMES_BACK = {d: o for o, d in LTX2_CONNECTOR_RENAMES.items()}
+LTX2_CONNECTOR_PROJ = ("text_embedding_projection.aggregate_embed.", "text_proj_in.")
+
+
+def ltx2_connector_key(key, to_diffusers=True):
+    """The one connector key mapping: an original key <-> its diffusers LTX2TextConnectors name."""
+    src, dst = LTX2_CONNECTOR_PROJ if to_diffusers else LTX2_CONNECTOR_PROJ[::-1]
+    if key.startswith(src):
+        return dst + key[len(src):]
+    table = LTX2_CONNECTOR_RENAMES if to_diffusers else LTX2_CONNECTOR_RENAMES_BACK
+    return ".".join(table.get(p, p) for p in key.split("."))
+
+
+# diffusers LTX2TextConnectors options implemented at one value only (LTX-2.3 features, or untested paths)
+LTX2_CONNECTOR_FIXED = dict(per_modality_projections=False, proj_bias=False, video_gated_attn=False,
+                            audio_gated_attn=False, causal_temporal_positioning=False)
+
+
+def ltx2_connector_config_from_diffusers(c):
+    known = {"caption_channels", "text_proj_in_factor", "connector_rope_base_seq_len", "rope_theta",
+             "rope_double_precision", "rope_type", "video_hidden_dim", "audio_hidden_dim", *LTX2_CONNECTOR_FIXED,
+             *(f"{s}_connector_{k}" for s in ("video", "audio")
+               for k in ("num_attention_heads", "attention_head_dim", "num_layers", "num_learnable_registers"))}
+    extra = sorted(k for k in c if not k.startswith("_") and k not in known)
+    if extra:
+        raise ValueError(f"unsupported LTX2TextConnectors config options: {extra}")
+    bad = [f"{k}={c[k]!r} (only {v!r})" for k, v in LTX2_CONNECTOR_FIXED.items() if k in c and c[k] != v]
+    bad += [f"{s}_connector_num_learnable_registers=None (only a count: the masked connector is not implemented)"
+            for s in ("video", "audio") if f"{s}_connector_num_learnable_registers" in c
+            and c[f"{s}_connector_num_learnable_registers"] is None]
+    if bad:
+        raise ValueError("unsupported LTX2TextConnectors options: " + ", ".join(bad))
+    g = lambda s, k, d: c.get(f"{s}_connector_{k}", d)
+    return LTX2ConnectorConfig(caption_channels=c.get("caption_channels", 3840),
+                               text_layers=c.get("text_proj_in_factor", 49),
+                               heads=g("video", "num_attention_heads", 30),
+                               head_dim=g("video", "attention_head_dim", 128),
+                               depth=g("video", "num_layers", 2), registers=g("video", "num_learnable_registers", 128),
+                               audio_heads=g("audio", "num_attention_heads", 30),
+                               audio_head_dim=g("audio", "attention_head_dim", 128),
+                               audio_depth=g("audio", "num_layers", 2),
+                               audio_registers=g("audio", "num_learnable_registers", 128),
+                               rope_type=c.get("rope_type", "interleaved"), rope_theta=float(c.get("rope_theta", 1e4)),
+                               rope_double_precision=bool(c.get("rope_double_precision", True)),
+                               rope_max_pos=c.get("connector_rope_base_seq_len", 4096))
+
+
+def ltx2_connector_config_from_state(sd, meta=None):
+    # Lightricks' combined file: widths, depths and register counts from the shapes; from the metadata (config ->
+    # transformer, ltx-core's Embeddings1DConnectorConfigurator): the head counts (ltx-core's defaults 30 x 128 where
+    # absent), the RoPE layout and precision, and the base length, whose ltx-core default [1] is not the release's
+    try:
+        t = json.loads((meta or {})["config"])["transformer"]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise ValueError("LTX-2 single file without its config (JSON in the safetensors metadata under 'config' -> "
+                         "'transformer'): the connectors' RoPE layout, precision and base length are in no "
+                         "shape") from None
+    need = ("rope_type", "frequencies_precision", "connector_positional_embedding_max_pos")
+    missing = [k for k in need if k not in t]
+    if missing:
+        raise ValueError(f"LTX-2 single file: its config metadata lacks {missing}")
+    if t.get("connector_apply_gated_attention", False):
+        raise ValueError("unsupported connector_apply_gated_attention=True (LTX-2.3 connectors)")
+    C, CN = sd["text_embedding_projection.aggregate_embed.weight"].shape
+    depth = lambda s: len({k.split(".")[2] for k in sd
+                           if k.startswith(f"{s}_embeddings_connector.transformer_1d_blocks.")})
+    regs = lambda s: sd[f"{s}_embeddings_connector.learnable_registers"].shape[0]
+    heads, head_dim = t.get("connector_num_attention_heads", 30), t.get("connector_attention_head_dim", 128)
+    return LTX2ConnectorConfig(caption_channels=C, text_layers=CN // C, heads=heads, head_dim=head_dim,
+                               depth=depth("video"), registers=regs("video"),
+                               audio_heads=t.get("audio_connector_num_attention_heads", heads),
+                               audio_head_dim=t.get("audio_connector_attention_head_dim", head_dim),
+                               audio_depth=depth("audio"), audio_registers=regs("audio"), rope_type=t["rope_type"],
+                               rope_double_precision=t["frequencies_precision"] == "float64",
+                               rope_max_pos=t["connector_positional_embedding_max_pos"][0])
+
+
+def load_ltx2_connectors(path, dtype=torch.float32, device="cpu"):
+    """The text connectors from a diffusers folder (connectors/ with config.json, class LTX2TextConnectors; or a repo
+    root holding connectors/) or Lightricks' combined .safetensors (only the connector tensors are read); strict."""
+    path = os.fspath(path)
+    if os.path.isdir(os.path.join(path, "connectors")):
+        path = os.path.join(path, "connectors")
+    if os.path.isdir(path):
+        config, sd = read_diffusers_folder(path)
+        if config.get("_class_name") != "LTX2TextConnectors":
+            raise ValueError(f"{path}: diffusers class {config.get('_class_name')!r}, not LTX2TextConnectors")
+        cfg = ltx2_connector_config_from_diffusers(config)
+        sd = {ltx2_connector_key(k, to_diffusers=False): v for k, v in sd.items()}
+    elif os.path.isfile(path):
+        dm = "model.diffusion_model."
+        ours = ("video_embeddings_connector.", "audio_embeddings_connector.", "text_embedding_projection.")
+        sd, meta = read_safetensors(path, keep=lambda k: k.removeprefix(dm).startswith(ours))
+        sd = {k.removeprefix(dm): v for k, v in sd.items()}  # aggregate_embed may sit outside the prefix
+        need = ["text_embedding_projection.aggregate_embed.weight", "video_embeddings_connector.learnable_registers",
+                "audio_embeddings_connector.learnable_registers"]
+        if any(k not in sd for k in need):
+            raise ValueError(f"{path}: not LTX-2 text connectors (lacks {[k for k in need if k not in sd]})")
+        cfg = ltx2_connector_config_from_state(sd, meta)
+    else:
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    net = assign_checkpoint(lambda: LTX2TextConnectors(cfg), sd, dtype, device, what=f"{path} (text connectors)")
+    return net.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------
 # VAE (SD3.5 / FLUX 16-channel AutoencoderKL)
 # The LDM autoencoder (Rombach et al. 2022, ldm/modules/diffusionmodules/model.py) as SD3 and FLUX ship it: 16 latent
 # channels, 8x downsampling, one single-head attention in the middle, no quant convs. Same layout as Stability's
@@ -1832,12 +2079,27 @@ def _vae_config_from_shapes(sd, file):
     return dict(channels=tuple(channels), layers=layers, latent=sd["decoder.conv_in.weight"].shape[1])
 
 
+# what load_vae skips unread in a combined file: other components of Stability's and of Lightricks' bundles
+VAE_BUNDLED = ("model.diffusion_model.", "text_encoders.", "conditioner.", "cond_stage_model.", "audio_vae.",
+               "vocoder.", "text_embedding_projection.")
+LTX2_VAE_SIGNATURE = "per_channel_statistics.mean-of-means"  # after `vae.`; the 16-channel VAE has no statistics
+
+
+def _no_ltx2_vae_options(where, shift, groups):
+    if shift is not None or groups is not None:
+        raise ValueError(f"{where}: an LTX-2 video VAE (per-channel latent statistics, no GroupNorm) takes no shift or "
+                         "groups")
+
+
 def load_vae(path, dtype=torch.float32, device="cpu", scaling=None, shift=None, groups=None):
     """path: a diffusers vae/ folder, a diffusers repo root holding vae/, or one .safetensors file (Stability single
     file with first_stage_model.* keys, possibly bundling the transformer and text encoders, or BFL's
     ae.safetensors with bare keys). scaling/shift override config.json; a single file carries none, so there they
     are required: **VAE_SD3 or **VAE_FLUX (a Stability-style first_stage_model.* bundle does not tell SD3 from a
-    FLUX repack). groups overrides GroupNorm's 32 for a single file."""
+    FLUX repack). groups overrides GroupNorm's 32 for a single file.
+    LTX-2's video VAE (LTX2VideoVAE) loads from the same places: a diffusers folder of class AutoencoderKLLTX2Video, or
+    Lightricks' combined file (its vae.* tensors only) or a bare one; its per-channel statistics are in the weights
+    (scaling may still override the release's 1.0)."""
     path = os.fspath(path)
     if os.path.isdir(os.path.join(path, "vae")):
         path = os.path.join(path, "vae")
@@ -1846,7 +2108,13 @@ def load_vae(path, dtype=torch.float32, device="cpu", scaling=None, shift=None, 
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"no config.json in VAE folder {path}")
         with open(config_file) as f:
-            config = _vae_config_from_diffusers(json.load(f), config_file)
+            raw = json.load(f)
+        if raw.get("_class_name") == "AutoencoderKLLTX2Video":
+            _no_ltx2_vae_options(path, shift, groups)
+            cfg = ltx2_vae_config_from_diffusers(raw, config_file)
+            return load_ltx2_vae(ltx2_vae_from_diffusers(read_diffusers_folder(path)[1], cfg), cfg, path, dtype, device,
+                                 scaling)
+        config = _vae_config_from_diffusers(raw, config_file)
         file = os.path.join(path, "diffusion_pytorch_model.safetensors")
         sd = vae_from_diffusers(read_safetensors(file)[0], len(config["channels"]))
     else:
@@ -1854,7 +2122,13 @@ def load_vae(path, dtype=torch.float32, device="cpu", scaling=None, shift=None, 
         if not os.path.isfile(file):
             raise FileNotFoundError(f"VAE weights not found: {file} (expected a diffusers vae/ folder, a repo root "
                                     "holding vae/, or a .safetensors file)")
-        sd = read_safetensors(file)[0]
+        # a bundle's transformer, text encoders, audio VAE and vocoder are never read
+        sd = read_safetensors(file, keep=lambda k: not k.startswith(VAE_BUNDLED))[0]
+        if LTX2_VAE_SIGNATURE in sd or "vae." + LTX2_VAE_SIGNATURE in sd:
+            _no_ltx2_vae_options(file, shift, groups)
+            if "vae." + LTX2_VAE_SIGNATURE in sd:  # Lightricks' combined file
+                sd = {k[len("vae."):]: t for k, t in sd.items() if k.startswith("vae.")}
+            return load_ltx2_vae(sd, ltx2_vae_config_from_state(sd), file, dtype, device, scaling)
         if any(k.startswith("first_stage_model.") for k in sd):  # a bundle: take only the VAE
             sd = {k[len("first_stage_model."):]: t for k, t in sd.items() if k.startswith("first_stage_model.")}
         config = dict(_vae_config_from_shapes(sd, file), groups=32)
@@ -1862,13 +2136,329 @@ def load_vae(path, dtype=torch.float32, device="cpu", scaling=None, shift=None, 
             raise ValueError(f"{file}: a single-file VAE has no latent scaling/shift: pass them, "
                              "load_vae(path, **model.VAE_SD3) for SD3.5 or load_vae(path, **model.VAE_FLUX) for FLUX")
     config.update({k: v for k, v in dict(scaling=scaling, shift=shift, groups=groups).items() if v is not None})
-    sd = {k: t.to(device=device, dtype=dtype) for k, t in sd.items()}
-
-    with torch.device("meta"):  # no random init, no second copy: the loaded tensors become the parameters
-        vae = AutoencoderKL(**config)
-    check_keys(vae.state_dict(), sd, what=f"{file} (VAE {config})")
-    vae.load_state_dict(sd, strict=True, assign=True)
+    vae = assign_checkpoint(lambda: AutoencoderKL(**config), sd, dtype, device, what=f"{file} (VAE {config})")
     return vae.eval().requires_grad_(False)  # frozen here; gradients still flow to the inputs (e.g. reward backprop)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LTX-2 video VAE (notes/backbones.md §3.5): video [B, 3, 8k+1, H, W] <-> latents [B, 128, k+1, H/32, W/32]. Lightricks
+# ltx-core model/video_vae; diffusers autoencoder_kl_ltx2.py (0.42.1, line numbers below). Module names are the
+# combined file's `vae.*` keys: encoder and decoder are flat lists of stages (resnet groups, resamplers, the mid group)
+# as in ltx-core; a diffusers `vae/` folder goes through ltx2_vae_from_diffusers. Norms are parameter-free per-pixel
+# RMS norms; every conv is 3x3x3 with its time padding done by repeating edge frames.
+
+LTX2_STRIDES = {"spatial": (1, 2, 2), "temporal": (2, 1, 1), "spatiotemporal": (2, 2, 2)}  # (time, height, width)
+
+
+@dataclass
+class LTX2VAEConfig:
+    patch: int = 4  # pixels are patchified 4 x 4 first: 3 -> 48 channels ordered (c, p_w, p_h)
+    latent: int = 128  # latent channels
+    enc_width: tuple = (128, 256, 512, 1024, 2048)  # resnet width of each encoder stage, the last the mid group
+    #                                                 (diffusers' conv_in outputs latent_channels: stage 0 is 128 wide)
+    enc_layers: tuple = (4, 6, 6, 2, 2)  # resnets per encoder stage
+    enc_down: tuple = ("spatial", "temporal", "spatiotemporal", "spatiotemporal")  # the downsampler after stage i
+    dec_width: tuple = (1024, 512, 256, 128)  # decoder: the mid group's width, then each stage's after its upsampler
+    dec_layers: tuple = (5, 5, 5, 5)  # resnets: the mid group, then per stage
+    dec_up: tuple = ("spatiotemporal",) * 3  # the upsampler before decoder stage i + 1
+    dec_residual: tuple = (True, True, True)  # the upsamplers' parameter-free skip (depth-to-space of the input)
+    encoder_causal: bool = True  # time padding: k-1 copies of the first frame before ...
+    decoder_causal: bool = False  # ... or one copy of each edge frame on its side (the 2.0 release decoder)
+    enc_padding: str = "zeros"  # spatial padding of the convs
+    dec_padding: str = "reflect"
+    scaling: float = 1.0  # z = (mean - latents_mean) * scaling / latents_std (pipeline_ltx2.py:687-704)
+
+    @property
+    def factors(self):  # (time, space) compression: 8 and 32 for the release
+        t = [LTX2_STRIDES[k] for k in self.enc_down]
+        return math.prod(s[0] for s in t), self.patch * math.prod(s[1] for s in t)
+
+
+def pixel_rms_norm(x):
+    # diffusers PerChannelRMSNorm (l.30-60): every voxel's channel vector divided by its RMS, eps 1e-8, no weights
+    return x / torch.sqrt(torch.mean(x**2, dim=1, keepdim=True) + 1e-8)
+
+
+class CausalConv3d(nn.Module):
+    """ltx-core CausalConv3d (diffusers LTX2VideoCausalConv3d, l.63-111): a 3x3x3 conv, the spatial padding by the conv
+    (zeros or reflect), the time padding by repeated edge frames: causal = two copies of the first frame before, else
+    one copy of each edge frame on its side. Frame count unchanged."""
+
+    def __init__(self, cin, cout, padding_mode, causal):
+        super().__init__()
+        self.causal = causal
+        self.conv = nn.Conv3d(cin, cout, 3, padding=(0, 1, 1), padding_mode=padding_mode)
+
+    def forward(self, x):
+        first, last = x[:, :, :1], x[:, :, -1:]
+        return self.conv(torch.cat([first, first, x] if self.causal else [first, x, last], dim=2))
+
+
+class LTX2VAEResBlock(nn.Module):
+    # ltx-core ResnetBlock3D without timestep conditioning or noise injection (diffusers l.114-237); width kept
+    def __init__(self, ch, padding_mode, causal):
+        super().__init__()
+        self.conv1, self.conv2 = (CausalConv3d(ch, ch, padding_mode, causal) for _ in range(2))
+
+    def forward(self, x):
+        h = self.conv1(F.silu(pixel_rms_norm(x)))
+        return x + self.conv2(F.silu(pixel_rms_norm(h)))
+
+
+class LTX2VAEStage(nn.Module):
+    # ltx-core UNetMidBlock3D: `n` resnets at one width (keys res_blocks.j); a stage of either side and the mid groups
+    def __init__(self, ch, n, padding_mode, causal):
+        super().__init__()
+        self.res_blocks = nn.ModuleList(LTX2VAEResBlock(ch, padding_mode, causal) for _ in range(n))
+
+    def forward(self, x):
+        for blk in self.res_blocks:
+            x = blk(x)
+        return x
+
+
+def space_to_depth(x, s):
+    # [B, C, F*st, H*sh, W*sw] -> [B, C*st*sh*sw, F, H, W], channels (c, st, sh, sw): height before width here
+    return rearrange(x, "b c (f st) (h sh) (w sw) -> b (c st sh sw) f h w", st=s[0], sh=s[1], sw=s[2])
+
+
+def depth_to_space(x, s):
+    return rearrange(x, "b (c st sh sw) f h w -> b c (f st) (h sh) (w sw)", st=s[0], sh=s[1], sw=s[2])
+
+
+class LTX2VAEDown(nn.Module):
+    """ltx-core SpaceToDepthDownsample (diffusers LTX2VideoDownsampler3d, l.240-285): conv to cout/s channels, then
+    space-to-depth by the stride s, plus a parameter-free skip: the input's space-to-depth averaged over groups of
+    cin*s/cout channels. The first st-1 frames are repeated in front, so 2k+1 frames give k+1 (st = 2)."""
+
+    def __init__(self, cin, cout, stride, padding_mode, causal):
+        super().__init__()
+        self.stride, self.group = stride, cin * math.prod(stride) // cout
+        self.conv = CausalConv3d(cin, cout // math.prod(stride), padding_mode, causal)
+
+    def forward(self, x):
+        x = torch.cat([x[:, :, :self.stride[0] - 1], x], dim=2)
+        skip = rearrange(space_to_depth(x, self.stride), "b (c g) f h w -> b c g f h w", g=self.group).mean(2)
+        return space_to_depth(self.conv(x), self.stride) + skip
+
+
+class LTX2VAEUp(nn.Module):
+    """ltx-core DepthToSpaceUpsample (diffusers LTX2VideoUpsampler3d, l.288-338): conv to cout*s channels, then
+    depth-to-space by the stride s, dropping the first st-1 frames (k+1 frames give 2k+1); the residual skip is the
+    input's depth-to-space with its channels tiled s*cout/cin times."""
+
+    def __init__(self, cin, cout, stride, residual, padding_mode, causal):
+        super().__init__()
+        self.stride, self.residual, self.repeats = stride, residual, math.prod(stride) * cout // cin
+        self.conv = CausalConv3d(cin, cout * math.prod(stride), padding_mode, causal)
+
+    def forward(self, x):
+        y = depth_to_space(self.conv(x), self.stride)
+        if self.residual:
+            y = y + depth_to_space(x, self.stride).repeat(1, self.repeats, 1, 1, 1)
+        return y[:, :, self.stride[0] - 1:]
+
+
+class LTX2VAEEncoder(nn.Module):
+    # patchify, conv_in, [stage, downsampler] per level, the mid group, norm, SiLU, conv_out (diffusers l.687-840)
+    def __init__(self, cfg):
+        super().__init__()
+        w, pad, causal = cfg.enc_width, cfg.enc_padding, cfg.encoder_causal
+        self.patch = cfg.patch
+        self.conv_in = CausalConv3d(3 * cfg.patch**2, w[0], pad, causal)
+        blocks = []
+        for i, kind in enumerate(cfg.enc_down):
+            blocks += [LTX2VAEStage(w[i], cfg.enc_layers[i], pad, causal),
+                       LTX2VAEDown(w[i], w[i + 1], LTX2_STRIDES[kind], pad, causal)]
+        self.down_blocks = nn.ModuleList(blocks + [LTX2VAEStage(w[-1], cfg.enc_layers[-1], pad, causal)])
+        self.conv_out = CausalConv3d(w[-1], cfg.latent + 1, pad, causal)  # C means + one log-variance for all C
+
+    def forward(self, x):
+        # [B, 3, F, H, W] in [-1, 1] -> [B, C+1, F', H', W']; patch channels (c, p_w, p_h) (l.806-813)
+        x = self.conv_in(rearrange(x, "b c f (h ph) (w pw) -> b (c pw ph) f h w", ph=self.patch, pw=self.patch))
+        for blk in self.down_blocks:
+            x = blk(x)
+        return self.conv_out(F.silu(pixel_rms_norm(x)))
+
+
+class LTX2VAEDecoder(nn.Module):
+    # conv_in, the mid group, [upsampler, stage] per level, norm, SiLU, conv_out, unpatchify (diffusers l.843-1022)
+    def __init__(self, cfg):
+        super().__init__()
+        w, pad, causal = cfg.dec_width, cfg.dec_padding, cfg.decoder_causal
+        self.patch = cfg.patch
+        self.conv_in = CausalConv3d(cfg.latent, w[0], pad, causal)
+        blocks = [LTX2VAEStage(w[0], cfg.dec_layers[0], pad, causal)]
+        for i, kind in enumerate(cfg.dec_up):
+            blocks += [LTX2VAEUp(w[i], w[i + 1], LTX2_STRIDES[kind], cfg.dec_residual[i], pad, causal),
+                       LTX2VAEStage(w[i + 1], cfg.dec_layers[i + 1], pad, causal)]
+        self.up_blocks = nn.ModuleList(blocks)
+        self.conv_out = CausalConv3d(w[-1], 3 * cfg.patch**2, pad, causal)
+
+    def forward(self, z):
+        x = self.conv_in(z)
+        for blk in self.up_blocks:
+            x = blk(x)
+        x = self.conv_out(F.silu(pixel_rms_norm(x)))
+        return rearrange(x, "b (c pw ph) f h w -> b c f (h ph) (w pw)", ph=self.patch, pw=self.patch)
+
+
+class LTX2VideoVAE(nn.Module):
+    """Video [B, 3, F, H, W] in [0, 1] (F = 8k+1, H and W multiples of 32) <-> latents [B, 128, k+1, H/32, W/32],
+    normalised per channel as LTX2Transformer expects. encode returns the posterior mean."""
+
+    def __init__(self, cfg: LTX2VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        n_t, n_s = len(cfg.enc_down), len(cfg.dec_up)
+        for name, n, want in (("enc_width", len(cfg.enc_width), n_t + 1), ("enc_layers", len(cfg.enc_layers), n_t + 1),
+                              ("dec_width", len(cfg.dec_width), n_s + 1), ("dec_layers", len(cfg.dec_layers), n_s + 1),
+                              ("dec_residual", len(cfg.dec_residual), n_s)):
+            if n != want:
+                raise ValueError(f"LTX2VAEConfig.{name} has {n} entries, needs {want}")
+        for kind in (*cfg.enc_down, *cfg.dec_up):
+            if kind not in LTX2_STRIDES:
+                raise ValueError(f"unsupported resampler {kind!r} (supported: {', '.join(LTX2_STRIDES)})")
+        self.encoder, self.decoder = LTX2VAEEncoder(cfg), LTX2VAEDecoder(cfg)
+        self.per_channel_statistics = nn.Module()  # keys per_channel_statistics.mean-of-means / std-of-means
+        self.per_channel_statistics.register_buffer("mean-of-means", torch.zeros(cfg.latent))
+        self.per_channel_statistics.register_buffer("std-of-means", torch.ones(cfg.latent))
+
+    def statistics(self):  # latents_mean, latents_std as [1, C, 1, 1, 1]
+        s = self.per_channel_statistics
+        return (getattr(s, name).view(1, -1, 1, 1, 1) for name in ("mean-of-means", "std-of-means"))
+
+    def encode(self, video):
+        (ft, fs), C = self.cfg.factors, self.cfg.latent
+        if video.dim() != 5 or video.shape[1] != 3 or (video.shape[2] - 1) % ft or video.shape[3] % fs or \
+                video.shape[4] % fs:
+            raise ValueError(f"video must be [B, 3, F, H, W] with F = {ft}k+1 and H, W multiples of {fs}, "
+                             f"got {list(video.shape)}")
+        mean, std = self.statistics()
+        z = self.encoder(2 * video - 1)[:, :C]  # the posterior mean: the first C of the C+1 channels (l.832-840)
+        return (z - mean) * self.cfg.scaling / std
+
+    def decode(self, z):
+        if z.dim() != 5 or z.shape[1] != self.cfg.latent:
+            raise ValueError(f"latents must be [B, {self.cfg.latent}, F, h, w], got {list(z.shape)}")
+        mean, std = self.statistics()
+        video = self.decoder(z * std / self.cfg.scaling + mean)
+        return ((video + 1) / 2).clamp(0, 1)
+
+
+# the combined file's statistics that diffusers drops (convert_ltx2_vae_to_diffusers, single_file_utils.py:4257-4260)
+LTX2_VAE_UNUSED = ("per_channel_statistics.channel", "per_channel_statistics.mean-of-stds")
+
+
+def ltx2_vae_key_from_diffusers(key, cfg):
+    """diffusers AutoencoderKLLTX2Video key -> original: the inverse of convert_ltx2_vae_to_diffusers
+    (single_file_utils.py:4224-4282). ltx-core's lists are flat: encoder down_blocks = [stage 0, downsampler 0, ...,
+    mid], decoder up_blocks = [mid, upsampler 0, stage 0, ...]; unknown keys pass through to the strict check."""
+    if key in ("latents_mean", "latents_std"):
+        return "per_channel_statistics." + {"latents_mean": "mean-of-means", "latents_std": "std-of-means"}[key]
+    part, name, *rest = key.split(".") + [""]
+    j = None
+    if (part, name) == ("encoder", "mid_block"):
+        j = 2 * len(cfg.enc_down)
+    elif (part, name) == ("decoder", "mid_block"):
+        j = 0
+    elif name in ("down_blocks", "up_blocks") and rest[0].isdigit():
+        i, resampler = int(rest[0]), rest[1:3] in (["downsamplers", "0"], ["upsamplers", "0"])
+        j = 2 * i + (part == "decoder") + (not resampler if part == "decoder" else resampler)
+        rest = rest[3:] if resampler else rest[1:]
+    if j is None:
+        return key
+    rest = ["res_blocks" if r == "resnets" else r for r in rest[:-1]]
+    return ".".join([part, "down_blocks" if part == "encoder" else "up_blocks", str(j), *rest])
+
+
+def ltx2_vae_from_diffusers(sd, cfg):
+    return {ltx2_vae_key_from_diffusers(k, cfg): v for k, v in sd.items()}
+
+
+def ltx2_vae_config_from_diffusers(c, file):
+    # diffusers' lists -> ours: its decoder lists run deepest-first after a reversal, except upsample_type (l.891-900)
+    required = {"in_channels": 3, "out_channels": 3, "patch_size_t": 1, "timestep_conditioning": False}
+    bad = [f"{k}={c[k]!r} (only {v!r})" for k, v in required.items() if k in c and c[k] != v]
+    flags = lambda k, n, default: [c.get(k, default)] * n if isinstance(c.get(k, default), bool) else list(c[k])
+    n_down = len(c.get("layers_per_block", (4, 6, 6, 2, 2))) - 1
+    n_dec = len(c.get("decoder_layers_per_block", (5,) * 4))
+    if not all(flags("spatio_temporal_scaling", n_down, True)) or \
+            not all(flags("decoder_spatio_temporal_scaling", n_dec - 1, True)):
+        bad.append("a level without resampling")
+    if any(flags("decoder_inject_noise", n_dec, False)):
+        bad.append("decoder_inject_noise")
+    if any(t != "LTX2VideoDownBlock3D" for t in c.get("down_block_types", ())):
+        bad.append(f"down_block_types={c['down_block_types']}")
+    if bad:
+        raise ValueError(f"{file}: unsupported AutoencoderKLLTX2Video options: " + ", ".join(bad))
+    latent, B = c.get("latent_channels", 128), tuple(c.get("block_out_channels", (256, 512, 1024, 2048)))
+    R = tuple(reversed(c.get("decoder_block_out_channels", (256, 512, 1024))))
+    U = tuple(reversed(c.get("upsample_factor", (2, 2, 2))))
+    dec_width = (R[0], *(r // u for r, u in zip(R, U)))
+    if dec_width[:-1] != R:  # otherwise diffusers inserts a width-changing resnet (conv_in) in an up block
+        raise ValueError(f"{file}: unsupported decoder widths {list(R)} with upsample factors {list(U)} (each level "
+                         "must take the previous level's output width)")
+    return LTX2VAEConfig(patch=c.get("patch_size", 4), latent=latent, enc_width=(latent, *B),
+                         enc_layers=tuple(c.get("layers_per_block", (4, 6, 6, 2, 2))),
+                         enc_down=tuple(c.get("downsample_type", LTX2VAEConfig.enc_down)), dec_width=dec_width,
+                         dec_layers=tuple(reversed(c.get("decoder_layers_per_block", (5,) * 4))),
+                         dec_up=tuple(c.get("upsample_type", LTX2VAEConfig.dec_up)),
+                         dec_residual=tuple(reversed(flags("upsample_residual", n_dec - 1, True))),
+                         encoder_causal=c.get("encoder_causal", True), decoder_causal=c.get("decoder_causal", True),
+                         enc_padding=c.get("encoder_spatial_padding_mode", "zeros"),
+                         dec_padding=c.get("decoder_spatial_padding_mode", "reflect"),
+                         scaling=float(c.get("scaling_factor", 1.0)))
+
+
+def ltx2_vae_config_from_state(sd):
+    """Architecture from the shapes of an original-format state dict. What no shape holds takes the 2.0 release's value
+    (convert_ltx2_to_diffusers.py's "2.0" VAE config): causal encoder, non-causal decoder, zeros / reflect padding,
+    residual upsamplers, scaling 1."""
+    def levels(part):  # the flat list -> [("stage", n_resnets, width) | ("resample", conv in, conv out)]
+        out, j = [], 0
+        while any(k.startswith(f"{part}.{j}.") for k in sd):
+            n = len({k.split(".")[4] for k in sd if k.startswith(f"{part}.{j}.res_blocks.")})
+            w = sd.get(f"{part}.{j}.conv.conv.weight")
+            if n:
+                out.append(("stage", n, sd[f"{part}.{j}.res_blocks.0.conv1.conv.weight"].shape[0]))
+            elif w is not None:
+                out.append(("resample", w.shape[1], w.shape[0]))
+            else:
+                raise ValueError(f"VAE key {part}.{j}.* is neither a resnet group nor a resampler")
+            j += 1
+        return out
+
+    kinds = {math.prod(s): k for k, s in LTX2_STRIDES.items()}  # 2 temporal, 4 spatial, 8 spatiotemporal
+
+    def resampler(prev, r, nxt, down):  # the stride from the conv's width change between the neighbouring stages
+        s = nxt[2] // r[2] if down else r[2] // nxt[2]
+        if prev[0] != "stage" or nxt[0] != "stage" or s not in kinds:
+            raise ValueError(f"VAE resampler between widths {prev[2]} and {nxt[2]} with conv {r[1]} -> {r[2]}: unknown")
+        return kinds[s]
+
+    for key in ("encoder.conv_in.conv.weight", "encoder.conv_out.conv.weight", "decoder.conv_in.conv.weight"):
+        if key not in sd:
+            raise ValueError(f"missing LTX-2 VAE key {key}")
+    enc, dec = levels("encoder.down_blocks"), levels("decoder.up_blocks")
+    if not enc or not dec or len(enc) % 2 == 0 or len(dec) % 2 == 0:
+        raise ValueError("LTX-2 VAE: encoder / decoder levels do not alternate resnet groups and resamplers")
+    return LTX2VAEConfig(patch=math.isqrt(sd["encoder.conv_in.conv.weight"].shape[1] // 3),
+                         latent=sd["encoder.conv_out.conv.weight"].shape[0] - 1,
+                         enc_width=tuple(e[2] for e in enc[::2]), enc_layers=tuple(e[1] for e in enc[::2]),
+                         enc_down=tuple(resampler(*enc[i - 1:i + 2], True) for i in range(1, len(enc), 2)),
+                         dec_width=tuple(d[2] for d in dec[::2]), dec_layers=tuple(d[1] for d in dec[::2]),
+                         dec_up=tuple(resampler(*dec[i - 1:i + 2], False) for i in range(1, len(dec), 2)),
+                         dec_residual=(True,) * (len(dec) // 2))
+
+
+def load_ltx2_vae(sd, cfg, what, dtype, device, scaling=None):
+    # sd: original keys; the statistics diffusers drops are dropped by name here too, anything else is strict
+    sd = {k: v for k, v in sd.items() if k not in LTX2_VAE_UNUSED}
+    if scaling is not None:
+        cfg = replace(cfg, scaling=scaling)
+    vae = assign_checkpoint(lambda: LTX2VideoVAE(cfg), sd, dtype, device, what=f"{what} (LTX-2 video VAE)")
+    return vae.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------

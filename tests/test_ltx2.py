@@ -1,4 +1,5 @@
-"""model.py's LTX-2 against diffusers (the oracle): tiny random configs in fp32, the full config on meta.
+"""model.py's LTX-2 (transformer, text connectors, video VAE) against diffusers (the oracle): tiny random configs in
+fp32, the full configs on meta.
 
 The test packs the latents and passes diffusers the coordinates' ingredients (F, h, w, fps, A) itself, as
 LTX2Pipeline does (pipeline_ltx2.py:651-671, 727-745), so the code's own packing and RoPE positions are checked too.
@@ -13,8 +14,10 @@ import kernels
 import model
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import LTX2VideoTransformer3DModel  # noqa: E402
-from diffusers.loaders.single_file_utils import convert_ltx2_transformer_to_diffusers  # noqa: E402
+from diffusers import AutoencoderKLLTX2Video, LTX2VideoTransformer3DModel  # noqa: E402
+from diffusers.loaders.single_file_utils import (convert_ltx2_transformer_to_diffusers,  # noqa: E402
+                                                 convert_ltx2_vae_to_diffusers)
+from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors  # noqa: E402
 
 # equal head counts (2 x 16 video, 2 x 8 audio): the video RoPE's 3 x 5 frequencies leave one padding slot; audio
 # tokens of 16 features = 8 latent channels x 2 mel bins
@@ -302,3 +305,225 @@ def test_lora_export_loads_in_diffusers(tiny, tmp_path):
           f"audio {rel_err(a, ra):.2e}")
     assert rel_err(v, rv) <= 1e-5 and rel_err(a, ra) <= 1e-5
     assert rel_err(v, ref_out(tiny["ref"], tiny["inp"])[0]) > 1e-3  # the LoRA matters
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text connectors (model.LTX2TextConnectors) against diffusers' LTX2TextConnectors
+
+# width 16 = 2 heads x 8 (video) = 4 heads x 4 (audio), 3 stacked "Gemma" layers, 4 and 2 registers, unequal depths
+CONNECTORS_TINY = dict(caption_channels=16, text_proj_in_factor=3, video_connector_num_attention_heads=2,
+                       video_connector_attention_head_dim=8, video_connector_num_layers=2,
+                       video_connector_num_learnable_registers=4, audio_connector_num_attention_heads=4,
+                       audio_connector_attention_head_dim=4, audio_connector_num_layers=1,
+                       audio_connector_num_learnable_registers=2, rope_type="split", rope_double_precision=True)
+# the same in the combined file's metadata (config -> transformer, ltx-core names)
+CONNECTORS_META = dict(rope_type="split", frequencies_precision="float64",
+                       connector_positional_embedding_max_pos=[4096], connector_num_attention_heads=2,
+                       connector_attention_head_dim=8,
+                       audio_connector_num_attention_heads=4, audio_connector_attention_head_dim=4)
+
+
+@pytest.fixture(scope="module")
+def connectors(tmp_path_factory):
+    torch.manual_seed(0)
+    ref = LTX2TextConnectors(**CONNECTORS_TINY).eval()
+    with torch.no_grad():
+        for p in ref.state_dict().values():
+            p.copy_(torch.randn_like(p) * 0.3)
+    root = tmp_path_factory.mktemp("connectors")
+    ref.save_pretrained(root / "repo" / "connectors")
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, :3], mask[2, :6] = 0, 0  # left padding: none, 3, 6
+    return dict(ref=ref, root=root, h=torch.randn(3, 8, 16, 3, generator=g) * 5 + 1, mask=mask)
+
+
+def connectors_file(ref, path, inside=False, edit=None):
+    # Lightricks' layout: the connectors under model.diffusion_model., aggregate_embed beside (or inside) it, next to
+    # the DiT and the VAE
+    sd = {model.ltx2_connector_key(k, to_diffusers=False): v.clone() for k, v in ref.state_dict().items()}
+    sd = {k if k.startswith("text_embedding_projection.") and not inside else f"model.diffusion_model.{k}": v
+          for k, v in sd.items()}
+    sd["model.diffusion_model.patchify_proj.weight"] = torch.zeros(4, 4)
+    sd["vae.per_channel_statistics.mean-of-means"] = torch.zeros(4)
+    if edit:
+        edit(sd)
+    save_file(sd, path, metadata={"config": json.dumps({"transformer": CONNECTORS_META})})
+    return str(path)
+
+
+def check_connectors(net, c, what):
+    with torch.no_grad():
+        (v, a, m), (rv, ra, rm) = net(c["h"], c["mask"]), c["ref"](c["h"], c["mask"])
+    ev, ea = rel_err(v, rv), rel_err(a, ra)
+    print(f"connectors {what}: video rel err {ev:.2e}, audio {ea:.2e}")
+    assert ev <= 1e-5 and ea <= 1e-5 and torch.equal(m, rm.to(m.dtype)) and bool(m.all())
+
+
+def test_connectors_parity_diffusers_folder(connectors):
+    net = model.load_ltx2_connectors(connectors["root"] / "repo")  # repo root holding connectors/
+    assert (net.cfg.heads, net.cfg.audio_heads, net.cfg.depth, net.cfg.audio_depth) == (2, 4, 2, 1)
+    check_connectors(net, connectors, "folder")
+    # the padding matters (the masked norm, the registers), and so does every row's own padding
+    with torch.no_grad():
+        v0 = net(connectors["h"], connectors["mask"])[0]
+        v1 = net(connectors["h"], torch.ones_like(connectors["mask"]))[0]
+    assert rel_err(v0[1:], v1[1:]) > 1e-2 and torch.equal(v0[0], v1[0])
+
+
+def test_connectors_combined_file(connectors, tmp_path):
+    dsd = connectors["ref"].state_dict()
+    orig = {model.ltx2_connector_key(k, to_diffusers=False): v for k, v in dsd.items()}
+    assert {model.ltx2_connector_key(k) for k in orig} == set(dsd)
+    assert "video_embeddings_connector.transformer_1d_blocks.1.attn1.q_norm.weight" in orig
+    assert "text_embedding_projection.aggregate_embed.weight" in orig
+    for inside in (False, True):
+        file = connectors_file(connectors["ref"], tmp_path / f"c{inside}.safetensors", inside)
+        net = model.load_ltx2_connectors(file)
+        assert net.cfg == model.load_ltx2_connectors(connectors["root"] / "repo").cfg
+        check_connectors(net, connectors, f"combined file (aggregate_embed inside the prefix: {inside})")
+
+
+def test_connectors_errors(connectors, tmp_path):
+    key = "model.diffusion_model.audio_embeddings_connector.transformer_1d_blocks.0.ff.net.2.bias"
+    with pytest.raises(ValueError, match=r"missing keys \(1\): audio_embeddings_connector.transformer_1d_blocks.0.ff"):
+        model.load_ltx2_connectors(connectors_file(connectors["ref"], tmp_path / "m.safetensors",
+                                                   edit=lambda sd: sd.pop(key)))
+    net, h, mask = model.load_ltx2_connectors(connectors["root"] / "repo"), connectors["h"], connectors["mask"]
+    with pytest.raises(ValueError, match="left-padded"):
+        net(h, mask.flip(1))  # right padding
+    with pytest.raises(ValueError, match="multiple of the connector's 4 registers"):
+        net(h[:, :6], mask[:, :6])
+    with pytest.raises(ValueError, match=r"hidden_states must be \[B, L, 16, 3\]"):
+        net(h[..., :2], mask)
+    folder = connectors["root"] / "repo" / "connectors"
+    c = json.loads((folder / "config.json").read_text())
+    try:
+        (folder / "config.json").write_text(json.dumps({**c, "per_modality_projections": True}))
+        with pytest.raises(ValueError, match=r"per_modality_projections=True \(only False\)"):
+            model.load_ltx2_connectors(folder)
+    finally:
+        (folder / "config.json").write_text(json.dumps(c))
+
+
+def test_connectors_full_size_on_meta():
+    with torch.device("meta"):
+        ref = LTX2TextConnectors(rope_type="split")  # the other defaults are the 2.0 release's
+    cfg = model.ltx2_connector_config_from_diffusers(dict(ref.config))
+    assert cfg == model.LTX2ConnectorConfig()
+    with torch.device("meta"):
+        net = model.LTX2TextConnectors(cfg)
+    assert {model.ltx2_connector_key(k): tuple(v.shape) for k, v in net.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert sum(p.numel() for p in net.parameters()) == 1_431_475_200 == sum(p.numel() for p in ref.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Video VAE (model.LTX2VideoVAE through model.load_vae) against diffusers' AutoencoderKLLTX2Video
+
+# the release topology (spatial, temporal, 2 x spatiotemporal down; 3 x spatiotemporal up) at tiny widths; the decoder
+# non-causal as released (diffusers' class default is causal)
+VAE_TINY = dict(latent_channels=8, block_out_channels=(8, 16, 16, 32), decoder_block_out_channels=(8, 16, 32),
+                layers_per_block=(1, 1, 2, 1, 1), decoder_layers_per_block=(1, 2, 1, 1), decoder_causal=False)
+
+
+def diffusers_vae(seed=0, **over):
+    torch.manual_seed(seed)
+    ref = AutoencoderKLLTX2Video(**{**VAE_TINY, **over}).eval()
+    with torch.no_grad():
+        for k, p in ref.state_dict().items():  # statistics too (std positive)
+            p.copy_(torch.rand_like(p) + 0.5 if k == "latents_std" else torch.randn_like(p) * 0.2)
+    return ref
+
+
+@pytest.fixture(scope="module")
+def video_vae(tmp_path_factory):
+    ref = diffusers_vae()
+    root = tmp_path_factory.mktemp("ltx2_vae")
+    ref.save_pretrained(root / "repo" / "vae")
+    g = torch.Generator().manual_seed(2)
+    return dict(ref=ref, root=root, video=torch.rand(2, 3, 9, 64, 96, generator=g),
+                z=torch.randn(2, 8, 2, 2, 3, generator=g))
+
+
+def ref_vae(ref, video=None, z=None):
+    # diffusers' encode / decode with the pipeline's per-channel (de)normalisation (pipeline_ltx2.py:687-704)
+    mean, std = ref.latents_mean.view(1, -1, 1, 1, 1), ref.latents_std.view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        if video is not None:
+            return (ref.encode(2 * video - 1).latent_dist.mean - mean) / std
+        return ((ref.decode(z * std + mean).sample + 1) / 2).clamp(0, 1)
+
+
+def check_vae(vae, v, what):
+    ref = v["ref"]
+    with torch.no_grad():
+        z, x = vae.encode(v["video"]), vae.decode(v["z"])
+        raw, rraw = vae.decoder(v["z"]), ref.decoder(v["z"])  # before the clamp to [0, 1]
+    ez, ex, er = rel_err(z, ref_vae(ref, video=v["video"])), rel_err(x, ref_vae(ref, z=v["z"])), rel_err(raw, rraw)
+    print(f"LTX-2 VAE {what}: encode rel err {ez:.2e}, decode {ex:.2e}, decoder before the clamp {er:.2e}")
+    assert z.shape == (2, 8, 2, 2, 3) and x.shape == (2, 3, 9, 64, 96)
+    assert ez <= 1e-5 and ex <= 1e-5 and er <= 1e-5
+
+
+def test_vae_parity_diffusers_folder(video_vae):
+    vae = model.load_vae(video_vae["root"] / "repo")  # repo root holding vae/
+    assert isinstance(vae, model.LTX2VideoVAE) and vae.cfg.factors == (8, 32)
+    assert vae.cfg.encoder_causal and not vae.cfg.decoder_causal
+    check_vae(vae, video_vae, "folder")
+    with torch.no_grad():  # the test tells a causal decoder from the released non-causal one
+        causal = diffusers_vae(decoder_causal=True).decoder(video_vae["z"])
+        assert rel_err(vae.decoder(video_vae["z"]), causal) > 1e-3
+
+
+def test_vae_combined_file(video_vae, tmp_path):
+    ref, cfg = video_vae["ref"], model.load_vae(video_vae["root"] / "repo").cfg
+    dsd = {k: v.clone() for k, v in ref.state_dict().items()}
+    orig = model.ltx2_vae_from_diffusers(dsd, cfg)  # our keys ARE ltx-core's: diffusers' converter maps them back
+    assert "encoder.down_blocks.7.conv.conv.weight" in orig
+    assert "decoder.up_blocks.6.res_blocks.0.conv2.conv.bias" in orig
+    back = convert_ltx2_vae_to_diffusers({f"vae.{k}": v for k, v in orig.items()})
+    assert back.keys() == dsd.keys() and all(torch.equal(back[k], dsd[k]) for k in dsd)
+    sd = {f"vae.{k}": v for k, v in orig.items()}
+    sd.update({"vae.per_channel_statistics.channel": torch.arange(8.0),  # in the file, dropped as diffusers does
+               "vae.per_channel_statistics.mean-of-stds": torch.ones(8),
+               "model.diffusion_model.patchify_proj.weight": torch.zeros(4, 4),
+               "audio_vae.per_channel_statistics.mean-of-means": torch.zeros(4)})
+    save_file(sd, tmp_path / "ltx-2-tiny.safetensors")
+    vae = model.load_vae(tmp_path / "ltx-2-tiny.safetensors")
+    assert vae.cfg == cfg
+    check_vae(vae, video_vae, "combined file")
+    bare = {k: v for k, v in orig.items() if k != "decoder.up_blocks.3.conv.conv.bias"}
+    save_file(bare, tmp_path / "bare.safetensors")
+    with pytest.raises(ValueError, match=r"missing keys \(1\): decoder.up_blocks.3.conv.conv.bias"):
+        model.load_vae(tmp_path / "bare.safetensors")
+
+
+def test_vae_bad_inputs_and_options(video_vae, tmp_path):
+    vae, video = model.load_vae(video_vae["root"] / "repo"), video_vae["video"]
+    for bad in (video[:, :, :8], video[:, :, :, :48], video[:, :, :, :, :80], video[:, :2], video[0]):
+        with pytest.raises(ValueError, match=r"must be \[B, 3, F, H, W\] with F = 8k\+1 and H, W multiples of 32"):
+            vae.encode(bad)
+    with pytest.raises(ValueError, match=r"latents must be \[B, 8, F, h, w\]"):
+        vae.decode(video_vae["z"][:, :4])
+    with pytest.raises(ValueError, match="takes no shift or groups"):
+        model.load_vae(video_vae["root"] / "repo", shift=0.1)
+    folder = tmp_path / "vae"
+    video_vae["ref"].save_pretrained(folder)
+    c = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**c, "timestep_conditioning": True}))
+    with pytest.raises(ValueError, match=r"timestep_conditioning=True \(only False\)"):
+        model.load_vae(folder)
+
+
+def test_vae_full_size_on_meta():
+    with torch.device("meta"):
+        ref = AutoencoderKLLTX2Video(decoder_causal=False)  # the other defaults are the 2.0 release's
+    cfg = model.ltx2_vae_config_from_diffusers(dict(ref.config), "config.json")
+    assert cfg == model.LTX2VAEConfig() and cfg.factors == (8, 32)
+    with torch.device("meta"):
+        vae = model.LTX2VideoVAE(cfg)
+    assert {k: tuple(v.shape) for k, v in vae.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in model.ltx2_vae_from_diffusers(ref.state_dict(), cfg).items()}
+    assert sum(p.numel() for p in vae.parameters()) == 1_222_479_601 == sum(p.numel() for p in ref.parameters())
+    assert model.ltx2_vae_config_from_state(vae.state_dict()) == cfg  # the architecture is in the shapes

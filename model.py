@@ -2,7 +2,7 @@
 
 Layout: shared primitives (timestep embedding, LoRA linear, attention, preference modules, the Backbone base
 class, checkpoint I/O, loading), then one section per backbone (LTX-2's text connectors in their own section after
-it), then the 16-channel VAE, then LTX-2's video VAE, then the load table BACKBONES.
+it), then the 16-channel VAE, then LTX-2's video VAE, audio VAE and vocoder, then the load table BACKBONES.
 Module attribute names ARE the original checkpoint keys (Stability's, BFL's and Lightricks' single files), so an
 original file loads by stripping its prefix; a diffusers folder goes through one explicit key-mapping function per
 backbone.
@@ -2174,9 +2174,10 @@ class LTX2VAEConfig:
         return math.prod(s[0] for s in t), self.patch * math.prod(s[1] for s in t)
 
 
-def pixel_rms_norm(x):
-    # diffusers PerChannelRMSNorm (l.30-60): every voxel's channel vector divided by its RMS, eps 1e-8, no weights
-    return x / torch.sqrt(torch.mean(x**2, dim=1, keepdim=True) + 1e-8)
+def pixel_rms_norm(x, eps=1e-8):
+    # diffusers PerChannelRMSNorm (l.30-60): every voxel's channel vector divided by its RMS, no weights (the audio
+    # VAE's LTX2AudioPixelNorm is the same with eps 1e-6)
+    return x / torch.sqrt(torch.mean(x**2, dim=1, keepdim=True) + eps)
 
 
 class CausalConv3d(nn.Module):
@@ -2459,6 +2460,419 @@ def load_ltx2_vae(sd, cfg, what, dtype, device, scaling=None):
         cfg = replace(cfg, scaling=scaling)
     vae = assign_checkpoint(lambda: LTX2VideoVAE(cfg), sd, dtype, device, what=f"{what} (LTX-2 video VAE)")
     return vae.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LTX-2 audio VAE and vocoder (notes/backbones.md §3.5): stereo log-mel [B, 2, 4A-3, 64] <-> latents [B, 8, A, 16]
+# (25 latent frames/s), and mel -> 24 kHz stereo waveform. Lightricks ltx-core model/audio_vae; diffusers
+# models/autoencoders/autoencoder_kl_ltx2_audio.py and pipelines/ltx2/vocoder.py (0.42.1, line numbers below). Module
+# names are the combined file's `audio_vae.*` and `vocoder.*` keys; diffusers renames only the statistics
+# (convert_ltx2_audio_vae_to_diffusers, single_file_utils.py:4285-4306) and four vocoder names
+# (scripts/convert_ltx2_to_diffusers.py LTX_2_0_VOCODER_RENAME_DICT): ltx2_audio_key maps both.
+# Implemented: the 2.0 release's options (pixel norms, causal along time, no attention; HiFi-GAN vocoder with
+# leaky ReLU); anything else is refused at load time.
+
+
+@dataclass
+class LTX2AudioVAEConfig:
+    widths: tuple = (128, 256, 512)  # resnet width per level (base_channels * ch_mult); 3 levels = x4 time and mel
+    ch: int = 128  # the encoder's conv_in width (diffusers base_channels)
+    num_res_blocks: int = 2  # resnets per encoder level; the decoder has one more per level
+    latent: int = 8  # latent channels
+    mel_bins: int = 64  # mel bins of the spectrogram; the latent has mel_bins / 4
+    in_channels: int = 2  # stereo mel into the encoder ...
+    out_channels: int = 2  # ... and out of the decoder
+    encoder: bool = True  # a file may hold the decoder only
+
+    @property
+    def features(self):  # the packed token width the statistics normalise: 8 channels x 16 mel = 128
+        return self.latent * self.mel_bins // 4
+
+
+class AudioCausalConv2d(nn.Module):
+    # diffusers LTX2AudioCausalConv2d (l.31-79) with causality_axis="height": zero padding, all k-1 rows of the time
+    # padding before (causal), the mel padding split; shape kept. Key `.conv`
+    def __init__(self, cin, cout, k=3):
+        super().__init__()
+        self.pad = ((k - 1) // 2, (k - 1) - (k - 1) // 2, k - 1, 0)  # (mel left, mel right, time before, after)
+        self.conv = nn.Conv2d(cin, cout, k)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, self.pad))
+
+
+class LTX2AudioResBlock(nn.Module):
+    # diffusers LTX2AudioResnetBlock (l.138-219) without timestep embedding: pixel norm, SiLU, causal 3x3 conv, twice;
+    # a causal 1x1 `nin_shortcut` where the width changes
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1, self.conv2 = AudioCausalConv2d(cin, cout), AudioCausalConv2d(cout, cout)
+        self.nin_shortcut = AudioCausalConv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(pixel_rms_norm(x, 1e-6)))
+        h = self.conv2(F.silu(pixel_rms_norm(h, 1e-6)))
+        return self.nin_shortcut(x) + h
+
+
+class AudioDownsample(nn.Module):
+    # diffusers LTX2AudioDownsample (l.222-253): pad 2 rows before in time, 1 column after in mel, 3x3 stride-2 conv:
+    # T -> ceil(T/2) causally (4A-3 mel frames -> 2A-1 -> A), 64 mel -> 32
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 2, 0)))
+
+
+class AudioUpsample(nn.Module):
+    # diffusers LTX2AudioUpsample (l.256-284): nearest x2, causal conv, drop the first time row: T -> 2T-1 (A -> 4A-3)
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = AudioCausalConv2d(ch, ch)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))[:, :, 1:]
+
+
+class LTX2AudioLevel(nn.Module):
+    # one level: resnets `block.j`, then `downsample` / `upsample` if asked (Identity: no keys)
+    def __init__(self, cin, cout, n, down=False, up=False):
+        super().__init__()
+        self.block = nn.ModuleList(LTX2AudioResBlock(cin if j == 0 else cout, cout) for j in range(n))
+        self.downsample = AudioDownsample(cout) if down else nn.Identity()
+        self.upsample = AudioUpsample(cout) if up else nn.Identity()
+
+    def forward(self, x):
+        for blk in self.block:
+            x = blk(x)
+        return self.upsample(self.downsample(x))
+
+
+def audio_mid(ch):  # keys mid.block_1 / mid.block_2 (the release has no mid attention: mid.attn_1 is an Identity)
+    mid = nn.Module()
+    mid.block_1, mid.block_2 = LTX2AudioResBlock(ch, ch), LTX2AudioResBlock(ch, ch)
+    return mid
+
+
+class LTX2AudioEncoder(nn.Module):
+    # diffusers LTX2AudioEncoder (l.319-466): [B, 2, T, 64] -> [B, 2*latent, ceil(T/4), 16], mean then log-variance
+    def __init__(self, cfg):
+        super().__init__()
+        w, n = cfg.widths, len(cfg.widths)
+        self.conv_in = AudioCausalConv2d(cfg.in_channels, cfg.ch)
+        self.down = nn.ModuleList(LTX2AudioLevel(w[i - 1] if i else cfg.ch, w[i], cfg.num_res_blocks, down=i < n - 1)
+                                  for i in range(n))
+        self.mid = audio_mid(w[-1])
+        self.conv_out = AudioCausalConv2d(w[-1], 2 * cfg.latent)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for level in self.down:
+            x = level(x)
+        x = self.mid.block_2(self.mid.block_1(x))
+        return self.conv_out(F.silu(pixel_rms_norm(x, 1e-6)))
+
+
+class LTX2AudioDecoder(nn.Module):
+    # diffusers LTX2AudioDecoder (l.469-665): [B, latent, A, 16] -> [B, 2, 4A-3, 64]; up[i] indexed by level like
+    # down[i], run deepest-first. diffusers' final crop / zero-pad to (4A-3, mel_bins) (l.612-663) is a no-op for
+    # three levels, which the config enforces
+    def __init__(self, cfg):
+        super().__init__()
+        w, n = cfg.widths, len(cfg.widths)
+        self.conv_in = AudioCausalConv2d(cfg.latent, w[-1])
+        self.mid = audio_mid(w[-1])
+        self.up = nn.ModuleList(LTX2AudioLevel(w[min(i + 1, n - 1)], w[i], cfg.num_res_blocks + 1, up=i > 0)
+                                for i in range(n))
+        self.conv_out = AudioCausalConv2d(w[0], cfg.out_channels)
+
+    def forward(self, z):
+        x = self.mid.block_2(self.mid.block_1(self.conv_in(z)))
+        for level in reversed(self.up):
+            x = level(x)
+        return self.conv_out(F.silu(pixel_rms_norm(x, 1e-6)))
+
+
+class LTX2AudioVAE(nn.Module):
+    """Log-mel spectrogram [B, 2, T, 64] (16 kHz, hop 160: 100 frames/s) <-> latents [B, 8, A, 16] normalised as
+    LTX2Transformer's audio stream expects. The statistics (128 = 8 x 16 entries) act in the DiT's packed
+    [B, A, 8*16] token space, feature c*16 + m (pipeline_ltx2.py:707-760, 833, 1623-1626): here as [1, 8, 1, 16].
+    encode returns the posterior mean; decode of A latents gives 4A-3 mel frames (causal)."""
+
+    def __init__(self, cfg: LTX2AudioVAEConfig):
+        super().__init__()
+        if len(cfg.widths) != 3 or cfg.mel_bins % 4:
+            raise ValueError(f"LTX-2 audio VAE: only 3 levels (x4 compression) and mel_bins a multiple of 4 are "
+                             f"implemented, got widths {cfg.widths}, mel_bins {cfg.mel_bins}")
+        self.cfg = cfg
+        if cfg.encoder:
+            self.encoder = LTX2AudioEncoder(cfg)
+        self.decoder = LTX2AudioDecoder(cfg)
+        self.per_channel_statistics = nn.Module()  # keys per_channel_statistics.mean-of-means / std-of-means
+        self.per_channel_statistics.register_buffer("mean-of-means", torch.zeros(cfg.features))
+        self.per_channel_statistics.register_buffer("std-of-means", torch.ones(cfg.features))
+
+    def statistics(self):  # latents_mean, latents_std: packed [128] -> [1, 8, 1, 16]
+        s, c = self.per_channel_statistics, self.cfg
+        return (getattr(s, name).view(1, c.latent, 1, c.mel_bins // 4) for name in ("mean-of-means", "std-of-means"))
+
+    def encode(self, mel):
+        c = self.cfg
+        if not c.encoder:
+            raise ValueError("this LTX-2 audio VAE was loaded without its encoder (the checkpoint has none)")
+        if mel.dim() != 4 or mel.shape[1] != c.in_channels or mel.shape[3] != c.mel_bins:
+            raise ValueError(f"mel must be [B, {c.in_channels}, T, {c.mel_bins}], got {list(mel.shape)}")
+        mean, std = self.statistics()
+        return (self.encoder(mel)[:, :c.latent] - mean) / std  # DiagonalGaussianDistribution.mean: the first half
+
+    def decode(self, z):
+        c = self.cfg
+        if z.dim() != 4 or z.shape[1] != c.latent or z.shape[3] != c.mel_bins // 4:
+            raise ValueError(f"audio latents must be [B, {c.latent}, A, {c.mel_bins // 4}], got {list(z.shape)}")
+        mean, std = self.statistics()
+        return self.decoder(z * std + mean)
+
+
+@dataclass
+class LTX2VocoderConfig:
+    in_channels: int = 128  # the mel's channels x bins, flattened (c, mel): 2 x 64
+    hidden: int = 1024  # conv_pre width; every upsampler halves it
+    out_channels: int = 2  # stereo
+    upsample_kernels: tuple = (16, 15, 8, 4, 4)
+    upsample_rates: tuple = (6, 5, 2, 2, 2)  # product 240: 100 mel frames/s -> 24,000 samples/s
+    resblock_kernels: tuple = (3, 7, 11)  # the parallel resblocks after each upsampler, averaged
+    resblock_dilations: tuple = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    slope: float = 0.1  # leaky ReLU slope inside (the last activation uses PyTorch's default 0.01)
+    sample_rate: int = 24000
+
+
+class HifiResBlock(nn.Module):
+    # HiFi-GAN ResBlock1 (diffusers vocoder.py:214-276, leaky ReLU, no anti-aliasing): per dilation d,
+    # x += conv2(lrelu(conv1_d(lrelu(x)))), "same" padding; keys convs1.i / convs2.i
+    def __init__(self, ch, k, dilations, slope):
+        super().__init__()
+        self.slope = slope
+        self.convs1 = nn.ModuleList(nn.Conv1d(ch, ch, k, dilation=d, padding="same") for d in dilations)
+        self.convs2 = nn.ModuleList(nn.Conv1d(ch, ch, k, padding="same") for _ in dilations)
+
+    def forward(self, x):
+        for c1, c2 in zip(self.convs1, self.convs2):
+            x = x + c2(F.leaky_relu(c1(F.leaky_relu(x, self.slope)), self.slope))
+        return x
+
+
+class LTX2Vocoder(nn.Module):
+    """Mel [B, 2, T, 64] (the audio VAE's output) -> waveform [B, 2, 240 T] in [-1, 1] at 24 kHz (diffusers
+    LTX2Vocoder, vocoder.py:279-421; ltx-core's HiFi-GAN Vocoder)."""
+
+    def __init__(self, cfg: LTX2VocoderConfig):
+        super().__init__()
+        if len(cfg.upsample_kernels) != len(cfg.upsample_rates) or \
+                len(cfg.resblock_kernels) != len(cfg.resblock_dilations):
+            raise ValueError("LTX2VocoderConfig: upsample kernels / rates or resblock kernels / dilations differ in "
+                             "length")
+        self.cfg, w = cfg, [cfg.hidden // 2**i for i in range(len(cfg.upsample_rates) + 1)]
+        self.conv_pre = nn.Conv1d(cfg.in_channels, cfg.hidden, 7, padding=3)
+        # (T-1)s - 2(k-s)//2 + k = sT for the release's (k, s) pairs (vocoder.py:338-346)
+        self.ups = nn.ModuleList(nn.ConvTranspose1d(w[i], w[i + 1], k, stride=s, padding=(k - s) // 2)
+                                 for i, (k, s) in enumerate(zip(cfg.upsample_kernels, cfg.upsample_rates)))
+        self.resblocks = nn.ModuleList(HifiResBlock(w[i + 1], k, d, cfg.slope) for i in range(len(self.ups))
+                                       for k, d in zip(cfg.resblock_kernels, cfg.resblock_dilations))
+        self.conv_post = nn.Conv1d(w[-1], cfg.out_channels, 7, padding=3)
+
+    def forward(self, mel):
+        c = self.cfg
+        if mel.dim() != 4 or mel.shape[1] * mel.shape[3] != c.in_channels:
+            raise ValueError(f"mel must be [B, C, T, M] with C*M = {c.in_channels} (stereo x mel bins), "
+                             f"got {list(mel.shape)}")
+        x = self.conv_pre(rearrange(mel, "b c t m -> b (c m) t"))  # vocoder.py:390-394
+        K = len(c.resblock_kernels)
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, c.slope))
+            x = torch.stack([self.resblocks[i * K + j](x) for j in range(K)]).mean(0)
+        # the last leaky ReLU has PyTorch's default slope 0.01, not c.slope, as the original (vocoder.py:366-369)
+        return torch.tanh(self.conv_post(F.leaky_relu(x, 0.01)))
+
+
+# original (ltx-core) key component <-> diffusers' (AutoencoderKLLTX2Audio: only the statistics; LTX2Vocoder: 4 names)
+LTX2_AUDIO_RENAMES = {"per_channel_statistics.mean-of-means": "latents_mean",
+                      "per_channel_statistics.std-of-means": "latents_std",
+                      "conv_pre": "conv_in", "conv_post": "conv_out", "ups": "upsamplers", "resblocks": "resnets"}
+LTX2_AUDIO_RENAMES_BACK = {d: o for o, d in LTX2_AUDIO_RENAMES.items()}
+
+
+def ltx2_audio_key(key, to_diffusers=True):
+    """The one audio VAE / vocoder key mapping: an original key (prefix stripped) <-> its diffusers name. The audio
+    VAE's `conv_in` / `conv_out` sit under encoder. / decoder., so the vocoder's top-level renames never touch them."""
+    table = LTX2_AUDIO_RENAMES if to_diffusers else LTX2_AUDIO_RENAMES_BACK
+    if key in table:
+        return table[key]
+    head, _, rest = key.partition(".")
+    return ".".join([table.get(head, head)] + ([rest] if rest else []))
+
+
+def ltx2_audio_vae_config_from_diffusers(c, file):
+    fixed = dict(norm_type="pixel", causality_axis="height", mid_block_add_attention=False, is_causal=True,
+                 double_z=True)  # the release's values (diffusers' defaults)
+    bad = [f"{k}={c[k]!r} (only {v!r})" for k, v in fixed.items() if k in c and c[k] != v]
+    if c.get("attn_resolutions"):
+        bad.append(f"attn_resolutions={c['attn_resolutions']!r} (only none: no attention)")
+    if c.get("mel_bins", 64) is None:
+        bad.append("mel_bins=None (only a number)")
+    if bad:
+        raise ValueError(f"{file}: unsupported AutoencoderKLLTX2Audio options: " + ", ".join(bad))
+    base, mult = c.get("base_channels", 128), tuple(c.get("ch_mult", (1, 2, 4)))
+    cfg = LTX2AudioVAEConfig(widths=tuple(base * m for m in mult), ch=base,
+                             num_res_blocks=c.get("num_res_blocks", 2), latent=c.get("latent_channels", 8),
+                             mel_bins=c.get("mel_bins", 64), in_channels=c.get("in_channels", 2),
+                             out_channels=c.get("output_channels", 2))
+    # diffusers sizes latents_mean / latents_std by base_channels (l.745-748) but the pipeline applies them to the
+    # packed latent_channels * mel_bins/4 features; the release has 128 = 8 * 16, anything else cannot normalise
+    if base != cfg.features:
+        raise ValueError(f"{file}: base_channels {base} must equal latent_channels x mel_bins/4 = {cfg.features} "
+                         "(diffusers stores the packed-token statistics with base_channels entries)")
+    return cfg
+
+
+def ltx2_audio_vae_config_from_state(sd, meta=None, file="checkpoint"):
+    """Architecture from the shapes of an original-format audio VAE (`audio_vae.` stripped): the widths, resnet counts,
+    channels, and mel_bins = 4 x (statistics size) / latent channels. The combined file's metadata (config ->
+    audio_vae -> model -> params -> ddconfig, ltx-core's AudioDecoderConfigurator) is checked where present."""
+    for key in ("decoder.conv_in.conv.weight", "decoder.conv_out.conv.weight", "per_channel_statistics.mean-of-means"):
+        if key not in sd:
+            raise ValueError(f"{file}: missing LTX-2 audio VAE key {key}")
+    odd = sorted(k for k in sd if ".attn" in k or ".norm" in k)
+    if odd:
+        raise ValueError(f"{file}: audio VAE attention or GroupNorm weights ({odd[0]}, ...) are not implemented "
+                         "(the release has pixel norms and no attention)")
+    widths, n = [], 0
+    while f"decoder.up.{len(widths)}.block.0.conv1.conv.weight" in sd:
+        widths.append(sd[f"decoder.up.{len(widths)}.block.0.conv1.conv.weight"].shape[0])
+    while f"decoder.up.0.block.{n}.conv1.conv.weight" in sd:
+        n += 1
+    latent, S = sd["decoder.conv_in.conv.weight"].shape[1], sd["per_channel_statistics.mean-of-means"].shape[0]
+    encoder = "encoder.conv_in.conv.weight" in sd
+    cfg = LTX2AudioVAEConfig(widths=tuple(widths), num_res_blocks=n - 1, latent=latent, mel_bins=4 * S // latent,
+                             out_channels=sd["decoder.conv_out.conv.weight"].shape[0], encoder=encoder,
+                             ch=sd["encoder.conv_in.conv.weight"].shape[0] if encoder else widths[0],
+                             in_channels=sd["encoder.conv_in.conv.weight"].shape[1] if encoder else 2)
+    try:
+        dd = json.loads((meta or {})["config"])["audio_vae"]["model"]["params"]["ddconfig"]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        dd = {}  # ltx-core's defaults: causal along height (time)
+    bad = [f"{k}={dd[k]!r} (only {v!r})" for k, v in (("causality_axis", "height"), ("norm_type", "pixel"),
+                                                      ("mel_bins", cfg.mel_bins)) if k in dd and dd[k] != v]
+    if S % latent or bad:
+        raise ValueError(f"{file}: unsupported LTX-2 audio VAE: statistics {S} for {latent} latent channels"
+                         + "".join(", " + b for b in bad))
+    return cfg
+
+
+def ltx2_vocoder_config_from_diffusers(c, file):
+    fixed = dict(act_fn="leaky_relu", antialias=False, final_act_fn="tanh", final_bias=True)  # the 2.0 vocoder
+    bad = [f"{k}={c[k]!r} (only {v!r})" for k, v in fixed.items() if k in c and c[k] != v]
+    if bad:
+        raise ValueError(f"{file}: unsupported LTX2Vocoder options: " + ", ".join(bad))
+    d = LTX2VocoderConfig()
+    return LTX2VocoderConfig(in_channels=c.get("in_channels", d.in_channels), hidden=c.get("hidden_channels", d.hidden),
+                             out_channels=c.get("out_channels", d.out_channels),
+                             upsample_kernels=tuple(c.get("upsample_kernel_sizes", d.upsample_kernels)),
+                             upsample_rates=tuple(c.get("upsample_factors", d.upsample_rates)),
+                             resblock_kernels=tuple(c.get("resnet_kernel_sizes", d.resblock_kernels)),
+                             resblock_dilations=tuple(map(tuple, c.get("resnet_dilations", d.resblock_dilations))),
+                             slope=float(c.get("leaky_relu_negative_slope", d.slope)),
+                             sample_rate=c.get("output_sampling_rate", d.sample_rate))
+
+
+def ltx2_vocoder_config_from_state(sd, meta=None, file="checkpoint"):
+    """Widths and kernel sizes from the shapes (`vocoder.` stripped); the upsample rates and dilations are in no
+    shape: from the combined file's metadata (config -> vocoder, ltx-core's VocoderConfigurator), else ltx-core's
+    defaults, which are the 2.0 release's (diffusers' 2.0 conversion config)."""
+    try:
+        m = json.loads((meta or {})["config"])["vocoder"]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        m = {}
+    # LTX-2.3's vocoder nests a bandwidth extender and has snake activations with parameters (acts*.alpha / beta)
+    if "bwe" in m or m.get("resblock", "1") != "1" or any(".act" in k for k in sd):
+        raise ValueError(f"{file}: unsupported vocoder (LTX-2.3 BigVGAN / bandwidth extension or snake activations); "
+                         "only the 2.0 HiFi-GAN vocoder is implemented")
+    if "conv_pre.weight" not in sd or "conv_post.weight" not in sd:
+        raise ValueError(f"{file}: missing LTX-2 vocoder key conv_pre.weight / conv_post.weight")
+    n_up = len({k.split(".")[1] for k in sd if k.startswith("ups.")})
+    n_res = len({k.split(".")[1] for k in sd if k.startswith("resblocks.")})
+    d = LTX2VocoderConfig()
+    rates = tuple(m.get("upsample_rates", d.upsample_rates))
+    dil = tuple(map(tuple, m.get("resblock_dilation_sizes", d.resblock_dilations)))
+    cfg = LTX2VocoderConfig(in_channels=sd["conv_pre.weight"].shape[1], hidden=sd["conv_pre.weight"].shape[0],
+                            out_channels=sd["conv_post.weight"].shape[0],
+                            upsample_kernels=tuple(sd[f"ups.{i}.weight"].shape[2] for i in range(n_up)),
+                            upsample_rates=rates,
+                            resblock_kernels=tuple(sd[f"resblocks.{j}.convs1.0.weight"].shape[2]
+                                                   for j in range(n_res // max(n_up, 1))),
+                            resblock_dilations=dil, sample_rate=m.get("output_sample_rate", d.sample_rate))
+    if len(rates) != n_up or len(dil) != len(cfg.resblock_kernels):
+        raise ValueError(f"{file}: vocoder with {n_up} upsamplers and {len(cfg.resblock_kernels)} resblocks per level "
+                         f"does not match upsample_rates {list(rates)} / dilations {[list(x) for x in dil]}")
+    return cfg
+
+
+def _component_folder(path, name):  # a diffusers repo root holding name/, or the component folder itself
+    return os.path.join(path, name) if os.path.isdir(os.path.join(path, name)) else path
+
+
+def load_ltx2_audio_vae(path, dtype=torch.float32, device="cpu"):
+    """The audio VAE from a diffusers folder (audio_vae/ of class AutoencoderKLLTX2Audio, or a repo root holding it) or
+    Lightricks' combined .safetensors (its audio_vae.* tensors only); strict."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = _component_folder(path, "audio_vae")
+        config, sd = read_diffusers_folder(path)
+        if config.get("_class_name") != "AutoencoderKLLTX2Audio":
+            raise ValueError(f"{path}: diffusers class {config.get('_class_name')!r}, not AutoencoderKLLTX2Audio")
+        cfg = ltx2_audio_vae_config_from_diffusers(config, path)
+        sd = {ltx2_audio_key(k, to_diffusers=False): v for k, v in sd.items()}
+    elif os.path.isfile(path):
+        sd, meta = read_safetensors(path, keep=lambda k: k.startswith("audio_vae."))
+        sd = {k[len("audio_vae."):]: v for k, v in sd.items()}
+        if not sd:
+            raise ValueError(f"{path}: no audio_vae.* tensors (not an LTX-2 combined checkpoint)")
+        sd = {k: v for k, v in sd.items() if k not in LTX2_VAE_UNUSED}  # statistics diffusers has no buffer for
+        cfg = ltx2_audio_vae_config_from_state(sd, meta, path)
+    else:
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    vae = assign_checkpoint(lambda: LTX2AudioVAE(cfg), sd, dtype, device, what=f"{path} (LTX-2 audio VAE)")
+    return vae.eval().requires_grad_(False)
+
+
+def load_ltx2_vocoder(path, dtype=torch.float32, device="cpu"):
+    """The vocoder from a diffusers folder (vocoder/ of class LTX2Vocoder, or a repo root holding it) or Lightricks'
+    combined .safetensors (its vocoder.* tensors only); strict."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = _component_folder(path, "vocoder")
+        config, sd = read_diffusers_folder(path)
+        if config.get("_class_name") != "LTX2Vocoder":
+            raise ValueError(f"{path}: diffusers class {config.get('_class_name')!r}, not LTX2Vocoder (LTX-2.3's "
+                             "LTX2VocoderWithBWE is not implemented)")
+        cfg = ltx2_vocoder_config_from_diffusers(config, path)
+        sd = {ltx2_audio_key(k, to_diffusers=False): v for k, v in sd.items()}
+    elif os.path.isfile(path):
+        sd, meta = read_safetensors(path, keep=lambda k: k.startswith("vocoder."))
+        sd = {k[len("vocoder."):]: v for k, v in sd.items()}
+        if not sd:
+            raise ValueError(f"{path}: no vocoder.* tensors (not an LTX-2 combined checkpoint)")
+        cfg = ltx2_vocoder_config_from_state(sd, meta, path)
+    else:
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    voc = assign_checkpoint(lambda: LTX2Vocoder(cfg), sd, dtype, device, what=f"{path} (LTX-2 vocoder)")
+    return voc.eval().requires_grad_(False)
+
+
+def load_ltx2_audio(path, dtype=torch.float32, device="cpu"):
+    """(audio VAE, vocoder) for --audio: from a diffusers repo root (audio_vae/, vocoder/) or the combined file."""
+    return load_ltx2_audio_vae(path, dtype, device), load_ltx2_vocoder(path, dtype, device)
 
 
 # ----------------------------------------------------------------------------------------------------

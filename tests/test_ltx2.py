@@ -1,5 +1,5 @@
-"""model.py's LTX-2 (transformer, text connectors, video VAE) against diffusers (the oracle): tiny random configs in
-fp32, the full configs on meta.
+"""model.py's LTX-2 (transformer, text connectors, video VAE, audio VAE, vocoder) against diffusers (the oracle): tiny
+random configs in fp32, the full configs on meta.
 
 The test packs the latents and passes diffusers the coordinates' ingredients (F, h, w, fps, A) itself, as
 LTX2Pipeline does (pipeline_ltx2.py:651-671, 727-745), so the code's own packing and RoPE positions are checked too.
@@ -14,10 +14,12 @@ import kernels
 import model
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import AutoencoderKLLTX2Video, LTX2VideoTransformer3DModel  # noqa: E402
-from diffusers.loaders.single_file_utils import (convert_ltx2_transformer_to_diffusers,  # noqa: E402
-                                                 convert_ltx2_vae_to_diffusers)
+from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, LTX2VideoTransformer3DModel  # noqa: E402
+from diffusers.loaders.single_file_utils import (convert_ltx2_audio_vae_to_diffusers,  # noqa: E402
+                                                 convert_ltx2_transformer_to_diffusers, convert_ltx2_vae_to_diffusers)
 from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors  # noqa: E402
+from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline  # noqa: E402
+from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder  # noqa: E402
 
 # equal head counts (2 x 16 video, 2 x 8 audio): the video RoPE's 3 x 5 frequencies leave one padding slot; audio
 # tokens of 16 features = 8 latent channels x 2 mel bins
@@ -527,3 +529,158 @@ def test_vae_full_size_on_meta():
         {k: tuple(v.shape) for k, v in model.ltx2_vae_from_diffusers(ref.state_dict(), cfg).items()}
     assert sum(p.numel() for p in vae.parameters()) == 1_222_479_601 == sum(p.numel() for p in ref.parameters())
     assert model.ltx2_vae_config_from_state(vae.state_dict()) == cfg  # the architecture is in the shapes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Audio VAE and vocoder (model.LTX2AudioVAE, model.LTX2Vocoder through model.load_ltx2_audio) against diffusers'
+# AutoencoderKLLTX2Audio and LTX2Vocoder
+
+# base_channels must equal latent_channels x mel_bins/4 (diffusers sizes the packed-token statistics by it): 32 = 8 x 4;
+# ch_mult[0] != 1 so the encoder's conv_in width differs from level 0's
+AUDIO_TINY = dict(base_channels=32, ch_mult=(2, 3, 4), num_res_blocks=1, latent_channels=8, mel_bins=16)
+# non-default upsample rates, which no shape holds: the combined file must take them from its metadata
+VOCODER_TINY = dict(in_channels=32, hidden_channels=32, upsample_kernel_sizes=[11, 8, 4], upsample_factors=[5, 4, 2])
+# scripts/convert_ltx2_to_diffusers.py (huggingface/diffusers) LTX_2_0_VOCODER_RENAME_DICT: original -> diffusers by
+# substring replacement (diffusers has no single-file converter for the vocoder)
+VOCODER_RENAMES = {"ups": "upsamplers", "resblocks": "resnets", "conv_pre": "conv_in", "conv_post": "conv_out"}
+
+
+@pytest.fixture(scope="module")
+def audio(tmp_path_factory):
+    torch.manual_seed(0)
+    vae = AutoencoderKLLTX2Audio(**AUDIO_TINY).eval()
+    voc = LTX2Vocoder(**VOCODER_TINY).eval()
+    with torch.no_grad():
+        for k, p in vae.state_dict().items():  # statistics too (std positive)
+            p.copy_(torch.rand_like(p) + 0.5 if k == "latents_std" else torch.randn_like(p) * 0.2)
+        for p in voc.parameters():  # small enough that the final tanh does not saturate
+            p.copy_(torch.randn_like(p) * 0.1)
+    root = tmp_path_factory.mktemp("ltx2_audio")
+    vae.save_pretrained(root / "repo" / "audio_vae")
+    voc.save_pretrained(root / "repo" / "vocoder")
+    g = torch.Generator().manual_seed(3)
+    return dict(vae=vae, voc=voc, root=root, z=torch.randn(2, 8, 5, 4, generator=g),
+                mel=torch.randn(2, 2, 17, 16, generator=g), mel_odd=torch.randn(2, 2, 14, 16, generator=g))
+
+
+def ref_audio(ref, z=None, mel=None):
+    # diffusers' decode / encode with LTX2Pipeline's packed-token (de)normalisation
+    # (pipeline_ltx2.py:707-760, 1623-1663)
+    P, M = LTX2Pipeline, ref.config.mel_bins // 4
+    with torch.no_grad():
+        if z is not None:
+            z = P._denormalize_audio_latents(P._pack_audio_latents(z), ref.latents_mean, ref.latents_std)
+            return ref.decode(P._unpack_audio_latents(z, z.shape[1], num_mel_bins=M)).sample
+        h = P._normalize_audio_latents(P._pack_audio_latents(ref.encode(mel).latent_dist.mean), ref.latents_mean,
+                                       ref.latents_std)
+        return P._unpack_audio_latents(h, h.shape[1], num_mel_bins=M)
+
+
+def check_audio(vae, voc, a, what):
+    with torch.no_grad():
+        x, z, z_odd, wav = vae.decode(a["z"]), vae.encode(a["mel"]), vae.encode(a["mel_odd"]), voc(a["mel"])
+        rwav = a["voc"](a["mel"])
+    ex, ez = rel_err(x, ref_audio(a["vae"], z=a["z"])), rel_err(z, ref_audio(a["vae"], mel=a["mel"]))
+    eo, ew = rel_err(z_odd, ref_audio(a["vae"], mel=a["mel_odd"])), rel_err(wav, rwav)
+    print(f"LTX-2 audio {what}: decode rel err {ex:.2e}, encode {ez:.2e} (T=14: {eo:.2e}), vocoder {ew:.2e}")
+    assert x.shape == (2, 2, 17, 16) and z.shape == (2, 8, 5, 4) and z_odd.shape == (2, 8, 4, 4)  # 4A-3 <-> A
+    assert wav.shape == (2, 2, 17 * 40) and wav.abs().max() < 0.99  # 5 x 4 x 2 samples per mel frame, unsaturated
+    assert max(ex, ez, eo, ew) <= 1e-5
+
+
+def test_audio_parity_diffusers_folder(audio):
+    vae, voc = model.load_ltx2_audio(audio["root"] / "repo")  # repo root holding audio_vae/ and vocoder/
+    assert vae.cfg == model.LTX2AudioVAEConfig(widths=(64, 96, 128), ch=32, num_res_blocks=1, mel_bins=16)
+    assert voc.cfg.upsample_rates == (5, 4, 2)
+    assert model.load_ltx2_vocoder(audio["root"] / "repo" / "vocoder").cfg == voc.cfg  # the component folder too
+    check_audio(vae, voc, audio, "folder")
+
+
+def audio_combined(a, file, meta=True, edit=None):
+    # invert the renames: ours are ltx-core's keys, and diffusers' converters map them back exactly
+    vsd, csd = a["vae"].state_dict(), a["voc"].state_dict()
+    orig_vae = {f"audio_vae.{model.ltx2_audio_key(k, to_diffusers=False)}": v.clone() for k, v in vsd.items()}
+    back = convert_ltx2_audio_vae_to_diffusers(dict(orig_vae))
+    assert back.keys() == vsd.keys() and all(torch.equal(back[k], vsd[k]) for k in vsd)
+    orig_voc = {model.ltx2_audio_key(k, to_diffusers=False): v.clone() for k, v in csd.items()}
+    renamed = {}
+    for k, v in orig_voc.items():
+        for o, d in VOCODER_RENAMES.items():
+            k = k.replace(o, d)
+        renamed[k] = v
+    assert renamed.keys() == csd.keys()
+    sd = {**orig_vae, **{f"vocoder.{k}": v for k, v in orig_voc.items()},
+          "audio_vae.per_channel_statistics.channel": torch.arange(32.0),  # dropped as for the video VAE
+          "audio_vae.per_channel_statistics.mean-of-stds": torch.ones(32),
+          "model.diffusion_model.patchify_proj.weight": torch.zeros(4, 4), "vae.per_channel_statistics.mean-of-means":
+          torch.zeros(4)}
+    if edit:
+        edit(sd)
+    config = {"audio_vae": {"model": {"params": {"ddconfig": {"causality_axis": "height", "mel_bins": 16}}}},
+              "vocoder": {"upsample_rates": [5, 4, 2], "upsample_kernel_sizes": [11, 8, 4], "resblock": "1"}}
+    save_file(sd, file, metadata={"config": json.dumps(config)} if meta else None)
+    return file
+
+
+def test_audio_combined_file(audio, tmp_path):
+    file = audio_combined(audio, tmp_path / "ltx-2-tiny.safetensors")
+    vae, voc = model.load_ltx2_audio(file)
+    folder_vae, folder_voc = model.load_ltx2_audio(audio["root"] / "repo")
+    assert vae.cfg == folder_vae.cfg and voc.cfg == folder_voc.cfg
+    check_audio(vae, voc, audio, "combined file")
+    with pytest.raises(ValueError, match=r"upsample_rates \[6, 5, 2, 2, 2\]"):  # without metadata: ltx-core's defaults
+        model.load_ltx2_vocoder(audio_combined(audio, tmp_path / "nometa.safetensors", meta=False))
+
+    def drop_encoder(sd):
+        for k in [k for k in sd if k.startswith("audio_vae.encoder.")]:
+            sd.pop(k)
+    dec = model.load_ltx2_audio_vae(audio_combined(audio, tmp_path / "dec.safetensors", edit=drop_encoder))
+    assert not dec.cfg.encoder and not hasattr(dec, "encoder")
+    with torch.no_grad():
+        assert rel_err(dec.decode(audio["z"]), ref_audio(audio["vae"], z=audio["z"])) <= 1e-5
+    with pytest.raises(ValueError, match="loaded without its encoder"):
+        dec.encode(audio["mel"])
+
+
+def test_audio_errors(audio, tmp_path):
+    key = "audio_vae.decoder.up.1.block.0.conv2.conv.bias"
+    with pytest.raises(ValueError, match=r"missing keys \(1\): decoder.up.1.block.0.conv2.conv.bias"):
+        model.load_ltx2_audio_vae(audio_combined(audio, tmp_path / "m.safetensors", edit=lambda sd: sd.pop(key)))
+    key = "vocoder.resblocks.4.convs2.1.weight"
+    with pytest.raises(ValueError, match=r"missing keys \(1\): resblocks.4.convs2.1.weight"):
+        model.load_ltx2_vocoder(audio_combined(audio, tmp_path / "v.safetensors", edit=lambda sd: sd.pop(key)))
+    vae, voc = model.load_ltx2_audio(audio["root"] / "repo")
+    with pytest.raises(ValueError, match=r"^audio latents must be \[B, 8, A, 4\], got \[2, 8, 5, 3\]$"):
+        vae.decode(audio["z"][..., :3])
+    with pytest.raises(ValueError, match=r"^mel must be \[B, 2, T, 16\], got \[2, 1, 17, 16\]$"):
+        vae.encode(audio["mel"][:, :1])
+    with pytest.raises(ValueError, match=r"^mel must be \[B, C, T, M\] with C\*M = 32 .*got \[2, 2, 17, 8\]$"):
+        voc(audio["mel"][..., :8])
+    folder = tmp_path / "audio_vae"
+    audio["vae"].save_pretrained(folder)
+    c = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**c, "norm_type": "group"}))
+    with pytest.raises(ValueError, match=r"norm_type='group' \(only 'pixel'\)"):
+        model.load_ltx2_audio_vae(folder)
+    (folder / "config.json").write_text(json.dumps({**c, "base_channels": 16}))
+    with pytest.raises(ValueError, match="base_channels 16 must equal latent_channels x mel_bins/4 = 32"):
+        model.load_ltx2_audio_vae(folder)
+
+
+def test_audio_full_size_on_meta():
+    with torch.device("meta"):
+        ref, rvoc = AutoencoderKLLTX2Audio(), LTX2Vocoder()  # diffusers' defaults are the 2.0 release's
+    cfg = model.ltx2_audio_vae_config_from_diffusers(dict(ref.config), "config.json")
+    vcfg = model.ltx2_vocoder_config_from_diffusers(dict(rvoc.config), "config.json")
+    assert cfg == model.LTX2AudioVAEConfig() and cfg.features == 128 and vcfg == model.LTX2VocoderConfig()
+    with torch.device("meta"):
+        vae, voc = model.LTX2AudioVAE(cfg), model.LTX2Vocoder(vcfg)
+    for ours, theirs in ((vae, ref), (voc, rvoc)):
+        assert {model.ltx2_audio_key(k): tuple(v.shape) for k, v in ours.state_dict().items()} == \
+            {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert sum(p.numel() for p in vae.parameters()) == 53_248_146 == sum(p.numel() for p in ref.parameters())
+    assert sum(p.numel() for p in voc.parameters()) == 55_592_802 == sum(p.numel() for p in rvoc.parameters())
+    assert sum(p.numel() for p in vae.decoder.parameters()) == 31_915_138  # what --audio needs
+    # the architecture is in the shapes (+ ltx-core's default upsample rates, the release's)
+    assert model.ltx2_audio_vae_config_from_state(vae.state_dict()) == cfg
+    assert model.ltx2_vocoder_config_from_state(voc.state_dict()) == vcfg

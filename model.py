@@ -1575,18 +1575,25 @@ LTX2_META_REQUIRED = ("num_attention_heads", "audio_num_attention_heads", "rope_
                       "av_ca_timestep_scale_multiplier")
 
 
-def ltx2_config_from_state(sd, meta=None):
-    # Lightricks' combined file: widths and depth from the tensor shapes, the rest from the metadata
-    # (ltx-core model_configurator.py LTXModelConfigurator.from_config)
+def ltx2_file_config(meta, need, why):
+    # the combined file's config -> transformer (JSON in the safetensors metadata, ltx-core's field names), with the
+    # fields `need` present; `why`: what no tensor shape records, for the error
     try:
         t = json.loads((meta or {})["config"])["transformer"]
     except (KeyError, TypeError, json.JSONDecodeError):
         raise ValueError("LTX-2 single file without its config (JSON in the safetensors metadata under 'config' -> "
-                         "'transformer', as Lightricks ships it): the head count, rope_type, frequency precision and "
-                         "a2v timestep multiplier are in no tensor shape") from None
-    missing = [k for k in LTX2_META_REQUIRED if k not in t]
+                         f"'transformer', as Lightricks ships it): {why} in no tensor shape") from None
+    missing = [k for k in need if k not in t]
     if missing:
         raise ValueError(f"LTX-2 single file: its config metadata lacks {missing}")
+    return t
+
+
+def ltx2_config_from_state(sd, meta=None):
+    # Lightricks' combined file: widths and depth from the tensor shapes, the rest from the metadata
+    # (ltx-core model_configurator.py LTXModelConfigurator.from_config)
+    t = ltx2_file_config(meta, LTX2_META_REQUIRED, "the head count, rope_type, frequency precision and a2v timestep "
+                         "multiplier are")
     if t["frequencies_precision"] not in ("float32", "float64"):
         raise ValueError(f"unsupported frequencies_precision {t['frequencies_precision']!r} ('float32' or 'float64')")
     if not t.get("use_middle_indices_grid", True):
@@ -1797,16 +1804,8 @@ def ltx2_connector_config_from_state(sd, meta=None):
     # Lightricks' combined file: widths, depths and register counts from the shapes; from the metadata (config ->
     # transformer, ltx-core's Embeddings1DConnectorConfigurator): the head counts (ltx-core's defaults 30 x 128 where
     # absent), the RoPE layout and precision, and the base length, whose ltx-core default [1] is not the release's
-    try:
-        t = json.loads((meta or {})["config"])["transformer"]
-    except (KeyError, TypeError, json.JSONDecodeError):
-        raise ValueError("LTX-2 single file without its config (JSON in the safetensors metadata under 'config' -> "
-                         "'transformer'): the connectors' RoPE layout, precision and base length are in no "
-                         "shape") from None
-    need = ("rope_type", "frequencies_precision", "connector_positional_embedding_max_pos")
-    missing = [k for k in need if k not in t]
-    if missing:
-        raise ValueError(f"LTX-2 single file: its config metadata lacks {missing}")
+    t = ltx2_file_config(meta, ("rope_type", "frequencies_precision", "connector_positional_embedding_max_pos"),
+                         "the connectors' RoPE layout, precision and base length are")
     if t.get("connector_apply_gated_attention", False):
         raise ValueError("unsupported connector_apply_gated_attention=True (LTX-2.3 connectors)")
     C, CN = sd["text_embedding_projection.aggregate_embed.weight"].shape

@@ -1927,14 +1927,15 @@ class VAEUpsample(nn.Module):
 
 
 class VAELevel(nn.Module):
-    """One resolution level: `block` resnets, then a 2x `downsample` (encoder) or `upsample` (decoder) if asked.
-    The Identity stand-ins have no weights, so they add no keys."""
+    """One resolution level: n resnets `block.j` (block(cin, cout) for the first, block(cout, cout) after), then a 2x
+    `downsample` (encoder) or `upsample` (decoder) module if given. The Identity stand-ins have no weights, so they add
+    no keys. The 16-channel VAE and LTX-2's audio VAE share it."""
 
-    def __init__(self, cin, cout, n_blocks, groups, downsample=False, upsample=False):
+    def __init__(self, cin, cout, n, block, downsample=None, upsample=None):
         super().__init__()
-        self.block = nn.ModuleList(VAEResnetBlock(cin if j == 0 else cout, cout, groups) for j in range(n_blocks))
-        self.downsample = VAEDownsample(cout) if downsample else nn.Identity()
-        self.upsample = VAEUpsample(cout) if upsample else nn.Identity()
+        self.block = nn.ModuleList(block(cin if j == 0 else cout, cout) for j in range(n))
+        self.downsample = downsample or nn.Identity()
+        self.upsample = upsample or nn.Identity()
 
     def forward(self, x):
         for block in self.block:
@@ -1948,7 +1949,8 @@ class VAEEncoder(nn.Module):
         n = len(channels)
         self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
         self.down = nn.ModuleList(
-            VAELevel(channels[max(i - 1, 0)], channels[i], layers, groups, downsample=i < n - 1)
+            VAELevel(channels[max(i - 1, 0)], channels[i], layers, lambda a, b: VAEResnetBlock(a, b, groups),
+                     downsample=VAEDownsample(channels[i]) if i < n - 1 else None)
             for i in range(n))
         self.mid = VAEMidBlock(channels[-1], groups)
         self.norm_out = vae_norm(channels[-1], groups)
@@ -1970,7 +1972,8 @@ class VAEDecoder(nn.Module):
         # up[i] is indexed by resolution level like down[i] (0 = full size) but runs deepest-first; one more resnet
         # per level than the encoder, and every level but the full-size one doubles the resolution at its end.
         self.up = nn.ModuleList(
-            VAELevel(channels[min(i + 1, n - 1)], channels[i], layers + 1, groups, upsample=i > 0)
+            VAELevel(channels[min(i + 1, n - 1)], channels[i], layers + 1, lambda a, b: VAEResnetBlock(a, b, groups),
+                     upsample=VAEUpsample(channels[i]) if i > 0 else None)
             for i in range(n))
         self.norm_out = vae_norm(channels[0], groups)
         self.conv_out = nn.Conv2d(channels[0], 3, 3, padding=1)
@@ -2535,20 +2538,6 @@ class AudioUpsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))[:, :, 1:]
 
 
-class LTX2AudioLevel(nn.Module):
-    # one level: resnets `block.j`, then `downsample` / `upsample` if asked (Identity: no keys)
-    def __init__(self, cin, cout, n, down=False, up=False):
-        super().__init__()
-        self.block = nn.ModuleList(LTX2AudioResBlock(cin if j == 0 else cout, cout) for j in range(n))
-        self.downsample = AudioDownsample(cout) if down else nn.Identity()
-        self.upsample = AudioUpsample(cout) if up else nn.Identity()
-
-    def forward(self, x):
-        for blk in self.block:
-            x = blk(x)
-        return self.upsample(self.downsample(x))
-
-
 def audio_mid(ch):  # keys mid.block_1 / mid.block_2 (the release has no mid attention: mid.attn_1 is an Identity)
     mid = nn.Module()
     mid.block_1, mid.block_2 = LTX2AudioResBlock(ch, ch), LTX2AudioResBlock(ch, ch)
@@ -2561,7 +2550,8 @@ class LTX2AudioEncoder(nn.Module):
         super().__init__()
         w, n = cfg.widths, len(cfg.widths)
         self.conv_in = AudioCausalConv2d(cfg.in_channels, cfg.ch)
-        self.down = nn.ModuleList(LTX2AudioLevel(w[i - 1] if i else cfg.ch, w[i], cfg.num_res_blocks, down=i < n - 1)
+        self.down = nn.ModuleList(VAELevel(w[i - 1] if i else cfg.ch, w[i], cfg.num_res_blocks, LTX2AudioResBlock,
+                                            downsample=AudioDownsample(w[i]) if i < n - 1 else None)
                                   for i in range(n))
         self.mid = audio_mid(w[-1])
         self.conv_out = AudioCausalConv2d(w[-1], 2 * cfg.latent)
@@ -2583,7 +2573,8 @@ class LTX2AudioDecoder(nn.Module):
         w, n = cfg.widths, len(cfg.widths)
         self.conv_in = AudioCausalConv2d(cfg.latent, w[-1])
         self.mid = audio_mid(w[-1])
-        self.up = nn.ModuleList(LTX2AudioLevel(w[min(i + 1, n - 1)], w[i], cfg.num_res_blocks + 1, up=i > 0)
+        self.up = nn.ModuleList(VAELevel(w[min(i + 1, n - 1)], w[i], cfg.num_res_blocks + 1, LTX2AudioResBlock,
+                                          upsample=AudioUpsample(w[i]) if i > 0 else None)
                                 for i in range(n))
         self.conv_out = AudioCausalConv2d(w[0], cfg.out_channels)
 
@@ -2821,26 +2812,35 @@ def _component_folder(path, name):  # a diffusers repo root holding name/, or th
     return os.path.join(path, name) if os.path.isdir(os.path.join(path, name)) else path
 
 
+def ltx2_component(path, folder, class_name, prefix, from_diffusers, hint=""):
+    """One LTX-2 component's tensors under the original names: from a diffusers folder (folder/ of class class_name, or
+    a repo root holding it; keys renamed by from_diffusers) or Lightricks' combined file (its prefix* tensors only).
+    -> (diffusers config or None, file metadata or None, state dict, the path read)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = _component_folder(path, folder)
+        config, sd = read_diffusers_folder(path)
+        if config.get("_class_name") != class_name:
+            raise ValueError(f"{path}: diffusers class {config.get('_class_name')!r}, not {class_name}{hint}")
+        return config, None, {from_diffusers(k): v for k, v in sd.items()}, path
+    if os.path.isfile(path):
+        sd, meta = read_safetensors(path, keep=lambda k: k.startswith(prefix))
+        if not sd:
+            raise ValueError(f"{path}: no {prefix}* tensors (not an LTX-2 combined checkpoint)")
+        return None, meta, {k[len(prefix):]: v for k, v in sd.items()}, path
+    raise FileNotFoundError(f"no such checkpoint: {path}")
+
+
 def load_ltx2_audio_vae(path, dtype=torch.float32, device="cpu"):
     """The audio VAE from a diffusers folder (audio_vae/ of class AutoencoderKLLTX2Audio, or a repo root holding it) or
     Lightricks' combined .safetensors (its audio_vae.* tensors only); strict."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = _component_folder(path, "audio_vae")
-        config, sd = read_diffusers_folder(path)
-        if config.get("_class_name") != "AutoencoderKLLTX2Audio":
-            raise ValueError(f"{path}: diffusers class {config.get('_class_name')!r}, not AutoencoderKLLTX2Audio")
+    config, meta, sd, path = ltx2_component(path, "audio_vae", "AutoencoderKLLTX2Audio", "audio_vae.",
+                                            lambda k: ltx2_audio_key(k, to_diffusers=False))
+    if config is not None:
         cfg = ltx2_audio_vae_config_from_diffusers(config, path)
-        sd = {ltx2_audio_key(k, to_diffusers=False): v for k, v in sd.items()}
-    elif os.path.isfile(path):
-        sd, meta = read_safetensors(path, keep=lambda k: k.startswith("audio_vae."))
-        sd = {k[len("audio_vae."):]: v for k, v in sd.items()}
-        if not sd:
-            raise ValueError(f"{path}: no audio_vae.* tensors (not an LTX-2 combined checkpoint)")
+    else:
         sd = {k: v for k, v in sd.items() if k not in LTX2_VAE_UNUSED}  # statistics diffusers has no buffer for
         cfg = ltx2_audio_vae_config_from_state(sd, meta, path)
-    else:
-        raise FileNotFoundError(f"no such checkpoint: {path}")
     vae = assign_checkpoint(lambda: LTX2AudioVAE(cfg), sd, dtype, device, what=f"{path} (LTX-2 audio VAE)")
     return vae.eval().requires_grad_(False)
 
@@ -2848,23 +2848,11 @@ def load_ltx2_audio_vae(path, dtype=torch.float32, device="cpu"):
 def load_ltx2_vocoder(path, dtype=torch.float32, device="cpu"):
     """The vocoder from a diffusers folder (vocoder/ of class LTX2Vocoder, or a repo root holding it) or Lightricks'
     combined .safetensors (its vocoder.* tensors only); strict."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = _component_folder(path, "vocoder")
-        config, sd = read_diffusers_folder(path)
-        if config.get("_class_name") != "LTX2Vocoder":
-            raise ValueError(f"{path}: diffusers class {config.get('_class_name')!r}, not LTX2Vocoder (LTX-2.3's "
-                             "LTX2VocoderWithBWE is not implemented)")
-        cfg = ltx2_vocoder_config_from_diffusers(config, path)
-        sd = {ltx2_audio_key(k, to_diffusers=False): v for k, v in sd.items()}
-    elif os.path.isfile(path):
-        sd, meta = read_safetensors(path, keep=lambda k: k.startswith("vocoder."))
-        sd = {k[len("vocoder."):]: v for k, v in sd.items()}
-        if not sd:
-            raise ValueError(f"{path}: no vocoder.* tensors (not an LTX-2 combined checkpoint)")
-        cfg = ltx2_vocoder_config_from_state(sd, meta, path)
-    else:
-        raise FileNotFoundError(f"no such checkpoint: {path}")
+    config, meta, sd, path = ltx2_component(path, "vocoder", "LTX2Vocoder", "vocoder.",
+                                            lambda k: ltx2_audio_key(k, to_diffusers=False),
+                                            " (LTX-2.3's LTX2VocoderWithBWE is not implemented)")
+    cfg = ltx2_vocoder_config_from_diffusers(config, path) if config is not None else \
+        ltx2_vocoder_config_from_state(sd, meta, path)
     voc = assign_checkpoint(lambda: LTX2Vocoder(cfg), sd, dtype, device, what=f"{path} (LTX-2 vocoder)")
     return voc.eval().requires_grad_(False)
 

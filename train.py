@@ -1109,8 +1109,9 @@ def train(cfg):
             save_checkpoint(ckpt, step + 1, params, old, ema, opt, gen, cfg)
             model.save_adapters(net, os.path.join(cfg.out, "adapters.safetensors"), ema, names,
                                 extra={"pipeline": json.dumps(setup.pipeline)})
-        if is_rank0() and cfg.method == "flowmulti" and step + 1 in snapshots(cfg):  # one of its three checkpoints
-            model.save_adapters(net, snapshots(cfg)[step + 1], ema, names, extra={"pipeline": json.dumps(setup.pipeline)})
+        snapshot = snapshots(cfg).get(step + 1) if cfg.method == "flowmulti" else None  # one of its three checkpoints
+        if is_rank0() and snapshot:
+            model.save_adapters(net, snapshot, ema, names, extra={"pipeline": json.dumps(setup.pipeline)})
 
     # --- evaluation: the sweep over w with the EMA weights
     result = None

@@ -84,8 +84,8 @@ def main():
 
     # --- points: per method, its labelled points (rewards, held-out) per seed
     first = results[seeds[0]]
-    objectives = first[methods[0] if methods[0] in first else next(iter(first))][0]["objectives"]
-    heldout = next(iter(first.values()))[0].get("heldout_objectives") or []
+    one = next(iter(first.values()))[0]  # any run's eval.json: every run scores the same objectives
+    objectives, heldout = one["objectives"], one.get("heldout_objectives") or []
     names = objectives + heldout
 
     def points(seed, method):  # -> [(label, w, values over names)]

@@ -1619,6 +1619,19 @@ def ltx2_config_from_state(sd, meta=None):
                       cross_attn_timestep_scale_multiplier=float(t["av_ca_timestep_scale_multiplier"]))
 
 
+def ltx2_file_metadata(cfg):
+    # the inverse of ltx2_config_from_state: a combined file's safetensors metadata for cfg, in ltx-core's field names
+    # (how the tiny default caches its base, so it loads like a release file)
+    t = dict(num_attention_heads=cfg.heads, attention_head_dim=cfg.hidden // cfg.heads,
+             audio_num_attention_heads=cfg.audio_heads, audio_attention_head_dim=cfg.audio_hidden // cfg.audio_heads,
+             rope_type=cfg.rope_type, frequencies_precision="float64" if cfg.rope_double_precision else "float32",
+             positional_embedding_theta=cfg.rope_theta, positional_embedding_max_pos=list(cfg.max_pos),
+             audio_positional_embedding_max_pos=list(cfg.audio_max_pos),
+             timestep_scale_multiplier=cfg.timestep_scale_multiplier,
+             av_ca_timestep_scale_multiplier=cfg.cross_attn_timestep_scale_multiplier, use_middle_indices_grid=True)
+    return {"config": json.dumps({"transformer": t})}
+
+
 # ----------------------------------------------------------------------------------------------------
 # LTX-2 text connectors (notes/backbones.md §3.6): Gemma-3's 49 stacked hidden states -> the two text contexts the DiT
 # cross-attends to. Lightricks ltx-core text_encoders/gemma (feature extractor + Embeddings1DConnector); diffusers

@@ -75,7 +75,7 @@ def test_jpeg_flat_smaller_than_noise():
     torch.testing.assert_close(R.jpeg_compressibility(x, ["", ""], [{}, {}]), -kb)
 
 
-@pytest.mark.parametrize("name", sorted(R.OFFLINE))
+@pytest.mark.parametrize("name", sorted(set(R.OFFLINE) - R.VIDEO))  # video rewards: test_video_offline_contract
 def test_offline_contract(name):
     images, prompts, _ = R.tiny_world(4, size=16, seed=1)
     if name == "tiny_adhere":  # reads an edit instruction; any source, even noise, gives a finite score
@@ -286,7 +286,8 @@ def _tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     words = [str(d) for d in range(10)] + sorted(set(
-        (R.SKETCH_RUBRIC + R.PHOTO_RUBRIC + R.PRESERVE_RUBRIC + R.EDIT_RUBRIC + R.PHOTO_PREFIX + R.NEUTRAL_CAPTION
+        (R.SKETCH_RUBRIC + R.PHOTO_RUBRIC + R.PRESERVE_RUBRIC + R.EDIT_RUBRIC + R.ANIMATION_RUBRIC + R.GRID_NOTE
+         + R.PHOTO_PREFIX + R.NEUTRAL_CAPTION
          + " ".join(R.COLORS + R.SHAPES + R.EDIT_INSTRUCTIONS) + " system user assistant")
         .lower().replace(".", " ").replace(",", " ").replace('"', " ").replace(":", " ").replace("(", " ").replace(")", " ").split()))
     vocab = {t: i for i, t in enumerate(dict.fromkeys(["[UNK]", *SPECIAL, ".", ",", '"', ":", "(", ")", *words]))}
@@ -544,4 +545,167 @@ def test_vlm_edit_judges_see_the_source_then_the_output(tiny):
 @pytest.mark.parametrize("name", sorted(R.MODEL))
 def test_missing_weights_raise_clearly(name, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
-        R.get_reward(name, path_or_hub_id=str(tmp_path / "nope"))
+        R.get_reward(name, video=name in R.VIDEO, path_or_hub_id=str(tmp_path / "nope"))
+
+
+# --- video objectives: videos [B,T,3,H,W]
+
+def _flat_video(values):
+    # [B,T] -> [B,T,3,4,6]: each frame one constant (value, 0.5, 1 - value), so a frame is known by its colour
+    v = torch.as_tensor(values, dtype=torch.float32)
+    return torch.stack([v, torch.full_like(v, 0.5), 1 - v], -1)[..., None, None].expand(*v.shape, 3, 4, 6)
+
+
+def test_frame_indices():
+    assert R.frame_indices(1, 4) == [0]
+    assert R.frame_indices(4, 4) == [0, 1, 2, 3]
+    assert R.frame_indices(9, 4) == [0, 3, 5, 8]  # 0, 2.67, 5.33, 8 rounded
+    assert R.frame_indices(6, 4) == [0, 2, 3, 5]  # tiny_video_world's default 6 frames
+    for t in range(5, 130):  # first and last, evenly spaced, never a frame twice
+        idx = R.frame_indices(t, 4)
+        assert idx[0] == 0 and idx[-1] == t - 1 and len(set(idx)) == 4 and idx == sorted(idx)
+    with pytest.raises(ValueError, match="at least 2"):
+        R.frame_indices(9, 1)
+
+
+def test_per_frame_is_the_mean_over_the_chosen_frames_in_one_call():
+    calls = []
+
+    def photo(images, prompts, meta):
+        calls.append((images.shape, list(prompts), meta))
+        return R.tiny_photo(images, prompts, meta)
+
+    video = torch.rand(2, 9, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    fn = R.per_frame(photo)
+    assert fn.video is True and fn.__name__ == "photo" and not hasattr(photo, "video")
+    out = fn(video, ["a", "b"], [{"i": 0}, {"i": 1}])
+    assert len(calls) == 1 and calls[0][0] == (8, 3, 8, 8)  # 2 videos x 4 frames, one batch
+    assert calls[0][1] == ["a"] * 4 + ["b"] * 4 and calls[0][2] == [{"i": 0}] * 4 + [{"i": 1}] * 4
+    by_hand = torch.stack([R.tiny_photo(video[:, t], ["", ""], None) for t in (0, 3, 5, 8)], 1).mean(1)
+    torch.testing.assert_close(out, by_hand)
+    assert out.shape == (2,) and out.dtype == torch.float32
+    torch.testing.assert_close(R.per_frame(R.tiny_photo, frames=9)(video, ["", ""], None),
+                               R.tiny_photo(video.flatten(0, 1), [""] * 18, None).view(2, 9).mean(1))
+    short = video[:, :3]  # T <= frames: every frame
+    torch.testing.assert_close(fn(short, ["", ""], None), R.tiny_photo(short.flatten(0, 1), [""] * 6, None).view(2, 3).mean(1))
+    with pytest.raises(ValueError, match=r"per_frame\(photo\) scores videos"):
+        fn(video[:, 0], ["", ""], None)
+    with pytest.raises(ValueError, match="already scores videos"):
+        R.per_frame(fn)
+
+
+def test_temporal_flicker_static_moving_random():
+    torch.manual_seed(0)
+    frame = R.tiny_world(2, size=32, seed=3)[0]
+    static = frame[:, None].expand(2, 8, 3, 32, 32)
+    torch.testing.assert_close(R.temporal_flicker(static, ["", ""], None), torch.ones(2))
+    fade = static * torch.linspace(1, 0.6, 8).view(1, 8, 1, 1, 1)  # a steady fade: linear in time
+    torch.testing.assert_close(R.temporal_flicker(fade, ["", ""], None), torch.ones(2), rtol=0, atol=1e-5)
+    # a gray square moving 2 px per frame: its second difference along the motion is exactly 0
+    def moving_square(size, step):  # [1,8,3,size,size]: a light square on gray, `step` px to the right per frame
+        v = torch.full((1, 8, 3, size, size), 0.3)
+        for t in range(8):
+            v[0, t, :, size // 3:size // 2, step * (t + 1):step * (t + 1) + size // 4] = 0.9
+        return v
+
+    square = moving_square(32, 2)
+    random = torch.rand(2, 8, 3, 32, 32)
+    moving = R.temporal_flicker(square, [""], None)
+    shuffled = R.temporal_flicker(square[:, [3, 0, 6, 1, 7, 4, 2, 5]], [""], None)
+    noisy = R.temporal_flicker(random, ["", ""], None)
+    assert moving.item() > 0.99 and shuffled.item() < 0.8 and (noisy < 0.02).all()
+    # the tiny world in motion, every style: the frames in order score above the same frames shuffled
+    for style in ("photo", "sketch", None):
+        v = R.tiny_video_world(16, size=24, seed=1, style=style)[0]
+        ordered, jumbled = R.temporal_flicker(v, None, None), R.temporal_flicker(v[:, [3, 0, 5, 1, 4, 2]], None, None)
+        assert (ordered > jumbled).all() and (ordered > 0.3).all()  # sub-pixel motion of thin lines: not quite 1
+    # 128 px is judged on a 64 px thumbnail: 4 px per frame there is 2, within the search; 8 px (4 there) is not
+    assert R.temporal_flicker(moving_square(128, 4), [""], None).item() > 0.99
+    assert R.temporal_flicker(moving_square(128, 8), [""], None).item() < 0.99
+    x = random.clone().requires_grad_(True)
+    R.temporal_flicker(x, None, None).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert R.temporal_flicker(random.bfloat16(), None, None).dtype == torch.float32
+    with pytest.raises(ValueError, match="at least 3 frames"):
+        R.temporal_flicker(random[:, :2], None, None)
+    with pytest.raises(ValueError, match="scores videos"):
+        R.temporal_flicker(random[:, 0], None, None)
+
+
+def test_frame_grid_tiles_frames_in_reading_order():
+    seen = []
+
+    def judge(images, prompts, meta):
+        seen.append(images)
+        return images.mean((1, 2, 3))
+
+    fn = R.frame_grid(judge)
+    assert fn.video is True and fn.__name__ == "judge"
+    values = torch.tensor([[t / 10 for t in range(9)], [1 - t / 10 for t in range(9)]])
+    video = _flat_video(values)  # [2,9,3,4,6]
+    out = fn(video, ["a", "b"], None)
+    grid = seen[-1]
+    assert len(seen) == 1 and grid.shape == (2, 3, 8, 12)  # 2x2 frames of 4x6, kept at full size
+    quadrants = [grid[..., :4, :6], grid[..., :4, 6:], grid[..., 4:, :6], grid[..., 4:, 6:]]
+    for q, t in zip(quadrants, [0, 3, 5, 8]):  # top left, top right, bottom left, bottom right
+        torch.testing.assert_close(q, video[:, t])
+    torch.testing.assert_close(out, grid.mean((1, 2, 3)))
+    layouts = {1: ((4, 6), [0]), 2: ((4, 12), [0, 1]), 3: ((8, 12), [0, 1, 2, 2])}  # a missing cell repeats the last
+    for t, (size, order) in layouts.items():
+        fn(video[:, :t], ["a", "b"], None)
+        assert seen[-1].shape[-2:] == size
+        cells = seen[-1].unfold(2, 4, 4).unfold(3, 6, 6)  # [B,3,rows,cols,4,6]
+        torch.testing.assert_close(cells.flatten(2, 3).movedim(2, 1), video[:, order])
+    R.frame_grid(judge, frames=9)(video, ["a", "b"], None)
+    assert seen[-1].shape == (2, 3, 12, 18)
+    torch.testing.assert_close(seen[-1][..., 4:8, 12:18], video[:, 5])  # 3x3: row 1, column 2 is frame 5
+
+
+def test_get_reward_for_video_backbones():
+    video, prompts, _, _ = R.tiny_video_world(3, size=16, frames=6, seed=2)
+    photo = R.get_reward("tiny_photo", video=True)
+    assert photo.video is True and photo.__name__ == "tiny_photo"
+    torch.testing.assert_close(photo(video, prompts, None), R.per_frame(R.tiny_photo, frames=4)(video, prompts, None))
+    assert R.get_reward("tiny_photo") is R.tiny_photo  # an image backbone gets the image reward itself
+    assert R.get_reward("temporal_flicker", video=True) is R.temporal_flicker  # a video reward comes back as is
+    for name in sorted(R.VIDEO):  # refused for images before any weights load (the path does not exist)
+        with pytest.raises(ValueError, match=f"reward '{name}' scores videos; this backbone makes images"):
+            R.get_reward(name, path_or_hub_id="/nope")
+    assert {"temporal_flicker", "vlm_animation", "vlm_sketch_grid", "vlm_animation_grid", "vlm_photo_grid"} <= set(R.REWARDS)
+    assert R.VIDEO <= set(R.REWARDS)
+    assert {n for n, f in R.OFFLINE.items() if getattr(f, "video", False)} == R.VIDEO & set(R.OFFLINE)
+
+
+@pytest.mark.parametrize("name", sorted(R.OFFLINE))
+def test_video_offline_contract(name):
+    # every offline reward scores videos on a video backbone: [B] float32, finite, with gradients
+    video, prompts, _, _ = R.tiny_video_world(3, size=16, frames=6, seed=1)
+    if name == "tiny_adhere":
+        prompts = ["make it blue", "make it a square", "make it a sketch"]
+    meta = _meta(torch.rand(3, 3, 16, 16))
+    fn = R.get_reward(name, video=True)
+    for x in (video, video.bfloat16()):
+        out = fn(x, prompts, meta)
+        assert out.shape == (3,) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    if name not in ("jpeg", "jpeg_compressibility"):
+        x = video.clone().requires_grad_(True)
+        fn(x, prompts, meta).sum().backward()
+        assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_vlm_grid_judges(tiny):
+    video, prompts, _, _ = R.tiny_video_world(3, size=28, frames=6, seed=4)  # 2x2 grid of 28 px = the judge's 56
+    kw = dict(path_or_hub_id=tiny["qwen"], dtype=torch.float32, image_size=56)
+    sketch = R.get_reward("vlm_sketch_grid", video=True, **kw)
+    assert sketch.video is True
+    score = _check(sketch, video, prompts)
+    assert (0 <= score).all() and (score <= 1).all()
+    grid = torch.cat([torch.cat([video[:, 0], video[:, 2]], -1), torch.cat([video[:, 3], video[:, 5]], -1)], -2)
+    judge = R.load_vlm_judge(tiny["qwen"], dtype=torch.float32, rubric=R.GRID_NOTE + R.SKETCH_RUBRIC, image_size=56)
+    torch.testing.assert_close(score, judge(grid, prompts, None), rtol=1e-5, atol=1e-6)  # one image per video
+    animation = _check(R.get_reward("vlm_animation_grid", video=True, **kw), video, prompts)
+    photo = _check(R.get_reward("vlm_photo_grid", video=True, **kw), video, prompts)
+    assert not torch.allclose(animation, score) and not torch.allclose(photo, score)  # other rubrics
+    per_frame = _check(R.get_reward("vlm_animation", video=True, **kw), video, prompts)  # 4 frames, one batch
+    assert per_frame.shape == (3,) and (0 <= per_frame).all() and (per_frame <= 1).all()
+    assert R.get_reward("vlm_animation", **kw).__name__ == "vlm_judge"  # on images: the plain judge

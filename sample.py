@@ -4,6 +4,7 @@
 #   python sample.py --run runs/tiny --prompt "a red circle" --sweep 7 --out strip.png   # any finished run folder
 #   python sample.py --backbone sd35 --weights PATH --prompt "a cat" --pref 0.3 --lora adapter.safetensors
 #   python sample.py --backbone sd35 --weights PATH --prompt "a cat" --sweep 5 --lora adapter.safetensors
+#   python sample.py --backbone ltx2 --weights PATH --prompt "a cat" --pref 0.3 --frames 121 --audio --out clip.webp
 import argparse
 import json
 import math
@@ -50,6 +51,31 @@ def get_flux_schedule(steps: int, image_seq_len: int) -> torch.Tensor:
     return torch.cat([e / (e + (1 / sigmas - 1)), torch.zeros(1)])
 
 
+def ltx2_mu(video_tokens: int, base=(1024, 0.95), top=(4096, 2.05)) -> float:
+    # LTX-2's shift: mu linear in the video latent's token count F*h*w through (1024, 0.95) and (4096, 2.05), in
+    # diffusers' order of operations (pipeline_ltx2.py:109-119 calculate_shift, called at l.1346 with the packed
+    # video's sequence length; ltx-core schedulers.py LTX2Scheduler). The audio tokens do not count.
+    m = (top[1] - base[1]) / (top[0] - base[0])
+    b = base[1] - m * base[0]
+    return video_tokens * m + b
+
+
+def ltx2_schedule(steps: int, video_tokens: int, terminal: float = 0.1) -> torch.Tensor:
+    # LTX2Pipeline: sigmas = linspace(1, 1/steps, steps) (float64, then float32), shifted by e^mu / (e^mu + 1/σ - 1),
+    # then stretched so that the last non-zero σ is `terminal` (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting,
+    # shift_terminal=0.1) set_timesteps, scheduling_flow_match_euler_discrete.py:262-281, 349-361). Every step in
+    # float32 with the scalars rounded to float32 first, as numpy does it there: bit-equal. -> [steps+1], last 0.
+    if steps == 1:  # one step: the stretch divides 0 by 0 (diffusers returns NaN); the one step goes from 1 to 0
+        return torch.tensor([1.0, 0.0])
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)
+    sigmas = torch.linspace(1.0, 1 / steps, steps, dtype=torch.float64).float()
+    e = f32(math.exp(ltx2_mu(video_tokens)))
+    sigmas = e / (e + (1 / sigmas - 1))
+    one_minus = 1 - sigmas
+    sigmas = 1 - one_minus / (one_minus[-1] / f32(1 - terminal))
+    return torch.cat([sigmas, torch.zeros(1)])
+
+
 def noise_like(shape, seed: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
     # drawn on the CPU so that a seed gives the same image on every device
     g = torch.Generator("cpu").manual_seed(seed)
@@ -58,6 +84,15 @@ def noise_like(shape, seed: int, device="cpu", dtype=torch.float32) -> torch.Ten
 
 # ----------------------------------------------------------------------------------------------------------------
 # Solvers. net(x, sigma[B], **cond, pref=pref) predicts v = ε - x0, so x0 = x - σ·v.
+
+
+def velocity(fn, x, sigma, cond, pref=None, pack=None, unpack=None):
+    """The one calling convention of every backbone: fn(*latents, sigma, pref=, **cond) -> the velocity, packed like x.
+    A backbone with several latents (LTX-2: video, audio) is sampled and trained on one packed tensor x; unpack splits
+    it into the net's positional latents, pack joins the net's outputs (None: one latent, x itself)."""
+    out = fn(*(unpack(x) if unpack else (x,)), sigma, pref=pref, **cond)
+    out = out if isinstance(out, tuple) else (out,)
+    return pack(out) if pack else out[0]
 
 
 @torch.no_grad()  # rollouts store only x0 (DiffusionNFT), so sampling never needs a graph
@@ -284,6 +319,111 @@ def encode_flux_prompts(enc: FluxTextEncoders, prompts: list[str]):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# LTX-2 text encoder (notes/backbones.md §3.6): Gemma-3 over the prompt left-padded to 1024 tokens, all its hidden
+# states stacked ([B, L, C, layers + 1]), then model.LTX2TextConnectors (per-layer norm, aggregate projection, the two
+# connectors) -> the DiT's context, context_audio and context_mask (pipeline_ltx2.py:303-372 _get_gemma_prompt_embeds).
+
+
+@dataclass
+class LTX2TextEncoder:
+    gemma: torch.nn.Module           # Gemma3 (text part): its hidden_states are all the encoder gives
+    tok: object                      # its tokenizer, padding on the left (the connectors expect the tokens last)
+    connectors: torch.nn.Module      # model.LTX2TextConnectors
+    max_len: int = 1024              # tokens per prompt (diffusers max_sequence_length)
+
+    def to(self, device):
+        self.gemma.to(device), self.connectors.to(device)
+        return self
+
+
+def tiny_ltx2_text_encoder(vocab: list[str], seed: int = 0, dim: int = 64, layers: int = 2, max_len: int = 8,
+                           registers: int = 8) -> LTX2TextEncoder:
+    # transformers' Gemma3 text model and our connectors, tiny and random (fixed seed), with the offline word-level
+    # tokenizer; the connectors' width is Gemma's (caption_channels), their registers tile the max_len tokens
+    import model
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+    ids = _tiny_vocab(vocab)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gemma = Gemma3TextModel(Gemma3TextConfig(
+            vocab_size=len(ids), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=layers,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=dim // 2, max_position_embeddings=max_len,
+            sliding_window=max_len, pad_token_id=0, bos_token_id=2, eos_token_id=3)).eval()
+        connectors = model.LTX2TextConnectors(model.LTX2ConnectorConfig(
+            caption_channels=dim, text_layers=layers + 1, heads=4, head_dim=dim // 4, depth=1, registers=registers,
+            audio_heads=4, audio_head_dim=dim // 4, audio_depth=1, audio_registers=registers)).eval()
+    tok = _tiny_tokenizer(ids, "<|startoftext|> $A", max_len)
+    tok.padding_side = "left"
+    return LTX2TextEncoder(gemma, tok, connectors, max_len)
+
+
+def load_ltx2_text_encoder(path: str, device="cpu", dtype=torch.float32, connectors: str | None = None,
+                           max_len: int = 1024) -> LTX2TextEncoder:
+    """path: a diffusers LTX-2 folder (text_encoder/ = Gemma3ForConditionalGeneration, tokenizer/, connectors/) or a
+    Gemma-3 folder (config.json and the tokenizer files side by side). connectors: where the connectors are when path
+    has no connectors/ (Lightricks' combined file, or a diffusers folder; model.load_ltx2_connectors reads both).
+    Only Gemma's language model runs: with text alone its hidden states are those of the whole multimodal model, so
+    the vision tower is dropped after loading."""
+    import model
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, Gemma3ForConditionalGeneration
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"LTX-2 text encoder: {path!r} is not a folder (a diffusers LTX-2 folder with "
+                                "text_encoder/, tokenizer/, connectors/, or a Gemma-3 folder)")
+    sub = lambda name: os.path.join(path, name) if os.path.isdir(os.path.join(path, name)) else path
+    gemma_dir, tok_dir = sub("text_encoder"), sub("tokenizer")
+    if not os.path.isfile(os.path.join(gemma_dir, "config.json")):
+        raise FileNotFoundError(f"LTX-2 text encoder: no Gemma-3 in {path} (neither text_encoder/config.json nor "
+                                "config.json)")
+    connectors = os.path.join(path, "connectors") if os.path.isdir(os.path.join(path, "connectors")) else connectors
+    if connectors is None:
+        raise FileNotFoundError(f"LTX-2 text encoder: {path} has no connectors/; they come with the LTX-2 weights "
+                                "(a diffusers folder's connectors/ or Lightricks' combined file)")
+    try:
+        kind = AutoConfig.from_pretrained(gemma_dir).model_type
+        if kind == "gemma3":  # the release's text encoder: take its language model
+            gemma = Gemma3ForConditionalGeneration.from_pretrained(gemma_dir, dtype=dtype).model.language_model
+        elif kind == "gemma3_text":
+            gemma = AutoModel.from_pretrained(gemma_dir, dtype=dtype)
+        else:
+            raise ValueError(f"model type {kind!r}, not Gemma-3 (gemma3 or gemma3_text)")
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"LTX-2 text encoder: cannot load Gemma-3 from {gemma_dir}: {e}") from e
+    if tok.pad_token is None:  # as LTX2Pipeline._get_gemma_prompt_embeds
+        tok.pad_token = tok.eos_token
+    conn = model.load_ltx2_connectors(connectors, dtype=dtype, device=device)
+    need = (gemma.config.hidden_size, gemma.config.num_hidden_layers + 1)
+    if (conn.cfg.caption_channels, conn.cfg.text_layers) != need:
+        raise ValueError(f"LTX-2 text encoder: the connectors take {conn.cfg.text_layers} hidden states of width "
+                         f"{conn.cfg.caption_channels}, the Gemma-3 in {gemma_dir} gives {need[1]} of width {need[0]}")
+    return LTX2TextEncoder(gemma.to(device).eval(), tok, conn, max_len)
+
+
+@torch.no_grad()
+def encode_ltx2_prompts(enc: LTX2TextEncoder, prompts: list[str]) -> dict:
+    # -> the DiT's keyword inputs: context, context_audio [B, max_len, C], context_mask [B, max_len] (all ones: the
+    # connectors' registers fill the padding)
+    enc.tok.padding_side = "left"
+    t = enc.tok([p.strip() for p in prompts], padding="max_length", max_length=enc.max_len, truncation=True,
+                add_special_tokens=True, return_tensors="pt")
+    dev = next(enc.gemma.parameters()).device
+    mask = t.attention_mask.to(dev)
+    hidden = enc.gemma(input_ids=t.input_ids.to(dev), attention_mask=mask, output_hidden_states=True).hidden_states
+    q = next(enc.connectors.parameters())
+    context, context_audio, mask = enc.connectors(torch.stack(hidden, -1).to(q.device, q.dtype), mask.to(q.device))
+    return dict(context=context, context_audio=context_audio, context_mask=mask)
+
+
+def ltx2_packing(video_shape, audio_shape):
+    """The loop stores one x0 per sample: LTX-2's video latent [C, F, h, w] and audio latent [Ca, A, mel] flattened
+    and concatenated, [n_video + n_audio]. -> (pack: (v_video, v_audio) -> x [B, n], unpack: x -> (video, audio))."""
+    n = math.prod(video_shape)
+    pack = lambda out: torch.cat([out[0].flatten(1), out[1].flatten(1)], 1)
+    unpack = lambda x: (x[:, :n].unflatten(1, video_shape), x[:, n:].unflatten(1, audio_shape))
+    return pack, unpack
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Images
 
 
@@ -353,6 +493,54 @@ def image_grid(rows, col_labels, row_labels=None, tile=160):
     return grid
 
 
+def save_video(frames, path, fps=24.0):
+    """frames: a video [T,3,H,W] in [0,1] (a tensor, or a list of [3,H,W] tensors or PIL images) -> an animated
+    image, WebP or GIF by the extension of path, looping, and an H.264 .mp4 beside it where PyAV is installed.
+    -> the paths written."""
+    from PIL import Image
+    images = [f if isinstance(f, Image.Image) else to_pil(f) for f in frames]
+    save_animation(images, path, fps)
+    try:
+        import av
+    except ImportError:
+        print("(PyAV is not installed: no .mp4 beside it; pip install av for one)")
+        return [path]
+    mp4 = os.path.splitext(path)[0] + ".mp4"
+    try:
+        from fractions import Fraction
+        with av.open(mp4, "w") as out:
+            stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            w, h = images[0].size
+            stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"  # 4:2:0 needs even sides
+            for im in images:
+                canvas = Image.new("RGB", (stream.width, stream.height))
+                canvas.paste(im)
+                out.mux(stream.encode(av.VideoFrame.from_image(canvas)))
+            out.mux(stream.encode())  # flush
+    except Exception as e:  # the animated image is written; an encoder this FFmpeg lacks only costs the .mp4
+        print(f"(no .mp4: PyAV could not encode it: {e})")
+        return [path]
+    return [path, mp4]
+
+
+def save_animation(images, fp, fps, format=None):
+    # PIL images -> a looping animated WebP or GIF: a path (the format from its extension) or a file object + format
+    extra = dict(quality=90) if (format or os.path.splitext(fp)[1][1:]).lower() == "webp" else {}
+    images[0].save(fp, format=format, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0,
+                   **extra)
+
+
+def save_wav(wav, path, rate):
+    # a waveform [channels, samples] in [-1, 1] -> a 16-bit PCM WAV (standard library), samples interleaved
+    import wave
+    pcm = (wav.float().clamp(-1, 1) * 32767).round().to(torch.int16).T.contiguous().cpu().numpy()
+    with wave.open(path, "wb") as f:
+        f.setnchannels(wav.shape[0])
+        f.setsampwidth(2)
+        f.setframerate(int(rate))
+        f.writeframes(pcm.astype("<i2").tobytes())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -392,6 +580,11 @@ class Pipeline:
     to_latent: callable = None               # images [B,3,H,W] in [0,1] -> latents (Kontext's reference image)
     from_latent: callable = None             # x0 -> images in [0,1]; None: the VAE's decode (pixels without one)
     guidance_input: bool = False             # FLUX: the guidance scale is an input of the net, not CFG
+    packing: callable = None                 # a net with several latents (LTX-2): same arguments as `latent` ->
+    #                                          (pack, unpack) of sample.velocity; None: x0 is the net's one latent
+    net_kwargs: dict = None                  # fixed keyword inputs of the net that are no batched tensors (LTX-2's fps)
+    audio: callable = None                   # LTX-2 with its audio decoders: x0 -> (waveform [B, channels, samples] in
+    #                                          [-1, 1], samples per second)
 
     def conditions(self, prompts, guidance=1.0, negative_prompt=""):
         return prompt_conditions(self.encode, prompts, guidance if not self.guidance_input else 1.0, negative_prompt)
@@ -399,29 +592,34 @@ class Pipeline:
     def decode(self, x0):
         return self.from_latent(x0) if self.from_latent else decode(self.vae, x0)
 
-    def x0_shape(self, height, width):
+    def x0_shape(self, height, width, frames=None):
         if self.latent:
-            return self.latent(height, width)
+            return self.latent(height, width, **({} if frames is None else dict(frames=frames)))
         return (self.net.cfg.in_channels, height // 8, width // 8) if self.vae is not None else \
             (self.net.cfg.in_channels, height, width)
 
     @torch.no_grad()
     def generate(self, cond, uncond, pref, steps, seed, height, width, guidance=1.0, solver="euler", shift=3.0,
-                 progress=False):
-        # -> images [B,3,H,W] in [0,1]. The same seed always starts from the same noise, so a sweep over ω compares
-        # like with like.
+                 progress=False, frames=None, decode=True):
+        # -> images [B,3,H,W] in [0,1] (a video backbone: what its decode gives; decode=False: x0 itself). The same
+        # seed always starts from the same noise, so a sweep over ω compares like with like.
         p = next(self.net.parameters())
         to_net = lambda d: None if d is None else {k: v.to(p.device, p.dtype) for k, v in d.items()}
         cond, uncond = to_net(cond), to_net(uncond)
         batch = next(iter(cond.values())).shape[0]
         if self.guidance_input:  # guidance-distilled: one forward per step, the scale goes in as an input
             cond["guidance"], guidance = torch.full((batch,), float(guidance), device=p.device), 1.0
-        shape = self.x0_shape(height, width)
+        shape = self.x0_shape(height, width, frames)
         x = noise_like((batch, *shape), seed, p.device, p.dtype)
         if pref is not None:
             pref = torch.as_tensor(pref, dtype=p.dtype, device=p.device).expand(batch, -1)
         sigmas = self.schedule(steps, shift, shape) if self.schedule else get_schedule(steps, shift)
-        return self.decode(denoise(self.net, x, sigmas, cond, pref, guidance, uncond, solver, progress))
+        pack, unpack = self.packing(height, width, **({} if frames is None else dict(frames=frames))) \
+            if self.packing else (None, None)
+        step = lambda x, s, pref=None, **c: velocity(self.net, x, s, {**c, **(self.net_kwargs or {})}, pref, pack,
+                                                     unpack)
+        x0 = denoise(step, x, sigmas, cond, pref, guidance, uncond, solver, progress)
+        return self.decode(x0) if decode else x0
 
 
 def load_net(weights, lora, dtype, device):
@@ -502,6 +700,104 @@ def depth_to_space(x0, f=2):  # the inverse, clamped to [0,1]
     return ((F.pixel_shuffle(x0.float(), f) + 1) / 2).clamp(0, 1)
 
 
+def frames_to_latent(video, f=4):  # video [B,T,3,H,W] in [0,1] -> the tiny LTX-2's video x0 [B,3f^2,T,H/f,W/f] in [-1,1]
+    return F.pixel_unshuffle(video * 2 - 1, f).transpose(1, 2)
+
+
+def latent_to_frames(z, f=4):  # the inverse, clamped to [0,1]: [B,3f^2,T,h,w] -> [B,T,3,hf,wf]
+    return ((F.pixel_shuffle(z.float().transpose(1, 2), f) + 1) / 2).clamp(0, 1)
+
+
+def ltx2_text_encoder(spec, device, dtype):
+    # Gemma-3 + the connectors of a full-size spec: from its text_encoders folder, or its weights folder
+    return text_encoders(spec, None, load_ltx2_text_encoder, device, dtype,
+                         "a diffusers LTX-2 folder, or a Gemma-3 folder", connectors=spec["weights"])
+
+
+def load_ltx2(spec, dtype=torch.float32, device="cpu", lora=None):
+    """LTX-2 (audio + video). spec: {"weights": a diffusers folder (transformer/, vae/, connectors/, text_encoder/,
+    tokenizer/, audio_vae/, vocoder/) or Lightricks' combined file, "text_encoders": a diffusers LTX-2 folder or a
+    Gemma-3 folder (default: weights when it is a folder; needed with the combined file), "audio": also load the audio
+    VAE and vocoder (Pipeline.audio), "fps": the frame rate, an input of the net (default 24), "no_text_encoder": skip
+    Gemma (its prompts were encoded before; Pipeline.encode then refuses)} or, for the tiny
+    default, {"weights": the cached base, "tiny_text_encoder": {...}, "pixels": 4}: a pixel-space net whose video
+    latent is the frames space-to-depth'ed (frames_to_latent) and whose audio latent has one frame per video frame.
+    x0 is the video and audio latents packed into one vector (ltx2_packing); latent and packing take (height, width,
+    frames); decode gives videos [B, T, 3, H, W] in [0, 1]."""
+    import model
+    weights, fps = spec["weights"], float(spec.get("fps", 24.0))
+    tiny = bool(spec.get("pixels"))
+    if spec.get("audio") and tiny:
+        raise ValueError("the tiny LTX-2 has no audio VAE or vocoder (its audio latent is a toy signal)")
+    if not tiny:  # the video VAE is part of the weights: refuse before the 19B transformer loads
+        has_vae = os.path.isdir(os.path.join(weights, "vae")) if os.path.isdir(weights) else \
+            bool(model.read_safetensors(weights, keep=lambda k: k == "vae." + model.LTX2_VAE_SIGNATURE)[0])
+        if not has_vae:
+            raise UsageError(f"--weights {weights}: no LTX-2 video VAE there (a diffusers folder with vae/, or "
+                             "Lightricks' combined file with vae.*)")
+    net = load_net(weights, lora, dtype, device)
+    c = net.cfg
+    audio_latent = lambda A: (c.audio_channels, A, c.audio_in_channels // c.audio_channels)  # [8, A, 16]
+    if tiny:
+        f = spec["pixels"]
+        shapes = lambda h, w, frames: ((c.in_channels, frames, h // f, w // f), audio_latent(frames))
+        to_video = lambda z: latent_to_frames(z, f)
+        enc = tiny_ltx2_text_encoder(**spec["tiny_text_encoder"])
+    else:
+        ft, fs, _ = c.vae_scale_factors  # 8, 32 (the VAE's compression: frames 8k+1 -> k+1 latent frames)
+
+        def shapes(h, w, frames):
+            if (frames - 1) % ft or h % fs or w % fs:
+                raise ValueError(f"LTX-2: {frames} frames of {h}x{w} px; the VAE needs {ft}k+1 frames and sides that "
+                                 f"are multiples of {fs}")
+            # audio latent frames for the clip's duration, 25 per second: 16 kHz, hop 160, 4 mel frames per latent
+            # frame, in diffusers' order of operations (pipeline_ltx2.py:1306-1310)
+            A = round(frames / fps * (c.audio_sampling_rate / c.audio_hop_length / float(c.audio_scale_factor)))
+            return (c.in_channels, (frames - 1) // ft + 1, h // fs, w // fs), audio_latent(A)
+
+        vae = model.load_vae(weights, dtype=dtype, device=device)  # a folder's vae/ or the combined file's vae.*
+        to_video = lambda z: vae.decode(z.to(next(vae.parameters()).dtype)).float().transpose(1, 2)
+        enc = None if spec.get("no_text_encoder") else ltx2_text_encoder(spec, device, dtype)
+
+    # The loop and decode see only the packed length n; the layouts made so far are kept by n, so that decode and
+    # the schedule find the video and audio latent shapes of an x0 (one clip size per pipeline in practice).
+    layouts = {}
+
+    def layout(h, w, frames=None):
+        if frames is None:
+            raise ValueError("LTX-2 makes videos: give the frame count (frames=)")
+        parts = shapes(h, w, frames)
+        n = sum(math.prod(p) for p in parts)
+        if layouts.setdefault(n, parts) != parts:
+            raise ValueError(f"LTX-2: clips of {layouts[n]} and {parts} both pack to {n} numbers; use one pipeline "
+                             "per clip size")
+        return parts
+
+    def parts_of(n):
+        if n not in layouts:
+            raise ValueError(f"LTX-2: no clip size of this pipeline packs to {n} numbers (x0_shape(height, width, "
+                             "frames) makes the layout)")
+        return layouts[n]
+
+    unpack = lambda x0: ltx2_packing(*parts_of(x0.shape[1]))[1](x0)
+    audio = None
+    if spec.get("audio"):  # mel spectrogram [B, 2, 4A-3, 64] -> waveform [B, 2, 240 (4A-3)] at 24 kHz
+        audio_vae, vocoder = model.load_ltx2_audio(weights, dtype=dtype, device=device)
+        audio = lambda x0: (vocoder(audio_vae.decode(unpack(x0)[1].to(dtype))).float(), vocoder.cfg.sample_rate)
+    schedule = None if tiny else \
+        lambda steps, shift, shape: ltx2_schedule(steps, math.prod(parts_of(shape[0])[0][1:]))  # F*h*w tokens
+    def encode(prompts):
+        if enc is None:
+            raise ValueError("this LTX-2 pipeline was loaded without its text encoder (no_text_encoder)")
+        return encode_ltx2_prompts(enc, prompts)
+
+    return Pipeline(net, None if tiny else vae, enc, encode,
+                    latent=lambda h, w, frames=None: (sum(math.prod(p) for p in layout(h, w, frames)),),
+                    schedule=schedule, from_latent=lambda x0: to_video(unpack(x0)[0]),
+                    packing=lambda h, w, frames=None: ltx2_packing(*layout(h, w, frames)),
+                    net_kwargs=dict(fps=fps), audio=audio)
+
+
 # Kontext was trained at these ~1 MP (width, height) sizes; a reference image goes to the one nearest its aspect
 # ratio (diffusers pipeline_flux_kontext.py:82-100, 937-943; BFL util.py PREFERED_KONTEXT_RESOLUTIONS)
 KONTEXT_RESOLUTIONS = [(672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
@@ -529,7 +825,8 @@ def load_image(path, size=None):
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
 
 
-LOADERS = {"sd35": load_sd35, "flux-kontext": load_flux}  # --backbone -> loader(spec, dtype, device, lora) -> Pipeline
+LOADERS = {"sd35": load_sd35, "flux-kontext": load_flux, "ltx2": load_ltx2}  # --backbone -> loader(spec, dtype,
+#                                                                              device, lora) -> Pipeline
 
 
 def cli():
@@ -540,7 +837,7 @@ def cli():
     ap.add_argument("--weights", help="diffusers repo folder (transformer/, vae/, text encoders) "
                     "or an original single .safetensors file")
     ap.add_argument("--text-encoders", help="diffusers folder or hub id with text_encoder{,_2,_3}/ and tokenizer{,_2,_3}/"
-                    " (default: --weights when it is a folder)")
+                    "; ltx2: a diffusers LTX-2 folder or a Gemma-3 folder (default: --weights when it is a folder)")
     ap.add_argument("--no-t5", action="store_true", help="skip T5-XXL (zeros instead, as diffusers does)")
     ap.add_argument("--lora", help="adapter .safetensors (LoRA + preference modules) written by train.py")
     ap.add_argument("--prompt", help="text prompt (not with --serve: the page asks for it)")
@@ -556,10 +853,18 @@ def cli():
                     "Kontext resolution (a tiny run: to its size)")
     ap.add_argument("--vae", help="FLUX with a single-file --weights: BFL's ae.safetensors")
     ap.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same noise on every device)")
-    ap.add_argument("--size", type=int, help="image side in pixels (multiple of 16; default 1024; a run's size)")
+    ap.add_argument("--size", type=int, help="image side in pixels (multiple of 16; default 1024, LTX-2 512 (a "
+                    "multiple of 32); a run's size)")
+    ap.add_argument("--frames", type=int, help="video backbones (ltx2): frames per clip (8k+1; default 121; a run's "
+                    "frames)")
+    ap.add_argument("--fps", type=float, help="video backbones: frames per second, an input of the net and the "
+                    "playback rate (default 24)")
+    ap.add_argument("--audio", action="store_true", help="ltx2: decode the sound too (audio VAE + vocoder) and write "
+                    "a WAV beside the video")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="transformer dtype (default fp32; a run's dtype)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    ap.add_argument("--out", default="out.png", help="output PNG")
+    ap.add_argument("--out", help="output image (default out.png); a video: an animated .webp or .gif (default "
+                    "out.webp), plus an .mp4 beside it where PyAV is installed")
     ap.add_argument("--kernels", choices=["triton", "torch"], help="fused Triton kernels or the PyTorch references "
                     "(default: Triton on a GPU)")
     ap.add_argument("--serve", action="store_true", help="a local page with the slider: drag ω, watch the image move")
@@ -580,14 +885,16 @@ def main(argv=None):
         sys.exit(2)
 
 
-GUIDANCE = {"sd35": 1.0, "flux-kontext": 2.5}  # default --guidance: SD3.5 CFG off; Kontext's distilled input
+GUIDANCE = {"sd35": 1.0, "flux-kontext": 2.5, "ltx2": 1.0}  # default --guidance: CFG off; Kontext's distilled input
 DISTILLED = {"flux-kontext"}  # guidance is an input of the net: a run's --guidance is what it trained with
+# video backbones: their defaults (LTX2Pipeline: 30 steps, 121 frames at 24 fps; 512 px, its stage-1 height)
+VIDEO = {"ltx2": dict(steps=30, size=512, frames=121, fps=24.0, out="out.webp")}
 
 
 def run_settings(args):
     # -> (backbone, spec, adapter path, objectives) and the run's sampling settings as defaults for unset flags
     import model
-    defaults = dict(steps=28, solver="euler", shift=3.0, size=1024, dtype="fp32")
+    defaults = dict(steps=28, solver="euler", shift=3.0, size=1024, dtype="fp32", out="out.png")
     if not args.run:
         if not args.weights:
             raise UsageError("give --run DIR (a train.py run folder) or --weights PATH")
@@ -598,7 +905,8 @@ def run_settings(args):
         if args.vae and not os.path.isfile(args.vae):
             raise UsageError(f"--vae {args.vae}: no such file")
         spec = dict(weights=args.weights, text_encoders=args.text_encoders, t5=not args.no_t5, vae=args.vae)
-        return args.backbone, spec, args.lora, None, dict(defaults, guidance=GUIDANCE[args.backbone])
+        return args.backbone, spec, args.lora, None, dict(defaults, guidance=GUIDANCE[args.backbone],
+                                                          **VIDEO.get(args.backbone, {}))
     config, lora = os.path.join(args.run, "config.json"), args.lora or os.path.join(args.run, "adapters.safetensors")
     if not os.path.isfile(config):
         raise UsageError(f"--run {args.run}: no config.json there (not a train.py run folder)")
@@ -610,8 +918,10 @@ def run_settings(args):
     spec = json.loads(meta["pipeline"])
     if args.weights:  # the base moved: point at it
         spec = dict(spec, weights=args.weights)
-    defaults.update(guidance=GUIDANCE.get(meta["backbone"], 1.0))
+    defaults.update(guidance=GUIDANCE.get(meta["backbone"], 1.0), **VIDEO.get(meta["backbone"], {}))
     keys = (("steps", "sample_steps"), ("solver", "solver"), ("shift", "shift"), ("size", "size"), ("dtype", "dtype"))
+    if meta["backbone"] in VIDEO:
+        keys += (("frames", "frames"),)
     if meta["backbone"] in DISTILLED:  # the run's guidance is the net's input it trained with (never CFG)
         keys += (("guidance", "guidance"),)
     defaults.update({k: cfg[c] for k, c in keys if c in cfg})
@@ -634,6 +944,8 @@ def run(args):
     cond, uncond = pipe.conditions([args.prompt], args.guidance, args.negative_prompt)
     if hasattr(pipe.enc, "to"):
         pipe.enc.to("cpu")  # the text encoders are done; free the accelerator for the transformer
+    if backbone in VIDEO:
+        return write_videos(pipe, args, cond, uncond, prefs, objectives)
     width = height = args.size
     source = None
     if args.image:  # Kontext: the reference latent joins the conditioning; the output takes its size
@@ -655,6 +967,50 @@ def run(args):
     else:
         to_pil(images[0]).save(args.out)
         print(f"wrote {args.out}")
+
+
+def write_videos(pipe, args, cond, uncond, prefs, objectives):
+    # one clip per ω -> the animated image (--sweep: every frame holds the N clips side by side, labelled with ω),
+    # an .mp4 beside it where PyAV is installed and, with --audio, each clip's sound as a WAV beside it
+    x0s = [pipe.generate(cond, uncond, p, args.steps, args.seed, args.size, args.size, args.guidance, args.solver,
+                         args.shift, progress=True, frames=args.frames, decode=False) for p in prefs]
+    clips = [pipe.decode(x0)[0] for x0 in x0s]  # [T, 3, H, W] each
+    frames = clips[0]
+    if args.sweep:
+        labels = [pref_label(p) for p in prefs]
+        frames = [image_grid([[clip[t] for clip in clips]], labels) for t in range(len(frames))]
+    written = save_video(frames, args.out, args.fps)
+    if args.audio:
+        stem = os.path.splitext(args.out)[0]
+        for i, x0 in enumerate(x0s):
+            wav, rate = pipe.audio(x0)
+            written.append(f"{stem}.wav" if len(x0s) == 1 else f"{stem}_{i}.wav")  # _i: the i-th ω of the sweep
+            save_wav(wav[0], written[-1], rate)
+    names = f", {len(prefs)} values of ω" + (f" ({objectives[0]} → {objectives[1]})" if objectives else "") \
+        if args.sweep else ""
+    print(f"wrote {', '.join(written)} ({len(frames)} frames at {args.fps:g} fps{names})")
+
+
+def check_video_args(args, spec):
+    # LTX-2's clip size, before anything loads: the release VAE compresses 8x in time and 32x in space; the tiny
+    # pixel-space net packs `pixels` x `pixels` per token and any frame count
+    if args.frames < 1 or not args.fps > 0:
+        raise UsageError(f"--frames {args.frames}, --fps {args.fps}: both must be positive")
+    f = spec.get("pixels")
+    if f:
+        if args.audio:
+            raise UsageError("--audio: the tiny LTX-2 has no audio VAE or vocoder (its audio latent is a toy signal)")
+        if args.size % f:
+            raise UsageError(f"--size {args.size}: the tiny LTX-2 packs {f}x{f} pixels per token; use a multiple "
+                             f"of {f}")
+    else:
+        if (args.frames - 1) % 8:
+            raise UsageError(f"--frames {args.frames}: LTX-2 needs 8k+1 frames (its VAE compresses time 8x), "
+                             "e.g. 9, 25, 121")
+        if args.size % 32:
+            raise UsageError(f"--size {args.size}: LTX-2 needs a multiple of 32 (its VAE compresses 32x)")
+    if not args.serve and not args.out.lower().endswith((".webp", ".gif")):
+        raise UsageError(f"--out {args.out}: a video is written as an animated .webp or .gif")
 
 
 def source_size(wh, size, spec):
@@ -680,8 +1036,16 @@ def prepare(args):
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.size % 16:
-        raise UsageError(f"--size {args.size}: must be a multiple of 16 (VAE 8x, patch 2)")
+    if backbone in VIDEO:
+        check_video_args(args, spec)
+        spec = dict(spec, fps=args.fps, audio=args.audio)
+    else:
+        given = [f for f, v in (("--frames", args.frames), ("--fps", args.fps), ("--audio", args.audio or None))
+                 if v is not None]
+        if given:
+            raise UsageError(f"{given[0]}: backbone {backbone!r} makes images, not videos")
+        if args.size % 16:
+            raise UsageError(f"--size {args.size}: must be a multiple of 16 (VAE 8x, patch 2)")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UsageError(f"--out {args.out}: the folder does not exist")
@@ -712,12 +1076,14 @@ MAX_UPLOAD = 8 << 20  # bytes of a request body (an uploaded source image, base6
 
 
 class Slider:
-    """The model behind the page: render(prompt, seed, ω, source PNG bytes or None) -> PNG bytes, cached."""
+    """The model behind the page: render(prompt, seed, ω, source PNG bytes or None) -> PNG bytes (a video backbone: an
+    animated WebP), cached."""
 
     def __init__(self, pipe, args, info, cache_size=256):
         import threading
         from collections import OrderedDict
         self.pipe, self.args, self.info = pipe, args, info
+        self.mime = "image/webp" if info["video"] else "image/png"
         self.lock, self.cache, self.cache_size = threading.Lock(), OrderedDict(), cache_size
         self.cache_lock = threading.Lock()  # the cache and `newest` are read by every request thread
         self.newest = {}  # client -> its newest request number
@@ -773,9 +1139,13 @@ class Slider:
                 width, height = source_size(wh, a.size, self.info["spec"])
                 img = load_image(io.BytesIO(source), (width, height))
                 cond["ref"] = self.pipe.to_latent(img.to(a.device))
-            x = self.pipe.generate(cond, uncond, w, a.steps, key[1], height, width, a.guidance, a.solver, a.shift)[0]
+            x = self.pipe.generate(cond, uncond, w, a.steps, key[1], height, width, a.guidance, a.solver, a.shift,
+                                   frames=a.frames)[0]
             buf = io.BytesIO()
-            to_pil(x).save(buf, format="PNG")
+            if self.info["video"]:  # a clip [T,3,H,W]: the page's <img> plays an animated WebP
+                save_animation([to_pil(f) for f in x], buf, a.fps, format="WEBP")
+            else:
+                to_pil(x).save(buf, format="PNG")
             with self.cache_lock:
                 self.cache[key] = buf.getvalue()
                 while len(self.cache) > self.cache_size:
@@ -850,7 +1220,7 @@ def make_server(slider, host="127.0.0.1", port=7860):
             png, cache = out
             ms = 1000 * (time.perf_counter() - t0)
             print(f"render {req.get('prompt')!r} seed {seed} ω {req.get('pref')}: {cache}, {ms:.0f} ms", flush=True)
-            self.send(200, png, "image/png", [("X-Cache", cache), ("X-Render-Ms", f"{ms:.1f}")])
+            self.send(200, png, slider.mime, [("X-Cache", cache), ("X-Render-Ms", f"{ms:.1f}")])
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
@@ -860,7 +1230,7 @@ def make_server(slider, host="127.0.0.1", port=7860):
 def run_info(pipe, backbone, spec, objectives, args):
     # what the page says about the run it serves: backbone, objectives, step, hypervolume (from the run folder)
     info = dict(backbone=backbone, objectives=objectives or [], pref_dim=pipe.net.cfg.pref_dim,
-                editing=pipe.to_latent is not None, video=False, run=args.run or args.weights, step=None,
+                editing=pipe.to_latent is not None, video=backbone in VIDEO, run=args.run or args.weights, step=None,
                 hypervolume=None, size=args.size, steps=args.steps, spec=spec)
     if args.run:
         import model

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 import types
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -46,7 +46,7 @@ import sample
 
 @dataclass
 class Config:
-    backbone: str = "sd35"  # which network: sd35 | flux-kontext (the keys of BACKBONES at the end; LTX-2 comes later)
+    backbone: str = "sd35"  # which network: sd35 | flux-kontext | ltx2 (the keys of BACKBONES at the end)
     tiny: bool = False  # the CPU default: a tiny net of the same code, tiny text encoders, a procedural world
     weights: str = ""  # diffusers folder / single file of the base model (full size)
     prompts: str = ""  # text file, one training prompt per line (full size, text-to-image)
@@ -71,6 +71,9 @@ class Config:
     solver: str = "dpm2"  # deterministic solver of the rollouts (reference: DPM-Solver++ 2M)
     shift: float = 1.0  # schedule time shift (3.0 for SD3.5 at 512-1024 px; 1.0 for the 32 px world)
     size: int = 32  # image side in pixels
+    frames: int = 121  # video backbones (ltx2): frames per clip (full size 8k + 1, the VAE's 8x time compression)
+    nft_audio: bool = False  # ltx2: the NFT loss covers the audio velocity too (off: the rewards see video only)
+    #                          off, an advantage says nothing about the audio; the KL still holds it to the base
     batch: int = 64  # micro-batch for rollout and update
     # --- DiffusionNFT update
     beta: float = 0.1  # NFT strength: v+ = beta v + (1-beta) v_old
@@ -112,7 +115,7 @@ METHOD_NAMES = dict(slider="ParetoSlider", fixed="FixedWeight", flowmulti="FlowM
                     soups="RewardedSoups")
 TRAINS = ("slider", "fixed", "flowmulti")
 # numeric flags: the smallest (and largest) value that makes sense; group_size 1 would give zero advantages
-AT_LEAST = dict(steps=1, prompts_per_step=1, prefs_per_prompt=1, group_size=2, sample_steps=1, size=8, batch=1,
+AT_LEAST = dict(steps=1, prompts_per_step=1, prefs_per_prompt=1, group_size=2, sample_steps=1, size=8, frames=2, batch=1,
                 lora_rank=1, ckpt_every=1, pretrain_steps=1, pretrain_batch=1, eval_points=2, eval_prompts=1,
                 kl_beta=0.0, weight_decay=0.0, ema=0.0)
 POSITIVE = ("lr", "lora_alpha", "grad_clip", "adv_clip", "shift", "pretrain_lr", "beta", "timestep_fraction")
@@ -149,7 +152,7 @@ def parse_config(argv=None):
     else:
         b = args.get("backbone", Config.backbone)
         if b not in BACKBONES:
-            die(f"unknown backbone {b!r}; available: {', '.join(BACKBONES)} (LTX-2 is not wired in yet)")
+            die(f"unknown backbone {b!r}; available: {', '.join(BACKBONES)}")
         cfg = Config(**{**BACKBONES[b]["preset"], **(BACKBONES[b]["tiny"] if args.get("tiny") else {}), **args})
     for name, ok in CHOICES.items():
         if getattr(cfg, name) not in ok:
@@ -166,6 +169,8 @@ def parse_config(argv=None):
     objectives(cfg)  # rewards, --fixed-pref and --ref-point checked now, not after the models load
     if not cfg.tiny:
         check_full_size(cfg)
+    if BACKBONES[cfg.backbone].get("video"):
+        check_clip(cfg)
     if not cfg.resume and int(os.environ.get("RANK", "0")) == 0:
         cfg.out = claim_run_folder(cfg.out, explicit="out" in args)
     return cfg
@@ -231,6 +236,9 @@ def objectives(cfg):
     unknown = [n for n in names + heldout if n not in R.REWARDS]
     if unknown:
         die(f"unknown reward(s) {unknown}; valid: {', '.join(sorted(R.REWARDS))}")
+    videos = sorted(set(names + heldout) & R.VIDEO)
+    if videos and not BACKBONES[cfg.backbone].get("video"):
+        die(f"reward(s) {videos} score videos; --backbone {cfg.backbone} makes images")
     M, fixed = len(names), None
     if cfg.fixed_pref:  # the same parsing and simplex check as sample.py's --pref
         try:
@@ -416,16 +424,16 @@ class Setup:
     decode: callable  # x0 [B, *x0_shape] -> what the rewards take (images [B,3,H,W] in [0,1])
     pipeline: dict  # the loader spec (sample.LOADERS) that rebuilds net + text encoders + VAE; saved with adapters
     schedule: callable = None  # steps -> sigmas [steps+1] (None: the shifted SD3 schedule with cfg.shift)
-    pack: callable = lambda latents: latents[0]  # the net's output latents (a tuple) -> one x0-shaped tensor
-    unpack: callable = lambda x: (x,)  # x0-shaped tensor -> the net's positional latents
+    pack: callable = None  # several latents (LTX-2): the net's outputs -> one x0-shaped tensor (sample.velocity)
+    unpack: callable = None  # x0-shaped tensor -> the net's positional latents (None: x0 is the net's one latent)
     rewrites: dict = None  # --method prompt: {caption suffix: (the w it stands for, conditioning of every item)}
+    nft_part: callable = None  # x [B, *x0_shape] -> the part the NFT loss covers (LTX-2: the video unless nft_audio)
+    video: bool = False  # decode gives videos [B, T, 3, H, W]: image rewards are scored per frame (R.get_reward)
 
 
 def velocity(fn, setup, x, sigma, cond, pref=None):
-    # The one calling convention: fn(*latents, sigma, pref=, **cond) -> the velocity, packed like x.
-    # fn: the net, a policy (an adapter state swapped in), or the base model.
-    out = fn(*setup.unpack(x), sigma, pref=pref, **cond)
-    return setup.pack(out if isinstance(out, tuple) else (out,))
+    # fn: the net, a policy (an adapter state swapped in), or the base model; sample.velocity's calling convention
+    return sample.velocity(fn, x, sigma, cond, pref, setup.pack, setup.unpack)
 
 
 def lookup(setup, items, device, dtype, cond=None):
@@ -446,31 +454,20 @@ def sd35_tiny_setup(cfg, M, device):
     Half of the pretraining captions also name the image's style ("a red circle, sketch"; R.style_word), so the base
     model learns the words the prompt-rewriting baseline uses; RL and evaluation use the plain prompts."""
     prompts = [f"a {c} {s}" for c in R.COLORS for s in R.SHAPES]
-    styled = {w: [f"{p}, {w}" for p in prompts] for w in R.STYLE_WORDS}
     tiny_enc = dict(vocab=["a", ","] + R.COLORS + R.SHAPES + list(R.STYLE_WORDS), seed=0)
     enc = sample.tiny_text_encoders(**tiny_enc)
-    cond = sample.sd3_cond(enc, prompts)
-    rewrites = {w: sample.sd3_cond(enc, styled[w]) for w in R.STYLE_WORDS}
-    labels = dict(photo=[1.0, 0.0], mixed=[0.5, 0.5], sketch=[0.0, 1.0])  # the trade-off each word asks for
+    cond, styled, rewrites = tiny_captions(lambda ps: sample.sd3_cond(enc, ps), prompts)
     setup = Setup(None, prompts, cond, [{} for _ in prompts], [(7 * i) % len(prompts) for i in range(cfg.eval_prompts)],
-                  (3, cfg.size, cfg.size), lambda x0: sample.decode(None, x0), {},
-                  rewrites={f", {w}": (labels[w], rewrites[w]) for w in R.STYLE_WORDS})
+                  (3, cfg.size, cfg.size), lambda x0: sample.decode(None, x0), {}, rewrites=rewrites)
 
     def world():  # x0 in [-1, 1] and the conditioning of each image (its caption), for flow matching
         n = min(cfg.pretrain_steps * cfg.pretrain_batch, 20000)
         images, world_prompts, styles = R.tiny_world(n, size=cfg.size, seed=cfg.seed)
-        captioned = torch.rand(n, generator=torch.Generator().manual_seed(cfg.seed)) < 0.5
-        rows = [prompts.index(p) for p in world_prompts]
-        out = {k: v[rows] for k, v in cond.items()}
-        for w, c in rewrites.items():  # the captioned images whose style is w take the "…, w" conditioning
-            m = captioned & torch.tensor([R.style_word(s) == w for s in styles])
-            for k in out:
-                out[k][m] = c[k][torch.tensor(rows)[m]]
-        return images * 2 - 1, out
+        return images * 2 - 1, captioned_world(cfg, cond, styled, prompts, world_prompts, styles)
 
     mcfg = model.SD3Config(**model.SD3_PRESETS["sd35-tiny"])
     key = cache_key("tiny_sd35", cfg, asdict(mcfg), tiny_enc, prompts, R.tiny_world, R._render, R._shape_distance,
-                    R.style_word, world)
+                    R.style_word, world, captioned_world)
     path = pretrain_tiny(cfg, setup, lambda: model.SD3Transformer(mcfg), world, key, device)
     setup.pipeline = dict(weights=os.path.abspath(path), tiny_text_encoders=tiny_enc)
     return setup
@@ -497,10 +494,11 @@ def cache_key(name, cfg, *parts):
     return f"{name}_{cfg.size}px_{cfg.pretrain_steps}x{cfg.pretrain_batch}_s{cfg.seed}_{digest}"
 
 
-def pretrain_tiny(cfg, setup, make_net, world, key, device):
+def pretrain_tiny(cfg, setup, make_net, world, key, device, metadata=None):
     """The tiny base model: flow matching on the procedural world (world() -> x0 [n, *x0_shape] and the net's
-    conditioning of each, {keyword: [n, ...]}), cached on disk under a name that hashes everything it depends on.
-    Sets setup.net; returns the cache file."""
+    conditioning of each, {keyword: [n, ...]}), cached on disk under a name that hashes everything it depends on,
+    with `metadata` in the file (what model.load_transformer needs beyond the shapes). Sets setup.net; returns the
+    cache file."""
     path = os.path.join(cfg.cache, key + ".safetensors")
     if os.path.isfile(path):
         setup.net = model.load_transformer(path, device=device)
@@ -532,7 +530,7 @@ def pretrain_tiny(cfg, setup, make_net, world, key, device):
         bar.set_postfix(loss=f"{loss.item():.4f}")
     if is_rank0():
         os.makedirs(cfg.cache, exist_ok=True)
-        model.atomic_save({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+        model.atomic_save({k: v.contiguous() for k, v in net.state_dict().items()}, path, metadata)
     return path
 
 
@@ -636,6 +634,104 @@ def flux_setup(cfg, M, device):
                  schedule=lambda steps: sample.get_flux_schedule(steps, (h // 2) ** 2))
 
 
+def tiny_captions(enc_fn, prompts):
+    """The tiny worlds' captions: item i's conditioning, and per style word the conditioning of "…, word" with the
+    trade-off the word stands for (the prompt-rewriting baseline). enc_fn: prompts -> {keyword: [n, ...]}."""
+    cond = enc_fn(prompts)
+    styled = {w: enc_fn([f"{p}, {w}" for p in prompts]) for w in R.STYLE_WORDS}
+    labels = dict(photo=[1.0, 0.0], mixed=[0.5, 0.5], sketch=[0.0, 1.0])
+    return cond, styled, {f", {w}": (labels[w], styled[w]) for w in R.STYLE_WORDS}
+
+
+def captioned_world(cfg, cond, styled, prompts, world_prompts, styles):
+    # the pretraining conditioning of each world image: its caption's, and for a random half of the images "…, w"
+    # with w their style's word (R.style_word), so the base learns the words the prompt-rewriting baseline uses
+    n = len(world_prompts)
+    captioned = torch.rand(n, generator=torch.Generator().manual_seed(cfg.seed)) < 0.5
+    rows = torch.tensor([prompts.index(p) for p in world_prompts])
+    out = {k: v[rows] for k, v in cond.items()}
+    for w, c in styled.items():
+        m = captioned & torch.tensor([R.style_word(s) == w for s in styles])
+        for k in out:
+            out[k][m] = c[k][rows[m]]
+    return out
+
+
+def ltx2_tiny_setup(cfg, M, device):
+    """The tiny world in motion: "a {color} {shape}" crossing the frame in photo, sketch and every blend
+    (R.tiny_video_world), cfg.frames frames of cfg.size px. A tiny LTX-2 (the same model.py code) in pixel space:
+    its video latent is the frames 4x4 space-to-depth'ed ([48, T, size/4, size/4], sample.frames_to_latent); its
+    audio latent [8, T, 2] is the world's "sound", a function of where the shape is in each frame. Text: a tiny
+    Gemma-3 + tiny connectors (sample.tiny_ltx2_text_encoder). The image rewards score every frame (R.get_reward)."""
+    prompts = [f"a {c} {s}" for c in R.COLORS for s in R.SHAPES]
+    spec = dict(pixels=4, tiny_text_encoder=dict(vocab=["a", ","] + R.COLORS + R.SHAPES + list(R.STYLE_WORDS), seed=0))
+    enc = sample.tiny_ltx2_text_encoder(**spec["tiny_text_encoder"])
+    cond, styled, rewrites = tiny_captions(lambda ps: sample.encode_ltx2_prompts(enc, ps), prompts)
+    # the test preset widened and deepened (D 64 -> 128, 2 -> 4 blocks): at D 64 the base never draws the shape
+    mcfg = replace(model.LTX2Config(**model.LTX2_PRESETS["ltx2-tiny"]), in_channels=48, hidden=128, depth=4,
+                   cross_attention_dim=128, caption_channels=enc.connectors.cfg.caption_channels)
+    f, T = spec["pixels"], cfg.frames
+    video_shape = (mcfg.in_channels, T, cfg.size // f, cfg.size // f)
+    audio_shape = (mcfg.audio_channels, T, mcfg.audio_in_channels // mcfg.audio_channels)
+    pack, unpack = sample.ltx2_packing(video_shape, audio_shape)
+    n_video = math.prod(video_shape)
+    setup = Setup(None, prompts, cond, [{} for _ in prompts], [(7 * i) % len(prompts) for i in range(cfg.eval_prompts)],
+                  (n_video + math.prod(audio_shape),), lambda x0: sample.latent_to_frames(unpack(x0)[0], f), {},
+                  pack=pack, unpack=unpack, rewrites=rewrites, video=True,
+                  nft_part=None if cfg.nft_audio else lambda x: x[:, :n_video])
+
+    def sound(xy):  # the shape's centre per frame [n, T, 2] -> audio latent [n, 8, T, 2]: channel c hears
+        k = torch.arange(1, audio_shape[0] + 1).view(1, -1, 1) * math.pi  # x and y at frequency c + 1
+        return torch.stack([torch.sin(k * xy[:, None, :, 0]), torch.cos(k * xy[:, None, :, 1])], -1)
+
+    def world():
+        n = min(cfg.pretrain_steps * cfg.pretrain_batch, 8000)
+        videos, world_prompts, styles, xy = R.tiny_video_world(n, size=cfg.size, frames=T, seed=cfg.seed)
+        x0 = pack((sample.frames_to_latent(videos, f), sound(xy)))
+        return x0, captioned_world(cfg, cond, styled, prompts, world_prompts, styles)
+
+    key = cache_key("tiny_ltx2", cfg, T, asdict(mcfg), spec, prompts, R.tiny_video_world, R._render,
+                    R._shape_distance, R.style_word, world, sound, captioned_world)
+    path = pretrain_tiny(cfg, setup, lambda: model.LTX2Transformer(mcfg), world, key, device,
+                         metadata=model.ltx2_file_metadata(mcfg))
+    setup.pipeline = dict(spec, weights=os.path.abspath(path))
+    return setup
+
+
+def ltx2_setup(cfg, M, device):
+    """Full-size LTX-2 through sample.py's loader: prompts encoded once, by Gemma-3 + connectors alone, which are
+    freed before the transformer loads (Gemma-3-12B beside the 19B transformer and the rewards would not fit one
+    80 GB GPU: README "Memory plan"); x0 = video latent (cfg.frames frames at cfg.size^2) and audio latent of the same
+    duration, packed; the VAE decodes the video for the rewards; the release's token-count-shifted schedule."""
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    spec = dict(weights=os.path.abspath(cfg.weights))
+    prompts = read_prompts(cfg.prompts)
+    enc = sample.ltx2_text_encoder(spec, device, dtype)
+    parts = [{k: v.cpu() for k, v in sample.encode_ltx2_prompts(enc, prompts[i: i + 4]).items()}
+             for i in range(0, len(prompts), 4)]
+    cond = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    del enc
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    pipe = sample.LOADERS["ltx2"](dict(spec, no_text_encoder=True), dtype, device)
+    shape = pipe.x0_shape(cfg.size, cfg.size, cfg.frames)
+    pack, unpack = pipe.packing(cfg.size, cfg.size, frames=cfg.frames)
+    n_video = math.prod(unpack(torch.zeros(1, *shape))[0].shape[1:])
+    return Setup(pipe.net, prompts, cond, [{} for _ in prompts], list(range(min(cfg.eval_prompts, len(prompts)))),
+                 shape, pipe.decode, spec, schedule=lambda steps: pipe.schedule(steps, cfg.shift, shape),
+                 pack=pack, unpack=unpack, video=True, nft_part=None if cfg.nft_audio else lambda x: x[:, :n_video])
+
+
+def check_clip(cfg):
+    # LTX-2's clip size, before anything loads: the tiny net packs 4x4 pixels per token, any frame count; the release
+    # VAE compresses 8x in time and 32x in space
+    if cfg.tiny and cfg.size % 4:
+        die(f"--size {cfg.size}: the tiny LTX-2 packs 4x4 pixels per token; use a multiple of 4")
+    if not cfg.tiny and ((cfg.frames - 1) % 8 or cfg.size % 32):
+        die(f"--frames {cfg.frames} --size {cfg.size}: LTX-2 needs 8k+1 frames and a multiple of 32 px (its VAE "
+            "compresses 8x in time and 32x in space), e.g. --frames 49 --size 512")
+
+
 def check_full_size(cfg):
     example = BACKBONES[cfg.backbone]["example"]
     if not cfg.weights:
@@ -724,7 +820,8 @@ def update_losses(net, old, setup, x0, eps, t, cond, pref, p, cfg):
         v_old = velocity(policy(net, old), setup, xt, t, cond, pref).float()
         v_ref = velocity(base_model(net), setup, xt, t, cond).float() if cfg.kl_beta > 0 else None
     v = velocity(net, setup, xt, t, cond, pref).float()
-    loss = nft_loss(v, v_old, x0.float(), xt.float(), t.float(), p, cfg.beta, cfg.adv_clip)
+    part = setup.nft_part or (lambda x: x)
+    loss = nft_loss(part(v), part(v_old), part(x0.float()), part(xt.float()), t.float(), p, cfg.beta, cfg.adv_clip)
     kl = (v - v_ref).square().flatten(1).mean(1) if v_ref is not None else torch.zeros_like(loss)
     return loss, kl
 
@@ -897,10 +994,13 @@ def evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, dev
     model.atomic_json(result, os.path.join(cfg.out, "eval.json"))
     plot_front(os.path.join(cfg.out, "pareto.png"), result)
     rows = [[col[i] for col in tiles] for i in range(len(tiles[0]))]  # rows: eval prompts (same noise); columns: points
-    labels = [s["label"] for s in sweep]
+    labels, row_labels = [s["label"] for s in sweep], [p[:18] for p in prompts[:len(rows)]]
     if "source" in meta[0]:  # editing: the source image first
         rows, labels = [[meta[i]["source"]] + row for i, row in enumerate(rows)], ["source"] + labels
-    grid = sample.image_grid(rows, labels, [p[:18] for p in prompts[:len(rows)]], tile=96)
+    if setup.video:  # videos [T, 3, H, W]: the first two prompts' frames, rows = time, columns = points
+        row_labels = [f"{p[:12]} t{t}" for p in prompts[:2] for t in range(len(rows[0][0]))]
+        rows = [[v[t] for v in row] for row in rows[:2] for t in range(len(row[0]))]
+    grid = sample.image_grid(rows, labels, row_labels, tile=96)
     model.atomic_write(os.path.join(cfg.out, "slider.png"), lambda tmp: grid.save(tmp, format="PNG"))
     return result
 
@@ -1011,7 +1111,8 @@ def train(cfg):
     print0(json.dumps(header, indent=1), log=log)
     if is_rank0():
         model.atomic_json(asdict(cfg), os.path.join(cfg.out, "config.json"))
-    reward_fns = [R.get_reward(n, device=device) for n in names + heldout]  # held-out ones: evaluation only
+    video = BACKBONES[cfg.backbone].get("video", False)  # image rewards then score every frame (R.per_frame)
+    reward_fns = [R.get_reward(n, device=device, video=video) for n in names + heldout]  # held-out: evaluation only
 
     # --- model: base + preference modules (not for FixedWeight) + LoRA; only the adapters train
     setup = BACKBONES[cfg.backbone]["tiny_setup" if cfg.tiny else "setup"](cfg, M, device)
@@ -1155,6 +1256,16 @@ BACKBONES = {
         tiny=dict(out="runs/flux-kontext-tiny", rewards="tiny_preserve,tiny_adhere", steps=30, prompts_per_step=4,
                   group_size=6, sample_steps=8, shift=1.0, size=32, batch=64, dtype="fp32", grad_ckpt=False,
                   guidance=1.0, eval_points=11, eval_prompts=12)),
+    "ltx2": dict(
+        setup=ltx2_setup, tiny_setup=ltx2_tiny_setup, data="prompts", video=True, example="Lightricks/LTX-2",
+        # 512^2 x 49 frames (2 s at 24 fps): the memory plan's default (README); 20 Euler steps per rollout
+        preset=dict(out="runs/ltx2", rewards="pickscore_photo,vlm_animation", steps=300, prompts_per_step=2,
+                    prefs_per_prompt=2, group_size=4, sample_steps=20, solver="euler", size=512, frames=49, batch=1,
+                    dtype="bf16", grad_ckpt=True, eval_points=7, eval_prompts=4),
+        tiny=dict(out="runs/ltx2-tiny", rewards="tiny_photo,tiny_sketch",
+                  heldout="tiny_photo_heldout,tiny_sketch_heldout", kl_beta=0.1, steps=30, prompts_per_step=4,
+                  group_size=6, sample_steps=8, shift=1.0, size=16, frames=6, batch=72, dtype="fp32", grad_ckpt=False,
+                  eval_points=11, eval_prompts=12)),
 }
 
 

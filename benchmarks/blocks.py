@@ -1,8 +1,9 @@
 """Whole model blocks with the kernels on and off, at the real shapes: the end-to-end check of kernels/.
 
   python benchmarks/blocks.py              CUDA, bf16: each block (SD3.5 joint; FLUX double / single, at 1024^2 with
-                                           and without a Kontext reference) forward and forward+backward, eager
-                                           (kernels off) vs kernels on vs torch.compile (off / on)
+                                           and without a Kontext reference; LTX-2 audio-video, 512^2 x 49 frames and
+                                           768x512 x 121 frames) forward and forward+backward, eager (kernels off) vs
+                                           kernels on vs torch.compile (off / on)
   python benchmarks/blocks.py --cpu-smoke  CPU (TRITON_INTERPRET=1), a tiny block: the script itself works
 
 LoRA-style: frozen weights, gradients w.r.t. the activations only. The per-op rows are kernels/bench.py, whose
@@ -18,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import time  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -25,6 +27,7 @@ import kernels  # noqa: E402
 from kernels.bench import bench_us, print_rows, start, step  # noqa: E402
 import model  # noqa: E402
 from model import FLUX_PRESETS, SD3_PRESETS, DoubleStreamBlock, FluxConfig, JointBlock, SD3Config, SingleStreamBlock  # noqa: E402
+from model import LTX2_PRESETS, LTX2Block, LTX2Config, LTX2Transformer  # noqa: E402
 
 
 def sd3_block(preset, i, n_img, n_txt):
@@ -51,23 +54,44 @@ def flux_block(preset, kind, n_img, n_txt):
         x, vec, cos.to(x.device), sin.to(x.device), m, (n_txt, L)),)
 
 
+def ltx2_block(preset, frames, h, w, n_audio, n_txt):
+    # an LTX-2 block (both streams, text cross-attention, a2v / v2a) with the forward's four RoPE tables at 24 fps
+    # (LTX2Transformer.rope reads only self.cfg); frames x h x w latent video tokens, n_audio audio tokens, n_txt text
+    # tokens without a padding mask. Leaves: video, audio, the two projected texts, the six global modulations
+    # [B, n*D] as the forward makes them (video 6, audio 6, a2v/v2a scale-shift 4 + 4, the two gates), m (video only)
+    cfg = LTX2Config(**LTX2_PRESETS[preset])
+    D, Da = cfg.hidden, cfg.audio_hidden
+    blk, rope = LTX2Block(cfg), LTX2Transformer.rope(SimpleNamespace(cfg=cfg), frames, h, w, n_audio, 24.0, None)
+    shapes = [(1, frames * h * w, D), (1, n_audio, Da), (1, n_txt, D), (1, n_txt, Da), (1, 6 * D), (1, 6 * Da),
+              (1, 4 * D), (1, 4 * Da), (1, D), (1, Da), (1, D)]
+    names = ("video", "audio", "ca_video", "ca_audio", "gate_video", "gate_audio")  # the forward's `mod` namespace
+    return blk, shapes, lambda x, a, ctx, actx, *t: blk(
+        x, a, ctx, actx, None, SimpleNamespace(**dict(zip(names, t[:6]))), rope, t[6])
+
+
 # whole blocks from model.py at the real shapes: (name, builder, its arguments). FLUX.1 Kontext at 1024^2: 64 x 64
-# packed target tokens + as many reference tokens, 512 T5 tokens. LTX-2 blocks: add them once model.py has them.
+# packed target tokens + as many reference tokens, 512 T5 tokens. LTX-2 (benchmarks/memory.py's training videos,
+# 24 fps): 512^2 x 49 frames -> 7 x 16 x 16 latent tokens, 121 frames at 768x512 -> 16 x 16 x 24; audio at 25 latent
+# frames per second (51 and 126); 1024 Gemma tokens.
 BLOCKS = [("sd35m-512 joint block (dual attn)", sd3_block, ("sd35-medium", 0, 1024, 333)),
           ("sd35m-512 joint block", sd3_block, ("sd35-medium", 13, 1024, 333)),
           ("sd35m-1024 joint block", sd3_block, ("sd35-medium", 13, 4096, 333)),
           ("flux-kontext-1024 double block (+ref)", flux_block, ("flux-dev", "double", 8192, 512)),
           ("flux-kontext-1024 single block (+ref)", flux_block, ("flux-dev", "single", 8192, 512)),
           ("flux-dev-1024 double block", flux_block, ("flux-dev", "double", 4096, 512)),
-          ("flux-dev-1024 single block", flux_block, ("flux-dev", "single", 4096, 512))]
+          ("flux-dev-1024 single block", flux_block, ("flux-dev", "single", 4096, 512)),
+          ("ltx2-512x512x49f block", ltx2_block, ("ltx2-19b", 7, 16, 16, 51, 1024)),
+          ("ltx2-768x512x121f block", ltx2_block, ("ltx2-19b", 16, 16, 24, 126, 1024))]
 SMOKE_BLOCKS = [("tiny joint block (dual attn)", sd3_block, ("sd35-tiny", 0, 16, 7)),
                 ("tiny flux double block", flux_block, ("flux-tiny", "double", 32, 7)),
-                ("tiny flux single block", flux_block, ("flux-tiny", "single", 32, 7))]
+                ("tiny flux single block", flux_block, ("flux-tiny", "single", 32, 7)),
+                ("tiny ltx2 block", ltx2_block, ("ltx2-tiny", 2, 2, 3, 5, 7))]
 
 
 def run_blocks(blocks, device, cpu, rows, use_compile, dtype=torch.bfloat16):
     for name, build, args in blocks:
-        blk, shapes, f = build(*args)
+        with torch.device(device):  # the RoPE tables too: made once on the device, never copied inside the timing
+            blk, shapes, f = build(*args)
         blk.to(device, dtype).requires_grad_(False)
         g = torch.Generator(device).manual_seed(0)
         # activations ~N(0, 1); conditioning vectors too; the slider vector m (last) small, as trained

@@ -404,7 +404,7 @@ def test_serve_renders_animated_webp(run_dir):
 
 
 def test_save_video_mp4_where_pyav_is_installed(tmp_path):
-    av = pytest.importorskip("av")
+    import av  # a dev requirement: sample.py writes the MP4 where PyAV is installed
     clip = torch.rand(9, 3, 33, 47, generator=torch.Generator().manual_seed(0))  # odd sides: padded to even for 4:2:0
     paths = sample.save_video(clip, str(tmp_path / "c.webp"), 12.0)
     assert paths == [str(tmp_path / "c.webp"), str(tmp_path / "c.mp4")]

@@ -735,6 +735,9 @@ def load_ltx2(spec, dtype=torch.float32, device="cpu", lora=None):
         if not has_vae:
             raise UsageError(f"--weights {weights}: no LTX-2 video VAE there (a diffusers folder with vae/, or "
                              "Lightricks' combined file with vae.*)")
+        if not spec.get("no_text_encoder") and not spec.get("text_encoders") and not os.path.isdir(weights):
+            raise UsageError("--weights is a single file: pass --text-encoders (a diffusers LTX-2 folder, or a "
+                             "Gemma-3 folder)")
     net = load_net(weights, lora, dtype, device)
     c = net.cfg
     audio_latent = lambda A: (c.audio_channels, A, c.audio_in_channels // c.audio_channels)  # [8, A, 16]

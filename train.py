@@ -428,7 +428,7 @@ class Setup:
     unpack: callable = None  # x0-shaped tensor -> the net's positional latents (None: x0 is the net's one latent)
     rewrites: dict = None  # --method prompt: {caption suffix: (the w it stands for, conditioning of every item)}
     nft_part: callable = None  # x [B, *x0_shape] -> the part the NFT loss covers (LTX-2: the video unless nft_audio)
-    video: bool = False  # decode gives videos [B, T, 3, H, W]: image rewards are scored per frame (R.get_reward)
+    video: bool = False  # decode gives videos [B, T, 3, H, W]: image rewards score 4 frames each (R.per_frame)
 
 
 def velocity(fn, setup, x, sigma, cond, pref=None):
@@ -662,7 +662,7 @@ def ltx2_tiny_setup(cfg, M, device):
     (R.tiny_video_world), cfg.frames frames of cfg.size px. A tiny LTX-2 (the same model.py code) in pixel space:
     its video latent is the frames 4x4 space-to-depth'ed ([48, T, size/4, size/4], sample.frames_to_latent); its
     audio latent [8, T, 2] is the world's "sound", a function of where the shape is in each frame. Text: a tiny
-    Gemma-3 + tiny connectors (sample.tiny_ltx2_text_encoder). The image rewards score every frame (R.get_reward)."""
+    Gemma-3 + tiny connectors (sample.tiny_ltx2_text_encoder). The image rewards score 4 frames of each (R.per_frame)."""
     prompts = [f"a {c} {s}" for c in R.COLORS for s in R.SHAPES]
     spec = dict(pixels=4, tiny_text_encoder=dict(vocab=["a", ","] + R.COLORS + R.SHAPES + list(R.STYLE_WORDS), seed=0))
     enc = sample.tiny_ltx2_text_encoder(**spec["tiny_text_encoder"])
@@ -744,6 +744,12 @@ def check_full_size(cfg):
     if not torch.cuda.is_available() and cfg.device != "cpu":
         die(f"full-size training needs a CUDA GPU (bf16); on a CPU run: python train.py --backbone {cfg.backbone} --tiny "
             "(--device cpu forces the full-size path on a CPU, for small test models)")
+    if BACKBONES[cfg.backbone].get("video"):  # train.py reads LTX-2 as a folder: Gemma and the VAE are in it
+        missing = [d for d in ("vae", "text_encoder", "tokenizer") if not os.path.isdir(os.path.join(cfg.weights, d))]
+        if missing:
+            die(f"--weights {cfg.weights}: train.py takes LTX-2 as a diffusers folder (transformer/, vae/, connectors/, "
+                f"text_encoder/, tokenizer/); missing {', '.join(m + '/' for m in missing)} (Lightricks' combined "
+                "file: sample.py with --text-encoders)")
     if BACKBONES[cfg.backbone]["data"] == "edits":
         if not cfg.edits or not os.path.exists(cfg.edits):
             die(f"--edits {cfg.edits!r}: give the edit set, a JSONL of {{\"image\": path, \"prompt\": text}} per line "
@@ -1111,7 +1117,7 @@ def train(cfg):
     print0(json.dumps(header, indent=1), log=log)
     if is_rank0():
         model.atomic_json(asdict(cfg), os.path.join(cfg.out, "config.json"))
-    video = BACKBONES[cfg.backbone].get("video", False)  # image rewards then score every frame (R.per_frame)
+    video = BACKBONES[cfg.backbone].get("video", False)  # image rewards then score 4 frames each (R.per_frame)
     reward_fns = [R.get_reward(n, device=device, video=video) for n in names + heldout]  # held-out: evaluation only
 
     # --- model: base + preference modules (not for FixedWeight) + LoRA; only the adapters train

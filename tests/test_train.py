@@ -254,10 +254,14 @@ def test_bad_input_clear_errors(tmp_path, capsys, args, msg):
     (["--tiny", "--size", "18"], "the tiny LTX-2 packs 4x4 pixels per token"),
     (["--frames", "10"], "LTX-2 needs 8k+1 frames"),
     (["--size", "500"], "and a multiple of 32 px"),
+    (["--no-vae"], "missing vae/ (Lightricks' combined file: sample.py with --text-encoders)"),
 ])
 def test_ltx2_clip_size_refused_before_loading(tmp_path, capsys, args, msg):
-    # the full-size weights here are an empty folder: the clip is refused before anything would load
+    # the full-size weights here are a folder of empty parts: the clip is refused before anything would load
     (tmp_path / "p.txt").write_text("a red circle\n")
+    for d in ("text_encoder", "tokenizer") + (() if "--no-vae" in args else ("vae",)):
+        (tmp_path / d).mkdir()
+    args = [a for a in args if a != "--no-vae"]
     full = [] if "--tiny" in args else ["--weights", str(tmp_path), "--prompts", str(tmp_path / "p.txt"), "--device",
                                         "cpu"]
     with pytest.raises(SystemExit) as e:

@@ -607,6 +607,18 @@ def read_edits(path):
     return pairs
 
 
+def encode_all(encode, n, chunk):
+    # the full-size setups' conditioning of n items, once: encode(slice) -> {keyword: [k, ...]} on the GPU, `chunk`
+    # items at a time, kept on the CPU -> {keyword: [n, ...]}
+    parts = [{k: v.cpu() for k, v in encode(slice(i, i + chunk)).items()} for i in range(0, n, chunk)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def free_cuda_cache():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def flux_setup(cfg, M, device):
     """Full-size FLUX.1 Kontext through sample.py's loader: every source resized to one training resolution
     (cfg.size x cfg.size, so items batch) and VAE-encoded once (the reference latent), every instruction
@@ -617,17 +629,15 @@ def flux_setup(cfg, M, device):
     pipe = sample.LOADERS["flux-kontext"](spec, dtype, device)
     images = torch.cat([sample.load_image(p, (cfg.size, cfg.size)) for p, _ in pairs])
     texts = [t for _, t in pairs]
-    parts = []
-    for i in range(0, len(pairs), 8):
-        c = pipe.encode(texts[i: i + 8])
+
+    def encode(sl):
         with torch.no_grad():
-            c["ref"] = pipe.to_latent(images[i: i + 8].to(device))
-        parts.append({k: v.cpu() for k, v in c.items()})
-    cond = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            return dict(pipe.encode(texts[sl]), ref=pipe.to_latent(images[sl].to(device)))
+
+    cond = encode_all(encode, len(pairs), 8)
     cond["guidance"] = torch.full((len(pairs),), cfg.guidance)
     pipe.enc.to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_cuda_cache()
     h = cfg.size // 8
     return Setup(pipe.net, texts, cond, [{"source": im} for im in images], list(range(min(cfg.eval_prompts, len(pairs)))),
                  (pipe.net.cfg.in_channels // 4, h, h), pipe.decode, spec,
@@ -707,12 +717,9 @@ def ltx2_setup(cfg, M, device):
     spec = dict(weights=os.path.abspath(cfg.weights))
     prompts = read_prompts(cfg.prompts)
     enc = sample.ltx2_text_encoder(spec, device, dtype)
-    parts = [{k: v.cpu() for k, v in sample.encode_ltx2_prompts(enc, prompts[i: i + 4]).items()}
-             for i in range(0, len(prompts), 4)]
-    cond = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    del enc
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    cond = encode_all(lambda sl: sample.encode_ltx2_prompts(enc, prompts[sl]), len(prompts), 4)
+    enc = None  # Gemma freed before the transformer loads
+    free_cuda_cache()
     pipe = sample.LOADERS["ltx2"](dict(spec, no_text_encoder=True), dtype, device)
     shape = pipe.x0_shape(cfg.size, cfg.size, cfg.frames)
     pack, unpack = pipe.packing(cfg.size, cfg.size, frames=cfg.frames)
@@ -773,11 +780,9 @@ def sd35_setup(cfg, M, device):
     spec = dict(weights=os.path.abspath(cfg.weights))
     pipe = sample.LOADERS["sd35"](spec, dtype, device)
     prompts = read_prompts(cfg.prompts)
-    parts = [{k: v.cpu() for k, v in pipe.encode(prompts[i: i + 16]).items()} for i in range(0, len(prompts), 16)]
-    cond = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    cond = encode_all(lambda sl: pipe.encode(prompts[sl]), len(prompts), 16)
     pipe.enc.to("cpu")  # never needed again: the prompts' embeddings are cached
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_cuda_cache()
     h = cfg.size // 8
     return Setup(pipe.net, prompts, cond, [{} for _ in prompts], list(range(min(cfg.eval_prompts, len(prompts)))),
                  (pipe.net.cfg.in_channels, h, h), pipe.decode, spec)

@@ -701,11 +701,11 @@ def depth_to_space(x0, f=2):  # the inverse, clamped to [0,1]
 
 
 def frames_to_latent(video, f=4):  # video [B,T,3,H,W] in [0,1] -> the tiny LTX-2's video x0 [B,3f^2,T,H/f,W/f] in [-1,1]
-    return F.pixel_unshuffle(video * 2 - 1, f).transpose(1, 2)
+    return space_to_depth(video, f).transpose(1, 2)  # pixel_unshuffle takes any leading dims: per frame
 
 
 def latent_to_frames(z, f=4):  # the inverse, clamped to [0,1]: [B,3f^2,T,h,w] -> [B,T,3,hf,wf]
-    return ((F.pixel_shuffle(z.float().transpose(1, 2), f) + 1) / 2).clamp(0, 1)
+    return depth_to_space(z.transpose(1, 2), f)
 
 
 def ltx2_text_encoder(spec, device, dtype):

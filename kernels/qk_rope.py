@@ -27,7 +27,17 @@ def rope_table(t):
     return t[:, None] if t.dim() == 2 else t
 
 
-def check_qk(q, k, q_weight, k_weight, cos, sin):
+def k_tables(cos, sin, k_cos, k_sin):
+    # k's RoPE tables: its own (k_cos, k_sin) where given (cross-attention between two token sets, LTX-2's a2v / v2a),
+    # else q's
+    if (k_cos is None) != (k_sin is None):
+        raise ValueError("k_cos and k_sin must both be given or both be None")
+    if k_cos is not None and cos is None:
+        raise ValueError("k_cos / k_sin are k's own RoPE tables: give q's cos / sin too")
+    return (cos, sin) if k_cos is None else (k_cos, k_sin)
+
+
+def check_qk(q, k, q_weight, k_weight, cos, sin, k_cos=None, k_sin=None):
     for name, x, w in (("q", q, q_weight), ("k", k, k_weight)):
         if x.dim() != 4:
             raise ValueError(f"{name} must be [B, L, H, Dh], got {tuple(x.shape)}")
@@ -38,27 +48,30 @@ def check_qk(q, k, q_weight, k_weight, cos, sin):
     if (cos is None) != (sin is None):
         raise ValueError("cos and sin must both be given or both be None")
     if cos is None:
+        k_tables(cos, sin, k_cos, k_sin)
         return
-    for name, x in (("q", q), ("k", k)):
+    for name, x, (c, s), prefix in (("q", q, (cos, sin), ""), ("k", k, k_tables(cos, sin, k_cos, k_sin),
+                                                                  "k_" if k_cos is not None else "")):
         B, L, H, Dh = x.shape
         if Dh % 2:
             raise ValueError(f"RoPE needs an even head dim, got {name} {tuple(x.shape)}")
-        for tname, t in (("cos", cos), ("sin", sin)):
+        for tname, t in ((prefix + "cos", c), (prefix + "sin", s)):
             t4 = rope_table(t)
             if t4.dim() > 4 or any(a not in (1, b) for a, b in zip(t4.shape[::-1], (Dh // 2, H, L, B))):
                 raise ValueError(f"{tname} must broadcast to [B, L, H, Dh/2] = {(B, L, H, Dh // 2)} for "
                                  f"{name} {tuple(x.shape)}, got {tuple(t.shape)}")
 
 
-def qk_norm_rope_ref(q, k, q_weight, k_weight, cos=None, sin=None, eps=1e-6, interleaved=True):
-    check_qk(q, k, q_weight, k_weight, cos, sin)
+def qk_norm_rope_ref(q, k, q_weight, k_weight, cos=None, sin=None, eps=1e-6, interleaved=True, k_cos=None,
+                     k_sin=None):
+    check_qk(q, k, q_weight, k_weight, cos, sin, k_cos, k_sin)
 
     def norm(t, w):  # F.rms_norm: one fused op on CPU, same fp32 math as x * rsqrt(mean(x^2) + eps) * w
         if w.numel() == t.shape[-1]:
             return torch.nn.functional.rms_norm(t.float(), t.shape[-1:], w.float(), eps)
         return torch.nn.functional.rms_norm(t.float().flatten(-2), w.shape, w.float(), eps).view(t.shape)
 
-    def rope(t):
+    def rope(t, cos, sin):
         if cos is None:
             return t
         c, s = rope_table(cos), rope_table(sin)
@@ -68,7 +81,8 @@ def qk_norm_rope_ref(q, k, q_weight, k_weight, cos=None, sin=None, eps=1e-6, int
         t1, t2 = t.chunk(2, -1)
         return torch.cat([t1 * c - t2 * s, t1 * s + t2 * c], -1)
 
-    return rope(norm(q, q_weight)).to(q.dtype), rope(norm(k, k_weight)).to(k.dtype)
+    return (rope(norm(q, q_weight), cos, sin).to(q.dtype),
+            rope(norm(k, k_weight), *k_tables(cos, sin, k_cos, k_sin)).to(k.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,33 +285,34 @@ def _launch(kernel, x, w, cos, sin, eps, interleaved, dout=None):
 
 @triton_op("paretoslider::qk_norm_rope", mutates_args=())
 def _qk_norm_rope_op(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Optional[Tensor],
-                     sin: Optional[Tensor], eps: float, interleaved: bool) -> tuple[Tensor, Tensor]:
+                     sin: Optional[Tensor], k_cos: Optional[Tensor], k_sin: Optional[Tensor], eps: float,
+                     interleaved: bool) -> tuple[Tensor, Tensor]:
     return (_launch(_qk_fwd, q, q_weight, cos, sin, eps, interleaved),
-            _launch(_qk_fwd, k, k_weight, cos, sin, eps, interleaved))
+            _launch(_qk_fwd, k, k_weight, k_cos, k_sin, eps, interleaved))
 
 
 @triton_op("paretoslider::qk_norm_rope_bwd", mutates_args=())
 def _qk_norm_rope_bwd_op(dq: Tensor, dk: Tensor, q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor,
-                         cos: Optional[Tensor], sin: Optional[Tensor], eps: float,
-                         interleaved: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                         cos: Optional[Tensor], sin: Optional[Tensor], k_cos: Optional[Tensor],
+                         k_sin: Optional[Tensor], eps: float, interleaved: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dqw = _launch(_qk_bwd, q, q_weight, cos, sin, eps, interleaved, dout=dq)
-    dk, dkw = _launch(_qk_bwd, k, k_weight, cos, sin, eps, interleaved, dout=dk)
+    dk, dkw = _launch(_qk_bwd, k, k_weight, k_cos, k_sin, eps, interleaved, dout=dk)
     return dq, dk, dqw, dkw
 
 
 def _setup(ctx, inputs, output):
-    q, k, q_weight, k_weight, cos, sin, eps, interleaved = inputs
-    ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin)
+    q, k, q_weight, k_weight, cos, sin, k_cos, k_sin, eps, interleaved = inputs
+    ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, k_cos, k_sin)
     ctx.eps, ctx.interleaved = eps, interleaved
 
 
 def _backward(ctx, dq, dk):
-    q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
+    q, k, q_weight, k_weight, cos, sin, k_cos, k_sin = ctx.saved_tensors
     dq = torch.zeros_like(q) if dq is None else dq
     dk = torch.zeros_like(k) if dk is None else dk
-    grads = torch.ops.paretoslider.qk_norm_rope_bwd(dq, dk, q, k, q_weight, k_weight, cos, sin, ctx.eps,
-                                                    ctx.interleaved)
-    return *grads, None, None, None, None
+    grads = torch.ops.paretoslider.qk_norm_rope_bwd(dq, dk, q, k, q_weight, k_weight, cos, sin, k_cos, k_sin,
+                                                    ctx.eps, ctx.interleaved)
+    return *grads, None, None, None, None, None, None
 
 
 _qk_norm_rope_op.register_autograd(_backward, setup_context=_setup)
@@ -306,12 +321,15 @@ _qk_norm_rope_op.register_autograd(_backward, setup_context=_setup)
 # Public function
 
 
-def qk_norm_rope(q, k, q_weight, k_weight, cos=None, sin=None, eps=1e-6, interleaved=True):
-    # -> (q, k) normalised and rotated, contiguous [B, L, H, Dh] in the input dtypes.
+def qk_norm_rope(q, k, q_weight, k_weight, cos=None, sin=None, eps=1e-6, interleaved=True, k_cos=None, k_sin=None):
+    # -> (q, k) normalised and rotated, contiguous [B, L, H, Dh] in the input dtypes. k_cos / k_sin: k's own RoPE
+    # tables (k at other positions than q: cross-attention); by default k shares q's.
     # RoPE tables are constants: if one needs a gradient, the reference computes it (and an odd head dim,
     # which has no channel pairs).
-    check_qk(q, k, q_weight, k_weight, cos, sin)
-    rope_grad = cos is not None and (cos.requires_grad or sin.requires_grad)
+    check_qk(q, k, q_weight, k_weight, cos, sin, k_cos, k_sin)
+    kc, ks = k_tables(cos, sin, k_cos, k_sin)
+    rope_grad = any(t is not None and t.requires_grad for t in (cos, sin, kc, ks))
     if not (use_triton(q) and use_triton(k)) or rope_grad or q.shape[-1] % 2 or k.shape[-1] % 2:
-        return qk_norm_rope_ref(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
-    return torch.ops.paretoslider.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, float(eps), bool(interleaved))
+        return qk_norm_rope_ref(q, k, q_weight, k_weight, cos, sin, eps, interleaved, k_cos, k_sin)
+    return torch.ops.paretoslider.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, kc, ks, float(eps),
+                                               bool(interleaved))

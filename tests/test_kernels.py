@@ -587,6 +587,28 @@ def test_qk_norm_rope_table_shapes(kind, backend):
         compare(f, f64, leaves, 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rope", ["interleaved", "split"])
+def test_qk_norm_rope_own_k_tables(rope, backend, dtype):
+    # LTX-2's audio <-> video attention: q (7 tokens) and k (4 tokens) rotated by their own tables in one call, q's
+    # weights across heads and k's per head; equals two calls with one table each, and the fp64 formula
+    kernels.set_backend(backend)
+    g = torch.Generator().manual_seed(6)
+    H, Dh, inter = 3, 16, rope == "interleaved"
+    tq, tk = torch.rand(1, 7, H, Dh // 2, generator=g) * 6.3, torch.rand(4, Dh // 2, generator=g) * 6.3
+    leaves = dict(q=torch.randn(2, 7, H, Dh, generator=g), k=torch.randn(2, 4, H, Dh, generator=g),
+                  qw=torch.rand(H * Dh, generator=g) + 0.5, kw=torch.rand(Dh, generator=g) + 0.5)
+    f = lambda q, k, qw, kw: kernels.qk_norm_rope(q, k, qw, kw, tq.cos(), tq.sin(), 1e-6, inter, tk.cos(), tk.sin())
+    f64 = lambda q, k, qw, kw: (qk64(q, q, qw, qw, tq.cos(), tq.sin(), 1e-6, inter)[0],
+                                qk64(k, k, kw, kw, tk[None, :, None].cos(), tk[None, :, None].sin(), 1e-6, inter)[0])
+    compare(f, f64, leaves, 2, dtype=dtype)
+    q, k, qw, kw = (v.to(dtype) for v in leaves.values())
+    one = kernels.qk_norm_rope(q, k, qw, kw, tq.cos(), tq.sin(), 1e-6, inter, tk.cos(), tk.sin())
+    assert torch.equal(one[0], kernels.qk_norm_rope(q, q, qw, qw, tq.cos(), tq.sin(), 1e-6, inter)[0])
+    assert torch.equal(one[1], kernels.qk_norm_rope(k, k, kw, kw, tk.cos(), tk.sin(), 1e-6, inter)[0])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Shape checks: both backends refuse the same bad shapes, with a ValueError that names the argument
 
@@ -615,6 +637,9 @@ def _bad_calls():
         ("cos must broadcast", lambda: kernels.qk_norm_rope(q, q, w, w, torch.rand(3, 5, 1, 4), cs)),
         ("even head dim", lambda: kernels.qk_norm_rope(q[..., :7], q[..., :7], w[:7], w[:7], cs, cs)),
         ("both", lambda: kernels.qk_norm_rope(q, q, w, w, cs, None)),
+        ("k_cos and k_sin must both", lambda: kernels.qk_norm_rope(q, q, w, w, cs, cs, k_cos=cs)),
+        ("give q's cos / sin too", lambda: kernels.qk_norm_rope(q, q, w, w, k_cos=cs, k_sin=cs)),
+        ("k_cos must broadcast", lambda: kernels.qk_norm_rope(q, q, w, w, cs, cs, k_cos=torch.rand(6, 4), k_sin=cs)),
     ]
 
 
@@ -709,7 +734,7 @@ def test_gradcheck_qk_norm_rope(rope):
     theta = torch.rand(1, 3, 1, 4, dtype=torch.float64) * 6.3
     cs = (None, None) if rope == "none" else (theta.cos(), theta.sin())
     op = torch.ops.paretoslider.qk_norm_rope
-    _gc(lambda q, k, qw, kw: op(q, k, qw, kw, *cs, 1e-6, rope == "interleaved"),
+    _gc(lambda q, k, qw, kw: op(q, k, qw, kw, *cs, *cs, 1e-6, rope == "interleaved"),
         _d(2, 3, 2, 8), _d(2, 3, 2, 8, seed=1), _d(8, seed=2), _d(8, seed=3))
 
 
@@ -719,8 +744,16 @@ def test_gradcheck_qk_norm_rope_across_heads(rope):
     theta = torch.rand(2, 3, 3, 4, dtype=torch.float64) * 6.3
     cs = (None, None) if rope == "none" else (theta.cos(), theta.sin())
     op = torch.ops.paretoslider.qk_norm_rope
-    _gc(lambda q, k, qw, kw: op(q, k, qw, kw, *cs, 1e-6, False),
+    _gc(lambda q, k, qw, kw: op(q, k, qw, kw, *cs, *cs, 1e-6, False),
         _d(2, 3, 3, 8), _d(2, 3, 3, 8, seed=1), _d(24, seed=2), _d(8, seed=3))
+
+
+def test_gradcheck_qk_norm_rope_own_k_tables():
+    # cross-attention: k has other positions (and another length) than q, with its own table
+    tq, tk = (torch.rand(1, L, 1, 4, dtype=torch.float64) * 6.3 for L in (3, 5))
+    op = torch.ops.paretoslider.qk_norm_rope
+    _gc(lambda q, k, qw, kw: op(q, k, qw, kw, tq.cos(), tq.sin(), tk.cos(), tk.sin(), 1e-6, False),
+        _d(2, 3, 2, 8), _d(2, 5, 2, 8, seed=1), _d(16, seed=2), _d(16, seed=3))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,10 +16,21 @@ Deviation from the reference: the slider's last layer is zero-initialised (the r
 default init), so an untrained slider changes nothing; pref=None skips both paths (bit-exact base model).
 Naming rule: every parameter under a module whose name starts with `pref_`, and every `lora_` tensor, is an
 adapter parameter (trained, saved in adapter files); everything else is the frozen base.
+
+Precision (the one policy; train.py and sample.py follow it, tests/test_bf16.py enforces it):
+  - the frozen base is stored and computes in the run dtype (bf16 at full size, fp32 in the tiny CPU runs);
+  - every adapter tensor (LoRA A / B, both preference modules) is an fp32 master: its AdamW moments, old-policy and
+    EMA copies are fp32 too. In bf16, an AdamW step of lr 3e-4 is under half an ulp of any weight >= 0.125 and
+    would be lost; diffusers' LoRA scripts keep trainables in fp32 for the same reason;
+  - compute runs in the base dtype: a Linear casts a wider master weight down to its input's dtype (`Linear`), so
+    LoRA's matmuls run in bf16 with alpha / r folded into the GEMM and no fp32 copy of an activation is saved;
+  - a backbone casts its latent and conditioning inputs once, at the top of forward (`Backbone.compute_dtype`), so
+    callers keep x_t, sigma and the preference vector in fp32; sigma reaches the timestep embedding in fp32.
 """
 import json
 import math
 import os
+from collections import namedtuple
 from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
 
@@ -50,7 +61,10 @@ class Linear(nn.Linear):
 
     `splits` (output sizes, summing to out_features) gives each chunk of a fused projection its own (A, B)
     pair: a fused qkv then carries exactly the three independent q/k/v adapters that diffusers/peft attach,
-    and FLUX's single-block linear1 (q | k | v | mlp-in, unequal) its four."""
+    and FLUX's single-block linear1 (q | k | v | mlp-in, unequal) its four.
+
+    Computes in its input's dtype: a weight stored wider (an fp32 master of the preference modules, LoRA's A and B)
+    is cast down to it for the matmul; its gradient flows back to the master in fp32."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -62,7 +76,7 @@ class Linear(nn.Linear):
         splits = tuple(splits or (self.out_features,))
         assert sum(splits) == self.out_features, (splits, self.out_features)
         dev = self.weight.device if self.weight.device.type != "meta" else "cpu"
-        # peft's "gaussian" init: A ~ N(0, 1/r), B = 0, so the adapter starts as the identity map.
+        # peft's "gaussian" init: A ~ N(0, 1/r), B = 0, so the adapter starts as the identity map. fp32 masters.
         self.lora_A = nn.Parameter(torch.randn(len(splits) * rank, self.in_features, device=dev) / rank)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
         self.lora_splits, self.lora_scale, self.lora_enabled = splits, alpha / rank, True
@@ -76,13 +90,25 @@ class Linear(nn.Linear):
         return torch.cat([B @ A for A, B in self.lora_pairs()]) * self.lora_scale
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, compute(self.weight, x), compute(self.bias, x))
         if self.lora_A is None or not self.lora_enabled:
             return y
-        r = self.lora_B.shape[1]
-        h = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # [..., chunks * r]
-        d = torch.cat([F.linear(hj, B) for hj, B in zip(h.split(r, -1), self.lora_B.split(self.lora_splits))], -1)
-        return y + (d * self.lora_scale).to(y.dtype)
+        # h = A x for every chunk at once [.., chunks * r]; then y + scale * B_blockdiag h in one GEMM whose epilogue
+        # adds y and applies the scale: B_j on the diagonal of [out, chunks * r] (zeros elsewhere cost chunks x the
+        # small second matmul, and save a concatenation and two elementwise passes over [.., out])
+        h = F.linear(x, compute(self.lora_A, x))
+        B = compute(self.lora_B, x)
+        if len(self.lora_splits) > 1:
+            B = torch.block_diag(*B.split(self.lora_splits))
+        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), B.t(), alpha=self.lora_scale).view(y.shape)
+
+
+def compute(w, x):
+    # a weight in x's dtype for the matmul: an fp32 master is cast down; a narrower weight than x is left to fail
+    # in F.linear (an input that missed its backbone's cast would otherwise upcast a frozen bf16 base silently)
+    if w is None or w.dtype == x.dtype or w.element_size() < x.element_size():
+        return w
+    return w.to(x.dtype)
 
 
 def attention(q, k, v, mask=None):
@@ -121,7 +147,18 @@ class EmbedMLP(nn.Module):
 
 def chunks(t, names):
     # the adaLN modulation output [B, n*D] -> its n named [B, D] views (shift_msa, scale_msa, gate_msa, ...)
-    return SimpleNamespace(**dict(zip(names, t.chunk(len(names), dim=-1))))
+    return CHUNK_TYPES[names](*t.chunk(len(names), dim=-1))
+
+
+CHUNK_TYPES = {}  # a modulation vocabulary's prefixes -> their namedtuple types (`chunks`)
+
+
+def chunk_names(*names):
+    # a modulation vocabulary (the chunks of an adaLN output, in order): every prefix gets its namedtuple type here,
+    # at import, so that torch.compile traces `chunks` inside a block (building a SimpleNamespace breaks the graph)
+    for k in range(1, len(names) + 1):
+        CHUNK_TYPES[names[:k]] = namedtuple("Chunks", names[:k])
+    return names
 
 
 class SliderProjector(nn.Module):
@@ -136,9 +173,10 @@ class SliderProjector(nn.Module):
         nn.init.zeros_(self.mlp[-1].weight)  # deviation (documented above): untrained slider = no-op
         nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, w):
+    def forward(self, w, dtype=torch.float32):
+        # w [B, M] in fp32 -> m [B, D] computed in `dtype` (the base's compute dtype; the weights are fp32 masters)
         w = w.float() * math.pi
-        return self.mlp(self.pe(torch.cat([torch.sin(w), torch.cos(w)], -1).to(self.pe.weight.dtype)))
+        return self.mlp(self.pe(torch.cat([torch.sin(w), torch.cos(w)], -1).to(dtype)))
 
 
 def pref_mlp(pref_dim, dim):
@@ -150,27 +188,67 @@ def pref_mlp(pref_dim, dim):
 
 class Backbone(nn.Module):
     """What every backbone network shares: its config `cfg` (a dataclass with `pref_dim`), its name, its LoRA
-    targets and the two preference paths. A subclass builds its blocks and calls `init_preference()` at the end
-    of __init__; its forward takes `net(*latents, sigma, pref=None, **cond)` and calls `preference()`."""
+    targets and the two preference paths. A subclass builds its blocks (in nn.ModuleLists) and calls
+    `init_preference()` at the end of __init__; its forward takes `net(*latents, sigma, pref=None, **cond)`, casts
+    its inputs to `compute_dtype` and calls `preference()`."""
 
     name = ""  # --backbone
     lora_targets = {}  # module path suffix -> output sizes of a fused projection as fractions (one adapter each)
+    grad_ckpt = False  # gradient checkpointing per block (training at full size)
+
+    def __init__(self):
+        super().__init__()
+        self._tables = {}  # `tables`' cache
+
+    def tables(self, key, make):
+        """Position tables (RoPE cos / sin), made once per input shape and device, not at every forward: the forward
+        of a rollout step or an update micro-batch then starts without rebuilding them (the last 8 shapes kept)."""
+        if key not in self._tables:
+            if len(self._tables) >= 8:
+                self._tables.pop(next(iter(self._tables)))
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable under autograd later
+                self._tables[key] = make()
+        return self._tables[key]
 
     def init_preference(self):
-        # pref_mlp, then the slider (this order fixes the random init); nothing when cfg.pref_dim == 0
+        # pref_mlp, then the slider (this order fixes the random init); nothing when cfg.pref_dim == 0. Both in fp32,
+        # the adapters' master dtype, whatever the base's
         if self.cfg.pref_dim:
-            self.pref_mlp = pref_mlp(self.cfg.pref_dim, self.cfg.hidden)
-            self.pref_slider = SliderProjector(self.cfg.pref_dim, self.cfg.hidden)
+            self.pref_mlp = pref_mlp(self.cfg.pref_dim, self.cfg.hidden).float()
+            self.pref_slider = SliderProjector(self.cfg.pref_dim, self.cfg.hidden).float()
+
+    @property
+    def compute_dtype(self):
+        # the frozen base's dtype, in which the network computes: its first parameter's (the adapters come later)
+        return next(self.parameters()).dtype
 
     def preference(self, pref, batch, dtype):
-        # -> (addition to the conditioning vector [B, D], slider vector m [B, D]); (None, None) for the base model
+        # -> (addition to the conditioning vector [B, D], slider vector m [B, D]) in dtype; (None, None) for the base
+        # model. pref [B, M] in any float dtype: the slider's sin / cos see it in fp32
         if pref is None:
             return None, None
         if self.cfg.pref_dim == 0:
             raise ValueError("this network has no preference input (pref_dim=0); pass pref=None")
         if pref.dim() != 2 or pref.shape != (batch, self.cfg.pref_dim):
             raise ValueError(f"pref must have shape [{batch}, {self.cfg.pref_dim}], got {list(pref.shape)}")
-        return self.pref_mlp(pref.to(dtype)), self.pref_slider(pref)
+        return self.pref_mlp(pref.to(dtype)), self.pref_slider(pref, dtype)
+
+    def blocks(self):
+        # the repeated blocks, in order (every nn.ModuleList child): what gradient checkpointing, regional compilation
+        # and the memory plan work on
+        return [b for ml in self.children() if isinstance(ml, nn.ModuleList) for b in ml]
+
+    def compile_blocks(self, **options):
+        """Regional torch.compile: each repeated block compiled on its own. Blocks of one class share their compiled
+        code (parameters are graph inputs), so compile time does not grow with depth, and anything outside the blocks
+        (embedders, RoPE tables, the adapter swaps of train.py) stays eager."""
+        # one block class runs as up to ~4 kinds (first / last block, MMDiT-X dual attention) x 3 call modes (a graph
+        # with w, no graph with w, no graph without: the update, the rollout, the KL reference), each a compiled entry
+        # of the same code object: past dynamo's default of 8 the rest would silently run eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for blk in self.blocks():
+            blk.compile(**options)
+        return self
 
     def run(self, blk, *args):
         # one block, under gradient checkpointing when self.grad_ckpt is set (training at full size)
@@ -180,15 +258,12 @@ class Backbone(nn.Module):
 
 
 def add_preference(net, pref_dim):
-    """Give a loaded base network the two preference paths for `pref_dim` objectives (fresh init), on the device
-    and in the dtype of its parameters."""
+    """Give a loaded base network the two preference paths for `pref_dim` objectives (fresh init, fp32 masters) on
+    the device of its parameters."""
     p = next(net.parameters())
     with torch.device(p.device if p.device.type != "meta" else "cpu"):
         net.cfg = replace(net.cfg, pref_dim=pref_dim)
         net.init_preference()
-    for n, m in net.named_children():
-        if n.startswith("pref_"):
-            m.to(p.dtype)
     return net
 
 
@@ -439,10 +514,11 @@ def assign_checkpoint(make, sd, dtype=torch.float32, device="cpu", what="checkpo
 def build(cls, cfg, sd=None, dtype=torch.float32, device="cpu", what="checkpoint"):
     """sd=None: random init (tests, tiny default). Otherwise assign the checkpoint to the base (assign_checkpoint),
     then materialise the preference modules (in no base checkpoint)."""
-    if sd is None:
+    if sd is None:  # the base in dtype, then the preference modules (fp32 masters): the same random draws as cls(cfg)
         with torch.device(device):
-            return cls(cfg).to(dtype)
-    net = assign_checkpoint(lambda: cls(replace(cfg, pref_dim=0)), sd, dtype, device, what)
+            net = cls(replace(cfg, pref_dim=0)).to(dtype)
+    else:
+        net = assign_checkpoint(lambda: cls(replace(cfg, pref_dim=0)), sd, dtype, device, what)
     return add_preference(net, cfg.pref_dim) if cfg.pref_dim else net
 
 
@@ -513,8 +589,8 @@ SD3_PRESETS = {
 }
 
 
-SD3_MOD = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp", "shift_msa2", "scale_msa2",
-           "gate_msa2")  # chunks of a block's adaLN output: 2 (last context block), 6, or 9 (MMDiT-X dual attention)
+SD3_MOD = chunk_names("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp", "shift_msa2",
+                      "scale_msa2", "gate_msa2")  # chunks of a block's adaLN output: 2 (last context block), 6, or 9 (MMDiT-X dual attention)
 
 
 class SD3Attention(nn.Module):
@@ -629,7 +705,6 @@ class SD3Transformer(Backbone):
         self.context_embedder = Linear(cfg.context_dim, D)
         self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
         self.final_layer = FinalLayer(D, cfg.patch, cfg.out_channels)
-        self.grad_ckpt = False  # gradient checkpointing per joint block (training at full size)
         self.init_preference()
 
     def cropped_pos_embed(self, h, w):
@@ -640,6 +715,8 @@ class SD3Transformer(Backbone):
         return self.pos_embed.view(1, M, M, -1)[:, top: top + h, left: left + w].flatten(1, 2)
 
     def forward(self, x, sigma, context, pooled, pref=None):
+        dt = self.compute_dtype  # inputs cast once, here (sigma stays as given: the timestep embedding is fp32)
+        x, context, pooled = x.to(dt), context.to(dt), pooled.to(dt)
         B, _, H, W = x.shape
         p = self.cfg.patch
         h, w = H // p, W // p
@@ -831,7 +908,7 @@ FLUX_PRESETS = {
                       axes_dim=(4, 14, 14)),
 }
 
-FLUX_MOD = ("shift", "scale", "gate", "shift_mlp", "scale_mlp", "gate_mlp")  # double: all 6; single: first 3
+FLUX_MOD = chunk_names("shift", "scale", "gate", "shift_mlp", "scale_mlp", "gate_mlp")  # double: all 6; single: first 3
 
 
 def flux_pack(x):
@@ -935,7 +1012,7 @@ class DoubleStreamBlock(nn.Module):
         qt, kt, vt = self.txt_attn.qkv_heads(kernels.modulate(txt, tmod.shift, tmod.scale, 1e-6), cos[:L], sin[:L])
         qi, ki, vi = self.img_attn.qkv_heads(kernels.modulate(img, imod.shift, imod.scale, 1e-6), cos[L:], sin[L:])
         o = attention(*(torch.cat(heads_first(a, b), 2) for a, b in ((qt, qi), (kt, ki), (vt, vi))))
-        txt = self.stream_out(txt, o[:, :L], tmod, self.txt_attn, self.txt_mlp)
+        txt = fp16_clip(self.stream_out(txt, o[:, :L], tmod, self.txt_attn, self.txt_mlp))
         return txt, self.stream_out(img, o[:, L:], imod, self.img_attn, self.img_mlp, m)
 
 
@@ -958,7 +1035,13 @@ class SingleStreamBlock(nn.Module):
         q, k, v = rearrange(qkv, "b l (three h d) -> three b l h d", three=3, h=self.heads)
         o = attention(*heads_first(*self.norm(q, k, cos, sin), v))
         y = self.linear2(torch.cat([o, F.gelu(mlp, approximate="tanh")], -1))
-        return kernels.gated_residual(x, mod.gate, y, m, m_range)  # m on the image tokens m_range only
+        return fp16_clip(kernels.gated_residual(x, mod.gate, y, m, m_range))  # m on the image tokens m_range only
+
+
+def fp16_clip(x):
+    # in fp16 only: FLUX's text stream (double blocks) and joint stream (single blocks) outgrow fp16's range;
+    # diffusers clips them to it (transformer_flux.py:408-409, 494-495), and so do we
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
 class FluxTransformer(Backbone):
@@ -986,7 +1069,6 @@ class FluxTransformer(Backbone):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single))
         self.final_layer = FinalLayer(D, 1, cfg.in_channels)  # BFL LastLayer: same (shift, scale) layout as SD3's
-        self.grad_ckpt = False
         self.init_preference()
 
     def check_inputs(self, x, context, pooled, guidance, ref):
@@ -1004,15 +1086,23 @@ class FluxTransformer(Backbone):
         if self.cfg.guidance_embed and guidance is None:
             raise ValueError("this FLUX model is guidance-distilled (dev / Kontext-dev): pass guidance [B], e.g. 2.5")
 
+    def rope(self, L, h, w, ref_hw, device):
+        # cos, sin [L + h*w (+ reference tokens), head_dim/2] over [text, target, reference]: text ids 0, the target's
+        # (0, row, col), the reference's (1, row, col)
+        ids = [torch.zeros(L, 3, dtype=torch.long, device=device), flux_ids(0, h, w, device)]
+        if ref_hw is not None:
+            ids.append(flux_ids(1, *ref_hw, device))
+        return flux_rope(torch.cat(ids), self.cfg.axes_dim, self.cfg.theta)
+
     def forward(self, x, sigma, context, pooled, guidance=None, ref=None, pref=None):
         self.check_inputs(x, context, pooled, guidance, ref)
+        dt = self.compute_dtype  # inputs cast once, here (sigma and guidance feed fp32 timestep embeddings)
+        x, context, pooled, ref = x.to(dt), context.to(dt), pooled.to(dt), None if ref is None else ref.to(dt)
         B, _, H, W = x.shape
-        img, ids = flux_pack(x), flux_ids(0, H // 2, W // 2, x.device)
-        if ref is not None:  # Kontext: the reference's tokens follow the target's, id index 1, never noised
-            img = torch.cat([img, flux_pack(ref)], 1)
-            ids = torch.cat([ids, flux_ids(1, ref.shape[2] // 2, ref.shape[3] // 2, x.device)])
-        L, N = context.shape[1], (H // 2) * (W // 2)
-        cos, sin = flux_rope(torch.cat([ids.new_zeros(L, 3), ids]), self.cfg.axes_dim, self.cfg.theta)  # text ids 0
+        img = flux_pack(x) if ref is None else torch.cat([flux_pack(x), flux_pack(ref)], 1)  # Kontext: the reference's
+        L, N = context.shape[1], (H // 2) * (W // 2)  # tokens follow the target's, with id index 1, never noised
+        ref_hw = None if ref is None else (ref.shape[2] // 2, ref.shape[3] // 2)
+        cos, sin = self.tables((L, H, W, ref_hw, x.device), lambda: self.rope(L, H // 2, W // 2, ref_hw, x.device))
         img = self.img_in(img)
         # vec: time_in(emb(1000 t)) + guidance_in(emb(1000 g)) + vector_in(pooled) (BFL model.py:98-104)
         vec = self.time_in(timestep_embedding(1000 * sigma).to(img.dtype))
@@ -1196,8 +1286,8 @@ LTX2_PRESETS = {
                       audio_in_channels=16, caption_channels=64, cross_attention_dim=64, audio_cross_attention_dim=32),
 }
 
-LTX2_MOD = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")  # block tables, both streams
-LTX2_AV_MOD = ("a2v_scale", "a2v_shift", "v2a_scale", "v2a_shift")  # rows 0-3 of the a2v tables: scale first
+LTX2_MOD = chunk_names("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")  # block tables, both streams
+LTX2_AV_MOD = chunk_names("a2v_scale", "a2v_shift", "v2a_scale", "v2a_shift")  # rows 0-3 of the a2v tables: scale first
 
 
 def ltx2_video_positions(F, h, w, fps, cfg, device=None):
@@ -1206,8 +1296,8 @@ def ltx2_video_positions(F, h, w, fps, cfg, device=None):
     # one pixel frame: t -> max(0, t + 1 - 8)) and divided by fps (diffusers transformer_ltx2.py:905-928, 1009-1014)
     grid = torch.meshgrid(*(torch.arange(n, dtype=torch.float32, device=device) for n in (F, h, w)), indexing="ij")
     start = torch.stack(grid, -1).flatten(0, 2)  # [T, 3] latent indices
-    scale = torch.tensor(cfg.vae_scale_factors, device=device)
-    span = torch.stack([start, start + 1]) * scale  # [2, T, 3] pixel bounds
+    span = torch.stack([start, start + 1])  # [2, T, 3] pixel bounds: each axis times its scale factor (python scalars:
+    span = torch.stack([span[..., i] * f for i, f in enumerate(cfg.vae_scale_factors)], -1)  # no host -> device copy)
     t = (span[..., 0] + cfg.causal_offset - cfg.vae_scale_factors[0]).clamp(min=0) / fps
     span = torch.cat([t[..., None], span[..., 1:]], -1)
     return (span[0] + span[1]) / 2.0
@@ -1260,12 +1350,8 @@ class LTX2Attention(nn.Module):
         ctx = x if ctx is None else ctx
         q, k, v = (rearrange(p(t), "b l (h d) -> b l h d", h=self.heads)
                    for p, t in ((self.to_q, x), (self.to_k, ctx), (self.to_v, ctx)))
-        wq, wk = self.q_norm.weight, self.k_norm.weight
-        if k_rope is None:
-            q, k = kernels.qk_norm_rope(q, k, wq, wk, *(rope or (None, None)), 1e-6, self.interleaved)
-        else:  # the fused op takes one table for q and k, so each goes alone here (its partner's output unused)
-            q = kernels.qk_norm_rope(q, q, wq, wq, *rope, 1e-6, self.interleaved)[0]
-            k = kernels.qk_norm_rope(k, k, wk, wk, *k_rope, 1e-6, self.interleaved)[0]
+        q, k = kernels.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, *(rope or (None, None)), 1e-6,
+                                    self.interleaved, *(k_rope or (None, None)))
         return self.to_out[0](attention(*heads_first(q, k, v), mask))
 
 
@@ -1407,7 +1493,6 @@ class LTX2Transformer(Backbone):
         self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)  # output (shift, scale), no swap
         self.audio_scale_shift_table = nn.Parameter(torch.randn(2, Da) / Da**0.5)
         self.proj_out, self.audio_proj_out = Linear(D, cfg.in_channels), Linear(Da, cfg.audio_in_channels)
-        self.grad_ckpt = False
         self.init_preference()
 
     def check_inputs(self, video, audio, sigma, context, context_audio, context_mask):
@@ -1443,10 +1528,12 @@ class LTX2Transformer(Backbone):
 
     def forward(self, video, audio, sigma, context, context_audio, context_mask=None, fps=24.0, pref=None):
         self.check_inputs(video, audio, sigma, context, context_audio, context_mask)
+        dt = self.compute_dtype  # inputs cast once, here (sigma feeds fp32 timestep embeddings)
+        video, audio, context, context_audio = (t.to(dt) for t in (video, audio, context, context_audio))
         c, (B, _, Fr, h, w), (A, mel) = self.cfg, video.shape, audio.shape[2:]
         x = self.patchify_proj(rearrange(video, "b c f h w -> b (f h w) c"))  # pipeline_ltx2.py _pack_latents, p=1
         a = self.audio_patchify_proj(rearrange(audio, "b c a m -> b a (c m)"))  # feature c*16 + mel (l.727-745)
-        rope = self.rope(Fr, h, w, A, fps, x.device)
+        rope = self.tables((Fr, h, w, A, float(fps), x.device), lambda: self.rope(Fr, h, w, A, fps, x.device))
         # one sigma for both streams; t on the 0..1000 scale as diffusers receives it. The gates see t * (ca / ts),
         # = t for the release (l.1524-1530, 1568-1600)
         t = c.timestep_scale_multiplier * sigma

@@ -328,3 +328,94 @@ def test_lora_unequal_splits():
     qkv = net.joint_blocks[0].x_block.attn.qkv
     assert qkv.lora_splits == (128, 128, 128) and qkv.lora_A.shape == (6, 128) and qkv.lora_B.shape == (384, 2)
     assert net.joint_blocks[0].x_block.attn.proj.lora_splits == (128,)
+
+
+def test_bf16_base_fp32_adapters_compute_in_bf16():
+    # the precision policy: a bf16 base with fp32 masters (LoRA A / B, both preference modules) computes in bf16, saves
+    # no fp32 activation for backward, and the masters' gradients arrive in fp32; pref=None is still the base bit for bit
+    torch.manual_seed(0)
+    net = model.build(model.SD3Transformer, model.SD3Config(**model.SD3_PRESETS["sd35-tiny"], pref_dim=2),
+                      dtype=torch.bfloat16)
+    model.add_lora(net, rank=4, alpha=8)
+    adapters = model.adapter_state(net)
+    assert {p.dtype for p in adapters.values()} == {torch.float32}
+    assert {p.dtype for n, p in net.named_parameters() if n not in adapters} == {torch.bfloat16}
+    with torch.no_grad():
+        for p in adapters.values():
+            p.add_(torch.randn_like(p) * 0.02)
+    g = torch.Generator().manual_seed(1)
+    x, ctx, pooled = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 5, 64, generator=g), torch.randn(2, 64,
+                                                                                                          generator=g)
+    pref, sigma = torch.tensor([[0.3, 0.7], [1.0, 0.0]]), torch.tensor([0.5, 0.9])  # fp32 inputs: the net casts them
+    v = net(x, sigma, ctx, pooled, pref)
+    assert v.dtype == torch.bfloat16
+    v.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapters.values())
+    # against the same network in fp32: one bf16 computation apart
+    ref = model.build(model.SD3Transformer, net.cfg)
+    model.add_lora(ref, rank=4, alpha=8)
+    ref.load_state_dict({k: t.float() for k, t in net.state_dict().items()})
+    assert rel_err(v.float(), ref(x, sigma, ctx, pooled, pref).detach()) < 0.03
+    with torch.no_grad():
+        model.set_lora_enabled(net, False)
+        base = net(x, sigma, ctx, pooled)
+        net.pref_mlp = net.pref_slider = None
+        net.cfg = dataclasses.replace(net.cfg, pref_dim=0)
+        assert torch.equal(base, net(x, sigma, ctx, pooled))
+
+
+def test_lora_computes_in_the_input_dtype():
+    # a bf16 layer with fp32 LoRA masters on a fused projection: bf16 out, the fp64 formula within bf16 rounding, only
+    # bf16 tensors of the input's size saved for backward (no fp32 copy of the activation), fp32 gradients for A and B
+    torch.manual_seed(0)
+    lin = model.Linear(64, 3 * 32).to(torch.bfloat16)
+    lin.add_lora(rank=4, alpha=8, splits=(32, 32, 32))
+    with torch.no_grad():
+        lin.lora_B.normal_()
+    x = torch.randn(2, 50, 64).to(torch.bfloat16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16 and lin.lora_A.dtype == lin.lora_B.dtype == torch.float32
+    assert any(t.data_ptr() == x.data_ptr() for t in saved) and all(t.dtype == torch.bfloat16 for t in saved if t.numel() >= x.numel())
+    A, B, W, b = (t.double() for t in (lin.lora_A, lin.lora_B, lin.weight, lin.bias))
+    want = x.double() @ W.T + b + 2.0 * torch.cat([x.double() @ A[4 * j: 4 * j + 4].T @ B[32 * j: 32 * j + 32].T
+                                                   for j in range(3)], -1)
+    assert rel_err(y.double(), want) < 1e-2
+    y.float().square().sum().backward()
+    assert lin.lora_A.grad.dtype == lin.lora_B.grad.dtype == torch.float32 and lin.lora_A.grad.abs().sum() > 0
+
+
+def test_compiled_blocks_equal_eager():
+    # --compile: regional torch.compile (each block on its own) gives the eager outputs and adapter gradients within
+    # fp32 tolerance, and blocks of one kind share one compiled graph: of 4 blocks, the first (its text input carries
+    # no graph yet), the middle two (one graph) and the last (no context MLP): 3 graphs
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = model.SD3Config(**{**model.SD3_PRESETS["sd35-tiny"], "depth": 4, "dual_attention_layers": ()}, pref_dim=2)
+    net = model.build(model.SD3Transformer, cfg)
+    model.add_lora(net, rank=4, alpha=8)
+    with torch.no_grad():
+        for p in model.adapter_state(net).values():
+            p.add_(torch.randn_like(p) * 0.05)
+    g = torch.Generator().manual_seed(1)
+    x, ctx, pooled = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 5, 64, generator=g), torch.randn(2, 64,
+                                                                                                          generator=g)
+    pref, sigma = torch.tensor([[0.3, 0.7], [1.0, 0.0]]), torch.tensor([0.5, 0.9])
+    weight = torch.randn(2, 3, 32, 32, generator=g)
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        v = net(x, sigma, ctx, pooled, pref)
+        (v * weight).sum().backward()
+        return v.detach(), {n: p.grad for n, p in model.adapter_state(net).items()}
+
+    eager = step()
+    net.compile_blocks()
+    torch._dynamo.utils.counters.clear()
+    compiled = step()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+    assert rel_err(compiled[0], eager[0]) < 1e-5
+    for n, ge in eager[1].items():
+        assert rel_err(compiled[1][n], ge) < 1e-4, n
+    torch._dynamo.reset()

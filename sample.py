@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -401,8 +402,9 @@ def load_ltx2_text_encoder(path: str, device="cpu", dtype=torch.float32, connect
 
 @torch.no_grad()
 def encode_ltx2_prompts(enc: LTX2TextEncoder, prompts: list[str]) -> dict:
-    # -> the DiT's keyword inputs: context, context_audio [B, max_len, C], context_mask [B, max_len] (all ones: the
-    # connectors' registers fill the padding)
+    # -> the DiT's keyword inputs: context, context_audio [B, max_len, C]. No context_mask: the connectors' registers
+    # fill the padding, so their mask is all ones, and the DiT's text attention runs unmasked (a mask, even of ones,
+    # would keep SDPA off its FlashAttention kernel)
     enc.tok.padding_side = "left"
     t = enc.tok([p.strip() for p in prompts], padding="max_length", max_length=enc.max_len, truncation=True,
                 add_special_tokens=True, return_tensors="pt")
@@ -410,8 +412,8 @@ def encode_ltx2_prompts(enc: LTX2TextEncoder, prompts: list[str]) -> dict:
     mask = t.attention_mask.to(dev)
     hidden = enc.gemma(input_ids=t.input_ids.to(dev), attention_mask=mask, output_hidden_states=True).hidden_states
     q = next(enc.connectors.parameters())
-    context, context_audio, mask = enc.connectors(torch.stack(hidden, -1).to(q.device, q.dtype), mask.to(q.device))
-    return dict(context=context, context_audio=context_audio, context_mask=mask)
+    context, context_audio, _ = enc.connectors(torch.stack(hidden, -1).to(q.device, q.dtype), mask.to(q.device))
+    return dict(context=context, context_audio=context_audio)
 
 
 def ltx2_packing(video_shape, audio_shape):
@@ -587,7 +589,13 @@ class Pipeline:
     #                                          [-1, 1], samples per second)
 
     def conditions(self, prompts, guidance=1.0, negative_prompt=""):
-        return prompt_conditions(self.encode, prompts, guidance if not self.guidance_input else 1.0, negative_prompt)
+        with self.encoding():
+            return prompt_conditions(self.encode, prompts, guidance if not self.guidance_input else 1.0,
+                                     negative_prompt)
+
+    def encoding(self):
+        # the text encoders on the net's device while the block encodes (they live on the CPU beside a GPU net)
+        return on_device(self.enc, next(self.net.parameters()).device)
 
     def decode(self, x0):
         return self.from_latent(x0) if self.from_latent else decode(self.vae, x0)
@@ -610,9 +618,9 @@ class Pipeline:
         if self.guidance_input:  # guidance-distilled: one forward per step, the scale goes in as an input
             cond["guidance"], guidance = torch.full((batch,), float(guidance), device=p.device), 1.0
         shape = self.x0_shape(height, width, frames)
-        x = noise_like((batch, *shape), seed, p.device, p.dtype)
+        x = noise_like((batch, *shape), seed, p.device)  # the state, ω and σ in fp32; the net casts its inputs
         if pref is not None:
-            pref = torch.as_tensor(pref, dtype=p.dtype, device=p.device).expand(batch, -1)
+            pref = torch.as_tensor(pref, dtype=torch.float32, device=p.device).expand(batch, -1)
         sigmas = self.schedule(steps, shift, shape) if self.schedule else get_schedule(steps, shift)
         pack, unpack = self.packing(height, width, **({} if frames is None else dict(frames=frames))) \
             if self.packing else (None, None)
@@ -651,13 +659,29 @@ def load_sd35(spec, dtype=torch.float32, device="cpu", lora=None):
 
 
 def text_encoders(spec, tiny, load, device, dtype, what, **kw):
-    # the spec's tiny encoders (rebuilt from their vocabulary and seed), or loaded from a folder (fp32 on a CPU)
+    """The spec's tiny encoders (rebuilt from their vocabulary and seed), or loaded from a folder: on the CPU, in the
+    net's dtype when the net is on a GPU (fp32 when it runs on the CPU). They visit the GPU only to encode
+    (Pipeline.encoding), so they never sit there beside the transformer while it samples or trains."""
     if "tiny_text_encoders" in spec:
         return tiny(**spec["tiny_text_encoders"])
     te = spec.get("text_encoders") or (spec["weights"] if os.path.isdir(spec["weights"]) else None)
     if te is None:
         raise UsageError(f"--weights is a single file: pass --text-encoders ({what})")
-    return load(te, device, dtype if device != "cpu" else torch.float32, **kw)
+    return load(te, "cpu", dtype if torch.device(device).type != "cpu" else torch.float32, **kw)
+
+
+@contextmanager
+def on_device(enc, device):
+    # text encoders (anything with .to) on `device` for the block, back on the CPU after, their GPU memory freed
+    if enc is None or torch.device(device).type == "cpu":
+        yield enc
+        return
+    enc.to(device)
+    try:
+        yield enc
+    finally:
+        enc.to("cpu")
+        torch.cuda.empty_cache()
 
 
 def load_flux(spec, dtype=torch.float32, device="cpu", lora=None):
@@ -864,7 +888,10 @@ def cli():
                     "playback rate (default 24)")
     ap.add_argument("--audio", action="store_true", help="ltx2: decode the sound too (audio VAE + vocoder) and write "
                     "a WAV beside the video")
-    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="transformer dtype (default fp32; a run's dtype)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="the base model's dtype (default: bf16 on a GPU, "
+                    "fp32 on a CPU; adapters stay fp32, cast at use; fp16 clips FLUX's activations as diffusers does)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each repeated block of the transformer "
+                    "(regional; the first image pays the compile time)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     ap.add_argument("--out", help="output image (default out.png); a video: an animated .webp or .gif (default "
                     "out.webp), plus an .mp4 beside it where PyAV is installed")
@@ -897,7 +924,9 @@ VIDEO = {"ltx2": dict(steps=30, size=512, frames=121, fps=24.0, out="out.webp")}
 def run_settings(args):
     # -> (backbone, spec, adapter path, objectives) and the run's sampling settings as defaults for unset flags
     import model
-    defaults = dict(steps=28, solver="euler", shift=3.0, size=1024, dtype="fp32", out="out.png")
+    # dtype: bf16 on a GPU, fp32 on a CPU (what the base is stored and computes in; the adapters stay fp32 masters)
+    defaults = dict(steps=28, solver="euler", shift=3.0, size=1024, out="out.png",
+                    dtype="bf16" if torch.device(args.device).type == "cuda" else "fp32")
     if not args.run:
         if not args.weights:
             raise UsageError("give --run DIR (a train.py run folder) or --weights PATH")
@@ -922,7 +951,7 @@ def run_settings(args):
     if args.weights:  # the base moved: point at it
         spec = dict(spec, weights=args.weights)
     defaults.update(guidance=GUIDANCE.get(meta["backbone"], 1.0), **VIDEO.get(meta["backbone"], {}))
-    keys = (("steps", "sample_steps"), ("solver", "solver"), ("shift", "shift"), ("size", "size"), ("dtype", "dtype"))
+    keys = (("steps", "sample_steps"), ("solver", "solver"), ("shift", "shift"), ("size", "size"))
     if meta["backbone"] in VIDEO:
         keys += (("frames", "frames"),)
     if meta["backbone"] in DISTILLED:  # the run's guidance is the net's input it trained with (never CFG)
@@ -944,9 +973,7 @@ def run(args):
                          "or --sweep N")
     if prefs[0] is not None and len(prefs[0]) != m:
         raise UsageError(f"ω has {len(prefs[0])} entries but the model was trained with {m} objectives")
-    cond, uncond = pipe.conditions([args.prompt], args.guidance, args.negative_prompt)
-    if hasattr(pipe.enc, "to"):
-        pipe.enc.to("cpu")  # the text encoders are done; free the accelerator for the transformer
+    cond, uncond = pipe.conditions([args.prompt], args.guidance, args.negative_prompt)  # the encoders leave the GPU
     if backbone in VIDEO:
         return write_videos(pipe, args, cond, uncond, prefs, objectives)
     width = height = args.size
@@ -1061,6 +1088,8 @@ def prepare(args):
         raise UsageError(f"--image {args.image}: no such file")
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
     pipe = LOADERS[backbone](spec, dtype, args.device, lora)
+    if args.compile:
+        pipe.net.compile_blocks()
     m = pipe.net.cfg.pref_dim
     if args.image and not pipe.to_latent:
         raise UsageError(f"--image: backbone {backbone!r} does not edit images")

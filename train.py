@@ -31,11 +31,11 @@ import subprocess
 import sys
 import time
 import types
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
-from torch.func import functional_call
 from tqdm import tqdm
 
 import kernels
@@ -96,8 +96,9 @@ class Config:
     eval_points: int = 11  # points of the w sweep (M=2); M>=3: a simplex grid with (eval_points-1)//2 divisions
     eval_prompts: int = 12  # fixed prompts x 1 seed each, same noise for every w
     ref_point: str = ""  # hypervolume reference point "r1,r2,..." ("" = 0 for every objective)
-    dtype: str = "fp32"  # fp32 | bf16 (full size: bf16)
+    dtype: str = "fp32"  # the frozen base's dtype: fp32 | bf16 (full size: bf16); the adapters train in fp32 always
     grad_ckpt: bool = False  # gradient checkpointing (full size)
+    compile: bool = False  # torch.compile each repeated block (regional: compile time does not grow with depth)
 
 
 CHOICES = dict(kernels=("", "triton", "torch"), solver=("euler", "dpm2"), dtype=("fp32", "bf16"),
@@ -122,7 +123,7 @@ POSITIVE = ("lr", "lora_alpha", "grad_clip", "adv_clip", "shift", "pretrain_lr",
 AT_MOST = dict(beta=1.0, timestep_fraction=1.0, ema=0.999999)
 # what --resume may change: how far to train, where to run, what to evaluate; everything else is the method
 RESUMABLE = ("steps", "resume", "kernels", "device", "eval_points", "eval_prompts", "ref_point", "ckpt_every", "batch",
-             "cache")
+             "cache", "compile")
 
 
 class RunError(Exception):
@@ -497,40 +498,40 @@ def cache_key(name, cfg, *parts):
 def pretrain_tiny(cfg, setup, make_net, world, key, device, metadata=None):
     """The tiny base model: flow matching on the procedural world (world() -> x0 [n, *x0_shape] and the net's
     conditioning of each, {keyword: [n, ...]}), cached on disk under a name that hashes everything it depends on,
-    with `metadata` in the file (what model.load_transformer needs beyond the shapes). Sets setup.net; returns the
-    cache file."""
+    with `metadata` in the file (what model.load_transformer needs beyond the shapes). Under torchrun rank 0 pretrains
+    while the others wait at a barrier; then every rank loads the same file. Sets setup.net; returns the cache file."""
     path = os.path.join(cfg.cache, key + ".safetensors")
-    if os.path.isfile(path):
-        setup.net = model.load_transformer(path, device=device)
-        print0(f"tiny base: loaded {path}")
-        return path
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    with torch.device(device):
-        net = setup.net = make_net()
-    x0_all, cond_all = world()
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
-    warm = max(1, cfg.pretrain_steps // 20)  # linear warm-up, then cosine decay to 0
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * i / cfg.pretrain_steps)))
-    bar = tqdm(range(cfg.pretrain_steps), desc="pretrain tiny base (flow matching)", disable=not is_rank0())
-    for _ in bar:
-        idx = torch.randint(len(x0_all), (cfg.pretrain_batch,), generator=gen)
-        x0 = x0_all[idx].to(device)
-        t = torch.sigmoid(torch.randn(len(idx), generator=gen)).to(device)  # logit-normal t (SD3 paper)
-        eps = torch.randn(x0.shape, generator=gen).to(device)
-        xt = (1 - expand(t, x0)) * x0 + expand(t, x0) * eps
-        v = velocity(net, setup, xt, t, {k: c[idx].to(device) for k, c in cond_all.items()})
-        loss = (v - (eps - x0)).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    if is_rank0():
+    cached = os.path.isfile(path)
+    if is_rank0() and not cached:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        with torch.device(device):
+            net = setup.net = make_net()
+        x0_all, cond_all = world()
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+        warm = max(1, cfg.pretrain_steps // 20)  # linear warm-up, then cosine decay to 0
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * i / cfg.pretrain_steps)))
+        for _ in (bar := tqdm(range(cfg.pretrain_steps), desc="pretrain tiny base (flow matching)")):
+            idx = torch.randint(len(x0_all), (cfg.pretrain_batch,), generator=gen)
+            x0 = x0_all[idx].to(device)
+            t = torch.sigmoid(torch.randn(len(idx), generator=gen)).to(device)  # logit-normal t (SD3 paper)
+            eps = torch.randn(x0.shape, generator=gen).to(device)
+            xt = (1 - expand(t, x0)) * x0 + expand(t, x0) * eps
+            v = velocity(net, setup, xt, t, {k: c[idx].to(device) for k, c in cond_all.items()})
+            loss = (v - (eps - x0)).square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
         os.makedirs(cfg.cache, exist_ok=True)
         model.atomic_save({k: v.contiguous() for k, v in net.state_dict().items()}, path, metadata)
+    if dist.is_initialized():
+        dist.barrier()  # the file is complete (atomic_save renames it into place) before any rank reads it
+    setup.net = model.load_transformer(path, device=device)
+    print0(f"tiny base: {'loaded' if cached else 'pretrained, cached in'} {path}")
     return path
 
 
@@ -614,11 +615,6 @@ def encode_all(encode, n, chunk):
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def free_cuda_cache():
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def flux_setup(cfg, M, device):
     """Full-size FLUX.1 Kontext through sample.py's loader: every source resized to one training resolution
     (cfg.size x cfg.size, so items batch) and VAE-encoded once (the reference latent), every instruction
@@ -634,10 +630,9 @@ def flux_setup(cfg, M, device):
         with torch.no_grad():
             return dict(pipe.encode(texts[sl]), ref=pipe.to_latent(images[sl].to(device)))
 
-    cond = encode_all(encode, len(pairs), 8)
+    with pipe.encoding():  # T5 and CLIP on the GPU for these lines only
+        cond = encode_all(encode, len(pairs), 8)
     cond["guidance"] = torch.full((len(pairs),), cfg.guidance)
-    pipe.enc.to("cpu")
-    free_cuda_cache()
     h = cfg.size // 8
     return Setup(pipe.net, texts, cond, [{"source": im} for im in images], list(range(min(cfg.eval_prompts, len(pairs)))),
                  (pipe.net.cfg.in_channels // 4, h, h), pipe.decode, spec,
@@ -716,10 +711,10 @@ def ltx2_setup(cfg, M, device):
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     spec = dict(weights=os.path.abspath(cfg.weights))
     prompts = read_prompts(cfg.prompts)
-    enc = sample.ltx2_text_encoder(spec, device, dtype)
-    cond = encode_all(lambda sl: sample.encode_ltx2_prompts(enc, prompts[sl]), len(prompts), 4)
-    enc = None  # Gemma freed before the transformer loads
-    free_cuda_cache()
+    enc = sample.ltx2_text_encoder(spec, device, dtype)  # loaded on the CPU
+    with sample.on_device(enc, device):  # on the GPU to encode, then off it and freed before the transformer loads
+        cond = encode_all(lambda sl: sample.encode_ltx2_prompts(enc, prompts[sl]), len(prompts), 4)
+    enc = None
     pipe = sample.LOADERS["ltx2"](dict(spec, no_text_encoder=True), dtype, device)
     shape = pipe.x0_shape(cfg.size, cfg.size, cfg.frames)
     pack, unpack = pipe.packing(cfg.size, cfg.size, frames=cfg.frames)
@@ -774,15 +769,14 @@ def read_prompts(path):
 
 
 def sd35_setup(cfg, M, device):
-    """Full-size SD3.5 through sample.py's loader: base weights in bf16, text encoders run once over all prompts
-    then moved off the GPU, the VAE decodes x0 for the rewards."""
+    """Full-size SD3.5 through sample.py's loader: base weights in bf16, text encoders (kept on the CPU) visit the GPU
+    once to encode all prompts, the VAE decodes x0 for the rewards."""
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     spec = dict(weights=os.path.abspath(cfg.weights))
     pipe = sample.LOADERS["sd35"](spec, dtype, device)
     prompts = read_prompts(cfg.prompts)
-    cond = encode_all(lambda sl: pipe.encode(prompts[sl]), len(prompts), 16)
-    pipe.enc.to("cpu")  # never needed again: the prompts' embeddings are cached
-    free_cuda_cache()
+    with pipe.encoding():  # the text encoders on the GPU for this line only: the prompts' embeddings are cached
+        cond = encode_all(lambda sl: pipe.encode(prompts[sl]), len(prompts), 16)
     h = cfg.size // 8
     return Setup(pipe.net, prompts, cond, [{} for _ in prompts], list(range(min(cfg.eval_prompts, len(prompts)))),
                  (pipe.net.cfg.in_channels, h, h), pipe.decode, spec)
@@ -793,29 +787,45 @@ def is_rank0():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Policies as adapter states: one network in memory; old / EMA policies are dicts of the trainable
-# tensors swapped in by functional_call, the reference is the same network with adapters off.
+# Policies as adapter states: one network in memory; old / EMA policies are dicts of the trainable tensors swapped
+# into it for a whole phase (a rollout, the update's first pass, one evaluation point), the reference is the same
+# network with adapters off.
 
 
+@contextmanager
 def policy(net, state):
-    return lambda *a, **k: functional_call(net, state, a, k)
-
-
-def base_model(net):
-    # the KL reference: the same network with adapters off and pref=None (preference paths skipped: bit-exact base)
-    def fn(*a, pref=None, **k):
+    """Inside the block, `net` is the policy `state`: an adapter state (the old policy, the EMA, a finished run's
+    adapter; the same names and shapes as model.adapter_state) exchanged in place with the live adapter tensors, and
+    exchanged back after; None: the base model (LoRA off; call the net with pref=None: preference paths skipped, the
+    bit-exact base). In place, so the parameters stay the objects the optimizer, compiled blocks and FSDP know."""
+    if state is None:
         model.set_lora_enabled(net, False)
         try:
-            return net(*a, **k)
+            yield
         finally:
             model.set_lora_enabled(net, True)
-    return fn
+        return
+    params = model.adapter_state(net)
+    exchange(params, state)
+    try:
+        yield
+    finally:
+        exchange(params, state)
 
 
-def rollout(fn, setup, noise, cond, pref, sigmas, cfg):
-    # deterministic ODE samples in micro-batches -> x0 [B, *x0_shape]
+def exchange(params, state):
+    # swap the contents of two sets of same-shaped tensors, one tensor's worth of temporary memory at a time
+    with torch.no_grad():
+        for n, p in params.items():
+            tmp = p.detach().clone()
+            p.copy_(state[n])
+            state[n].copy_(tmp)
+
+
+def rollout(net, setup, noise, cond, pref, sigmas, cfg):
+    # deterministic ODE samples in micro-batches -> x0 [B, *x0_shape] in noise's dtype (fp32)
     out = []
-    step = lambda x, s, pref=None, **c: velocity(fn, setup, x, s, c, pref)
+    step = lambda x, s, pref=None, **c: velocity(net, setup, x, s, c, pref)
     for i in range(0, len(noise), cfg.batch):
         sl = slice(i, i + cfg.batch)
         out.append(sample.denoise(step, noise[sl], sigmas, {k: v[sl] for k, v in cond.items()},
@@ -823,17 +833,21 @@ def rollout(fn, setup, noise, cond, pref, sigmas, cfg):
     return torch.cat(out)
 
 
-def update_losses(net, old, setup, x0, eps, t, cond, pref, p, cfg):
-    """One micro-batch of the update: x_t = (1-t) x0 + t eps, then the per-sample DiffusionNFT loss against the
-    old policy and the KL to the base model (with a graph through the current policy). -> (loss [B], kl [B])"""
-    xt = (1 - expand(t, x0)) * x0 + expand(t, x0) * eps
-    with torch.no_grad():
-        v_old = velocity(policy(net, old), setup, xt, t, cond, pref).float()
-        v_ref = velocity(base_model(net), setup, xt, t, cond).float() if cfg.kl_beta > 0 else None
+def nft_inputs(x0, eps, t, cond, pref):
+    # one micro-batch's network inputs in the update: (x_t = (1-t) x0 + t eps, t, cond, pref); x0, eps, t in fp32, so
+    # x_t is formed in fp32 and t equals the rollout's sigma exactly (the net casts x_t once, at its input)
+    return (1 - expand(t, x0)) * x0 + expand(t, x0) * eps, t, cond, pref
+
+
+def update_losses(net, setup, x0, xt, t, cond, pref, v_old, v_ref, p, cfg):
+    """One micro-batch of the update: the current policy's velocity at (x_t, t) with a graph, then the per-sample
+    DiffusionNFT loss against the old policy's v_old and the KL to the base model's v_ref (None: no KL), in fp32.
+    -> (loss [B], kl [B])"""
     v = velocity(net, setup, xt, t, cond, pref).float()
     part = setup.nft_part or (lambda x: x)
-    loss = nft_loss(part(v), part(v_old), part(x0.float()), part(xt.float()), t.float(), p, cfg.beta, cfg.adv_clip)
-    kl = (v - v_ref).square().flatten(1).mean(1) if v_ref is not None else torch.zeros_like(loss)
+    loss = nft_loss(part(v), part(v_old.float()), part(x0.float()), part(xt.float()), t.float(), p, cfg.beta,
+                    cfg.adv_clip)
+    kl = (v - v_ref.float()).square().flatten(1).mean(1) if v_ref is not None else torch.zeros_like(loss)
     return loss, kl
 
 
@@ -888,10 +902,14 @@ def load_checkpoint(path, params, old, ema, opt, gen):
             p.copy_(sd[f"policy.{n}"])
             old[n].copy_(sd[f"old.{n}"])
             ema[n].copy_(sd[f"ema.{n}"])
-    for n, p in params.items():
-        st = {k.split(".")[-1]: v.to(p.device) for k, v in sd.items() if k.startswith(f"opt.{n}.") and k.count(".") == n.count(".") + 2}
+    # the optimizer's own loader: it moves each moment to its parameter's device and dtype and keeps AdamW's `step`
+    # a CPU scalar (on the GPU it would cost a host sync per tensor per step)
+    state = {}
+    for i, n in enumerate(params):  # the optimizer numbers its parameters in this order
+        st = {k.split(".")[-1]: v for k, v in sd.items() if k.startswith(f"opt.{n}.") and k.count(".") == n.count(".") + 2}
         if st:
-            opt.state[p] = st
+            state[i] = st
+    opt.load_state_dict(dict(opt.state_dict(), state=state))
     gen.set_state(sd["rng.train"])
     return int(meta["step"])
 
@@ -935,31 +953,32 @@ def adapter_file_state(net, path, names, setup):
 
 
 def eval_points(cfg, net, ema, setup, names, fixed):
-    """What a method is evaluated at: [(label, w, policy fn, w input or None, conditioning or None)]; w places the
-    point on the trade-off (the slider's input; a baseline's nominal weights), conditioning None = setup.cond.
+    """What a method is evaluated at: [(label, w, policy state, w input or None, conditioning or None)]; w places the
+    point on the trade-off (the slider's input; a baseline's nominal weights), the state is what `policy` swaps in
+    (None: the base model), conditioning None = setup.cond.
     ParetoSlider: the w sweep of one model. FixedWeight: its own w. FlowMulti: its EMA at 1/3, 2/3 and the end of
     training. Prompt rewriting: the base model prompted with each style suffix. Rewarded Soups: the two runs'
     adapters mixed at eval_points values of lam, labelled w = (lam, 1 - lam)."""
     M = len(names)
     if cfg.method == "slider":
-        return [(sample.pref_label(w), w, policy(net, ema), w, None) for w in pref_grid(M, cfg.eval_points)]
+        return [(sample.pref_label(w), w, ema, w, None) for w in pref_grid(M, cfg.eval_points)]
     if cfg.method == "fixed":
-        return [(sample.pref_label(fixed.tolist()), fixed.tolist(), policy(net, ema), None, None)]
+        return [(sample.pref_label(fixed.tolist()), fixed.tolist(), ema, None, None)]
     if cfg.method == "flowmulti":
         missing = [p for p in snapshots(cfg).values() if not os.path.isfile(p)]
         if missing:
             raise RunError(f"FlowMulti evaluates its checkpoints at 1/3, 2/3 and the end; missing {missing} (was the "
                            f"run extended with --steps? start a new one)")
-        return [(f"step {k}", [1 / M] * M, policy(net, adapter_file_state(net, p, names, setup)), None, None)
+        return [(f"step {k}", [1 / M] * M, adapter_file_state(net, p, names, setup), None, None)
                 for k, p in snapshots(cfg).items()]
     if cfg.method == "prompt":
         if not setup.rewrites:
             raise RunError(f"--method prompt needs a world whose captions carry style words "
                            f"(the tiny {cfg.backbone} setup has none)")
-        return [(f"prompt '{sfx}'", w, base_model(net), None, c) for sfx, (w, c) in setup.rewrites.items()]
+        return [(f"prompt '{sfx}'", w, None, None, c) for sfx, (w, c) in setup.rewrites.items()]
     a, b = (adapter_file_state(net, os.path.join(d, "adapters.safetensors"), names, setup) for d in cfg.soup.split(","))
     lams = [1 - i / (cfg.eval_points - 1) for i in range(cfg.eval_points)]
-    return [(f"soup lam={lam:.2f}", [lam, 1 - lam], policy(net, soup(a, b, lam)), None, None) for lam in lams]
+    return [(f"soup lam={lam:.2f}", [lam, 1 - lam], soup(a, b, lam), None, None) for lam in lams]
 
 
 def front_stats(W, Rw, ref):
@@ -976,24 +995,25 @@ def evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, dev
     score them with the training rewards and the held-out scorers; eval.json, pareto.png, slider.png."""
     M, items = len(names), torch.tensor(setup.eval_items)
     E, prompts, meta = len(items), [setup.prompts[i] for i in setup.eval_items], [setup.meta[i] for i in setup.eval_items]
-    noise = torch.randn(E, *setup.x0_shape, generator=torch.Generator().manual_seed(1234)).to(device, dtype)
+    noise = torch.randn(E, *setup.x0_shape, generator=torch.Generator().manual_seed(1234)).to(device)
     sigmas = schedule(cfg, setup)
     all_names = names + heldout
 
-    def run(fn, w_in, cond, where):
-        pref = None if w_in is None else torch.tensor(w_in, device=device, dtype=dtype).expand(E, M)
-        x0 = rollout(fn, setup, noise, lookup(setup, items, device, dtype, cond), pref, sigmas, cfg)
+    def run(state, w_in, cond, where):
+        pref = None if w_in is None else torch.tensor(w_in, device=device).expand(E, M)
+        with policy(net, state):
+            x0 = rollout(net, setup, noise, lookup(setup, items, device, dtype, cond), pref, sigmas, cfg)
         r, images = score(reward_fns, all_names, setup.decode, x0, prompts, meta, cfg.batch, where)
         m, sd = r.mean(0).tolist(), r.std(0, unbiased=False).tolist()
         out = dict(rewards=m[:M], std=sd[:M])
         return (out | dict(heldout=m[M:], heldout_std=sd[M:]) if heldout else out), images
 
     sweep, tiles = [], []
-    for label, w, fn, w_in, cond in tqdm(points, desc="eval", disable=not is_rank0()):
-        entry, images = run(fn, w_in, cond, f"evaluation at {label}")
+    for label, w, state, w_in, cond in tqdm(points, desc="eval", disable=not is_rank0()):
+        entry, images = run(state, w_in, cond, f"evaluation at {label}")
         sweep.append(dict(pref=[round(v, 6) for v in w], label=label, **entry))
         tiles.append(images[:6])
-    base, _ = run(base_model(net), None, None, "evaluation of the base model")
+    base, _ = run(None, None, None, "evaluation of the base model")
     W = torch.tensor([s["pref"] for s in sweep])
     hv, rho = front_stats(W, torch.tensor([s["rewards"] for s in sweep]), ref_point)
     result = dict(objectives=names, sweep=sweep, hypervolume=hv, ref_point=ref_point, base=base, spearman=rho,
@@ -1127,12 +1147,14 @@ def train(cfg):
 
     # --- model: base + preference modules (not for FixedWeight) + LoRA; only the adapters train
     setup = BACKBONES[cfg.backbone]["tiny_setup" if cfg.tiny else "setup"](cfg, M, device)
-    net = setup.net.to(dtype)
+    net = setup.net.to(dtype)  # the frozen base in the run dtype; the adapters added next are fp32 (model.py)
     torch.manual_seed(cfg.seed)  # adapter init identical on every rank
     if cfg.method == "slider":  # the baselines have no w input
         model.add_preference(net, M)
     model.add_lora(net, cfg.lora_rank, cfg.lora_alpha)
     net.grad_ckpt = cfg.grad_ckpt
+    if cfg.compile:
+        net.compile_blocks()
     params = model.adapter_state(net)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     old = {n: p.detach().clone() for n, p in params.items()}  # sampling policy theta_old
@@ -1163,9 +1185,9 @@ def train(cfg):
         noise = torch.randn(N, *setup.x0_shape, generator=gen)
         my_items = items[mine]
         cond = lookup(setup, my_items, device, dtype)
-        my_pref = None if fixed is not None else pref[mine].to(device, dtype)
-        with torch.no_grad():
-            x0 = rollout(policy(net, old), setup, noise[mine].to(device, dtype), cond, my_pref, sigmas, cfg)
+        my_pref = None if fixed is not None else pref[mine].to(device)  # w, x0 and sigma stay fp32 (the net casts)
+        with torch.no_grad(), policy(net, old):
+            x0 = rollout(net, setup, noise[mine].to(device), cond, my_pref, sigmas, cfg)
 
         # --- rewards: every image, every objective; gathered so groups may span ranks
         r = torch.zeros(N, M)
@@ -1179,18 +1201,27 @@ def train(cfg):
         else:
             p = (pref * optimality(group_advantages(r, groups), cfg.adv_clip)).sum(1)
 
-        # --- policy update: DiffusionNFT on the sampler's timesteps, shuffled per sample, fresh noise
+        # --- policy update: DiffusionNFT on the sampler's timesteps (the rollout's very sigmas, fp32), shuffled per
+        # sample, fresh noise; work = (timestep j, micro-batch) pairs. First, without a graph, the old policy's
+        # velocities (its adapter state swapped in once for all of them) and the base model's (adapters off);
+        # then the current policy with a graph, micro-batch by micro-batch
         order = torch.rand(N, cfg.sample_steps, generator=gen).argsort(1)[:, :T]
+        eps = [torch.randn(N, *setup.x0_shape, generator=gen) for _ in range(T)]
+        work = [(j, mb) for j in range(T) for mb in torch.arange(len(mine)).split(cfg.batch)]
+        inputs = lambda j, mb: nft_inputs(x0[mb], eps[j][mine[mb]].to(device), sigmas[order[mine[mb], j]].to(device),
+                                          {k: v[mb] for k, v in cond.items()},
+                                          None if my_pref is None else my_pref[mb])
+        with torch.no_grad():
+            with policy(net, old):
+                v_old = [velocity(net, setup, *inputs(j, mb)) for j, mb in work]
+            with policy(net, None):
+                v_ref = [velocity(net, setup, *inputs(j, mb)[:3]) if cfg.kl_beta > 0 else None for j, mb in work]
         stats = torch.zeros(2, device=device)  # summed policy loss, summed KL
-        for j in range(T):
-            t_all, eps_all = sigmas[order[:, j]], torch.randn(N, *setup.x0_shape, generator=gen)
-            for mb in torch.arange(len(mine)).split(cfg.batch):
-                gi = mine[mb]  # global indices of this micro-batch
-                loss_i, kl_i = update_losses(net, old, setup, x0[mb], eps_all[gi].to(device, dtype),
-                                             t_all[gi].to(device, dtype), {k: v[mb] for k, v in cond.items()},
-                                             None if my_pref is None else my_pref[mb], p[gi].to(device), cfg)
-                ((loss_i + cfg.kl_beta * kl_i).sum() / (N * T)).backward()
-                stats += torch.stack([loss_i.detach().sum(), kl_i.detach().sum()])
+        for (j, mb), vo, vr in zip(work, v_old, v_ref):
+            loss_i, kl_i = update_losses(net, setup, x0[mb], *inputs(j, mb), vo, vr, p[mine[mb]].to(device), cfg)
+            ((loss_i + cfg.kl_beta * kl_i).sum() / (N * T)).backward()
+            stats += torch.stack([loss_i.detach().sum(), kl_i.detach().sum()])
+        del v_old, v_ref
         for prm in params.values():  # sum over ranks: every rank then holds the 1-process gradient
             if prm.grad is not None:
                 all_sum(prm.grad)

@@ -5,8 +5,9 @@
 Random weights of the full architecture (speed does not depend on the values), bf16, LoRA r=32 on the
 attention projections + both preference modules, gradient checkpointing: exactly what train.py runs. For each
 micro-batch B it measures
-  rollout: 25 DPM-Solver-2 steps with the old policy (an adapter state swapped in by functional_call), no grad;
-  update:  one NFT micro-step = old-policy forward + base forward (KL) + policy forward and backward;
+  rollout: 25 DPM-Solver-2 steps with the old policy (its adapter state swapped in once), no grad;
+  update:  one NFT micro-step = old-policy forward + base forward (KL), without a graph, + policy forward and
+           backward (train.py runs the first two for all micro-batches before the third: same work);
 and the peak GPU memory of each; the largest B that fits is the last row without 'OOM'. One training sample
 costs int(0.99 * 25) = 24 update micro-steps, so update samples/s = B / (24 * step time).
 """
@@ -67,15 +68,21 @@ def main():
         try:
             x = torch.randn(B, C, h, h, device=dev, dtype=dt)
             ctx, pooled = torch.randn(B, 333, Dc, device=dev, dtype=dt), torch.randn(B, Dp, device=dev, dtype=dt)
-            w = torch.rand(B, 2, device=dev, dtype=dt)
+            w = torch.rand(B, 2, device=dev)
             w = w / w.sum(1, keepdim=True)
             cond = dict(context=ctx, pooled=pooled)
-            with torch.no_grad():
-                tr, mr = timed(lambda: train.rollout(train.policy(net, old), setup, x, cond, w, sigmas, cfg))
+            with torch.no_grad(), train.policy(net, old):
+                tr, mr = timed(lambda: train.rollout(net, setup, x, cond, w, sigmas, cfg))
 
             def update():  # exactly one micro-step of train.py's update
-                t, p = torch.full((B,), 0.6, device=dev, dtype=dt), torch.full((B,), 0.7, device=dev)
-                loss, kl = train.update_losses(net, old, setup, x, torch.randn_like(x), t, cond, w, p, cfg)
+                t, p = torch.full((B,), 0.6, device=dev), torch.full((B,), 0.7, device=dev)
+                inputs = train.nft_inputs(x.float(), torch.randn_like(x.float()), t, cond, w)
+                with torch.no_grad():
+                    with train.policy(net, old):
+                        v_old = train.velocity(net, setup, *inputs)
+                    with train.policy(net, None):
+                        v_ref = train.velocity(net, setup, *inputs[:3])
+                loss, kl = train.update_losses(net, setup, x, *inputs, v_old, v_ref, p, cfg)
                 (loss + cfg.kl_beta * kl).mean().backward()
 
             update()  # warm-up

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import model
 import train
+from tiny_repos import sd35_repo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -303,32 +304,11 @@ def test_two_processes_equal_one(tmp_path):
     assert json.loads((tmp_path / "two" / "eval.json").read_text())["sweep"]
 
 
-def tiny_diffusers_repo(d):
-    # a diffusers-style SD3.5 folder with tiny random parts: transformer/, vae/, three text encoders, tokenizers
-    import diffusers
-    import sample
-    import rewards as R
-    enc = sample.tiny_text_encoders(["a"] + R.COLORS + R.SHAPES, clip_dims=(16, 16), t5_dim=32, clip_len=8, t5_len=4)
-    for sub, obj in [("text_encoder", enc.clip_l), ("text_encoder_2", enc.clip_g), ("text_encoder_3", enc.t5),
-                     ("tokenizer", enc.tok_l), ("tokenizer_2", enc.tok_g), ("tokenizer_3", enc.tok_t5)]:
-        obj.save_pretrained(d / sub)
-    torch.manual_seed(0)
-    diffusers.SD3Transformer2DModel(sample_size=4, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
-                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                    caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8,
-                                    dual_attention_layers=(0,), qk_norm="rms_norm").save_pretrained(d / "transformer")
-    diffusers.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=16,
-                            norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
-                            scaling_factor=1.5305, shift_factor=0.0609).save_pretrained(d / "vae")
-    (d / "prompts.txt").write_text("a red circle\na blue square\na green ring\n")
-
-
 def test_full_size_path_on_a_tiny_diffusers_folder(tmp_path):
     # the --weights path end to end (load_transformer, load_vae, load_text_encoders, latent rollouts decoded by
     # the VAE), on a CPU with a tiny random SD3.5 folder standing in for the released weights
     repo = tmp_path / "repo"
-    tiny_diffusers_repo(repo)
+    sd35_repo(repo)
     res = train.main(["--backbone", "sd35", "--weights", str(repo), "--prompts", str(repo / "prompts.txt"),
                       "--device", "cpu", "--dtype", "fp32", "--rewards", "tiny_photo,tiny_sketch", "--size", "32",
                       "--steps", "2", "--prompts-per-step", "2", "--prefs-per-prompt", "2", "--group-size", "2",
@@ -408,29 +388,35 @@ def test_nft_loss_covers_audio_only_when_asked():
     import sample
     from types import SimpleNamespace
 
-    class Net(torch.nn.Module):  # (video, audio) -> (video, audio) velocities, one weight each
+    class Net(torch.nn.Module):  # (video, audio) -> (video, audio) velocities, one adapter weight each
         def __init__(self):
             super().__init__()
-            self.w = torch.nn.Parameter(torch.tensor([0.5, -0.3]))
+            self.pref_w = torch.nn.Parameter(torch.tensor([0.5, -0.3]))
 
         def forward(self, video, audio, sigma, pref=None):
-            return video * self.w[0], audio * self.w[1]
+            return video * self.pref_w[0], audio * self.pref_w[1]
 
     net, g = Net(), torch.Generator().manual_seed(0)
     pack, unpack = sample.ltx2_packing((2, 3), (4,))
     x0, eps = torch.randn(3, 10, generator=g), torch.randn(3, 10, generator=g)
     t, p = torch.tensor([0.2, 0.5, 0.9]), torch.tensor([0.1, 0.5, 1.0])
     cfg = SimpleNamespace(kl_beta=0.0, beta=0.1, adv_clip=5.0)
-    old = {"w": torch.tensor([0.4, -0.2])}
+    old = {"pref_w": torch.tensor([0.4, -0.2])}
+
+    def losses(x, part):  # the update's two passes on one micro-batch: the old policy without a graph, then the loss
+        setup = train.Setup(net, [], {}, [], [], (10,), None, {}, pack=pack, unpack=unpack, nft_part=part)
+        inputs = train.nft_inputs(x, eps, t, {}, None)
+        with torch.no_grad(), train.policy(net, old):
+            v_old = train.velocity(net, setup, *inputs)
+        return train.update_losses(net, setup, x, *inputs, v_old, None, p, cfg)[0]
+
     x0b = x0.clone()
     x0b[:, 6:] += 1.0  # the audio part only
     for part, moves in ((lambda x: x[:, :6], False), (None, True)):
-        setup = train.Setup(net, [], {}, [], [], (10,), None, {}, pack=pack, unpack=unpack, nft_part=part)
-        a, b = (train.update_losses(net, old, setup, x, eps, t, {}, None, p, cfg)[0] for x in (x0, x0b))
+        a, b = losses(x0, part), losses(x0b, part)
         assert (a - b).abs().max().item() > 1e-3 if moves else torch.equal(a, b)
-    video_only = train.update_losses(net, old, train.Setup(net, [], {}, [], [], (10,), None, {}, pack=pack,
-                                                           unpack=unpack, nft_part=lambda x: x[:, :6]),
-                                     x0, eps, t, {}, None, p, cfg)[0]
+    video_only = losses(x0, lambda x: x[:, :6])
+    assert torch.equal(net.pref_w.detach(), torch.tensor([0.5, -0.3]))  # the live weights are back after the old pass
     xt = (1 - t[:, None]) * x0 + t[:, None] * eps
     want = train.nft_loss(xt[:, :6] * 0.5, xt[:, :6] * 0.4, x0[:, :6], xt[:, :6], t, p, 0.1, 5.0)
     assert torch.allclose(video_only, want, rtol=1e-6)

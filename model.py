@@ -32,7 +32,6 @@ import math
 import os
 from collections import namedtuple
 from dataclasses import asdict, dataclass, replace
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -1286,6 +1285,10 @@ LTX2_PRESETS = {
                       audio_in_channels=16, caption_channels=64, cross_attention_dim=64, audio_cross_attention_dim=32),
 }
 
+# what LTX2Transformer.forward hands every block (namedtuples: torch.compile traces them): the global modulations
+# [B, n*D] of both streams, the a2v / v2a scale-shifts and gates; the four RoPE tables (cos, sin)
+LTX2Mod = namedtuple("LTX2Mod", "video audio ca_video ca_audio gate_video gate_audio")
+LTX2Tables = namedtuple("LTX2Tables", "video audio ca_video ca_audio")
 LTX2_MOD = chunk_names("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")  # block tables, both streams
 LTX2_AV_MOD = chunk_names("a2v_scale", "a2v_shift", "v2a_scale", "v2a_shift")  # rows 0-3 of the a2v tables: scale first
 
@@ -1521,10 +1524,9 @@ class LTX2Transformer(Backbone):
         vpos, apos = ltx2_video_positions(F, h, w, fps, c, device), ltx2_audio_positions(A, c, device)
         table = lambda pos, max_pos, dim: ltx2_rope(pos, max_pos, dim, c.heads, c.rope_theta, c.rope_double_precision)
         ca_max = (max(c.max_pos[0], c.audio_max_pos[0]),)
-        return SimpleNamespace(video=table(vpos, c.max_pos, c.hidden),
-                               audio=table(apos, c.audio_max_pos, c.audio_hidden),
-                               ca_video=table(vpos[:, :1], ca_max, c.audio_cross_attention_dim),
-                               ca_audio=table(apos, ca_max, c.audio_cross_attention_dim))
+        return LTX2Tables(video=table(vpos, c.max_pos, c.hidden), audio=table(apos, c.audio_max_pos, c.audio_hidden),
+                          ca_video=table(vpos[:, :1], ca_max, c.audio_cross_attention_dim),
+                          ca_audio=table(apos, ca_max, c.audio_cross_attention_dim))
 
     def forward(self, video, audio, sigma, context, context_audio, context_mask=None, fps=24.0, pref=None):
         self.check_inputs(video, audio, sigma, context, context_audio, context_mask)
@@ -1541,11 +1543,11 @@ class LTX2Transformer(Backbone):
         d_emb, m = self.preference(pref, B, x.dtype)  # pref_mlp joins the video timestep embedding
         mod_video, emb = self.adaln_single(t, x.dtype, d_emb)
         mod_audio, audio_emb = self.audio_adaln_single(t, a.dtype)
-        mod = SimpleNamespace(video=mod_video, audio=mod_audio,
-                              ca_video=self.av_ca_video_scale_shift_adaln_single(t, x.dtype)[0],
-                              ca_audio=self.av_ca_audio_scale_shift_adaln_single(t, a.dtype)[0],
-                              gate_video=self.av_ca_a2v_gate_adaln_single(t_gate, x.dtype)[0],
-                              gate_audio=self.av_ca_v2a_gate_adaln_single(t_gate, a.dtype)[0])
+        mod = LTX2Mod(video=mod_video, audio=mod_audio,
+                     ca_video=self.av_ca_video_scale_shift_adaln_single(t, x.dtype)[0],
+                     ca_audio=self.av_ca_audio_scale_shift_adaln_single(t, a.dtype)[0],
+                     gate_video=self.av_ca_a2v_gate_adaln_single(t_gate, x.dtype)[0],
+                     gate_audio=self.av_ca_v2a_gate_adaln_single(t_gate, a.dtype)[0])
         ctx, actx = self.caption_projection(context), self.audio_caption_projection(context_audio)
         for blk in self.transformer_blocks:
             x, a = self.run(blk, x, a, ctx, actx, context_mask, mod, rope, m)

@@ -6,9 +6,10 @@
                                            kernels on vs torch.compile (off / on)
   python benchmarks/blocks.py --cpu-smoke  CPU (TRITON_INTERPRET=1), a tiny block: the script itself works
 
-LoRA-style: frozen weights, gradients w.r.t. the activations only. The per-op rows are kernels/bench.py, whose
-timing and table this uses (same columns; GB/s is not defined for a whole block). Target (issue 4): the joint
-block forward+backward >= 1.3x eager and never slower than torch.compile.
+As training runs them: the frozen base in bf16 with LoRA r32 on the backbone's attention projections (fp32 masters,
+computed in bf16; --no-lora: none), gradients w.r.t. the activations and the adapters. The per-op rows are
+kernels/bench.py, whose timing and table this uses (same columns; GB/s is not defined for a whole block). Target
+(issue 4): the joint block forward+backward >= 1.3x eager and never slower than torch.compile.
 """
 import os
 import sys
@@ -26,7 +27,8 @@ import torch  # noqa: E402
 import kernels  # noqa: E402
 from kernels.bench import bench_us, print_rows, start, step  # noqa: E402
 import model  # noqa: E402
-from model import FLUX_PRESETS, SD3_PRESETS, DoubleStreamBlock, FluxConfig, JointBlock, SD3Config, SingleStreamBlock  # noqa: E402
+from model import FLUX_PRESETS, SD3_PRESETS, DoubleStreamBlock, FluxConfig, FluxTransformer, JointBlock, SD3Config  # noqa: E402
+from model import SD3Transformer, SingleStreamBlock  # noqa: E402
 from model import LTX2_PRESETS, LTX2Block, LTX2Config, LTX2Transformer  # noqa: E402
 
 
@@ -34,6 +36,7 @@ def sd3_block(preset, i, n_img, n_txt):
     # an SD3.5 joint block (dual attention in blocks 0-12 of medium): leaves ctx, x, c, m (slider)
     cfg = SD3Config(**SD3_PRESETS[preset])
     blk, D = JointBlock(cfg, i), cfg.hidden
+    blk.lora_targets = SD3Transformer.lora_targets
     return blk, [(1, n_txt, D), (1, n_img, D), (1, D), (1, D)], lambda ctx, x, c, m: tuple(
         t for t in blk(ctx, x, c, m) if t is not None)
 
@@ -47,9 +50,11 @@ def flux_block(preset, kind, n_img, n_txt):
     cos, sin = model.flux_rope(ids, cfg.axes_dim, cfg.theta)
     if kind == "double":
         blk = DoubleStreamBlock(cfg)
+        blk.lora_targets = FluxTransformer.lora_targets
         return blk, [(1, n_txt, D), (1, n_img, D), (1, D), (1, D)], lambda txt, img, vec, m: blk(
             txt, img, vec, cos.to(img.device), sin.to(img.device), m)
     blk = SingleStreamBlock(cfg)
+    blk.lora_targets = FluxTransformer.lora_targets
     return blk, [(1, L, D), (1, D), (1, D)], lambda x, vec, m: (blk(
         x, vec, cos.to(x.device), sin.to(x.device), m, (n_txt, L)),)
 
@@ -62,11 +67,11 @@ def ltx2_block(preset, frames, h, w, n_audio, n_txt):
     cfg = LTX2Config(**LTX2_PRESETS[preset])
     D, Da = cfg.hidden, cfg.audio_hidden
     blk, rope = LTX2Block(cfg), LTX2Transformer.rope(SimpleNamespace(cfg=cfg), frames, h, w, n_audio, 24.0, None)
+    blk.lora_targets = LTX2Transformer.lora_targets
     shapes = [(1, frames * h * w, D), (1, n_audio, Da), (1, n_txt, D), (1, n_txt, Da), (1, 6 * D), (1, 6 * Da),
               (1, 4 * D), (1, 4 * Da), (1, D), (1, Da), (1, D)]
-    names = ("video", "audio", "ca_video", "ca_audio", "gate_video", "gate_audio")  # the forward's `mod` namespace
     return blk, shapes, lambda x, a, ctx, actx, *t: blk(
-        x, a, ctx, actx, None, SimpleNamespace(**dict(zip(names, t[:6]))), rope, t[6])
+        x, a, ctx, actx, None, model.LTX2Mod(*t[:6]), rope, t[6])
 
 
 # whole blocks from model.py at the real shapes: (name, builder, its arguments). FLUX.1 Kontext at 1024^2: 64 x 64
@@ -88,30 +93,48 @@ SMOKE_BLOCKS = [("tiny joint block (dual attn)", sd3_block, ("sd35-tiny", 0, 16,
                 ("tiny ltx2 block", ltx2_block, ("ltx2-tiny", 2, 2, 3, 5, 7))]
 
 
-def run_blocks(blocks, device, cpu, rows, use_compile, dtype=torch.bfloat16):
+def run_blocks(blocks, device, cpu, rows, use_compile, dtype=torch.bfloat16, lora=32):
+    """Each block's rows: eager (kernels off), triton (kernels on), and with use_compile torch.compile of each (one
+    compilation per variant serves both passes); lora: the adapters' rank (0: a frozen block without adapters).
+    -> {block name: graph breaks under torch.compile, per compiled variant}"""
+    breaks = {}
     for name, build, args in blocks:
         with torch.device(device):  # the RoPE tables too: made once on the device, never copied inside the timing
             blk, shapes, f = build(*args)
         blk.to(device, dtype).requires_grad_(False)
+        if lora:  # fp32 masters on the device, trainable, as train.py adds them
+            model.add_lora(blk, lora, 2 * lora)
         g = torch.Generator(device).manual_seed(0)
         # activations ~N(0, 1); conditioning vectors too; the slider vector m (last) small, as trained
         leaves = [(torch.randn(*s, generator=g, device=device) * (0.1 if i == len(shapes) - 1 else 1.0))
                   .to(dtype).requires_grad_() for i, s in enumerate(shapes)]
+        adapters = [p for p in blk.parameters() if p.requires_grad]  # their grads are reset between runs too
         variants = [("eager", "torch", False), ("triton", "triton", False)]
         if use_compile:
             variants += [("compile", "torch", True)] + ([] if cpu else [("compile+triton", "triton", True)])
-        for backward in (False, True):
-            us = {}
-            for impl, backend, comp in variants:
-                kernels.set_backend(backend)
+        us = {}
+        for impl, backend, comp in variants:
+            kernels.set_backend(backend)
+            fn = f
+            if comp:
                 torch._dynamo.reset()
-                us[impl] = bench_us(step(torch.compile(f) if comp else f, leaves, backward), leaves, cpu)
-            kernels.set_backend("triton")
-            for impl, t in us.items():
+                torch._dynamo.utils.counters.clear()
+                fn = torch.compile(f)
+            for backward in (False, True):
+                us[impl, backward] = bench_us(step(fn, leaves, backward), leaves + adapters, cpu)
+            if comp:
+                breaks.setdefault(name, {})[impl] = sum(torch._dynamo.utils.counters["graph_break"].values())
+        kernels.set_backend("triton")
+        for backward in (False, True):
+            t_of = {impl: us[impl, backward] for impl, _, _ in variants}
+            for impl, t in t_of.items():
                 rows.append(dict(case=name, op=type(blk).__name__, pass_="fwd+bwd" if backward else "fwd", impl=impl,
-                                 us=t, gbs=None, copy=None, vs_eager=us["eager"] / t,
-                                 vs_compile=us["compile"] / t if "compile" in us else None, err=None))
-            print_rows(rows[-len(us):])
+                                 us=t, gbs=None, copy=None, vs_eager=t_of["eager"] / t,
+                                 vs_compile=t_of["compile"] / t if "compile" in t_of else None, err=None))
+            print_rows(rows[-len(t_of):])
+        if name in breaks:
+            print(f"{name}: graph breaks under torch.compile: {breaks[name]}", flush=True)
+    return breaks
 
 
 def main():
@@ -119,6 +142,7 @@ def main():
     p.add_argument("--cpu-smoke", action="store_true", help="CPU + interpreter, a tiny block: check the script runs")
     p.add_argument("--case", default="", help="only blocks whose name contains this")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
+    p.add_argument("--no-lora", action="store_true", help="frozen blocks without LoRA adapters")
     p.add_argument("--out", help="also append the rows here as JSON lines")
     args = p.parse_args()
     if not args.cpu_smoke and not torch.cuda.is_available():
@@ -127,7 +151,7 @@ def main():
     device, _ = start(args.cpu_smoke, args.out)
     rows = []
     t0 = time.time()
-    run_blocks(blocks, device, args.cpu_smoke, rows, not args.no_compile)
+    run_blocks(blocks, device, args.cpu_smoke, rows, not args.no_compile, lora=0 if args.no_lora else 32)
     print(f"done in {time.time() - t0:.0f} s")
 
 

@@ -5,8 +5,8 @@
   python benchmarks/memory.py --cuda  also run every step on the GPU (uninitialised bf16 weights) and print the
                                       tracker's peak next to torch.cuda.max_memory_allocated
 
-Method. Each network is built on the meta device in bf16 with the adapters train.py gives it: LoRA r32 / alpha 64
-on the attention projections, in fp32 (add_lora draws them without a dtype), the two preference modules in bf16.
+Method. Each network is built on the meta device as train.py holds it (model.py's precision policy): the base in bf16,
+LoRA r32 / alpha 64 on the attention projections and the two preference modules as fp32 masters.
 A step's activation peak comes from running the real forward (and backward) on meta tensors under LiveBytes, a
 dispatch mode that adds each new storage's bytes when an op returns it and subtracts them when the storage is freed
 (a weakref finalizer): the peak of that sum is the step's peak above what was resident before. Gradient
@@ -17,10 +17,12 @@ intermediates, so the recomputed block's share is an upper bound). Not counted: 
 fragmentation, cuBLAS / NCCL workspaces, the reward models' activations.
 """
 import argparse
+import math
 import os
 import sys
 import weakref
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,7 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
 import model  # noqa: E402
+import train  # noqa: E402
 
 GiB = 2**30
 BUDGET = 76.0  # GiB of an 80 GB H100 (79.6 GiB total) left after the CUDA context, cuBLAS / NCCL workspaces, slack
@@ -132,19 +135,26 @@ def settings(M=2):
     # LTX-2 (train.py's ltx2 preset: 512^2 x 49 frames, micro-batch 1, pickscore_photo + vlm_animation on every frame;
     # no audio VAE or vocoder in training), and a longer clip beside it
     ltx_aux = ("LTX-2 video VAE",) + rewards_t2i
+    # one optimizer step's samples and trained timesteps (train.py's presets): the update keeps the old policy's and
+    # the base model's velocity of every (timestep, sample) on the GPU through its gradient pass
+    preset = lambda b: train.Config(**train.BACKBONES[b]["preset"])
+    step = lambda b: (preset(b).prompts_per_step * preset(b).prefs_per_prompt * preset(b).group_size,
+                      int(preset(b).timestep_fraction * preset(b).sample_steps))
     return [
         dict(name="sd35-medium 512² B8", net=(model.SD3Transformer, sd3), inputs=sd3_inputs(sd3, 8, 64, 333),
-             vae=vae16(8), aux=("SD3/FLUX VAE",) + rewards_t2i,
+             vae=vae16(8), aux=("SD3/FLUX VAE",) + rewards_t2i, step=step("sd35"), x0=("x",),
              encoders=("T5-XXL encoder", "CLIP-L text", "OpenCLIP-bigG text")),
         dict(name="flux-kontext 512²+ref B4", net=(model.FluxTransformer, flux), inputs=flux_inputs(flux, 4, 64, 512),
-             vae=vae16(4), aux=("SD3/FLUX VAE", "Qwen2.5-VL-7B (VLM judge)", "DINOv2-base"),
-             encoders=("T5-XXL encoder", "CLIP-L text")),
+             vae=vae16(4), aux=("SD3/FLUX VAE", "Qwen2.5-VL-7B (VLM judge)", "DINOv2-base"), step=step("flux-kontext"),
+             x0=("x",), encoders=("T5-XXL encoder", "CLIP-L text")),
         dict(name="ltx2-19b 512²x49f B1", net=(model.LTX2Transformer, ltx),
              inputs=ltx2_inputs(ltx, 1, 49, 512, 512, 1024), vae=vae_ltx(1, 7, 16, 16), aux=ltx_aux,
-             encoders=("Gemma-3-12B text", "LTX-2 text connectors"), encode_first=True),
+             step=step("ltx2"), x0=("video", "audio"), encoders=("Gemma-3-12B text", "LTX-2 text connectors"),
+             encode_first=True),
         dict(name="ltx2-19b 768x512x121f B1", net=(model.LTX2Transformer, ltx),
              inputs=ltx2_inputs(ltx, 1, 121, 512, 768, 1024), vae=vae_ltx(1, 16, 16, 24), aux=ltx_aux,
-             encoders=("Gemma-3-12B text", "LTX-2 text connectors"), encode_first=True)]
+             step=step("ltx2"), x0=("video", "audio"), encoders=("Gemma-3-12B text", "LTX-2 text connectors"),
+             encode_first=True)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,10 +162,11 @@ def settings(M=2):
 
 
 def build(cls, cfg, device="meta", rank=32):
-    # bf16 base + preference modules (cfg.pref_dim), then LoRA in fp32 as train.py's add_lora makes them
+    # bf16 base, then the preference modules (cfg.pref_dim) and LoRA in fp32, as train.py makes them
     with torch.device("meta"):
-        net = cls(cfg).to(torch.bfloat16)
-    model.add_lora(net, rank, 2 * rank)  # drawn on the CPU when the weights are on meta; moved below
+        net = cls(replace(cfg, pref_dim=0)).to(torch.bfloat16)
+    model.add_preference(net, cfg.pref_dim)  # drawn on the CPU when the weights are on meta; moved below
+    model.add_lora(net, rank, 2 * rank)
     net = net.to("meta") if device == "meta" else net.to_empty(device=device)
     for p in model.adapter_state(net).values():  # accumulated over micro-batches: resident, not part of the step
         p.grad = torch.zeros_like(p)
@@ -212,11 +223,15 @@ def plan(s, device="meta", M=2):
         r["decode"], r["decode_cuda"] = step_peak(lambda z: vae.decode(z), dict(z=s["vae"][1]), False, device)
     r["aux"] = 2 * sum(AUX[a] for a in s["aux"])
     r["encoders"] = 2 * sum(AUX[a] for a in s["encoders"])
+    # the update's stored velocities: old policy and base model, bf16, every (timestep, sample) of a step on one GPU
+    samples, timesteps = s.get("step", (B, 1))
+    r["stored"] = 2 * 2 * samples * timesteps * sum(math.prod(s["inputs"][k][1:]) for k in s.get("x0", ()))
     # steady state: resident + the largest transient (the phases run one after another); setup: train.py loads the
     # rewards, then the pipeline with its text encoders on the GPU, encodes every prompt, then moves them to the CPU;
     # encode_first (ltx2_setup): the text encoders load, encode and are freed before the transformer and VAE load
     r["act"] = max(r["rollout"], r["update"], r["decode"])
-    r["peak"] = r["weights"] + r["adapter_state"] + r["aux"] + max(r["act"], r["opt_step"])
+    r["peak"] = r["weights"] + r["adapter_state"] + r["aux"] + max(r["rollout"], r["update"] + r["stored"],
+                                                                    r["decode"], r["opt_step"])
     r["setup"] = max(r["aux"] + r["encoders"], r["weights"] + r["aux"]) if s.get("encode_first") else \
         r["weights"] + r["aux"] + r["encoders"]
     return r
@@ -228,7 +243,8 @@ def verdict(r, budget=BUDGET * GiB):
     # (the reward models and the VAE stay whole). Activations grow about linearly with the micro-batch.
     per_sample = r["act"] / r["batch"]
     gathered = lambda n: 2 * r["block"] if n > 1 else 0
-    largest = lambda n: int((budget - (r["weights"] + r["adapter_state"]) / n - gathered(n) - r["aux"]) // per_sample)
+    largest = lambda n: int((budget - (r["weights"] + r["adapter_state"]) / n - gathered(n) - r["aux"] - r["stored"] / n)
+                            // per_sample)
     if largest(1) >= r["batch"]:
         line = (f"DDP fits ({r['peak'] / GiB:.1f} of {BUDGET:.0f} GiB) on any number of GPUs, up to micro-batch "
                 f"~{largest(1)}; FSDP2 only past that (over 8 GPUs: up to ~{largest(8)})")
@@ -247,7 +263,8 @@ def table(rows):
     cols = [("setting", lambda r: r["name"]), ("params", lambda r: f"{r['params']:,}"), ("weights", gib("weights")),
             ("LoRA + pref params", lambda r: f"{r['adapter_params']:,}"), ("adapter state", gib("adapter_state", 2)),
             ("VAE + rewards", gib("aux")), ("rollout act.", gib("rollout", 2)), ("update act.", gib("update", 2)),
-            ("decode act.", gib("decode", 2)), ("peak", gib("peak")), ("text enc.", gib("encoders")),
+            ("decode act.", gib("decode", 2)), ("stored v", gib("stored", 2)), ("peak", gib("peak")),
+            ("text enc.", gib("encoders")),
             ("setup", gib("setup"))]
     print("| " + " | ".join(h for h, _ in cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
@@ -274,8 +291,9 @@ def main():
                 for k in ("rollout", "update", "decode")))
     print("GiB unless a count. adapter state: 6x the adapters (param, grad, AdamW m and v, old policy, EMA);\n"
           "rollout / update / decode act.: activation peak of one micro-batch (update: forward + backward, gradient\n"
-          "checkpointing); peak = weights + adapter state + VAE + rewards + the largest transient (those three, or\n"
-          "the optimizer step's temporaries); setup = weights + VAE + rewards + text encoders (on the GPU until the\n"
+          "checkpointing); stored v: the update's old-policy and base velocities of one step (bf16); peak = weights\n"
+          "+ adapter state + VAE + rewards + the largest transient (rollout, update + stored v, decode, or the\n"
+          "optimizer step's temporaries); setup = weights + VAE + rewards + text encoders (on the GPU until the\n"
           "prompts are encoded; LTX-2 encodes first and frees Gemma: the larger of VAE + rewards + text encoders and\n"
           "weights + VAE + rewards).\n")
     table(rows)

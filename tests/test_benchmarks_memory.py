@@ -1,6 +1,7 @@
 # benchmarks/memory.py: the live-bytes tracker against independent counts, the meta device against real CPU tensors,
 # and the full-size counts against model.py's.
 import importlib.util
+import math
 import os
 from contextlib import nullcontext
 
@@ -104,7 +105,13 @@ def test_plan_on_a_tiny_setting():
     r = mem.plan(s)
     assert r["params"] == sum(p.numel() for p in cls(model.LTX2Config(**model.LTX2_PRESETS["ltx2-tiny"])).parameters())
     assert 0 < r["rollout"] < r["update"] and r["decode"] > 0 and r["opt_step"] > 0
+    assert r["stored"] == 0  # a setting without a step's size stores nothing
     assert r["peak"] == r["weights"] + r["adapter_state"] + r["aux"] + max(r["act"], r["opt_step"])
+    r = mem.plan(dict(s, step=(6, 3), x0=("video", "audio")))  # 6 samples x 3 timesteps, old + base, bf16
+    shapes = s["inputs"]
+    assert r["stored"] == 2 * 2 * 6 * 3 * (math.prod(shapes["video"][1:]) + math.prod(shapes["audio"][1:]))
+    assert r["peak"] == r["weights"] + r["adapter_state"] + r["aux"] + max(r["rollout"], r["update"] + r["stored"],
+                                                                            r["decode"], r["opt_step"])
     assert r["setup"] == r["weights"] + 2 * (83_819_683 + 4_762_310_656)
     r = mem.plan(dict(s, encode_first=True))  # ltx2_setup: the text encoder is freed before the transformer loads
     assert r["setup"] == max(r["aux"] + r["encoders"], r["weights"] + r["aux"]) == r["aux"] + r["encoders"]
@@ -122,7 +129,7 @@ def test_full_size_counts():
         c = mem.counts(net)
         assert c["params"] == params
         lora = sum(p.numel() for n, p in net.named_parameters() if ".lora_" in n)
-        assert c["adapter_state"] == 6 * (4 * lora + 2 * (c["adapter_params"] - lora))  # LoRA fp32, pref modules bf16
+        assert c["adapter_state"] == 6 * 4 * c["adapter_params"]  # LoRA and the preference modules: fp32 masters
     # per block: q, k, v, out of six attentions, r * (in + out) each: video self and text, all 4096 -> 4096; audio
     # self and text, all 2048 -> 2048; a2v and v2a, each two linears between 4096 and 2048 and two 2048 -> 2048
     D, Da = 4096, 2048

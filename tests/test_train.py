@@ -279,9 +279,9 @@ def test_missing_weights_is_a_message_not_a_traceback(tmp_path):
 
 def test_two_processes_equal_one(tmp_path):
     # torchrun with 2 gloo processes on the same global batch: rollouts split across ranks, group statistics
-    # and gradients summed over ranks -> the same update as one process
+    # and gradients summed over ranks -> the same update as one process. The 2-process run comes first, on an empty
+    # cache: rank 0 pretrains the tiny base while rank 1 waits at the barrier, then both load it
     args = TINY + ["--steps", "2", "--cache", str(tmp_path / "cache"), "--group-size", "3"]
-    train.main(args + ["--out", str(tmp_path / "one")])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with socket.socket() as s:  # a free port: two test runs at once must not collide
         s.bind(("127.0.0.1", 0))
@@ -290,6 +290,8 @@ def test_two_processes_equal_one(tmp_path):
                         "127.0.0.1", "--master_port", port, "train.py", *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("tiny base: pretrained, cached in") == 1 and len(os.listdir(tmp_path / "cache")) == 1
+    train.main(args + ["--out", str(tmp_path / "one")])
     one, two = (load_file(tmp_path / d / "checkpoint.safetensors") for d in ("one", "two"))
     assert one.keys() == two.keys()
     # Adam moves every weight by about lr = 3e-4 a step whatever the gradient's size, so where a gradient is ~0 the

@@ -1119,6 +1119,7 @@ class Slider:
         self.lock, self.cache, self.cache_size = threading.Lock(), OrderedDict(), cache_size
         self.cache_lock = threading.Lock()  # the cache and `newest` are read by every request thread
         self.newest = {}  # client -> its newest request number
+        self.conds = {}  # prompt -> its (cond, uncond), the last 8 (read under self.lock)
 
     def check(self, prompt, pref, source):
         # -> the request's ω as a list, or UsageError with the reason (answered 400)
@@ -1159,7 +1160,12 @@ class Slider:
                 if key in self.cache:  # rendered by the request we waited for
                     return self.cache[key], "hit"
             a = self.args
-            cond, uncond = self.pipe.conditions([key[0]], a.guidance, a.negative_prompt)
+            if key[0] not in self.conds:  # the last few prompts' encodings: the text encoders visit the GPU once each
+                self.conds[key[0]] = self.pipe.conditions([key[0]], a.guidance, a.negative_prompt)
+                while len(self.conds) > 8:
+                    self.conds.pop(next(iter(self.conds)))
+            cond, uncond = self.conds[key[0]]
+            cond = dict(cond)  # the source image joins this request's copy
             width = height = a.size
             if source is not None:
                 try:

@@ -199,6 +199,10 @@ class Backbone(nn.Module):
         super().__init__()
         self._tables = {}  # `tables`' cache
 
+    def _apply(self, fn, *args, **kwargs):
+        self._tables.clear()  # .to(), .half(), ...: tables are made again on the new device when first needed
+        return super()._apply(fn, *args, **kwargs)
+
     def tables(self, key, make):
         """Position tables (RoPE cos / sin), made once per input shape and device, not at every forward: the forward
         of a rollout step or an update micro-batch then starts without rebuilding them (the last 8 shapes kept)."""
@@ -371,6 +375,9 @@ def load_adapters(net, path, objectives=None):
     sd, _ = read_safetensors(path)
     own = adapter_state(net)
     check_keys(own, sd, what=f"adapter file {path}")
+    bad = [n for n, t in sd.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{path}: non-finite values in {', '.join(bad[:3])}" + (" …" if len(bad) > 3 else ""))
     with torch.no_grad():
         for n, p in own.items():
             p.copy_(sd[n])
@@ -411,6 +418,32 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def sweep_temporaries(folder, name=None):
+    """Remove what killed atomic writes left in `folder` (`<file>.tmp<pid>`, of `name` only if given), never a live
+    process's: a run or sampler writing beside this one keeps its temporary."""
+    if not os.path.isdir(folder):
+        return
+    for f in os.listdir(folder):
+        stem, _, pid = f.rpartition(".tmp")
+        if stem and pid.isdigit() and (name is None or stem == name) and not pid_alive(int(pid)):
+            try:
+                os.remove(os.path.join(folder, f))
+            except OSError:
+                pass
+
+
+def pid_alive(pid):
+    if pid == os.getpid():
+        return False  # ours, from a write that failed before this call
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_save(state, path, metadata=None):

@@ -322,7 +322,7 @@ def encode_flux_prompts(enc: FluxTextEncoders, prompts: list[str]):
 # ----------------------------------------------------------------------------------------------------------------
 # LTX-2 text encoder (notes/backbones.md §3.6): Gemma-3 over the prompt left-padded to 1024 tokens, all its hidden
 # states stacked ([B, L, C, layers + 1]), then model.LTX2TextConnectors (per-layer norm, aggregate projection, the two
-# connectors) -> the DiT's context, context_audio and context_mask (pipeline_ltx2.py:303-372 _get_gemma_prompt_embeds).
+# connectors) -> the DiT's context and context_audio (pipeline_ltx2.py:303-372 _get_gemma_prompt_embeds).
 
 
 @dataclass
@@ -495,22 +495,46 @@ def image_grid(rows, col_labels, row_labels=None, tile=160):
     return grid
 
 
+def write_file(path, write):
+    """write(tmp) writes the file, which then replaces `path` in one rename: a failure (a full disk, a killed process)
+    never leaves a truncated file under the name nor destroys the one already there; one line names the file.
+    Temporaries that killed writes of this name left behind go first."""
+    import model
+    model.sweep_temporaries(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+    try:
+        model.atomic_write(path, write)
+    except OSError as e:
+        raise UsageError(f"{path}: could not write it ({e.strerror or e}); any earlier file of that name is "
+                         "intact") from None
+
+
+def image_format(path):
+    # PIL's format for the file's extension (the temporary's name has none), or None
+    from PIL import Image
+    return Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+
+
+def save_image(img, path):
+    write_file(path, lambda tmp: img.save(tmp, format=image_format(path)))
+
+
 def save_video(frames, path, fps=24.0):
     """frames: a video [T,3,H,W] in [0,1] (a tensor, or a list of [3,H,W] tensors or PIL images) -> an animated
     image, WebP or GIF by the extension of path, looping, and an H.264 .mp4 beside it where PyAV is installed.
     -> the paths written."""
     from PIL import Image
     images = [f if isinstance(f, Image.Image) else to_pil(f) for f in frames]
-    save_animation(images, path, fps)
+    write_file(path, lambda tmp: save_animation(images, tmp, fps, image_format(path)))
     try:
         import av
     except ImportError:
         print("(PyAV is not installed: no .mp4 beside it; pip install av for one)")
         return [path]
     mp4 = os.path.splitext(path)[0] + ".mp4"
-    try:
+
+    def encode(tmp):
         from fractions import Fraction
-        with av.open(mp4, "w") as out:
+        with av.open(tmp, "w", format="mp4") as out:
             stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             w, h = images[0].size
             stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"  # 4:2:0 needs even sides
@@ -519,15 +543,17 @@ def save_video(frames, path, fps=24.0):
                 canvas.paste(im)
                 out.mux(stream.encode(av.VideoFrame.from_image(canvas)))
             out.mux(stream.encode())  # flush
+    try:
+        write_file(mp4, encode)
     except Exception as e:  # the animated image is written; an encoder this FFmpeg lacks only costs the .mp4
-        print(f"(no .mp4: PyAV could not encode it: {e})")
+        print(f"(no .mp4: {e})")
         return [path]
     return [path, mp4]
 
 
-def save_animation(images, fp, fps, format=None):
-    # PIL images -> a looping animated WebP or GIF: a path (the format from its extension) or a file object + format
-    extra = dict(quality=90) if (format or os.path.splitext(fp)[1][1:]).lower() == "webp" else {}
+def save_animation(images, fp, fps, format):
+    # PIL images -> a looping animated WebP or GIF (format "WEBP" / "GIF") into a path or a file object
+    extra = dict(quality=90) if format.upper() == "WEBP" else {}
     images[0].save(fp, format=format, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0,
                    **extra)
 
@@ -536,11 +562,14 @@ def save_wav(wav, path, rate):
     # a waveform [channels, samples] in [-1, 1] -> a 16-bit PCM WAV (standard library), samples interleaved
     import wave
     pcm = (wav.float().clamp(-1, 1) * 32767).round().to(torch.int16).T.contiguous().cpu().numpy()
-    with wave.open(path, "wb") as f:
-        f.setnchannels(wav.shape[0])
-        f.setsampwidth(2)
-        f.setframerate(int(rate))
-        f.writeframes(pcm.astype("<i2").tobytes())
+
+    def write(tmp):
+        with wave.open(tmp, "wb") as f:
+            f.setnchannels(wav.shape[0])
+            f.setsampwidth(2)
+            f.setframerate(int(rate))
+            f.writeframes(pcm.astype("<i2").tobytes())
+    write_file(path, write)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -836,16 +865,35 @@ def kontext_resolution(width, height):
     return min((abs(width / height - w / h), w, h) for w, h in KONTEXT_RESOLUTIONS)[1:]
 
 
-def load_image(path, size=None):
-    """-> image [1, 3, H, W] in [0, 1]. size: (width, height) to resize to (bicubic, as diffusers' VaeImageProcessor),
-    or None. Errors name the file; any mode (grayscale, RGBA, palette) is converted to RGB."""
-    from PIL import Image, UnidentifiedImageError
+MAX_PIXELS = 64 * 2**20  # an image to edit of more pixels is refused (a decompression bomb decodes to gigabytes)
+
+
+def open_image(src, what):
+    """A path or file object -> a PIL image in RGB (any mode converted), decoded; anything else (not an image, a
+    truncated or hostile file, more than MAX_PIXELS pixels) is a UsageError that names `what`."""
+    import warnings
+    from PIL import Image
     try:
-        img = Image.open(path)
-        img.load()
-    except (OSError, UnidentifiedImageError) as e:
-        raise UsageError(f"--image {path}: cannot read it as an image ({e})") from None
-    img = img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(src)
+            if img.width * img.height > MAX_PIXELS:
+                raise UsageError(f"{what}: {img.width}x{img.height} pixels, more than the {MAX_PIXELS} accepted")
+            img.load()
+    except UsageError:
+        raise
+    except Image.DecompressionBombError:
+        raise UsageError(f"{what}: too many pixels (a decompression bomb?)") from None
+    except Exception:  # PIL raises many kinds on a broken file (OSError, SyntaxError, ValueError, ...): its text is
+        raise UsageError(f"{what}: not an image this program can read (or truncated)") from None  # not for users
+    return img.convert("RGB")
+
+
+def load_image(src, size=None, what=None):
+    """-> image [1, 3, H, W] in [0, 1]. size: (width, height) to resize to (bicubic, as diffusers' VaeImageProcessor),
+    or None. Errors name `what` (default: --image and the file); any mode (grayscale, RGBA, palette) becomes RGB."""
+    from PIL import Image
+    img = src if isinstance(src, Image.Image) else open_image(src, what or f"--image {src}")
     if size is not None and img.size != tuple(size):
         img = img.resize(tuple(size), Image.BICUBIC)
     import numpy as np
@@ -860,7 +908,7 @@ def cli():
     ap = argparse.ArgumentParser(description="Sample images from a ParetoSlider model at one ω or a sweep of ω.")
     ap.add_argument("--run", help="a train.py run folder: its adapter, base model, text encoders and sampling "
                     "settings (steps, solver, shift, size; flags given here override them)")
-    ap.add_argument("--backbone", default="sd35", choices=sorted(LOADERS), help="model family (with --weights)")
+    ap.add_argument("--backbone", choices=sorted(LOADERS), help="model family (with --weights; default sd35)")
     ap.add_argument("--weights", help="diffusers repo folder (transformer/, vae/, text encoders) "
                     "or an original single .safetensors file")
     ap.add_argument("--text-encoders", help="diffusers folder or hub id with text_encoder{,_2,_3}/ and tokenizer{,_2,_3}/"
@@ -868,7 +916,7 @@ def cli():
     ap.add_argument("--no-t5", action="store_true", help="skip T5-XXL (zeros instead, as diffusers does)")
     ap.add_argument("--lora", help="adapter .safetensors (LoRA + preference modules) written by train.py")
     ap.add_argument("--prompt", help="text prompt (not with --serve: the page asks for it)")
-    ap.add_argument("--negative-prompt", default="", help="unconditional prompt for CFG")
+    ap.add_argument("--negative-prompt", help="unconditional prompt for CFG (with --guidance > 1; default empty)")
     ap.add_argument("--pref", help="ω: w1 for two objectives (ω = (w1, 1-w1)) or a full vector like 0.2,0.3,0.5")
     ap.add_argument("--sweep", type=int, help="N >= 2: one strip of N images, ω = (1-i/(N-1), i/(N-1))")
     ap.add_argument("--steps", type=int, help="ODE steps (default 28; a run's sample_steps)")
@@ -879,7 +927,8 @@ def cli():
     ap.add_argument("--image", help="editing backbones (flux-kontext): the source image to edit; resized to the nearest "
                     "Kontext resolution (a tiny run: to its size)")
     ap.add_argument("--vae", help="FLUX with a single-file --weights: BFL's ae.safetensors")
-    ap.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same noise on every device)")
+    ap.add_argument("--seed", type=int, help="noise seed, in [0, 2^31) (default 0; the same seed gives the same noise "
+                    "on every device)")
     ap.add_argument("--size", type=int, help="image side in pixels (multiple of 16; default 1024, LTX-2 512 (a "
                     "multiple of 32); a run's size)")
     ap.add_argument("--frames", type=int, help="video backbones (ltx2): frames per clip (8k+1; default 121; a run's "
@@ -898,8 +947,9 @@ def cli():
     ap.add_argument("--kernels", choices=["triton", "torch"], help="fused Triton kernels or the PyTorch references "
                     "(default: Triton on a GPU)")
     ap.add_argument("--serve", action="store_true", help="a local page with the slider: drag ω, watch the image move")
-    ap.add_argument("--port", type=int, default=7860, help="--serve: the port (0: any free one)")
-    ap.add_argument("--host", default="127.0.0.1", help="--serve: the address to bind (default: this machine only)")
+    ap.add_argument("--port", type=int, help="--serve: the port (default 7860; 0: any free one)")
+    ap.add_argument("--host", help="--serve: the address to bind (default 127.0.0.1: this machine only; the page has "
+                    "no authentication)")
     return ap
 
 
@@ -910,23 +960,53 @@ def main(argv=None):
             import kernels
             kernels.set_backend(args.kernels)
         serve(args) if args.serve else run(args)
-    except (UsageError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except OSError as e:  # reading weights, images, run folders: the file and the reason, in one line
+        print(f"sample.py: error: {e.filename}: {e.strerror}" if e.filename and e.strerror else
+              f"sample.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (UsageError, ValueError, RuntimeError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 GUIDANCE = {"sd35": 1.0, "flux-kontext": 2.5, "ltx2": 1.0}  # default --guidance: CFG off; Kontext's distilled input
 DISTILLED = {"flux-kontext"}  # guidance is an input of the net: a run's --guidance is what it trained with
+EDITING = {"flux-kontext"}  # the backbones that edit a source image (--image)
 # video backbones: their defaults (LTX2Pipeline: 30 steps, 121 frames at 24 fps; 512 px, its stage-1 height)
 VIDEO = {"ltx2": dict(steps=30, size=512, frames=121, fps=24.0, out="out.webp")}
+# flags that only some backbones use: flag -> (the backbones, what it is for)
+ONLY = {"--no-t5": ({"sd35"}, "SD3.5's T5 encoder"), "--vae": ({"flux-kontext"}, "FLUX's single-file VAE"),
+        "--image": (EDITING, "a source to edit"), "--frames": (set(VIDEO), "videos"), "--fps": (set(VIDEO), "videos"),
+        "--audio": (set(VIDEO), "videos")}
+
+
+def geometry(backbone, tiny=False, pixels=1):
+    """-> (the multiple an image side must be, the largest side or None): the VAE's compression x the transformer's patch
+    (FLUX packs 2 x 2 latent cells into a token), from model.py's configs; a tiny run works in pixel space, with
+    `pixels` x `pixels` pixels per latent cell instead of a VAE (the tiny SD3.5: up to its positional table)."""
+    import model
+    if backbone == "sd35":
+        cfg = model.SD3Config(**(model.SD3_PRESETS["sd35-tiny"] if tiny else {}))
+        cell = pixels if tiny else 8
+        return cell * cfg.patch, cell * cfg.patch * cfg.pos_embed_max
+    if backbone == "flux-kontext":
+        return (pixels if tiny else 8) * 2, None
+    return pixels if tiny else model.LTX2Config().vae_scale_factors[1], None
+
+
+def spec_geometry(backbone, spec):
+    # geometry() of a loader spec: a tiny run's spec names its tiny text encoders and its pixels per latent cell
+    return geometry(backbone, "tiny_text_encoders" in spec or "tiny_text_encoder" in spec, spec.get("pixels", 1))
 
 
 def run_settings(args):
-    # -> (backbone, spec, adapter path, objectives) and the run's sampling settings as defaults for unset flags
+    """-> (backbone, spec, adapter path, objectives, {flag: default}, {flag: where the default comes from}): the run's
+    sampling settings fill the flags left unset; a key the run's config.json lacks must then be given as a flag."""
     import model
     # dtype: bf16 on a GPU, fp32 on a CPU (what the base is stored and computes in; the adapters stay fp32 masters)
-    defaults = dict(steps=28, solver="euler", shift=3.0, size=1024, out="out.png",
-                    dtype="bf16" if torch.device(args.device).type == "cuda" else "fp32")
+    defaults = dict(steps=28, solver="euler", shift=3.0, size=1024, out="out.png", seed=0, negative_prompt="",
+                    port=7860, host="127.0.0.1", dtype="bf16" if torch.device(args.device).type == "cuda" else "fp32")
+    origin = {}
     if not args.run:
         if not args.weights:
             raise UsageError("give --run DIR (a train.py run folder) or --weights PATH")
@@ -936,28 +1016,91 @@ def run_settings(args):
             raise UsageError(f"--lora {args.lora}: no such file")
         if args.vae and not os.path.isfile(args.vae):
             raise UsageError(f"--vae {args.vae}: no such file")
+        backbone = args.backbone or "sd35"
         spec = dict(weights=args.weights, text_encoders=args.text_encoders, t5=not args.no_t5, vae=args.vae)
-        return args.backbone, spec, args.lora, None, dict(defaults, guidance=GUIDANCE[args.backbone],
-                                                          **VIDEO.get(args.backbone, {}))
-    config, lora = os.path.join(args.run, "config.json"), args.lora or os.path.join(args.run, "adapters.safetensors")
+        return backbone, spec, args.lora, None, dict(defaults, guidance=GUIDANCE[backbone],
+                                                     **VIDEO.get(backbone, {})), origin
+    given = [f for f, v in (("--backbone", args.backbone), ("--vae", args.vae)) if v is not None]
+    if given:
+        raise UsageError(f"{given[0]}: --run {args.run} records its backbone and its base (--weights points at a "
+                         "moved base)")
+    config, adapter = os.path.join(args.run, "config.json"), os.path.join(args.run, "adapters.safetensors")
     if not os.path.isfile(config):
         raise UsageError(f"--run {args.run}: no config.json there (not a train.py run folder)")
-    if not os.path.isfile(lora):
+    if not os.path.isfile(adapter):
         raise UsageError(f"--run {args.run}: no adapters.safetensors yet (the run has not saved a checkpoint)")
-    cfg, meta = model.read_json(config), model.read_adapter_meta(lora)
+    cfg, meta = model.read_json(config), model.read_adapter_meta(adapter)
+    if not isinstance(cfg, dict):
+        raise UsageError(f"{config}: not a train.py config (a JSON object)")
     if "pipeline" not in meta:
-        raise UsageError(f"{lora}: the adapter does not record its base model; use --weights and --lora")
-    spec = json.loads(meta["pipeline"])
+        raise UsageError(f"{adapter}: the adapter does not record its base model; use --weights and --lora")
+    backbone, lora, spec = meta["backbone"], args.lora or adapter, json.loads(meta["pipeline"])
+    if args.lora:  # another adapter on this run's base: of the same backbone (its base config is checked at load)
+        if not os.path.isfile(args.lora):
+            raise UsageError(f"--lora {args.lora}: no such file")
+        meta = model.read_adapter_meta(args.lora)
+        if meta["backbone"] != backbone:
+            raise UsageError(f"--lora {args.lora}: an adapter of backbone {meta['backbone']!r}; --run {args.run} is "
+                             f"{backbone!r}")
     if args.weights:  # the base moved: point at it
         spec = dict(spec, weights=args.weights)
-    defaults.update(guidance=GUIDANCE.get(meta["backbone"], 1.0), **VIDEO.get(meta["backbone"], {}))
-    keys = (("steps", "sample_steps"), ("solver", "solver"), ("shift", "shift"), ("size", "size"))
-    if meta["backbone"] in VIDEO:
-        keys += (("frames", "frames"),)
-    if meta["backbone"] in DISTILLED:  # the run's guidance is the net's input it trained with (never CFG)
-        keys += (("guidance", "guidance"),)
-    defaults.update({k: cfg[c] for k, c in keys if c in cfg})
-    return meta["backbone"], spec, lora, meta["objectives"], defaults
+    if args.text_encoders:
+        spec = dict(spec, text_encoders=args.text_encoders)
+    if args.no_t5:
+        spec = dict(spec, t5=False)
+    defaults.update(guidance=GUIDANCE.get(backbone, 1.0), **VIDEO.get(backbone, {}))
+    keys = [("steps", "sample_steps"), ("solver", "solver"), ("shift", "shift"), ("size", "size")]
+    if backbone in VIDEO:
+        keys += [("frames", "frames")]
+    if backbone in DISTILLED:  # the run's guidance is the net's input it trained with (never CFG)
+        keys += [("guidance", "guidance")]
+    missing = [f"{c} (--{k})" for k, c in keys if c not in cfg and getattr(args, k) is None]
+    if missing:
+        raise UsageError(f"{config} lacks {', '.join(missing)} (hand-edited?): give the flag(s), or use an intact run")
+    for k, c in keys:
+        if c in cfg:
+            defaults[k], origin[k] = cfg[c], f"{config}: {c}"
+    return backbone, spec, lora, meta["objectives"], defaults, origin
+
+
+def check_values(args, backbone, spec, origin):
+    """The values sampling will use, flags or the run's config.json (origin names where each came from): refused when
+    they can only give garbage (an image of noise, a black one, a crash far from its cause)."""
+    def bad(k, rule):
+        where = f"{origin[k]} = {getattr(args, k)!r}" if k in origin else f"--{k.replace('_', '-')} {getattr(args, k)}"
+        raise UsageError(f"{where}: {rule}")
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    positive = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    if not (integer(args.steps) and 1 <= args.steps <= 10000):
+        bad("steps", "must be an integer from 1 to 10000")
+    for k in ("shift", "guidance"):
+        if not positive(getattr(args, k)):
+            bad(k, "must be a finite number > 0")
+    if args.solver not in ("euler", "dpm2"):
+        bad("solver", "must be euler or dpm2")
+    if not (integer(args.seed) and 0 <= args.seed < 2**31):
+        bad("seed", "must be an integer in [0, 2^31)")
+    multiple, largest = spec_geometry(backbone, spec)
+    if not (integer(args.size) and args.size >= multiple and args.size % multiple == 0):
+        bad("size", f"{backbone} needs a positive multiple of {multiple} (its latent and patch grid)")
+    if largest and args.size > largest:
+        bad("size", f"at most {largest} for this model (its positional table)")
+    if args.sweep is not None and not 2 <= args.sweep <= 64:
+        bad("sweep", "needs N from 2 to 64")
+    if backbone in VIDEO:
+        if not (integer(args.frames) and args.frames >= 1):
+            bad("frames", "must be an integer >= 1")
+        if not positive(args.fps):
+            bad("fps", "must be a finite number > 0")
+    not_for = [f for f, (where, what) in ONLY.items() if backbone not in where and getattr(
+        args, f[2:].replace("-", "_")) not in (None, False)]
+    if not_for:
+        f = not_for[0]
+        raise UsageError(f"{f} is for {ONLY[f][1]}; {'--run ' + args.run + ' is' if args.run else 'backbone'} "
+                         f"{backbone!r} does not use it")
+    if args.negative_prompt and (backbone in DISTILLED or args.guidance <= 1.0):
+        raise UsageError("--negative-prompt is the unconditional half of classifier-free guidance: it needs --guidance "
+                         "> 1" + (f" (and {backbone!r} is guidance-distilled: no CFG)" if backbone in DISTILLED else ""))
 
 
 def run(args):
@@ -979,10 +1122,8 @@ def run(args):
     width = height = args.size
     source = None
     if args.image:  # Kontext: the reference latent joins the conditioning; the output takes its size
-        from PIL import Image
-        with Image.open(args.image) as im:
-            width, height = source_size(im.size, args.size, spec)
-        source = load_image(args.image, (width, height))
+        width, height = source_size(args.source.size, args.size, spec)
+        source = load_image(args.source, (width, height))
         cond["ref"] = pipe.to_latent(source.to(args.device))
 
     images = [pipe.generate(cond, uncond, p, args.steps, args.seed, height, width, args.guidance, args.solver,
@@ -992,10 +1133,10 @@ def run(args):
         labels = [pref_label(p) for p in prefs]
         if source is not None:  # the source first, then preservation -> adherence
             images, labels = [source[0]] + images, ["source"] + labels
-        image_grid([images], labels).save(args.out)
+        save_image(image_grid([images], labels), args.out)
         print(f"wrote {args.out} ({len(prefs)} values of ω{names})")
     else:
-        to_pil(images[0]).save(args.out)
+        save_image(to_pil(images[0]), args.out)
         print(f"wrote {args.out}")
 
 
@@ -1022,23 +1163,14 @@ def write_videos(pipe, args, cond, uncond, prefs, objectives):
 
 
 def check_video_args(args, spec):
-    # LTX-2's clip size, before anything loads: the release VAE compresses 8x in time and 32x in space; the tiny
-    # pixel-space net packs `pixels` x `pixels` per token and any frame count
-    if args.frames < 1 or not args.fps > 0:
-        raise UsageError(f"--frames {args.frames}, --fps {args.fps}: both must be positive")
-    f = spec.get("pixels")
-    if f:
+    # LTX-2's clip, before anything loads (the side: check_values): the release VAE compresses time 8x; the tiny
+    # pixel-space net takes any frame count
+    if spec.get("pixels"):
         if args.audio:
             raise UsageError("--audio: the tiny LTX-2 has no audio VAE or vocoder (its audio latent is a toy signal)")
-        if args.size % f:
-            raise UsageError(f"--size {args.size}: the tiny LTX-2 packs {f}x{f} pixels per token; use a multiple "
-                             f"of {f}")
-    else:
-        if (args.frames - 1) % 8:
-            raise UsageError(f"--frames {args.frames}: LTX-2 needs 8k+1 frames (its VAE compresses time 8x), "
-                             "e.g. 9, 25, 121")
-        if args.size % 32:
-            raise UsageError(f"--size {args.size}: LTX-2 needs a multiple of 32 (its VAE compresses 32x)")
+    elif (args.frames - 1) % 8:
+        raise UsageError(f"--frames {args.frames}: LTX-2 needs 8k+1 frames (its VAE compresses time 8x), "
+                         "e.g. 9, 25, 121")
     if not args.serve and not args.out.lower().endswith((".webp", ".gif")):
         raise UsageError(f"--out {args.out}: a video is written as an animated .webp or .gif")
 
@@ -1053,46 +1185,46 @@ def prepare(args):
     the ω list of --pref / --sweep ([None] if neither)); the run's settings fill the flags left unset."""
     if args.pref is not None and args.sweep is not None:
         raise UsageError("give either --pref or --sweep, not both")
-    if args.sweep is not None and args.sweep < 2:
-        raise UsageError("--sweep needs N >= 2")
     if args.pref is not None and not args.pref.strip():
         raise UsageError("--pref is empty: give w1 (two objectives) or a full vector like 0.2,0.3,0.5")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device here")
-    prefs = [parse_pref(args.pref)] if args.pref else [None]
-    if args.sweep:
-        prefs = [[1 - i / (args.sweep - 1), i / (args.sweep - 1)] for i in range(args.sweep)]
-    backbone, spec, lora, objectives, defaults = run_settings(args)
+    if not args.serve and (args.port is not None or args.host is not None):
+        raise UsageError(f"{'--port' if args.port is not None else '--host'} is for --serve")
+    backbone, spec, lora, objectives, defaults, origin = run_settings(args)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+        else:
+            origin.pop(k, None)
+    check_values(args, backbone, spec, origin)
+    prefs = [parse_pref(args.pref)] if args.pref else [None]
+    if args.sweep:
+        prefs = [[1 - i / (args.sweep - 1), i / (args.sweep - 1)] for i in range(args.sweep)]
     if backbone in VIDEO:
         check_video_args(args, spec)
         spec = dict(spec, fps=args.fps, audio=args.audio)
-    else:
-        given = [f for f, v in (("--frames", args.frames), ("--fps", args.fps), ("--audio", args.audio or None))
-                 if v is not None]
-        if given:
-            raise UsageError(f"{given[0]}: backbone {backbone!r} makes images, not videos")
-        if args.size % 16:
-            raise UsageError(f"--size {args.size}: must be a multiple of 16 (VAE 8x, patch 2)")
+    elif not args.serve and not image_format(args.out):
+        raise UsageError(f"--out {args.out}: not an image file name PIL knows (use .png, .jpg or .webp)")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UsageError(f"--out {args.out}: the folder does not exist")
     if not os.access(out_dir, os.W_OK):
         raise UsageError(f"--out {args.out}: the folder {out_dir} is not writable")
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out}: a folder; give a file name")
     if backbone not in LOADERS:
         raise UsageError(f"backbone {backbone!r} has no loader here (available: {', '.join(sorted(LOADERS))})")
 
-    if args.image and not os.path.isfile(args.image):
-        raise UsageError(f"--image {args.image}: no such file")
+    if args.image:  # read now, before anything loads
+        if not os.path.isfile(args.image):
+            raise UsageError(f"--image {args.image}: no such file")
+        args.source = open_image(args.image, f"--image {args.image}")
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
     pipe = LOADERS[backbone](spec, dtype, args.device, lora)
     if args.compile:
         pipe.net.compile_blocks()
     m = pipe.net.cfg.pref_dim
-    if args.image and not pipe.to_latent:
-        raise UsageError(f"--image: backbone {backbone!r} does not edit images")
     if args.sweep and m not in (0, 2):
         raise UsageError(f"--sweep moves ω between two objectives; this model has {m}: use --pref")
     return pipe, backbone, spec, objectives, prefs
@@ -1119,7 +1251,7 @@ class Slider:
         self.lock, self.cache, self.cache_size = threading.Lock(), OrderedDict(), cache_size
         self.cache_lock = threading.Lock()  # the cache and `newest` are read by every request thread
         self.newest = {}  # client -> its newest request number
-        self.conds = {}  # prompt -> its (cond, uncond), the last 8 (read under self.lock)
+        self.conds = OrderedDict()  # prompt -> its (cond, uncond), the 8 used last (read under self.lock)
 
     def check(self, prompt, pref, source):
         # -> the request's ω as a list, or UsageError with the reason (answered 400)
@@ -1143,7 +1275,6 @@ class Slider:
         """-> (PNG bytes, "hit" | "miss"), or None when the request went stale while it waited for the model."""
         import hashlib
         import io
-        from PIL import Image
         w = self.check(prompt, pref, source)
         key = (prompt.strip(), int(seed), tuple(round(v, 4) for v in w or ()),
                hashlib.sha1(source).hexdigest() if source else None)
@@ -1163,19 +1294,15 @@ class Slider:
             if key[0] not in self.conds:  # the last few prompts' encodings: the text encoders visit the GPU once each
                 self.conds[key[0]] = self.pipe.conditions([key[0]], a.guidance, a.negative_prompt)
                 while len(self.conds) > 8:
-                    self.conds.pop(next(iter(self.conds)))
+                    self.conds.popitem(last=False)
+            self.conds.move_to_end(key[0])  # least recently used first out
             cond, uncond = self.conds[key[0]]
             cond = dict(cond)  # the source image joins this request's copy
             width = height = a.size
             if source is not None:
-                try:
-                    with Image.open(io.BytesIO(source)) as im:
-                        im.load()
-                        wh = im.size
-                except Exception:  # PIL raises many kinds on a broken file: all of them are the client's fault
-                    raise UsageError("the uploaded source is not an image PIL can read") from None
-                width, height = source_size(wh, a.size, self.info["spec"])
-                img = load_image(io.BytesIO(source), (width, height))
+                upload = open_image(io.BytesIO(source), "the uploaded source")
+                width, height = source_size(upload.size, a.size, self.info["spec"])
+                img = load_image(upload, (width, height))
                 cond["ref"] = self.pipe.to_latent(img.to(a.device))
             x = self.pipe.generate(cond, uncond, w, a.steps, key[1], height, width, a.guidance, a.solver, a.shift,
                                    frames=a.frames)[0]
@@ -1191,15 +1318,63 @@ class Slider:
             return buf.getvalue(), "miss"
 
 
-def make_server(slider, host="127.0.0.1", port=7860):
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def page_json(obj):
+    # JSON that can sit inside <script>: no "</script>", "<!--" or "]]>" can close or comment it out, whatever the
+    # strings hold (objective names and paths come from files a user may have downloaded)
+    return json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def allowed_host(host_header, bound, port):
+    """The request's Host must name this server: a loopback name or the bound address, with its port. A page of
+    another site that makes a browser resolve its own name to this machine (DNS rebinding) sends that name, and is
+    refused. Bound to every interface, any IP address is taken (a rebinding needs a name)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+    try:
+        u = urlsplit("//" + (host_header or ""))
+        name, p = u.hostname, u.port
+    except ValueError:
+        return False
+    if name is None or (p or 80) != port:
+        return False
+    if name in LOOPBACK or name == bound:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return bound in ("0.0.0.0", "::", "")
+
+
+def make_server(slider, host="127.0.0.1", port=7860, timeout=30.0):
     """A ThreadingHTTPServer for the page: GET / (the page), GET /info (the run, JSON), POST /render ({prompt,
-    seed, pref, source: data URL, client, seq} -> image/png; 409 when stale). Never raises out of a request."""
+    seed, pref, source: data URL, client, seq} -> image/png; 409 when stale). Never raises out of a request. Trusts no
+    request: a foreign Host or Origin is 403, a body that is not JSON 415, a client slower than `timeout` seconds per
+    read loses its connection, errors are sentences (the details go to this process's stderr)."""
     import base64
+    import traceback
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
+        def setup(self):
+            self.timeout = timeout  # StreamRequestHandler sets it on the socket: a stalled read ends the handler
+            super().setup()
+
         def log_message(self, fmt, *a):  # quiet: one line per render is printed by do_POST
             pass
+
+        def foreign(self):
+            # -> a reason to refuse this request (403), or None: the Host names this server, an Origin is this page's
+            bound, port = self.server.server_address[:2]
+            if not allowed_host(self.headers.get("Host"), bound, port):
+                return f"Host {self.headers.get('Host')!r} is not this server"
+            origin = self.headers.get("Origin")
+            if origin is not None and origin != f"http://{self.headers.get('Host')}":
+                return f"requests from {origin!r} are refused (another site)"
+            return None
 
         def send(self, code, body, ctype="application/json", headers=()):
             body = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -1207,27 +1382,41 @@ def make_server(slider, host="127.0.0.1", port=7860):
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
             for k, v in headers:
                 self.send_header(k, v)
             self.end_headers()
             self.wfile.write(body)
 
         def do_GET(self):
+            reason = self.foreign()
+            if reason:
+                return self.send(403, {"error": reason})
             if self.path in ("/", "/index.html"):
-                page = PAGE.replace("__INFO__", json.dumps({k: v for k, v in slider.info.items() if k != "spec"}))
-                return self.send(200, page.encode(), "text/html; charset=utf-8")
+                page = PAGE.replace("__INFO__", page_json({k: v for k, v in slider.info.items() if k != "spec"}))
+                return self.send(200, page.encode(), "text/html; charset=utf-8", [  # never inside another site's frame
+                    ("X-Frame-Options", "DENY"), ("Content-Security-Policy", "frame-ancestors 'none'")])
             if self.path == "/info":
                 return self.send(200, {k: v for k, v in slider.info.items() if k != "spec"})
-            self.send(404, {"error": f"no page {self.path}"})
+            self.send(404, {"error": "no such page (the slider is at /)"})
 
         def do_POST(self):
             import time
+            reason = self.foreign()
+            if reason:
+                return self.send(403, {"error": reason})
             if self.path != "/render":
-                return self.send(404, {"error": f"no endpoint {self.path}"})
+                return self.send(404, {"error": "no such endpoint (the page posts to /render)"})
+            if (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
+                self.close_connection = True
+                return self.send(415, {"error": "the request body must be JSON (Content-Type: application/json)"})
             try:
-                n = int(self.headers.get("Content-Length", "0"))
+                n = int(self.headers.get("Content-Length", ""))
+                if n < 0:
+                    raise ValueError
             except ValueError:
-                return self.send(400, {"error": "bad Content-Length"})
+                self.close_connection = True
+                return self.send(400, {"error": "a request needs a Content-Length of 0 or more bytes"})
             if n > MAX_UPLOAD:
                 if n <= 4 * MAX_UPLOAD:  # read it away, so the client hears the answer instead of a broken pipe
                     left = n
@@ -1236,7 +1425,10 @@ def make_server(slider, host="127.0.0.1", port=7860):
                 self.close_connection = True
                 return self.send(413, {"error": f"request of {n} bytes; at most {MAX_UPLOAD} (a smaller image)"})
             try:
-                req = json.loads(self.rfile.read(n) or b"null")
+                body = self.rfile.read(n)
+                if len(body) != n:
+                    raise UsageError(f"the body ended after {len(body)} of its {n} bytes")
+                req = json.loads(body or b"null")
                 if not isinstance(req, dict):
                     raise ValueError("not a JSON object")
                 src = req.get("source")
@@ -1249,10 +1441,17 @@ def make_server(slider, host="127.0.0.1", port=7860):
                     raise UsageError("seed must be an integer in [0, 2^31)")
                 t0 = time.perf_counter()
                 out = slider.render(req.get("prompt"), seed, req.get("pref"), src, req.get("client"), req.get("seq"))
-            except (UsageError, ValueError, TypeError, base64.binascii.Error) as e:
-                return self.send(400, {"error": str(e) or type(e).__name__})
-            except Exception as e:  # never take the server down with a request
-                return self.send(500, {"error": f"{type(e).__name__}: {e}"})
+            except UsageError as e:
+                return self.send(400, {"error": str(e)})
+            except (ValueError, TypeError, base64.binascii.Error):
+                return self.send(400, {"error": "the request is not the JSON object the page sends ({prompt, seed, "
+                                                "pref, source})"})
+            except TimeoutError:
+                self.close_connection = True
+                return self.send(408, {"error": "the request body did not arrive in time"})
+            except Exception:  # never take the server down with a request; the details are for the server's log
+                traceback.print_exc()
+                return self.send(500, {"error": "the model failed on this request (the server's log has the details)"})
             if out is None:
                 return self.send(409, {"error": "stale: a newer request from this page superseded it"})
             png, cache = out
@@ -1281,11 +1480,14 @@ def run_info(pipe, backbone, spec, objectives, args):
 
 
 def serve(args):
-    if args.pref or args.sweep or args.image:
+    if args.pref or args.sweep or args.image or args.prompt:
         raise UsageError("--serve takes ω, the prompt and the source image from the page, not from flags")
-    if not 0 <= args.port < 65536:
+    if args.port is not None and not 0 <= args.port < 65536:
         raise UsageError(f"--port {args.port}: not a port")
     pipe, backbone, spec, objectives, _ = prepare(args)
+    if args.host not in LOOPBACK:
+        print(f"warning: --host {args.host} serves the page beyond this machine; it has no authentication: anyone "
+              "who reaches the port can use the model", file=sys.stderr, flush=True)
     slider = Slider(pipe, args, run_info(pipe, backbone, spec, objectives, args))
     try:
         server = make_server(slider, args.host, args.port)
@@ -1329,11 +1531,16 @@ document.getElementById("run").textContent = `run ${INFO.run} · ${INFO.backbone
 document.getElementById("prompt").value = INFO.backbone === "flux-kontext" ? "make it blue" : "a red circle";
 if (INFO.editing) document.getElementById("upload").hidden = false;
 const box = document.getElementById("sliders");
+// elements built node by node, every text from the run through textContent: a name can never become markup
+function el(tag, attrs, text) { const e = document.createElement(tag); Object.assign(e, attrs || {});
+  if (text !== undefined) e.textContent = text; return e; }
+function row(...kids) { const r = el("div", {className: "row"}); kids.forEach(k => r.appendChild(k)); box.appendChild(r); }
+const range = (i, v) => el("input", {id: "s" + i, type: "range", min: 0, max: 1000, value: v});
 if (M === 2) {  // one slider: w = (1 - t, t)
-  box.innerHTML = `<div class="row"><b>${names[0]}</b><input id="s0" type="range" min="0" max="1000" value="500"><b>${names[1]}</b></div>`;
+  row(el("b", {}, names[0]), range(0, 500), el("b", {}, names[1]));
   document.getElementById("s0").oninput = e => { const t = e.target.value / 1000; w = [1 - t, t]; render(); };
 } else if (M > 2) {  // M sliders kept on the simplex: moving one rescales the others
-  box.innerHTML = names.map((n, i) => `<div class="row"><input id="s${i}" type="range" min="0" max="1000" value="${Math.round(1000 / M)}"> ${n}</div>`).join("");
+  names.forEach((n, i) => row(range(i, Math.round(1000 / M)), el("span", {}, n)));
   names.forEach((_, i) => document.getElementById("s" + i).oninput = e => {
     const v = e.target.value / 1000, rest = w.reduce((a, b, j) => j === i ? a : a + b, 0);
     w = w.map((x, j) => j === i ? v : rest > 0 ? x * (1 - v) / rest : (1 - v) / (M - 1));
@@ -1360,7 +1567,7 @@ async function render() {
   } catch (e) { status(e.message, true); }
 }
 async function strip() {  // the sweep for this prompt and seed (cached on the server once drawn)
-  const el = document.getElementById("strip"); el.innerHTML = "";
+  const el = document.getElementById("strip"); el.replaceChildren();
   if (M !== 2) return;
   for (let i = 0; i < 7; i++) {
     const t = i / 6, img = document.createElement("img"); img.title = `ω = (${(1 - t).toFixed(2)}, ${t.toFixed(2)})`;

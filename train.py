@@ -119,7 +119,8 @@ TRAINS = ("slider", "fixed", "flowmulti")
 AT_LEAST = dict(steps=1, prompts_per_step=1, prefs_per_prompt=1, group_size=2, sample_steps=1, size=8, frames=2, batch=1,
                 lora_rank=1, ckpt_every=1, pretrain_steps=1, pretrain_batch=1, eval_points=2, eval_prompts=1,
                 kl_beta=0.0, weight_decay=0.0, ema=0.0)
-POSITIVE = ("lr", "lora_alpha", "grad_clip", "adv_clip", "shift", "pretrain_lr", "beta", "timestep_fraction")
+POSITIVE = ("lr", "lora_alpha", "grad_clip", "adv_clip", "shift", "pretrain_lr", "beta", "timestep_fraction",
+            "guidance")
 AT_MOST = dict(beta=1.0, timestep_fraction=1.0, ema=0.999999)
 # what --resume may change: how far to train, where to run, what to evaluate; everything else is the method
 RESUMABLE = ("steps", "resume", "kernels", "device", "eval_points", "eval_prompts", "ref_point", "ckpt_every", "batch",
@@ -158,11 +159,19 @@ def parse_config(argv=None):
     for name, ok in CHOICES.items():
         if getattr(cfg, name) not in ok:
             die(f"--{name} {getattr(cfg, name)!r}: choose one of {[v for v in ok if v]}")
+    bad = [f.name for f in fields(Config) if f.type is float and not math.isfinite(getattr(cfg, f.name))]
+    if bad:  # inf and nan pass every comparison below or fail far from here (JSON, the loss)
+        die(f"--{bad[0].replace('_', '-')} {getattr(cfg, bad[0])}: must be a finite number")
     for name in [*AT_LEAST, *POSITIVE, *AT_MOST]:
         v, lo, hi = getattr(cfg, name), AT_LEAST.get(name), AT_MOST.get(name, math.inf)
-        if not (v >= lo if lo is not None else v > 0) or not v <= hi or v != v:
+        if not (v >= lo if lo is not None else v > 0) or not v <= hi:
             rule = f">= {lo}" if lo is not None else "> 0"
             die(f"--{name.replace('_', '-')} {v}: must be {rule}" + (f" and <= {hi}" if hi < math.inf else ""))
+    if not 0 <= cfg.seed < 2**31:
+        die(f"--seed {cfg.seed}: must be in [0, 2^31)")
+    if not cfg.resume:
+        not_for(cfg, args)
+    check_size(cfg)
     if cfg.fixed_pref and cfg.method == "slider":  # --fixed-pref alone means FixedWeight, as it always did
         cfg.method = "fixed"
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -172,9 +181,37 @@ def parse_config(argv=None):
         check_full_size(cfg)
     if BACKBONES[cfg.backbone].get("video"):
         check_clip(cfg)
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        die(f"--out {cfg.out}: a file, not a folder")
     if not cfg.resume and int(os.environ.get("RANK", "0")) == 0:
         cfg.out = claim_run_folder(cfg.out, explicit="out" in args)
     return cfg
+
+
+def not_for(cfg, args):
+    # flags given that this backbone / mode would ignore: refused, naming the flag and what makes it meaningless
+    b = BACKBONES[cfg.backbone]
+    rules = [("frames", not b.get("video"), f"--backbone {cfg.backbone} makes images"),
+             ("nft_audio", not b.get("video"), f"--backbone {cfg.backbone} has no audio"),
+             ("guidance", cfg.backbone not in sample.DISTILLED,
+              f"--backbone {cfg.backbone} is not guidance-distilled (train.py samples without CFG)"),
+             ("weights", cfg.tiny, "--tiny builds and pretrains its own base"),
+             ("prompts", cfg.tiny or b["data"] != "prompts",
+              "--tiny draws its prompts from its world" if cfg.tiny else f"--backbone {cfg.backbone} edits: --edits"),
+             ("edits", cfg.tiny or b["data"] != "edits",
+              "--tiny draws its edits from its world" if cfg.tiny else f"--backbone {cfg.backbone} takes --prompts")]
+    for name, ignored, why in rules:
+        if name in args and ignored:
+            die(f"--{name.replace('_', '-')}: {why}, so it would be ignored")
+
+
+def check_size(cfg):
+    # the image side by the backbone's own geometry (sample.geometry: the VAE or the tiny net's pixels, the patch)
+    multiple, largest = sample.geometry(cfg.backbone, cfg.tiny, BACKBONES[cfg.backbone]["pixels"])
+    if cfg.size % multiple or (largest and cfg.size > largest):
+        where = "the tiny " if cfg.tiny else ""
+        die(f"--size {cfg.size}: {where}{cfg.backbone} needs a multiple of {multiple} (its latent and patch grid)"
+            + (f", at most {largest} (its positional table)" if largest else ""))
 
 
 def holds_run(folder):
@@ -204,9 +241,10 @@ def resume_config(args):
         die(f"--resume {d}: no config.json there (not a run folder)")
     try:
         saved = model.read_json(path)
-        cfg = Config(**saved)
+        Config(**saved)
     except (ValueError, TypeError) as e:
         die(f"--resume {d}: {path} is not a train.py config ({e})")
+    saved = complete_saved(d, path, saved)
     changed = [f"--{k.replace('_', '-')} {v!r} (the run has {saved.get(k)!r})" for k, v in args.items()
                if k not in RESUMABLE and k != "out" and v != saved.get(k)]
     if args.get("out") and os.path.abspath(args["out"]) != os.path.abspath(d):
@@ -229,11 +267,35 @@ def resume_config(args):
     return cfg
 
 
+def complete_saved(d, path, saved):
+    """A run's saved config with every value of the right type; a key it lacks (hand-edited, or an older version)
+    comes from that run's preset (its backbone, tiny or not), or, for how a run runs (RESUMABLE), the default; any
+    other is refused: the Config default could be another method."""
+    types = {f.name: f.type for f in fields(Config)}
+    wrong = [f"{k} = {v!r}" for k, v in saved.items() if not (
+        isinstance(v, types[k]) and not (types[k] is int and isinstance(v, bool))
+        or types[k] is float and isinstance(v, int) and not isinstance(v, bool))]
+    if wrong:
+        die(f"--resume {d}: {path} has values of the wrong type: {'; '.join(wrong)}")
+    b = saved.get("backbone", Config.backbone)
+    if b not in BACKBONES:
+        die(f"--resume {d}: {path} names backbone {b!r}; available: {', '.join(BACKBONES)}")
+    preset = {**BACKBONES[b]["preset"], **(BACKBONES[b]["tiny"] if saved.get("tiny") else {})}
+    lacking = [k for k in types if k not in saved and k not in preset and k not in RESUMABLE + ("out",)
+               and k not in ("backbone", "tiny")]
+    if lacking:
+        die(f"--resume {d}: {path} lacks {', '.join(lacking)} (hand-edited?), which the run's preset does not give")
+    return {**{k: v for k, v in preset.items() if k in types}, **saved}
+
+
 def objectives(cfg):
     """-> (reward names, early-scalarisation weights or None, hypervolume reference point, held-out names), or a
     clear error. The weights: FixedWeight's w, FlowMulti's uniform w (the summed rewards); None for the others."""
     names = [n for n in cfg.rewards.split(",") if n]
     heldout = [n for n in cfg.heldout.split(",") if n]
+    twice = sorted({n for n in names + heldout if (names + heldout).count(n) > 1})
+    if twice:
+        die(f"reward(s) {twice} named twice in --rewards / --heldout: each objective once")
     unknown = [n for n in names + heldout if n not in R.REWARDS]
     if unknown:
         die(f"unknown reward(s) {unknown}; valid: {', '.join(sorted(R.REWARDS))}")
@@ -437,9 +499,10 @@ def velocity(fn, setup, x, sigma, cond, pref=None):
     return sample.velocity(fn, x, sigma, cond, pref, setup.pack, setup.unpack)
 
 
-def lookup(setup, items, device, dtype, cond=None):
-    # items [n] (indices) -> their cached conditioning (or that of `cond`, laid out alike), batched
-    return {k: v[items].to(device, dtype if v.is_floating_point() else v.dtype) for k, v in (cond or setup.cond).items()}
+def lookup(setup, items, device, cond=None):
+    # items [n] (indices) -> their cached conditioning (or that of `cond`, laid out alike), batched, as cached (fp32:
+    # the net casts its inputs once, so FLUX's guidance, say, reaches its fp32 embedding unrounded)
+    return {k: v[items].to(device) for k, v in (cond or setup.cond).items()}
 
 
 def schedule(cfg, setup):  # the sampler's sigmas, rollouts and evaluation alike
@@ -498,8 +561,9 @@ def cache_key(name, cfg, *parts):
 def pretrain_tiny(cfg, setup, make_net, world, key, device, metadata=None):
     """The tiny base model: flow matching on the procedural world (world() -> x0 [n, *x0_shape] and the net's
     conditioning of each, {keyword: [n, ...]}), cached on disk under a name that hashes everything it depends on,
-    with `metadata` in the file (what model.load_transformer needs beyond the shapes). Under torchrun rank 0 pretrains
-    while the others wait at a barrier; then every rank loads the same file. Sets setup.net; returns the cache file."""
+    with `metadata` in the file (what model.load_transformer needs beyond the shapes). Under torchrun rank 0 alone
+    pretrains (or loads) it and broadcasts its weights: every rank holds the same bits. Sets setup.net; returns the
+    cache file."""
     path = os.path.join(cfg.cache, key + ".safetensors")
     cached = os.path.isfile(path)
     if is_rank0() and not cached:
@@ -528,9 +592,14 @@ def pretrain_tiny(cfg, setup, make_net, world, key, device, metadata=None):
             bar.set_postfix(loss=f"{loss.item():.4f}")
         os.makedirs(cfg.cache, exist_ok=True)
         model.atomic_save({k: v.contiguous() for k, v in net.state_dict().items()}, path, metadata)
+    if is_rank0():
+        setup.net = model.load_transformer(path, device=device)
+    else:  # the same network, then rank 0's weights: every rank holds the same bits, no shared filesystem needed
+        with torch.device(device):
+            setup.net = make_net()
     if dist.is_initialized():
-        dist.barrier()  # the file is complete (atomic_save renames it into place) before any rank reads it
-    setup.net = model.load_transformer(path, device=device)
+        for t in setup.net.state_dict().values():
+            dist.broadcast(t, 0)
     print0(f"tiny base: {'loaded' if cached else 'pretrained, cached in'} {path}")
     return path
 
@@ -540,7 +609,8 @@ def flux_tiny_setup(cfg, M, device):
     space-to-depth'ed, packed 2x2 again inside the net: 64 tokens per image at 32 px), conditioned on the
     instruction (tiny T5 + CLIP) and on the source as Kontext reference tokens. The rewards see the source in
     meta["source"]."""
-    spec = dict(pixels=2, tiny_text_encoders=dict(vocab=sorted({w for t in R.EDIT_INSTRUCTIONS for w in t.split()}),
+    spec = dict(pixels=BACKBONES["flux-kontext"]["pixels"],
+                tiny_text_encoders=dict(vocab=sorted({w for t in R.EDIT_INSTRUCTIONS for w in t.split()}),
                                                   seed=0, clip_dim=64, t5_dim=64))
     enc = sample.tiny_flux_text_encoders(**spec["tiny_text_encoders"])
     instructions = list(R.EDIT_INSTRUCTIONS)
@@ -623,7 +693,7 @@ def flux_setup(cfg, M, device):
     pairs = read_edits(cfg.edits)
     spec = dict(weights=os.path.abspath(cfg.weights))
     pipe = sample.LOADERS["flux-kontext"](spec, dtype, device)
-    images = torch.cat([sample.load_image(p, (cfg.size, cfg.size)) for p, _ in pairs])
+    images = torch.cat([sample.load_image(p, (cfg.size, cfg.size), f"--edits {cfg.edits}: {p}") for p, _ in pairs])
     texts = [t for _, t in pairs]
 
     def encode(sl):
@@ -669,7 +739,8 @@ def ltx2_tiny_setup(cfg, M, device):
     audio latent [8, T, 2] is the world's "sound", a function of where the shape is in each frame. Text: a tiny
     Gemma-3 + tiny connectors (sample.tiny_ltx2_text_encoder). The image rewards score 4 frames of each (R.per_frame)."""
     prompts = [f"a {c} {s}" for c in R.COLORS for s in R.SHAPES]
-    spec = dict(pixels=4, tiny_text_encoder=dict(vocab=["a", ","] + R.COLORS + R.SHAPES + list(R.STYLE_WORDS), seed=0))
+    spec = dict(pixels=BACKBONES["ltx2"]["pixels"],
+                tiny_text_encoder=dict(vocab=["a", ","] + R.COLORS + R.SHAPES + list(R.STYLE_WORDS), seed=0))
     enc = sample.tiny_ltx2_text_encoder(**spec["tiny_text_encoder"])
     cond, styled, rewrites = tiny_captions(lambda ps: sample.encode_ltx2_prompts(enc, ps), prompts)
     # the test preset widened and deepened (D 64 -> 128, 2 -> 4 blocks): at D 64 the base never draws the shape
@@ -711,10 +782,11 @@ def ltx2_setup(cfg, M, device):
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     spec = dict(weights=os.path.abspath(cfg.weights))
     prompts = read_prompts(cfg.prompts)
-    enc = sample.ltx2_text_encoder(spec, device, dtype)  # loaded on the CPU
-    with sample.on_device(enc, device):  # on the GPU to encode, then off it and freed before the transformer loads
-        cond = encode_all(lambda sl: sample.encode_ltx2_prompts(enc, prompts[sl]), len(prompts), 4)
-    enc = None
+    enc = sample.ltx2_text_encoder(spec, device, dtype).to(device)  # loaded on the CPU, moved to encode
+    cond = encode_all(lambda sl: sample.encode_ltx2_prompts(enc, prompts[sl]), len(prompts), 4)
+    enc = None  # Gemma freed (not copied back) before the transformer loads
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
     pipe = sample.LOADERS["ltx2"](dict(spec, no_text_encoder=True), dtype, device)
     shape = pipe.x0_shape(cfg.size, cfg.size, cfg.frames)
     pack, unpack = pipe.packing(cfg.size, cfg.size, frames=cfg.frames)
@@ -725,13 +797,11 @@ def ltx2_setup(cfg, M, device):
 
 
 def check_clip(cfg):
-    # LTX-2's clip size, before anything loads: the tiny net packs 4x4 pixels per token, any frame count; the release
-    # VAE compresses 8x in time and 32x in space
-    if cfg.tiny and cfg.size % 4:
-        die(f"--size {cfg.size}: the tiny LTX-2 packs 4x4 pixels per token; use a multiple of 4")
-    if not cfg.tiny and ((cfg.frames - 1) % 8 or cfg.size % 32):
-        die(f"--frames {cfg.frames} --size {cfg.size}: LTX-2 needs 8k+1 frames and a multiple of 32 px (its VAE "
-            "compresses 8x in time and 32x in space), e.g. --frames 49 --size 512")
+    # a video backbone's frame count, before anything loads (its side: check_size): the release VAE compresses time
+    # (8k+1 frames); the tiny net in pixel space takes any count
+    ft = model.LTX2Config().vae_scale_factors[0]
+    if not cfg.tiny and (cfg.frames - 1) % ft:
+        die(f"--frames {cfg.frames}: LTX-2 needs {ft}k+1 frames (its VAE compresses {ft}x in time), e.g. --frames 49")
 
 
 def check_full_size(cfg):
@@ -806,6 +876,10 @@ def policy(net, state):
             model.set_lora_enabled(net, True)
         return
     params = model.adapter_state(net)
+    odd = [n for n, p in params.items() if n not in state or (state[n].shape, state[n].dtype, state[n].device) !=
+           (p.shape, p.dtype, p.device)] + sorted(set(state) - set(params))
+    if odd:  # checked before anything moves: a half-done exchange would leave a mixed policy behind
+        raise ValueError(f"adapter state does not match the network's adapters: {', '.join(odd[:4])}")
     exchange(params, state)
     try:
         yield
@@ -861,7 +935,10 @@ def score(reward_fns, names, decode, x0, prompts, meta, batch, where):
         images, ps, ms = decode(x0[i: i + batch]), prompts[i: i + batch], meta[i: i + batch]
         cols = []
         for fn, name in zip(reward_fns, names):
-            r = fn(images, ps, ms)
+            try:
+                r = fn(images, ps, ms)
+            except Exception as e:  # a reward is code we did not write: name it, where it failed, and why
+                raise RunError(f"{where}: reward {name} failed: {type(e).__name__}: {e}") from e
             if not torch.is_tensor(r) or not r.is_floating_point() or r.shape != (len(ps),):
                 what = f"{r.dtype} tensor of shape {list(r.shape)}" if torch.is_tensor(r) else type(r).__name__
                 raise RunError(f"{where}: reward {name} returned a {what}, not a float tensor of shape [{len(ps)}]")
@@ -880,21 +957,30 @@ def score(reward_fns, names, decode, x0, prompts, meta, batch, where):
 
 
 def save_checkpoint(path, step, params, old, ema, opt, gen, cfg):
-    bad = [n for n, p in params.items() if not torch.isfinite(p).all()]
-    if bad:  # never replace a good checkpoint by a poisoned one
-        raise RunError(f"step {step}: non-finite weights in {bad[:3]}; not saving over {path}")
     t = {f"policy.{n}": p.detach() for n, p in params.items()}
     t |= {f"old.{n}": v for n, v in old.items()} | {f"ema.{n}": v for n, v in ema.items()}
     for n, p in params.items():
         for k, v in opt.state.get(p, {}).items():
             t[f"opt.{n}.{k}"] = v
+    bad = non_finite(t)
+    if bad:  # never replace a good checkpoint by a poisoned one
+        raise RunError(f"step {step}: non-finite values in {', '.join(bad[:3])}; not saving over {path}")
     t["rng.train"] = gen.get_state()
     meta = {"step": str(step), "config": json.dumps(asdict(cfg))}
     model.atomic_save({k: v.contiguous().cpu() for k, v in t.items()}, path, meta)
 
 
+def non_finite(tensors):
+    # the names of the floating tensors holding a nan or an inf
+    return [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def load_checkpoint(path, params, old, ema, opt, gen):
     sd, meta = model.read_safetensors(path)
+    bad = non_finite(sd)
+    if bad:  # weights, old policy, EMA or moments: resuming would train on (and save again) a poisoned state
+        raise RunError(f"{path}: non-finite values in {', '.join(bad[:3])}" + (" …" if len(bad) > 3 else "")
+                       + ": this checkpoint cannot be resumed")
     with torch.no_grad():
         for n, p in params.items():
             if f"policy.{n}" not in sd:
@@ -990,7 +1076,7 @@ def front_stats(W, Rw, ref):
 
 
 @torch.no_grad()
-def evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, device, dtype):
+def evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, device):
     """Sample the fixed evaluation items (one noise each, the same at every point) at each of the method's points;
     score them with the training rewards and the held-out scorers; eval.json, pareto.png, slider.png."""
     M, items = len(names), torch.tensor(setup.eval_items)
@@ -1002,7 +1088,7 @@ def evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, dev
     def run(state, w_in, cond, where):
         pref = None if w_in is None else torch.tensor(w_in, device=device).expand(E, M)
         with policy(net, state):
-            x0 = rollout(net, setup, noise, lookup(setup, items, device, dtype, cond), pref, sigmas, cfg)
+            x0 = rollout(net, setup, noise, lookup(setup, items, device, cond), pref, sigmas, cfg)
         r, images = score(reward_fns, all_names, setup.decode, x0, prompts, meta, cfg.batch, where)
         m, sd = r.mean(0).tolist(), r.std(0, unbiased=False).tolist()
         out = dict(rewards=m[:M], std=sd[:M])
@@ -1117,7 +1203,9 @@ def main(argv=None):
     # the error boundary: expected failures (bad files, bad flags, I/O, a broken reward) end as one line, exit 2
     try:
         return train(parse_config(argv))
-    except (RunError, ValueError, OSError, sample.UsageError) as e:
+    except OSError as e:
+        die(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
+    except (RunError, ValueError, sample.UsageError) as e:
         die(str(e))
 
 
@@ -1134,9 +1222,8 @@ def train(cfg):
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     if is_rank0():
         os.makedirs(cfg.out, exist_ok=True)
-        for f in os.listdir(cfg.out):  # temporaries of a write that was killed (kill -9): never a finished file
-            if re.fullmatch(r".+\.tmp\d+", f):
-                os.remove(os.path.join(cfg.out, f))
+        for folder in (cfg.out, cfg.cache):  # temporaries of writes that were killed (kill -9): never a finished file
+            model.sweep_temporaries(folder)
     log = os.path.join(cfg.out, "log.txt")
     header = run_header(cfg)
     print0(json.dumps(header, indent=1), log=log)
@@ -1184,7 +1271,7 @@ def train(cfg):
         items = pidx[groups // K]  # the item (prompt) of each sample
         noise = torch.randn(N, *setup.x0_shape, generator=gen)
         my_items = items[mine]
-        cond = lookup(setup, my_items, device, dtype)
+        cond = lookup(setup, my_items, device)
         my_pref = None if fixed is not None else pref[mine].to(device)  # w, x0 and sigma stay fp32 (the net casts)
         with torch.no_grad(), policy(net, old):
             x0 = rollout(net, setup, noise[mine].to(device), cond, my_pref, sigmas, cfg)
@@ -1206,16 +1293,18 @@ def train(cfg):
         # velocities (its adapter state swapped in once for all of them) and the base model's (adapters off);
         # then the current policy with a graph, micro-batch by micro-batch
         order = torch.rand(N, cfg.sample_steps, generator=gen).argsort(1)[:, :T]
-        eps = [torch.randn(N, *setup.x0_shape, generator=gen) for _ in range(T)]
+        eps = [torch.randn(N, *setup.x0_shape, generator=gen)[mine] for _ in range(T)]  # every rank draws all N
         work = [(j, mb) for j in range(T) for mb in torch.arange(len(mine)).split(cfg.batch)]
-        inputs = lambda j, mb: nft_inputs(x0[mb], eps[j][mine[mb]].to(device), sigmas[order[mine[mb], j]].to(device),
+        inputs = lambda j, mb: nft_inputs(x0[mb], eps[j][mb].to(device), sigmas[order[mine[mb], j]].to(device),
                                           {k: v[mb] for k, v in cond.items()},
                                           None if my_pref is None else my_pref[mb])
+        v_ref = [None] * len(work)
         with torch.no_grad():
             with policy(net, old):
                 v_old = [velocity(net, setup, *inputs(j, mb)) for j, mb in work]
-            with policy(net, None):
-                v_ref = [velocity(net, setup, *inputs(j, mb)[:3]) if cfg.kl_beta > 0 else None for j, mb in work]
+            if cfg.kl_beta > 0:
+                with policy(net, None):
+                    v_ref = [velocity(net, setup, *inputs(j, mb)[:3]) for j, mb in work]
         stats = torch.zeros(2, device=device)  # summed policy loss, summed KL
         for (j, mb), vo, vr in zip(work, v_old, v_ref):
             loss_i, kl_i = update_losses(net, setup, x0[mb], *inputs(j, mb), vo, vr, p[mine[mb]].to(device), cfg)
@@ -1260,7 +1349,7 @@ def train(cfg):
     result = None
     if is_rank0():
         points = eval_points(cfg, net, ema, setup, names, fixed)
-        result = evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, device, dtype)
+        result = evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, device)
         print0(f"eval: hypervolume {result['hypervolume']:.4f}; wrote {cfg.out}/eval.json, pareto.png, slider.png", log=log)
         for s in result["sweep"]:
             print0(f"  {s['label']:<18}" + "  ".join(f"{nm} {m:.4f}±{sd:.4f}" for nm, m, sd in zip(
@@ -1279,6 +1368,7 @@ def train(cfg):
 BACKBONES = {
     "sd35": dict(
         setup=sd35_setup, tiny_setup=sd35_tiny_setup, data="prompts", example="stabilityai/stable-diffusion-3.5-medium",
+        pixels=1,  # the tiny net's pixels per latent cell (pixel space: its patch makes the tokens)
         preset=dict(out="runs/sd35", rewards="pickscore_photo,vlm_sketch", steps=300, prompts_per_step=4, group_size=8,
                     sample_steps=25, shift=3.0, size=512, batch=8, dtype="bf16", grad_ckpt=True, eval_points=11,
                     eval_prompts=8),
@@ -1292,6 +1382,7 @@ BACKBONES = {
                   eval_prompts=12)),
     "flux-kontext": dict(
         setup=flux_setup, tiny_setup=flux_tiny_setup, data="edits", example="black-forest-labs/FLUX.1-Kontext-dev",
+        pixels=2,  # the tiny net's latent: the image 2x2 space-to-depth'ed
         preset=dict(out="runs/flux-kontext", rewards="dino_sim,vlm_edit", steps=300, prompts_per_step=4,
                     group_size=8, sample_steps=28, size=512, batch=4, dtype="bf16", grad_ckpt=True, guidance=2.5,
                     eval_points=11, eval_prompts=8),
@@ -1300,6 +1391,7 @@ BACKBONES = {
                   guidance=1.0, eval_points=11, eval_prompts=12)),
     "ltx2": dict(
         setup=ltx2_setup, tiny_setup=ltx2_tiny_setup, data="prompts", video=True, example="Lightricks/LTX-2",
+        pixels=4,  # the tiny net's video latent: each frame 4x4 space-to-depth'ed
         # 512^2 x 49 frames (2 s at 24 fps): the memory plan's default (README); 20 Euler steps per rollout
         preset=dict(out="runs/ltx2", rewards="pickscore_photo,vlm_animation", steps=300, prompts_per_step=2,
                     prefs_per_prompt=2, group_size=4, sample_steps=20, solver="euler", size=512, frames=49, batch=1,

@@ -8,12 +8,13 @@ Public functions (the model calls only these); x, y [B, T, D]:
   gated_residual_modulate(x, gate, y, shift, scale, eps, rms=False, m=None, m_range=None)
                                                  (h, modulate(h, shift, scale)) with h = gated_residual(x, gate, y,
                                                  m, m_range)
-  qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, interleaved=True)
+  qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, interleaved=True, k_cos=None, k_sin=None)
                                                  q, k [B, L, H, Dh]: RMSNorm with weight, per head (weights [Dh]) or
                                                  over all H * Dh features of a token (weights [H * Dh], LTX-2), then
                                                  rotary embedding per head: pairs (2i, 2i+1) (interleaved, FLUX) or
                                                  (i, i + Dh/2) (split, LTX-2); cos, sin broadcast to
-                                                 [B, L, H, Dh/2] ([L, Dh/2]: one row per token), or None: no RoPE
+                                                 [B, L, H, Dh/2] ([L, Dh/2]: one row per token), or None: no RoPE;
+                                                 k_cos, k_sin: k's own tables (cross-attention), else q's
   set_backend("triton" | "torch"), get_backend()
 Conditioning shift, scale, gate, m: [B, D], one vector per sample over the tokens, or [B, T, D], one per token
 (LTX-2's per-token timestep); a leading 1 is shared by the batch; they may mix. Bad shapes raise ValueError

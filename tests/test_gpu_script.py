@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,3 +31,28 @@ def test_gpu_script_cpu_smoke(tmp_path):
     assert {r["phase"] for r in rows("memory")} >= {"rollout", "update", "decode"}
     assert any(r["impl"] == "compile" for r in rows("blocks"))
     assert '{"compile": 0}' in report  # no graph break in the compiled block
+
+
+def test_gpu_script_keeps_going_and_keeps_other_files(tmp_path, monkeypatch):
+    # a section that breaks on the GPU (out of memory, a compile error) is reported FAILED and the next one runs; the
+    # exit code says so; --out may hold other files: only the report's own are replaced
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_script", os.path.join(ROOT, "benchmarks", "gpu.py"))
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "README.md").write_text("mine")
+    (out / "notes.jsonl").write_text("{}")
+
+    def broken(*a):
+        raise RuntimeError("CUDA out of memory (as a GPU could say)")
+
+    monkeypatch.setattr(gpu, "memory_plan", broken)
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--cpu-smoke", "--sections", "memory,kernels", "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        gpu.main()
+    assert e.value.code == 1
+    report = (out / "report.md").read_text()
+    assert "## memory: FAILED" in report and "CUDA out of memory" in report and "36 of 36 PASS" in report
+    assert (out / "README.md").read_text() == "mine" and (out / "notes.jsonl").exists()

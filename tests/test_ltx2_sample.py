@@ -305,11 +305,12 @@ def test_cli_tiny_run_sweep_strip(run_dir, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--frames", "10"], "--frames 10: LTX-2 needs 8k+1 frames"),
-    (["--size", "48"], "--size 48: LTX-2 needs a multiple of 32"),
+    (["--size", "48"], "--size 48: ltx2 needs a positive multiple of 32"),
     (["--out", "clip.png"], "a video is written as an animated .webp or .gif"),
-    (["--fps", "0"], "both must be positive"),
-    (["--backbone", "sd35", "--frames", "9"], "--frames: backbone 'sd35' makes images, not videos"),
-    (["--backbone", "sd35", "--audio"], "--audio: backbone 'sd35' makes images, not videos"),
+    (["--fps", "0"], "--fps 0.0: must be a finite number > 0"),
+    (["--fps", "inf"], "--fps inf: must be a finite number > 0"),
+    (["--backbone", "sd35", "--frames", "9"], "--frames is for videos; backbone 'sd35' does not use it"),
+    (["--backbone", "sd35", "--audio"], "--audio is for videos; backbone 'sd35' does not use it"),
 ])
 def test_cli_bad_input(repo, tmp_path, capsys, args, message):
     # all refused before anything loads (the weights here are an empty folder)

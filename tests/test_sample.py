@@ -335,7 +335,7 @@ def test_cli_sweep_writes_strip(repo, adapter, tmp_path):
     (["--pref", "0.3", "--lora", "/no/such/adapter.safetensors"], "--lora /no/such/adapter.safetensors: no such file"),
     (["--pref", "0.3", "--weights", "/no/such/folder"], "--weights /no/such/folder: no such file or folder"),
     (["--pref", "0.3", "--lora", ""], "no preference input (pref_dim=0): pass its adapter with --lora"),
-    (["--sweep", "1"], "--sweep needs N >= 2"),
+    (["--sweep", "1"], "--sweep 1: needs N from 2 to 64"),
     (["--size", "24"], "multiple of 16"),
 ])
 def test_cli_bad_input(repo, adapter, tmp_path, capsys, args, message):

@@ -35,7 +35,7 @@ def server(tmp_path_factory):
     slider = sample.Slider(pipe, args, sample.run_info(pipe, backbone, spec, objectives, args))
     srv = sample.make_server(slider, "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", slider
+    yield f"http://127.0.0.1:{srv.server_address[1]}", slider, d / "run"
     srv.shutdown()
     srv.server_close()
 
@@ -51,7 +51,7 @@ def post(url, body, raw=None):
 
 
 def test_serve_over_http(server):
-    url, slider = server
+    url, slider, _ = server
     with urllib.request.urlopen(url + "/info", timeout=10) as r:
         info = json.loads(r.read())
     assert info["backbone"] == "sd35" and info["objectives"] == ["tiny_photo", "tiny_sketch"]
@@ -142,28 +142,38 @@ class DevTools:
         self.proc.wait()
 
 
+def browser_page(dt, url):
+    # a new tab on url -> (js(expr) -> its value, wait(expr, what) -> its first truthy value)
+    target = dt.send("Target.createTarget", url="about:blank")["targetId"]
+    s = dt.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+    dt.send("Page.navigate", s, url=url)
+
+    def js(expr):
+        return dt.send("Runtime.evaluate", s, expression=expr, returnByValue=True, awaitPromise=True)["result"].get("value")
+
+    def wait(expr, what, timeout=60):
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            v = js(expr)
+            if v:
+                return v
+            time.sleep(0.1)
+        status = js("document.getElementById('status') && document.getElementById('status').textContent")
+        raise AssertionError(f"timed out waiting for {what}; the page says: {status}")
+    return s, js, wait
+
+
+def chromium():
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert path, "headless Chromium is needed: apt-get install chromium (.ci/run installs it)"
+    return path
+
+
 def test_serve_in_a_browser(server, tmp_path):
-    url, _ = server
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "headless Chromium is needed: apt-get install chromium (.ci/run installs it)"
-    dt = DevTools(chromium, tmp_path / "profile")
+    url, _, _ = server
+    dt = DevTools(chromium(), tmp_path / "profile")
     try:
-        target = dt.send("Target.createTarget", url="about:blank")["targetId"]
-        s = dt.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        dt.send("Page.navigate", s, url=url + "/")
-
-        def js(expr):
-            return dt.send("Runtime.evaluate", s, expression=expr, returnByValue=True, awaitPromise=True)["result"].get("value")
-
-        def wait(expr, what, timeout=60):
-            t0 = time.time()
-            while time.time() - t0 < timeout:
-                v = js(expr)
-                if v:
-                    return v
-                time.sleep(0.1)
-            status = js("document.getElementById('status').textContent")
-            raise AssertionError(f"timed out waiting for {what}; the page says: {status}")
+        s, js, wait = browser_page(dt, url + "/")
 
         pixels = ("(() => {const i = document.getElementById('img'); if (!i.complete || !i.naturalWidth) return null;"
                   " const c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;"
@@ -216,7 +226,119 @@ def test_serve_an_editing_run(tmp_path):
         broken = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
         status, out, _ = post(url, dict(prompt="make it blue", seed=0, pref=[0.5, 0.5], source=broken))
         assert status == 400 and "not an image" in json.loads(out)["error"]
+        assert "Error" not in json.loads(out)["error"] and "0x" not in json.loads(out)["error"]  # words, no internals
         assert post(url, dict(prompt="make it red", seed=0, pref=[0.5, 0.5], source=source))[0] == 200
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def raw(port, request, timeout=10):
+    # bytes over a plain socket (lying headers that urllib would not send) -> the status code, or None if closed
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        data = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split()[1]) if data.startswith(b"HTTP/") else None
+
+
+def test_the_page_trusts_no_request(server):
+    # a foreign Host (DNS rebinding) or Origin (another site) is 403, a body that is not JSON 415, a lying
+    # Content-Length 400 or the connection closed after the timeout, an internal failure a sentence; the page goes on
+    url, slider, _ = server
+    srv = sample.make_server(slider, "127.0.0.1", 0, timeout=1.0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    body = json.dumps(dict(prompt="a red circle", seed=0, pref=[0.5, 0.5])).encode()
+
+    def post_(host, origin=None, ctype="application/json", data=body, length=None):
+        head = f"POST /render HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\n"
+        head += f"Origin: {origin}\r\n" if origin else ""
+        head += f"Content-Length: {len(data) if length is None else length}\r\nConnection: close\r\n\r\n"
+        return raw(port, head.encode() + data)
+
+    try:
+        here = f"127.0.0.1:{port}"
+        assert post_(here) == 200 and post_(f"localhost:{port}", f"http://localhost:{port}") == 200
+        assert post_(f"evil.example:{port}") == 403  # a rebinding page sends its own name
+        assert post_(here, origin="http://evil.example") == 403  # a cross-site POST
+        assert post_(here, origin="null") == 403
+        assert post_(f"127.0.0.1:{port + 1}") == 403
+        assert raw(port, f"GET / HTTP/1.1\r\nHost: evil.example:{port}\r\nConnection: close\r\n\r\n".encode()) == 403
+        assert post_(here, ctype="text/plain") == 415  # what a plain HTML form could send
+        assert post_(here, length=-1) == 400
+        t0 = time.time()
+        assert post_(here, length=len(body) + 50) in (408, None)  # the body never arrives: no thread held forever
+        assert time.time() - t0 < 8
+        generate = slider.pipe.generate
+        slider.pipe.generate = lambda *a, **k: 1 / 0
+        try:
+            status, out, _ = post(f"http://{here}", dict(prompt="a blue ring", seed=5, pref=[0.5, 0.5]))
+        finally:
+            slider.pipe.generate = generate
+        err = json.loads(out)["error"]
+        assert status == 500 and "ZeroDivision" not in err and "the server's log" in err
+        assert post(f"http://{here}", dict(prompt="a red circle", seed=0, pref=[0.5, 0.5]))[0] == 200  # still up
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_tampered_adapter_cannot_script_the_page(server, tmp_path):
+    # objective names come from the adapter file's metadata: one that tries to close the <script> and one that tries
+    # markup are shown as text in a real browser, and run nothing
+    from safetensors.torch import save_file
+    import model
+    _, _, run = server
+    shutil.copytree(run, tmp_path / "run")
+    path = tmp_path / "run" / "adapters.safetensors"
+    sd, meta = model.read_safetensors(str(path))
+    evil = ["</script><script>window.pwned = 1</script>", "<img src=x onerror='window.pwned = 2'>"]
+    save_file(sd, str(path), metadata=dict(meta, objectives=json.dumps(evil)))
+    args = sample.cli().parse_args(["--run", str(tmp_path / "run"), "--serve", "--port", "0"])
+    pipe, backbone, spec, objectives, _ = sample.prepare(args)
+    slider = sample.Slider(pipe, args, sample.run_info(pipe, backbone, spec, objectives, args))
+    srv = sample.make_server(slider, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        page = r.read().decode()
+    assert page.count("</script>") == 1 and "<img src=x" not in page  # escaped inside the JSON
+    dt = DevTools(chromium(), tmp_path / "profile")
+    try:
+        _, js, wait = browser_page(dt, url)
+        wait("document.getElementById('img').src", "the first image")  # the page works
+        text = js("document.body.innerText")
+        assert evil[0] in text and evil[1] in text  # the names, as text
+        assert js("window.pwned === undefined") and js("document.querySelectorAll('img[src=\"x\"]').length") == 0
+    finally:
+        dt.close()
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_serving_beyond_this_machine_warns(server, capsys, monkeypatch):
+    _, _, run = server
+
+    class Stop:
+        server_address = ("0.0.0.0", 1)
+
+        def serve_forever(self):
+            raise KeyboardInterrupt
+
+        def server_close(self):
+            pass
+
+    monkeypatch.setattr(sample, "make_server", lambda *a, **k: Stop())
+    sample.main(["--run", str(run), "--serve", "--host", "0.0.0.0", "--port", "0"])
+    assert "has no authentication" in capsys.readouterr().err
+    sample.main(["--run", str(run), "--serve", "--port", "0"])
+    assert "no authentication" not in capsys.readouterr().err

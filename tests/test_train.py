@@ -252,9 +252,9 @@ def test_bad_input_clear_errors(tmp_path, capsys, args, msg):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--tiny", "--size", "18"], "the tiny LTX-2 packs 4x4 pixels per token"),
+    (["--tiny", "--size", "18"], "--size 18: the tiny ltx2 needs a multiple of 4"),
     (["--frames", "10"], "LTX-2 needs 8k+1 frames"),
-    (["--size", "500"], "and a multiple of 32 px"),
+    (["--size", "500"], "--size 500: ltx2 needs a multiple of 32"),
     (["--no-vae"], "missing vae/ (Lightricks' combined file: sample.py with --text-encoders)"),
 ])
 def test_ltx2_clip_size_refused_before_loading(tmp_path, capsys, args, msg):

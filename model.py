@@ -27,6 +27,7 @@ Precision (the one policy; train.py and sample.py follow it, tests/test_bf16.py 
   - a backbone casts its latent and conditioning inputs once, at the top of forward (`Backbone.compute_dtype`), so
     callers keep x_t, sigma and the preference vector in fp32; sigma reaches the timestep embedding in fp32.
 """
+
 import json
 import math
 import os
@@ -325,8 +326,14 @@ def merge_lora(net):
 def save_adapters(net, path, state=None, objectives=None, extra=None):
     """LoRA + preference modules, with what they belong to: the backbone, the base config, the objective names.
     state: an adapter state to write instead of the live weights (e.g. the EMA); extra: more metadata (str->str)."""
-    meta = {"format": "paretoslider-adapter", "backbone": net.name, "lora": json.dumps(getattr(net, "lora_config", None)),
-            "config": json.dumps(asdict(net.cfg)), "objectives": json.dumps(objectives), **(extra or {})}
+    meta = {
+        "format": "paretoslider-adapter",
+        "backbone": net.name,
+        "lora": json.dumps(getattr(net, "lora_config", None)),
+        "config": json.dumps(asdict(net.cfg)),
+        "objectives": json.dumps(objectives),
+        **(extra or {}),
+    }
     state = {n: p.detach().contiguous().cpu() for n, p in (state or adapter_state(net)).items()}
     atomic_save(state, path, meta)
 
@@ -361,10 +368,15 @@ def load_adapters(net, path, objectives=None):
         raise ValueError(f"{path}: adapter of backbone {meta['backbone']!r}, but the network is {net.name!r}")
     if meta["config"].get("pref_dim") != net.cfg.pref_dim:
         names = f" {meta['objectives']}" if meta["objectives"] else ""
-        raise ValueError(f"{path}: adapter for {meta['config'].get('pref_dim')} objectives{names}, but the network "
-                         f"has {net.cfg.pref_dim}")
-    diff = [f"{k}: adapter {v!r} vs network {getattr(net.cfg, k, None)!r}" for k, v in meta["config"].items()
-            if k != "pref_dim" and _plain(v) != _plain(getattr(net.cfg, k, None))]
+        raise ValueError(
+            f"{path}: adapter for {meta['config'].get('pref_dim')} objectives{names}, but the network "
+            f"has {net.cfg.pref_dim}"
+        )
+    diff = [
+        f"{k}: adapter {v!r} vs network {getattr(net.cfg, k, None)!r}"
+        for k, v in meta["config"].items()
+        if k != "pref_dim" and _plain(v) != _plain(getattr(net.cfg, k, None))
+    ]
     if diff:
         raise ValueError(f"{path}: adapter trained on another base model: " + "; ".join(diff))
     if objectives is not None and meta["objectives"] is not None and list(meta["objectives"]) != list(objectives):
@@ -394,8 +406,11 @@ def export_lora_diffusers(net, path):
     backbone's diffusers names. The preference modules have no diffusers counterpart and are not in this file."""
     sd, targets = BACKBONES[net.name].lora_to_diffusers(net)
     lc = net.lora_config
-    meta = {"lora_adapter_metadata": json.dumps({"transformer.r": lc["rank"], "transformer.lora_alpha": lc["alpha"],
-                                                  "transformer.target_modules": targets})}
+    meta = {
+        "lora_adapter_metadata": json.dumps(
+            {"transformer.r": lc["rank"], "transformer.lora_alpha": lc["alpha"], "transformer.target_modules": targets}
+        )
+    }
     atomic_save({k: v.float().cpu() for k, v in sd.items()}, path, meta)
 
 
@@ -454,6 +469,7 @@ def atomic_json(obj, path):
     def write(tmp):
         with open(tmp, "w") as fh:
             json.dump(obj, fh, indent=1, allow_nan=False)
+
     atomic_write(path, write)
 
 
@@ -512,8 +528,11 @@ def check_keys(expected, got, what="checkpoint"):
     shape = lambda t: tuple(t.shape) if hasattr(t, "shape") else tuple(t)
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
-    bad = [f"{k}: checkpoint {shape(got[k])} vs model {shape(expected[k])}"
-           for k in sorted(set(got) & set(expected)) if shape(got[k]) != shape(expected[k])]
+    bad = [
+        f"{k}: checkpoint {shape(got[k])} vs model {shape(expected[k])}"
+        for k in sorted(set(got) & set(expected))
+        if shape(got[k]) != shape(expected[k])
+    ]
     if missing or unexpected or bad:
         show = lambda xs: ", ".join(xs[:8]) + (f" … (+{len(xs) - 8} more)" if len(xs) > 8 else "")
         msg = [f"{what} does not match the model:"]
@@ -563,27 +582,39 @@ def load_transformer(path, pref_dim=0, dtype=torch.float32, device="cpu"):
         if os.path.isdir(os.path.join(path, "transformer")):
             path = os.path.join(path, "transformer")
         else:
-            raise FileNotFoundError(f"{path}: neither a diffusers model folder (config.json) nor a repo root with transformer/")
+            raise FileNotFoundError(
+                f"{path}: neither a diffusers model folder (config.json) nor a repo root with transformer/"
+            )
     if os.path.isdir(path):
         config, sd = read_diffusers_folder(path)
         name = config.get("_class_name")
         spec = next((b for b in BACKBONES.values() if b.diffusers_class == name), None)
         if spec is None:
-            raise ValueError(f"{path}: unsupported diffusers class {name!r} (supported: "
-                             f"{', '.join(b.diffusers_class for b in BACKBONES.values())})")
+            raise ValueError(
+                f"{path}: unsupported diffusers class {name!r} (supported: "
+                f"{', '.join(b.diffusers_class for b in BACKBONES.values())})"
+            )
         cfg = spec.config_from_diffusers(config)
         sd = spec.from_diffusers(sd, cfg)
     elif os.path.isfile(path):
         sd, meta = read_safetensors(path)
         if any(k.startswith("model.diffusion_model.") for k in sd):
-            sd = {k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+            sd = {
+                k[len("model.diffusion_model.") :]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")
+            }
         else:  # bare keys: drop bundled VAE / text encoders
             sd = {k: v for k, v in sd.items() if not k.startswith(BUNDLED)}
         spec = next((b for b in BACKBONES.values() if b.signature in sd), None)
         if spec is None:
-            own = f"; {file_kind(meta)}" if meta.get("format") or "step" in meta or "lora_adapter_metadata" in meta else ""
-            raise ValueError(f"{path}: not a recognised base checkpoint (none of the signature keys "
-                             f"{', '.join(b.signature for b in BACKBONES.values())}){own}")
+            own = (
+                f"; {file_kind(meta)}"
+                if meta.get("format") or "step" in meta or "lora_adapter_metadata" in meta
+                else ""
+            )
+            raise ValueError(
+                f"{path}: not a recognised base checkpoint (none of the signature keys "
+                f"{', '.join(b.signature for b in BACKBONES.values())}){own}"
+            )
         sd = {k: v for k, v in sd.items() if not k.startswith(spec.bundled)}  # e.g. LTX-2's text connectors
         cfg = spec.config_from_state(sd, meta)
     else:
@@ -616,13 +647,24 @@ SD3_PRESETS = {
     "sd35-medium": dict(depth=24, hidden=1536, heads=24, pos_embed_max=384, dual_attention_layers=tuple(range(13))),
     "sd35-large": dict(depth=38, hidden=2432, heads=38, pos_embed_max=192),
     # CPU default: pixel space 32x32 RGB, patch 4 -> 64 tokens; MMDiT-X style (dual attention, qk norm)
-    "sd35-tiny": dict(depth=4, hidden=128, heads=4, patch=4, in_channels=3, out_channels=3, context_dim=64,
-                      pooled_dim=64, pos_embed_max=8, dual_attention_layers=(0, 1)),
+    "sd35-tiny": dict(
+        depth=4,
+        hidden=128,
+        heads=4,
+        patch=4,
+        in_channels=3,
+        out_channels=3,
+        context_dim=64,
+        pooled_dim=64,
+        pos_embed_max=8,
+        dual_attention_layers=(0, 1),
+    ),
 }
 
 
-SD3_MOD = chunk_names("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp", "shift_msa2",
-                      "scale_msa2", "gate_msa2")  # chunks of a block's adaLN output: 2 (last context block), 6, or 9 (MMDiT-X dual attention)
+SD3_MOD = chunk_names(
+    "shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp", "shift_msa2", "scale_msa2", "gate_msa2"
+)  # chunks of a block's adaLN output: 2 (last context block), 6, or 9 (MMDiT-X dual attention)
 
 
 class SD3Attention(nn.Module):
@@ -689,7 +731,7 @@ class JointBlock(nn.Module):
         # heads-first views gives SDPA contiguous [B, H, Lc+Lx, Dh] inputs
         q, k, v = (torch.cat(heads_first(a, b), 2) for a, b in ((qc, qx), (kc, kx), (vc, vx)))
         o = attention(q, k, v)
-        oc, ox = o[:, : ctx.shape[1]], o[:, ctx.shape[1]:]
+        oc, ox = o[:, : ctx.shape[1]], o[:, ctx.shape[1] :]
         x = self.x_block.post_attention(x, ox, h2, xmod, m)
         ctx = None if self.context_block.pre_only else self.context_block.post_attention(ctx, oc, None, cmod)
         return ctx, x
@@ -744,7 +786,7 @@ class SD3Transformer(Backbone):
         if h > M or w > M:
             raise ValueError(f"token grid {h}x{w} exceeds the positional table {M}x{M}")
         top, left = (M - h) // 2, (M - w) // 2
-        return self.pos_embed.view(1, M, M, -1)[:, top: top + h, left: left + w].flatten(1, 2)
+        return self.pos_embed.view(1, M, M, -1)[:, top : top + h, left : left + w].flatten(1, 2)
 
     def forward(self, x, sigma, context, pooled, pref=None):
         dt = self.compute_dtype  # inputs cast once, here (sigma stays as given: the timestep embedding is fp32)
@@ -777,17 +819,37 @@ def sd3_config_from_state(sd, meta=None):
     if M * M != sd["pos_embed"].shape[1]:
         raise ValueError(f"pos_embed of {sd['pos_embed'].shape[1]} positions is not a square table")
     dual = tuple(sorted({int(k.split(".")[1]) for k in sd if ".x_block.attn2." in k}))
-    return SD3Config(depth=depth, hidden=D, heads=D // head_dim, patch=p, in_channels=cin,
-                     out_channels=sd["final_layer.linear.weight"].shape[0] // (p * p),
-                     context_dim=sd["context_embedder.weight"].shape[1],
-                     pooled_dim=sd["y_embedder.mlp.0.weight"].shape[1], pos_embed_max=M, qk_norm=qk,
-                     dual_attention_layers=dual)
+    return SD3Config(
+        depth=depth,
+        hidden=D,
+        heads=D // head_dim,
+        patch=p,
+        in_channels=cin,
+        out_channels=sd["final_layer.linear.weight"].shape[0] // (p * p),
+        context_dim=sd["context_embedder.weight"].shape[1],
+        pooled_dim=sd["y_embedder.mlp.0.weight"].shape[1],
+        pos_embed_max=M,
+        qk_norm=qk,
+        dual_attention_layers=dual,
+    )
 
 
 def sd3_config_from_diffusers(c):
-    known = {"num_layers", "attention_head_dim", "num_attention_heads", "patch_size", "in_channels",
-             "out_channels", "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim",
-             "pos_embed_max_size", "qk_norm", "dual_attention_layers", "sample_size"}
+    known = {
+        "num_layers",
+        "attention_head_dim",
+        "num_attention_heads",
+        "patch_size",
+        "in_channels",
+        "out_channels",
+        "joint_attention_dim",
+        "caption_projection_dim",
+        "pooled_projection_dim",
+        "pos_embed_max_size",
+        "qk_norm",
+        "dual_attention_layers",
+        "sample_size",
+    }
     extra = sorted(k for k in c if not k.startswith("_") and k not in known)
     if extra:
         raise ValueError(f"unsupported SD3Transformer2DModel config options: {extra}")
@@ -796,11 +858,19 @@ def sd3_config_from_diffusers(c):
     D = c["num_attention_heads"] * c["attention_head_dim"]
     if c.get("caption_projection_dim", D) != D:
         raise ValueError(f"caption_projection_dim {c['caption_projection_dim']} != heads*head_dim {D}")
-    return SD3Config(depth=c["num_layers"], hidden=D, heads=c["num_attention_heads"], patch=c["patch_size"],
-                     in_channels=c["in_channels"], out_channels=c.get("out_channels") or c["in_channels"],
-                     context_dim=c["joint_attention_dim"], pooled_dim=c["pooled_projection_dim"],
-                     pos_embed_max=c["pos_embed_max_size"], qk_norm=c.get("qk_norm") == "rms_norm",
-                     dual_attention_layers=tuple(c.get("dual_attention_layers") or ()))
+    return SD3Config(
+        depth=c["num_layers"],
+        hidden=D,
+        heads=c["num_attention_heads"],
+        patch=c["patch_size"],
+        in_channels=c["in_channels"],
+        out_channels=c.get("out_channels") or c["in_channels"],
+        context_dim=c["joint_attention_dim"],
+        pooled_dim=c["pooled_projection_dim"],
+        pos_embed_max=c["pos_embed_max_size"],
+        qk_norm=c.get("qk_norm") == "rms_norm",
+        dual_attention_layers=tuple(c.get("dual_attention_layers") or ()),
+    )
 
 
 def _swap_halves(t):
@@ -812,39 +882,52 @@ def _swap_halves(t):
 def sd3_key_map(depth):
     """{original key prefix: diffusers key prefix} for everything that is a plain rename. The fused qkv
     and the swapped (shift, scale) halves are handled in sd3_from_diffusers / sd3_to_diffusers."""
-    m = {"x_embedder.proj": "pos_embed.proj",
-         "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
-         "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
-         "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
-         "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
-         "context_embedder": "context_embedder", "final_layer.linear": "proj_out",
-         "final_layer.adaLN_modulation.1": "norm_out.linear"}
+    m = {
+        "x_embedder.proj": "pos_embed.proj",
+        "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+        "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+        "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+        "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+        "context_embedder": "context_embedder",
+        "final_layer.linear": "proj_out",
+        "final_layer.adaLN_modulation.1": "norm_out.linear",
+    }
     for i in range(depth):
         o, d = f"joint_blocks.{i}", f"transformer_blocks.{i}"
-        m.update({f"{o}.x_block.attn.ln_q": f"{d}.attn.norm_q", f"{o}.x_block.attn.ln_k": f"{d}.attn.norm_k",
-                  f"{o}.x_block.attn.proj": f"{d}.attn.to_out.0",
-                  f"{o}.x_block.attn2.ln_q": f"{d}.attn2.norm_q", f"{o}.x_block.attn2.ln_k": f"{d}.attn2.norm_k",
-                  f"{o}.x_block.attn2.proj": f"{d}.attn2.to_out.0",
-                  f"{o}.x_block.adaLN_modulation.1": f"{d}.norm1.linear",
-                  f"{o}.x_block.mlp.fc1": f"{d}.ff.net.0.proj", f"{o}.x_block.mlp.fc2": f"{d}.ff.net.2",
-                  f"{o}.context_block.attn.ln_q": f"{d}.attn.norm_added_q",
-                  f"{o}.context_block.attn.ln_k": f"{d}.attn.norm_added_k",
-                  f"{o}.context_block.attn.proj": f"{d}.attn.to_add_out",
-                  f"{o}.context_block.adaLN_modulation.1": f"{d}.norm1_context.linear",
-                  f"{o}.context_block.mlp.fc1": f"{d}.ff_context.net.0.proj",
-                  f"{o}.context_block.mlp.fc2": f"{d}.ff_context.net.2"})
+        m.update(
+            {
+                f"{o}.x_block.attn.ln_q": f"{d}.attn.norm_q",
+                f"{o}.x_block.attn.ln_k": f"{d}.attn.norm_k",
+                f"{o}.x_block.attn.proj": f"{d}.attn.to_out.0",
+                f"{o}.x_block.attn2.ln_q": f"{d}.attn2.norm_q",
+                f"{o}.x_block.attn2.ln_k": f"{d}.attn2.norm_k",
+                f"{o}.x_block.attn2.proj": f"{d}.attn2.to_out.0",
+                f"{o}.x_block.adaLN_modulation.1": f"{d}.norm1.linear",
+                f"{o}.x_block.mlp.fc1": f"{d}.ff.net.0.proj",
+                f"{o}.x_block.mlp.fc2": f"{d}.ff.net.2",
+                f"{o}.context_block.attn.ln_q": f"{d}.attn.norm_added_q",
+                f"{o}.context_block.attn.ln_k": f"{d}.attn.norm_added_k",
+                f"{o}.context_block.attn.proj": f"{d}.attn.to_add_out",
+                f"{o}.context_block.adaLN_modulation.1": f"{d}.norm1_context.linear",
+                f"{o}.context_block.mlp.fc1": f"{d}.ff_context.net.0.proj",
+                f"{o}.context_block.mlp.fc2": f"{d}.ff_context.net.2",
+            }
+        )
     return m
 
 
-SD3_QKV = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-           "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-           "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v")}
+SD3_QKV = {
+    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+}
 
 
 def _swapped(key, depth):
     # tensors stored as (scale, shift) by diffusers: final norm and the last (pre-only) context block
     return key.startswith("final_layer.adaLN_modulation.1.") or key.startswith(
-        f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1.")
+        f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1."
+    )
 
 
 def sd3_from_diffusers(sd, depth):
@@ -936,8 +1019,9 @@ FLUX_PRESETS = {
     # tokens of 48 features: sd35-tiny's token grid and token width (patch 4 on RGB), so its CPU budget carries
     # over. Head dim 32 with BFL's axis proportions (1/8, 7/16, 7/16 of 128 -> 16, 56, 56), which is what
     # flux_config_from_state reads back from a bare state dict (RoPE axes are not in the tensor shapes).
-    "flux-tiny": dict(depth=2, depth_single=2, hidden=64, heads=2, in_channels=48, context_dim=64, pooled_dim=64,
-                      axes_dim=(4, 14, 14)),
+    "flux-tiny": dict(
+        depth=2, depth_single=2, hidden=64, heads=2, in_channels=48, context_dim=64, pooled_dim=64, axes_dim=(4, 14, 14)
+    ),
 }
 
 FLUX_MOD = chunk_names("shift", "scale", "gate", "shift_mlp", "scale_mlp", "gate_mlp")  # double: all 6; single: first 3
@@ -1084,8 +1168,14 @@ class FluxTransformer(Backbone):
 
     name = "flux-kontext"
     # both streams' attention in the double blocks; single blocks' fused linear1 (q | k | v | mlp-in) and linear2
-    lora_targets = {"img_attn.qkv": (1, 1, 1), "txt_attn.qkv": (1, 1, 1), "img_attn.proj": (1,),
-                    "txt_attn.proj": (1,), "linear1": (1, 1, 1, 4), "linear2": (1,)}
+    lora_targets = {
+        "img_attn.qkv": (1, 1, 1),
+        "txt_attn.qkv": (1, 1, 1),
+        "img_attn.proj": (1,),
+        "txt_attn.proj": (1,),
+        "linear1": (1, 1, 1, 4),
+        "linear2": (1,),
+    }
 
     def __init__(self, cfg: FluxConfig):
         super().__init__()
@@ -1107,8 +1197,9 @@ class FluxTransformer(Backbone):
         C = self.cfg.in_channels // 4
         for name, t in (("x", x), ("ref", ref)):
             if t is not None and (t.dim() != 4 or t.shape[1] != C or t.shape[2] % 2 or t.shape[3] % 2):
-                raise ValueError(f"{name} must be an unpacked latent [B, {C}, h, w] with h, w even, "
-                                 f"got {list(t.shape)}")
+                raise ValueError(
+                    f"{name} must be an unpacked latent [B, {C}, h, w] with h, w even, got {list(t.shape)}"
+                )
         if ref is not None and ref.shape[0] != x.shape[0]:
             raise ValueError(f"ref batch {ref.shape[0]} != x batch {x.shape[0]}")
         if context.dim() != 3 or context.shape[-1] != self.cfg.context_dim:
@@ -1151,14 +1242,24 @@ class FluxTransformer(Backbone):
         x_joint = torch.cat([txt, img], 1)  # [B, L + N + N_ref, D]
         for blk in self.single_blocks:  # the slider reaches the image part (target and reference tokens)
             x_joint = self.run(blk, x_joint, vec, cos, sin, m, (L, x_joint.shape[1]))
-        out = self.final_layer(x_joint[:, L: L + N], vec)  # target tokens only: [B, N, 4C]
+        out = self.final_layer(x_joint[:, L : L + N], vec)  # target tokens only: [B, N, 4C]
         return rearrange(out, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=H // 2, ph=2, pw=2)
 
 
 def flux_config_from_diffusers(c):
-    known = {"patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers", "attention_head_dim",
-             "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds",
-             "axes_dims_rope"}
+    known = {
+        "patch_size",
+        "in_channels",
+        "out_channels",
+        "num_layers",
+        "num_single_layers",
+        "attention_head_dim",
+        "num_attention_heads",
+        "joint_attention_dim",
+        "pooled_projection_dim",
+        "guidance_embeds",
+        "axes_dims_rope",
+    }
     extra = sorted(k for k in c if not k.startswith("_") and k not in known)
     if extra:
         raise ValueError(f"unsupported FluxTransformer2DModel config options: {extra}")
@@ -1166,14 +1267,21 @@ def flux_config_from_diffusers(c):
         raise ValueError(f"unsupported patch_size {c['patch_size']} (FLUX packs 2x2 outside the model: patch_size 1)")
     cin = c.get("in_channels", 64)
     if c.get("out_channels") not in (None, cin) or cin % 4:
-        raise ValueError(f"unsupported in/out channels {cin}/{c.get('out_channels')} (Fill/Depth/Canny-style "
-                         "channel-concat models are not implemented; in_channels must be 4 x latent channels)")
-    return FluxConfig(depth=c.get("num_layers", 19), depth_single=c.get("num_single_layers", 38),
-                      hidden=c.get("num_attention_heads", 24) * c.get("attention_head_dim", 128),
-                      heads=c.get("num_attention_heads", 24), in_channels=cin,
-                      context_dim=c.get("joint_attention_dim", 4096), pooled_dim=c.get("pooled_projection_dim", 768),
-                      axes_dim=tuple(c.get("axes_dims_rope", (16, 56, 56))),
-                      guidance_embed=bool(c.get("guidance_embeds", False)))
+        raise ValueError(
+            f"unsupported in/out channels {cin}/{c.get('out_channels')} (Fill/Depth/Canny-style "
+            "channel-concat models are not implemented; in_channels must be 4 x latent channels)"
+        )
+    return FluxConfig(
+        depth=c.get("num_layers", 19),
+        depth_single=c.get("num_single_layers", 38),
+        hidden=c.get("num_attention_heads", 24) * c.get("attention_head_dim", 128),
+        heads=c.get("num_attention_heads", 24),
+        in_channels=cin,
+        context_dim=c.get("joint_attention_dim", 4096),
+        pooled_dim=c.get("pooled_projection_dim", 768),
+        axes_dim=tuple(c.get("axes_dims_rope", (16, 56, 56))),
+        guidance_embed=bool(c.get("guidance_embeds", False)),
+    )
 
 
 def flux_config_from_state(sd, meta=None):
@@ -1181,19 +1289,27 @@ def flux_config_from_state(sd, meta=None):
     # (16, 56, 56) for head dim 128, the same proportions (1/8, 7/16, 7/16) for other multiples of 32.
     D, cin = sd["img_in.weight"].shape
     if sd["final_layer.linear.weight"].shape[0] != cin:
-        raise ValueError(f"img_in takes {cin} channels but final_layer gives {sd['final_layer.linear.weight'].shape[0]}"
-                         ": a Fill/Depth/Canny-style channel-concat model, not implemented")
+        raise ValueError(
+            f"img_in takes {cin} channels but final_layer gives {sd['final_layer.linear.weight'].shape[0]}"
+            ": a Fill/Depth/Canny-style channel-concat model, not implemented"
+        )
     head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
     if head_dim % 32:
         raise ValueError(f"head dim {head_dim}: the RoPE axes cannot be inferred (BFL's layout needs a multiple of 32)")
     count = lambda p: len({k.split(".")[1] for k in sd if k.startswith(p)})
-    return FluxConfig(depth=count("double_blocks."), depth_single=count("single_blocks."), hidden=D,
-                      heads=D // head_dim, in_channels=cin, context_dim=sd["txt_in.weight"].shape[1],
-                      pooled_dim=sd["vector_in.in_layer.weight"].shape[1],
-                      axes_dim=(head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16),
-                      mlp_ratio=sd["double_blocks.0.img_mlp.0.weight"].shape[0] / D,
-                      qkv_bias="double_blocks.0.img_attn.qkv.bias" in sd,
-                      guidance_embed="guidance_in.in_layer.weight" in sd)
+    return FluxConfig(
+        depth=count("double_blocks."),
+        depth_single=count("single_blocks."),
+        hidden=D,
+        heads=D // head_dim,
+        in_channels=cin,
+        context_dim=sd["txt_in.weight"].shape[1],
+        pooled_dim=sd["vector_in.in_layer.weight"].shape[1],
+        axes_dim=(head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16),
+        mlp_ratio=sd["double_blocks.0.img_mlp.0.weight"].shape[0] / D,
+        qkv_bias="double_blocks.0.img_attn.qkv.bias" in sd,
+        guidance_embed="guidance_in.in_layer.weight" in sd,
+    )
 
 
 def flux_module_map(cfg):
@@ -1201,8 +1317,12 @@ def flux_module_map(cfg):
     every weight-holding module (notes/backbones.md §2.4; diffusers single_file_utils.py:2294-2488). Our qk norms
     (`*_norm`, tensor `scale`) are diffusers' RMSNorms (tensor `weight`)."""
     e = "time_text_embed."
-    m = {"img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out",
-         "final_layer.adaLN_modulation.1": "norm_out.linear"}  # (shift, scale) here, (scale, shift) there
+    m = {
+        "img_in": "x_embedder",
+        "txt_in": "context_embedder",
+        "final_layer.linear": "proj_out",
+        "final_layer.adaLN_modulation.1": "norm_out.linear",
+    }  # (shift, scale) here, (scale, shift) there
     embedders = {"time_in": "timestep_embedder", "vector_in": "text_embedder"}
     if cfg.guidance_embed:
         embedders["guidance_in"] = "guidance_embedder"
@@ -1210,22 +1330,35 @@ def flux_module_map(cfg):
         m.update({f"{ours}.in_layer": f"{e}{theirs}.linear_1", f"{ours}.out_layer": f"{e}{theirs}.linear_2"})
     for i in range(cfg.depth):
         o, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
-        m.update({f"{o}.img_mod.lin": f"{d}.norm1.linear", f"{o}.txt_mod.lin": f"{d}.norm1_context.linear",
-                  f"{o}.img_attn.qkv": tuple(f"{d}.attn.to_{c}" for c in "qkv"),
-                  f"{o}.txt_attn.qkv": tuple(f"{d}.attn.add_{c}_proj" for c in "qkv"),
-                  f"{o}.img_attn.norm.query_norm": f"{d}.attn.norm_q",
-                  f"{o}.img_attn.norm.key_norm": f"{d}.attn.norm_k",
-                  f"{o}.txt_attn.norm.query_norm": f"{d}.attn.norm_added_q",
-                  f"{o}.txt_attn.norm.key_norm": f"{d}.attn.norm_added_k",
-                  f"{o}.img_attn.proj": f"{d}.attn.to_out.0", f"{o}.txt_attn.proj": f"{d}.attn.to_add_out",
-                  f"{o}.img_mlp.0": f"{d}.ff.net.0.proj", f"{o}.img_mlp.2": f"{d}.ff.net.2",
-                  f"{o}.txt_mlp.0": f"{d}.ff_context.net.0.proj", f"{o}.txt_mlp.2": f"{d}.ff_context.net.2"})
+        m.update(
+            {
+                f"{o}.img_mod.lin": f"{d}.norm1.linear",
+                f"{o}.txt_mod.lin": f"{d}.norm1_context.linear",
+                f"{o}.img_attn.qkv": tuple(f"{d}.attn.to_{c}" for c in "qkv"),
+                f"{o}.txt_attn.qkv": tuple(f"{d}.attn.add_{c}_proj" for c in "qkv"),
+                f"{o}.img_attn.norm.query_norm": f"{d}.attn.norm_q",
+                f"{o}.img_attn.norm.key_norm": f"{d}.attn.norm_k",
+                f"{o}.txt_attn.norm.query_norm": f"{d}.attn.norm_added_q",
+                f"{o}.txt_attn.norm.key_norm": f"{d}.attn.norm_added_k",
+                f"{o}.img_attn.proj": f"{d}.attn.to_out.0",
+                f"{o}.txt_attn.proj": f"{d}.attn.to_add_out",
+                f"{o}.img_mlp.0": f"{d}.ff.net.0.proj",
+                f"{o}.img_mlp.2": f"{d}.ff.net.2",
+                f"{o}.txt_mlp.0": f"{d}.ff_context.net.0.proj",
+                f"{o}.txt_mlp.2": f"{d}.ff_context.net.2",
+            }
+        )
     for i in range(cfg.depth_single):
         o, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        m.update({f"{o}.modulation.lin": f"{d}.norm.linear",
-                  f"{o}.linear1": (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"),
-                  f"{o}.norm.query_norm": f"{d}.attn.norm_q", f"{o}.norm.key_norm": f"{d}.attn.norm_k",
-                  f"{o}.linear2": f"{d}.proj_out"})
+        m.update(
+            {
+                f"{o}.modulation.lin": f"{d}.norm.linear",
+                f"{o}.linear1": (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"),
+                f"{o}.norm.query_norm": f"{d}.attn.norm_q",
+                f"{o}.norm.key_norm": f"{d}.attn.norm_k",
+                f"{o}.linear2": f"{d}.proj_out",
+            }
+        )
     return m
 
 
@@ -1314,15 +1447,27 @@ class LTX2Config:
 LTX2_PRESETS = {
     "ltx2-19b": dict(),  # LTX-2 [dev] 2.0 (ltx-2-19b-dev.safetensors; diffusers Lightricks/LTX-2 transformer/)
     # tests and a CPU default: 4 heads of 16 (video) and of 8 (audio); audio latent [B, 8, A, 2]
-    "ltx2-tiny": dict(depth=2, hidden=64, heads=4, audio_hidden=32, audio_heads=4, in_channels=16,
-                      audio_in_channels=16, caption_channels=64, cross_attention_dim=64, audio_cross_attention_dim=32),
+    "ltx2-tiny": dict(
+        depth=2,
+        hidden=64,
+        heads=4,
+        audio_hidden=32,
+        audio_heads=4,
+        in_channels=16,
+        audio_in_channels=16,
+        caption_channels=64,
+        cross_attention_dim=64,
+        audio_cross_attention_dim=32,
+    ),
 }
 
 # what LTX2Transformer.forward hands every block (namedtuples: torch.compile traces them): the global modulations
 # [B, n*D] of both streams, the a2v / v2a scale-shifts and gates; the four RoPE tables (cos, sin)
 LTX2Mod = namedtuple("LTX2Mod", "video audio ca_video ca_audio gate_video gate_audio")
 LTX2Tables = namedtuple("LTX2Tables", "video audio ca_video ca_audio")
-LTX2_MOD = chunk_names("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")  # block tables, both streams
+LTX2_MOD = chunk_names(
+    "shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp"
+)  # block tables, both streams
 LTX2_AV_MOD = chunk_names("a2v_scale", "a2v_shift", "v2a_scale", "v2a_shift")  # rows 0-3 of the a2v tables: scale first
 
 
@@ -1384,10 +1529,20 @@ class LTX2Attention(nn.Module):
         # x [B, Lq, D], ctx [B, Lk, Dkv]; rope (cos, sin) [1, L, H, Dh/2] for q and k, or q's only when k_rope is
         # given (a2v / v2a: video time on one side, audio time on the other); mask [B, Lk] (text padding)
         ctx = x if ctx is None else ctx
-        q, k, v = (rearrange(p(t), "b l (h d) -> b l h d", h=self.heads)
-                   for p, t in ((self.to_q, x), (self.to_k, ctx), (self.to_v, ctx)))
-        q, k = kernels.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, *(rope or (None, None)), 1e-6,
-                                    self.interleaved, *(k_rope or (None, None)))
+        q, k, v = (
+            rearrange(p(t), "b l (h d) -> b l h d", h=self.heads)
+            for p, t in ((self.to_q, x), (self.to_k, ctx), (self.to_v, ctx))
+        )
+        q, k = kernels.qk_norm_rope(
+            q,
+            k,
+            self.q_norm.weight,
+            self.k_norm.weight,
+            *(rope or (None, None)),
+            1e-6,
+            self.interleaved,
+            *(k_rope or (None, None)),
+        )
         return self.to_out[0](attention(*heads_first(q, k, v), mask))
 
 
@@ -1479,16 +1634,20 @@ class LTX2Block(nn.Module):
         x = x + self.attn2(F.rms_norm(x, x.shape[-1:], eps=1e-6), ctx, mask=mask)
         a = a + self.audio_attn2(F.rms_norm(a, a.shape[-1:], eps=1e-6), actx, mask=mask)
         # 3. a2v and v2a, both from the states before either update (l.735-796); time-only RoPE on both sides
-        y_a2v = self.audio_to_video_attn(mv(cv.a2v_shift, cv.a2v_scale), ma(ca.a2v_shift, ca.a2v_scale),
-                                         rope=rope.ca_video, k_rope=rope.ca_audio)
-        y_v2a = self.video_to_audio_attn(ma(ca.v2a_shift, ca.v2a_scale), mv(cv.v2a_shift, cv.v2a_scale),
-                                         rope=rope.ca_audio, k_rope=rope.ca_video)
+        y_a2v = self.audio_to_video_attn(
+            mv(cv.a2v_shift, cv.a2v_scale), ma(ca.a2v_shift, ca.a2v_scale), rope=rope.ca_video, k_rope=rope.ca_audio
+        )
+        y_v2a = self.video_to_audio_attn(
+            ma(ca.v2a_shift, ca.v2a_scale), mv(cv.v2a_shift, cv.v2a_scale), rope=rope.ca_audio, k_rope=rope.ca_video
+        )
         # 4. the step-3 residuals fused with the feed-forward's norm and modulation (l.798-809)
-        x, h = kernels.gated_residual_modulate(x, mod.gate_video + tv[4], y_a2v, v.shift_mlp, v.scale_mlp, 1e-6,
-                                               rms=True)
+        x, h = kernels.gated_residual_modulate(
+            x, mod.gate_video + tv[4], y_a2v, v.shift_mlp, v.scale_mlp, 1e-6, rms=True
+        )
         x = kernels.gated_residual(x, v.gate_mlp, self.ff(h), m)  # m: slider vector (video stream only)
-        a, h = kernels.gated_residual_modulate(a, mod.gate_audio + ta[4], y_v2a, s.shift_mlp, s.scale_mlp, 1e-6,
-                                               rms=True)
+        a, h = kernels.gated_residual_modulate(
+            a, mod.gate_audio + ta[4], y_v2a, s.shift_mlp, s.scale_mlp, 1e-6, rms=True
+        )
         return x, kernels.gated_residual(a, s.gate_mlp, self.audio_ff(h))
 
 
@@ -1511,13 +1670,16 @@ class LTX2Transformer(Backbone):
         if D % cfg.heads or Da % cfg.audio_heads:
             raise ValueError(f"widths {D}, {Da} must be multiples of the head counts {cfg.heads}, {cfg.audio_heads}")
         if (cfg.cross_attention_dim, cfg.audio_cross_attention_dim) != (D, Da):  # caption_projection feeds attn2
-            raise ValueError(f"cross-attention dims {cfg.cross_attention_dim}, {cfg.audio_cross_attention_dim} must "
-                             f"equal the widths {D}, {Da} (LTX-2.0 projects the text to the stream width)")
+            raise ValueError(
+                f"cross-attention dims {cfg.cross_attention_dim}, {cfg.audio_cross_attention_dim} must "
+                f"equal the widths {D}, {Da} (LTX-2.0 projects the text to the stream width)"
+            )
         if cfg.rope_type not in ("split", "interleaved"):
             raise ValueError(f"unsupported rope_type {cfg.rope_type!r} (supported: 'split', 'interleaved')")
         if cfg.audio_in_channels % cfg.audio_channels:
-            raise ValueError(f"audio_in_channels {cfg.audio_in_channels} is not audio_channels {cfg.audio_channels}"
-                             " x mel bins")
+            raise ValueError(
+                f"audio_in_channels {cfg.audio_in_channels} is not audio_channels {cfg.audio_channels} x mel bins"
+            )
         self.patchify_proj, self.audio_patchify_proj = Linear(cfg.in_channels, D), Linear(cfg.audio_in_channels, Da)
         self.adaln_single, self.audio_adaln_single = AdaLNSingle(D, 6), AdaLNSingle(Da, 6)
         self.av_ca_video_scale_shift_adaln_single = AdaLNSingle(D, 4)
@@ -1542,10 +1704,18 @@ class LTX2Transformer(Backbone):
             if t.dim() != 3 or t.shape[-1] != c.caption_channels:
                 raise ValueError(f"{name} must be [B, L, {c.caption_channels}] (connector output), got {list(t.shape)}")
         if context_mask is not None and context.shape[1] != context_audio.shape[1]:
-            raise ValueError(f"context_mask masks both contexts: their lengths {context.shape[1]} and "
-                             f"{context_audio.shape[1]} must be equal")
-        batches = [("video", video), ("audio", audio), ("sigma", sigma), ("context", context),
-                   ("context_audio", context_audio), ("context_mask", context_mask)]
+            raise ValueError(
+                f"context_mask masks both contexts: their lengths {context.shape[1]} and "
+                f"{context_audio.shape[1]} must be equal"
+            )
+        batches = [
+            ("video", video),
+            ("audio", audio),
+            ("sigma", sigma),
+            ("context", context),
+            ("context_audio", context_audio),
+            ("context_mask", context_mask),
+        ]
         if len({t.shape[0] for _, t in batches if t is not None}) > 1:
             sizes = ", ".join(f"{n} {t.shape[0]}" for n, t in batches if t is not None)
             raise ValueError(f"batch sizes differ: {sizes}")
@@ -1557,9 +1727,12 @@ class LTX2Transformer(Backbone):
         vpos, apos = ltx2_video_positions(F, h, w, fps, c, device), ltx2_audio_positions(A, c, device)
         table = lambda pos, max_pos, dim: ltx2_rope(pos, max_pos, dim, c.heads, c.rope_theta, c.rope_double_precision)
         ca_max = (max(c.max_pos[0], c.audio_max_pos[0]),)
-        return LTX2Tables(video=table(vpos, c.max_pos, c.hidden), audio=table(apos, c.audio_max_pos, c.audio_hidden),
-                          ca_video=table(vpos[:, :1], ca_max, c.audio_cross_attention_dim),
-                          ca_audio=table(apos, ca_max, c.audio_cross_attention_dim))
+        return LTX2Tables(
+            video=table(vpos, c.max_pos, c.hidden),
+            audio=table(apos, c.audio_max_pos, c.audio_hidden),
+            ca_video=table(vpos[:, :1], ca_max, c.audio_cross_attention_dim),
+            ca_audio=table(apos, ca_max, c.audio_cross_attention_dim),
+        )
 
     def forward(self, video, audio, sigma, context, context_audio, context_mask=None, fps=24.0, pref=None):
         self.check_inputs(video, audio, sigma, context, context_audio, context_mask)
@@ -1576,11 +1749,14 @@ class LTX2Transformer(Backbone):
         d_emb, m = self.preference(pref, B, x.dtype)  # pref_mlp joins the video timestep embedding
         mod_video, emb = self.adaln_single(t, x.dtype, d_emb)
         mod_audio, audio_emb = self.audio_adaln_single(t, a.dtype)
-        mod = LTX2Mod(video=mod_video, audio=mod_audio,
-                     ca_video=self.av_ca_video_scale_shift_adaln_single(t, x.dtype)[0],
-                     ca_audio=self.av_ca_audio_scale_shift_adaln_single(t, a.dtype)[0],
-                     gate_video=self.av_ca_a2v_gate_adaln_single(t_gate, x.dtype)[0],
-                     gate_audio=self.av_ca_v2a_gate_adaln_single(t_gate, a.dtype)[0])
+        mod = LTX2Mod(
+            video=mod_video,
+            audio=mod_audio,
+            ca_video=self.av_ca_video_scale_shift_adaln_single(t, x.dtype)[0],
+            ca_audio=self.av_ca_audio_scale_shift_adaln_single(t, a.dtype)[0],
+            gate_video=self.av_ca_a2v_gate_adaln_single(t_gate, x.dtype)[0],
+            gate_audio=self.av_ca_v2a_gate_adaln_single(t_gate, a.dtype)[0],
+        )
         ctx, actx = self.caption_projection(context), self.audio_caption_projection(context_audio)
         for blk in self.transformer_blocks:
             x, a = self.run(blk, x, a, ctx, actx, context_mask, mod, rope, m)
@@ -1590,29 +1766,39 @@ class LTX2Transformer(Backbone):
         x = self.proj_out(kernels.modulate(x, shift, scale, 1e-6))
         shift, scale = (self.audio_scale_shift_table[None] + audio_emb[:, None]).unbind(1)
         a = self.audio_proj_out(kernels.modulate(a, shift, scale, 1e-6))
-        return (rearrange(x, "b (f h w) c -> b c f h w", f=Fr, h=h),
-                rearrange(a, "b a (c m) -> b c a m", m=mel))
+        return (rearrange(x, "b (f h w) c -> b c f h w", f=Fr, h=h), rearrange(a, "b a (c m) -> b c a m", m=mel))
 
 
 # Original (ltx-core) key components -> diffusers' (convert_ltx2_transformer_to_diffusers, single_file_utils.py:
 # 4151-4221). Every rename is of a whole dot-separated component; all other components are spelled the same.
-LTX2_RENAMES = {"patchify_proj": "proj_in", "audio_patchify_proj": "audio_proj_in",
-                "adaln_single": "time_embed", "audio_adaln_single": "audio_time_embed",
-                "av_ca_video_scale_shift_adaln_single": "av_cross_attn_video_scale_shift",
-                "av_ca_audio_scale_shift_adaln_single": "av_cross_attn_audio_scale_shift",
-                "av_ca_a2v_gate_adaln_single": "av_cross_attn_video_a2v_gate",
-                "av_ca_v2a_gate_adaln_single": "av_cross_attn_audio_v2a_gate",
-                "scale_shift_table_a2v_ca_video": "video_a2v_cross_attn_scale_shift_table",
-                "scale_shift_table_a2v_ca_audio": "audio_a2v_cross_attn_scale_shift_table",
-                "q_norm": "norm_q", "k_norm": "norm_k"}
+LTX2_RENAMES = {
+    "patchify_proj": "proj_in",
+    "audio_patchify_proj": "audio_proj_in",
+    "adaln_single": "time_embed",
+    "audio_adaln_single": "audio_time_embed",
+    "av_ca_video_scale_shift_adaln_single": "av_cross_attn_video_scale_shift",
+    "av_ca_audio_scale_shift_adaln_single": "av_cross_attn_audio_scale_shift",
+    "av_ca_a2v_gate_adaln_single": "av_cross_attn_video_a2v_gate",
+    "av_ca_v2a_gate_adaln_single": "av_cross_attn_audio_v2a_gate",
+    "scale_shift_table_a2v_ca_video": "video_a2v_cross_attn_scale_shift_table",
+    "scale_shift_table_a2v_ca_audio": "audio_a2v_cross_attn_scale_shift_table",
+    "q_norm": "norm_q",
+    "k_norm": "norm_k",
+}
 LTX2_RENAMES_BACK = {d: o for o, d in LTX2_RENAMES.items()}
 # a bijection between two disjoint name sets, so ltx2_key(ltx2_key(k), to_diffusers=False) == k for every key
 assert len(LTX2_RENAMES_BACK) == len(LTX2_RENAMES) and not set(LTX2_RENAMES) & set(LTX2_RENAMES_BACK)
 
 # the combined file's other components (after `model.diffusion_model.` is stripped, or beside it): text connectors,
 # Gemma feature projection, video VAE, audio VAE, vocoder (notes/backbones.md §3.4)
-LTX2_BUNDLED = ("video_embeddings_connector.", "audio_embeddings_connector.", "text_embedding_projection.", "vae.",
-                "audio_vae.", "vocoder.")
+LTX2_BUNDLED = (
+    "video_embeddings_connector.",
+    "audio_embeddings_connector.",
+    "text_embedding_projection.",
+    "vae.",
+    "audio_vae.",
+    "vocoder.",
+)
 
 
 def ltx2_key(key, to_diffusers=True):
@@ -1637,7 +1823,7 @@ def ltx2_lora_to_diffusers(net):
     out, targets = {}, set()
     for name, m in net.named_modules():
         if isinstance(m, Linear) and m.lora_A is not None:
-            (A, B), = split_lora(m)
+            ((A, B),) = split_lora(m)
             dn = ltx2_key(name)
             out[f"transformer.{dn}.lora_A.weight"], out[f"transformer.{dn}.lora_B.weight"] = A, B
             targets.add(dn.split(".", 2)[2])
@@ -1645,22 +1831,60 @@ def ltx2_lora_to_diffusers(net):
 
 
 # diffusers LTX2VideoTransformer3DModel options this code implements only at one value (LTX-2.3 / 2.5 features)
-LTX2_DIFFUSERS_FIXED = dict(patch_size=1, patch_size_t=1, audio_patch_size=1, audio_patch_size_t=1, gated_attn=False,
-                            cross_attn_mod=False, audio_gated_attn=False, audio_cross_attn_mod=False,
-                            activation_fn="gelu-approximate", qk_norm="rms_norm_across_heads",
-                            norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True, attention_out_bias=True,
-                            use_prompt_embeddings=True, perturbed_attn=False, ff_bias=True, audio_ff_bias=True,
-                            use_keyframes_abs_pos_embedding=False)
+LTX2_DIFFUSERS_FIXED = dict(
+    patch_size=1,
+    patch_size_t=1,
+    audio_patch_size=1,
+    audio_patch_size_t=1,
+    gated_attn=False,
+    cross_attn_mod=False,
+    audio_gated_attn=False,
+    audio_cross_attn_mod=False,
+    activation_fn="gelu-approximate",
+    qk_norm="rms_norm_across_heads",
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+    attention_bias=True,
+    attention_out_bias=True,
+    use_prompt_embeddings=True,
+    perturbed_attn=False,
+    ff_bias=True,
+    audio_ff_bias=True,
+    use_keyframes_abs_pos_embedding=False,
+)
 
 
 def ltx2_config_from_diffusers(c):
-    known = {"in_channels", "out_channels", "num_attention_heads", "attention_head_dim", "cross_attention_dim",
-             "vae_scale_factors", "pos_embed_max_pos", "base_height", "base_width", "audio_in_channels",
-             "audio_out_channels", "audio_num_attention_heads", "audio_attention_head_dim",
-             "audio_cross_attention_dim", "audio_scale_factor", "audio_pos_embed_max_pos", "audio_sampling_rate",
-             "audio_hop_length", "num_layers", "caption_channels", "rope_theta", "rope_double_precision",
-             "causal_offset", "timestep_scale_multiplier", "cross_attn_timestep_scale_multiplier", "rope_type",
-             "use_prompt_adaln_single", *LTX2_DIFFUSERS_FIXED}  # use_prompt_adaln_single acts only with cross_attn_mod
+    known = {
+        "in_channels",
+        "out_channels",
+        "num_attention_heads",
+        "attention_head_dim",
+        "cross_attention_dim",
+        "vae_scale_factors",
+        "pos_embed_max_pos",
+        "base_height",
+        "base_width",
+        "audio_in_channels",
+        "audio_out_channels",
+        "audio_num_attention_heads",
+        "audio_attention_head_dim",
+        "audio_cross_attention_dim",
+        "audio_scale_factor",
+        "audio_pos_embed_max_pos",
+        "audio_sampling_rate",
+        "audio_hop_length",
+        "num_layers",
+        "caption_channels",
+        "rope_theta",
+        "rope_double_precision",
+        "causal_offset",
+        "timestep_scale_multiplier",
+        "cross_attn_timestep_scale_multiplier",
+        "rope_type",
+        "use_prompt_adaln_single",
+        *LTX2_DIFFUSERS_FIXED,
+    }  # use_prompt_adaln_single acts only with cross_attn_mod
     extra = sorted(k for k in c if not k.startswith("_") and k not in known)
     if extra:
         raise ValueError(f"unsupported LTX2VideoTransformer3DModel config options: {extra}")
@@ -1669,32 +1893,46 @@ def ltx2_config_from_diffusers(c):
         raise ValueError("unsupported LTX2VideoTransformer3DModel options (LTX-2.3/2.5 features?): " + ", ".join(bad))
     for ours, theirs in (("in_channels", "out_channels"), ("audio_in_channels", "audio_out_channels")):
         if c.get(theirs) not in (None, c.get(ours, 128)):
-            raise ValueError(f"{theirs} {c[theirs]} != {ours} {c.get(ours, 128)} (the output is unpacked to the "
-                             "input layout)")
+            raise ValueError(
+                f"{theirs} {c[theirs]} != {ours} {c.get(ours, 128)} (the output is unpacked to the input layout)"
+            )
     heads, audio_heads = c.get("num_attention_heads", 32), c.get("audio_num_attention_heads", 32)
-    return LTX2Config(depth=c.get("num_layers", 48), hidden=heads * c.get("attention_head_dim", 128), heads=heads,
-                      audio_hidden=audio_heads * c.get("audio_attention_head_dim", 64), audio_heads=audio_heads,
-                      in_channels=c.get("in_channels", 128), audio_in_channels=c.get("audio_in_channels", 128),
-                      caption_channels=c.get("caption_channels", 3840),
-                      cross_attention_dim=c.get("cross_attention_dim", 4096),
-                      audio_cross_attention_dim=c.get("audio_cross_attention_dim", 2048),
-                      rope_type=c.get("rope_type", "interleaved"), rope_theta=float(c.get("rope_theta", 10000.0)),
-                      rope_double_precision=bool(c.get("rope_double_precision", True)),
-                      max_pos=(c.get("pos_embed_max_pos", 20), c.get("base_height", 2048), c.get("base_width", 2048)),
-                      audio_max_pos=(c.get("audio_pos_embed_max_pos", 20),),
-                      timestep_scale_multiplier=float(c.get("timestep_scale_multiplier", 1000)),
-                      cross_attn_timestep_scale_multiplier=float(c.get("cross_attn_timestep_scale_multiplier", 1000)),
-                      vae_scale_factors=tuple(c.get("vae_scale_factors", (8, 32, 32))),
-                      causal_offset=c.get("causal_offset", 1), audio_scale_factor=c.get("audio_scale_factor", 4),
-                      audio_sampling_rate=c.get("audio_sampling_rate", 16000),
-                      audio_hop_length=c.get("audio_hop_length", 160))
+    return LTX2Config(
+        depth=c.get("num_layers", 48),
+        hidden=heads * c.get("attention_head_dim", 128),
+        heads=heads,
+        audio_hidden=audio_heads * c.get("audio_attention_head_dim", 64),
+        audio_heads=audio_heads,
+        in_channels=c.get("in_channels", 128),
+        audio_in_channels=c.get("audio_in_channels", 128),
+        caption_channels=c.get("caption_channels", 3840),
+        cross_attention_dim=c.get("cross_attention_dim", 4096),
+        audio_cross_attention_dim=c.get("audio_cross_attention_dim", 2048),
+        rope_type=c.get("rope_type", "interleaved"),
+        rope_theta=float(c.get("rope_theta", 10000.0)),
+        rope_double_precision=bool(c.get("rope_double_precision", True)),
+        max_pos=(c.get("pos_embed_max_pos", 20), c.get("base_height", 2048), c.get("base_width", 2048)),
+        audio_max_pos=(c.get("audio_pos_embed_max_pos", 20),),
+        timestep_scale_multiplier=float(c.get("timestep_scale_multiplier", 1000)),
+        cross_attn_timestep_scale_multiplier=float(c.get("cross_attn_timestep_scale_multiplier", 1000)),
+        vae_scale_factors=tuple(c.get("vae_scale_factors", (8, 32, 32))),
+        causal_offset=c.get("causal_offset", 1),
+        audio_scale_factor=c.get("audio_scale_factor", 4),
+        audio_sampling_rate=c.get("audio_sampling_rate", 16000),
+        audio_hop_length=c.get("audio_hop_length", 160),
+    )
 
 
 # what only the combined file's metadata says (config -> transformer, ltx-core field names): to_q is square and the
 # q/k norms span all heads, so no shape gives the head count; RoPE layout and precision and the a2v gate multiplier
 # are not in the weights at all (ltx-core's code defaults for the last two are wrong for 2.0)
-LTX2_META_REQUIRED = ("num_attention_heads", "audio_num_attention_heads", "rope_type", "frequencies_precision",
-                      "av_ca_timestep_scale_multiplier")
+LTX2_META_REQUIRED = (
+    "num_attention_heads",
+    "audio_num_attention_heads",
+    "rope_type",
+    "frequencies_precision",
+    "av_ca_timestep_scale_multiplier",
+)
 
 
 def ltx2_file_config(meta, need, why):
@@ -1703,8 +1941,10 @@ def ltx2_file_config(meta, need, why):
     try:
         t = json.loads((meta or {})["config"])["transformer"]
     except (KeyError, TypeError, json.JSONDecodeError):
-        raise ValueError("LTX-2 single file without its config (JSON in the safetensors metadata under 'config' -> "
-                         f"'transformer', as Lightricks ships it): {why} in no tensor shape") from None
+        raise ValueError(
+            "LTX-2 single file without its config (JSON in the safetensors metadata under 'config' -> "
+            f"'transformer', as Lightricks ships it): {why} in no tensor shape"
+        ) from None
     missing = [k for k in need if k not in t]
     if missing:
         raise ValueError(f"LTX-2 single file: its config metadata lacks {missing}")
@@ -1714,43 +1954,61 @@ def ltx2_file_config(meta, need, why):
 def ltx2_config_from_state(sd, meta=None):
     # Lightricks' combined file: widths and depth from the tensor shapes, the rest from the metadata
     # (ltx-core model_configurator.py LTXModelConfigurator.from_config)
-    t = ltx2_file_config(meta, LTX2_META_REQUIRED, "the head count, rope_type, frequency precision and a2v timestep "
-                         "multiplier are")
+    t = ltx2_file_config(
+        meta, LTX2_META_REQUIRED, "the head count, rope_type, frequency precision and a2v timestep multiplier are"
+    )
     if t["frequencies_precision"] not in ("float32", "float64"):
         raise ValueError(f"unsupported frequencies_precision {t['frequencies_precision']!r} ('float32' or 'float64')")
     if not t.get("use_middle_indices_grid", True):
         raise ValueError("unsupported use_middle_indices_grid=False (RoPE at the span starts)")
     D, cin = sd["patchify_proj.weight"].shape
     Da, ain = sd["audio_patchify_proj.weight"].shape
-    for width, heads, dim_key in ((D, t["num_attention_heads"], "attention_head_dim"),
-                                  (Da, t["audio_num_attention_heads"], "audio_attention_head_dim")):
+    for width, heads, dim_key in (
+        (D, t["num_attention_heads"], "attention_head_dim"),
+        (Da, t["audio_num_attention_heads"], "audio_attention_head_dim"),
+    ):
         if width % heads or t.get(dim_key, width // heads) * heads != width:
-            raise ValueError(f"config metadata: {heads} heads x {dim_key} {t.get(dim_key)} != width {width} "
-                             "(patchify_proj)")
-    return LTX2Config(depth=len({k.split(".")[1] for k in sd if k.startswith("transformer_blocks.")}), hidden=D,
-                      heads=t["num_attention_heads"], audio_hidden=Da, audio_heads=t["audio_num_attention_heads"],
-                      in_channels=cin, audio_in_channels=ain,
-                      caption_channels=sd["caption_projection.linear_1.weight"].shape[1],
-                      cross_attention_dim=sd["transformer_blocks.0.attn2.to_k.weight"].shape[1],
-                      audio_cross_attention_dim=sd["transformer_blocks.0.audio_attn2.to_k.weight"].shape[1],
-                      rope_type=t["rope_type"], rope_theta=float(t.get("positional_embedding_theta", 10000.0)),
-                      rope_double_precision=t["frequencies_precision"] == "float64",
-                      max_pos=tuple(t.get("positional_embedding_max_pos", (20, 2048, 2048))),
-                      audio_max_pos=tuple(t.get("audio_positional_embedding_max_pos", (20,))),
-                      timestep_scale_multiplier=float(t.get("timestep_scale_multiplier", 1000)),
-                      cross_attn_timestep_scale_multiplier=float(t["av_ca_timestep_scale_multiplier"]))
+            raise ValueError(
+                f"config metadata: {heads} heads x {dim_key} {t.get(dim_key)} != width {width} (patchify_proj)"
+            )
+    return LTX2Config(
+        depth=len({k.split(".")[1] for k in sd if k.startswith("transformer_blocks.")}),
+        hidden=D,
+        heads=t["num_attention_heads"],
+        audio_hidden=Da,
+        audio_heads=t["audio_num_attention_heads"],
+        in_channels=cin,
+        audio_in_channels=ain,
+        caption_channels=sd["caption_projection.linear_1.weight"].shape[1],
+        cross_attention_dim=sd["transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        audio_cross_attention_dim=sd["transformer_blocks.0.audio_attn2.to_k.weight"].shape[1],
+        rope_type=t["rope_type"],
+        rope_theta=float(t.get("positional_embedding_theta", 10000.0)),
+        rope_double_precision=t["frequencies_precision"] == "float64",
+        max_pos=tuple(t.get("positional_embedding_max_pos", (20, 2048, 2048))),
+        audio_max_pos=tuple(t.get("audio_positional_embedding_max_pos", (20,))),
+        timestep_scale_multiplier=float(t.get("timestep_scale_multiplier", 1000)),
+        cross_attn_timestep_scale_multiplier=float(t["av_ca_timestep_scale_multiplier"]),
+    )
 
 
 def ltx2_file_metadata(cfg):
     # the inverse of ltx2_config_from_state: a combined file's safetensors metadata for cfg, in ltx-core's field names
     # (how the tiny default caches its base, so it loads like a release file)
-    t = dict(num_attention_heads=cfg.heads, attention_head_dim=cfg.hidden // cfg.heads,
-             audio_num_attention_heads=cfg.audio_heads, audio_attention_head_dim=cfg.audio_hidden // cfg.audio_heads,
-             rope_type=cfg.rope_type, frequencies_precision="float64" if cfg.rope_double_precision else "float32",
-             positional_embedding_theta=cfg.rope_theta, positional_embedding_max_pos=list(cfg.max_pos),
-             audio_positional_embedding_max_pos=list(cfg.audio_max_pos),
-             timestep_scale_multiplier=cfg.timestep_scale_multiplier,
-             av_ca_timestep_scale_multiplier=cfg.cross_attn_timestep_scale_multiplier, use_middle_indices_grid=True)
+    t = dict(
+        num_attention_heads=cfg.heads,
+        attention_head_dim=cfg.hidden // cfg.heads,
+        audio_num_attention_heads=cfg.audio_heads,
+        audio_attention_head_dim=cfg.audio_hidden // cfg.audio_heads,
+        rope_type=cfg.rope_type,
+        frequencies_precision="float64" if cfg.rope_double_precision else "float32",
+        positional_embedding_theta=cfg.rope_theta,
+        positional_embedding_max_pos=list(cfg.max_pos),
+        audio_positional_embedding_max_pos=list(cfg.audio_max_pos),
+        timestep_scale_multiplier=cfg.timestep_scale_multiplier,
+        av_ca_timestep_scale_multiplier=cfg.cross_attn_timestep_scale_multiplier,
+        use_middle_indices_grid=True,
+    )
     return {"config": json.dumps({"transformer": t})}
 
 
@@ -1784,8 +2042,9 @@ def ltx2_text_valid(mask, L):
     # tokenizer pads (pipeline_ltx2.py:303-360): the feature norm takes the last n positions as the tokens (l.47-54)
     n = mask.sum(-1).long()
     if not torch.equal(mask.bool(), torch.arange(L, device=mask.device)[None] >= L - n[:, None]):
-        raise ValueError("text mask must be left-padded 0/1 (padding first, then the tokens), as Gemma's tokenizer "
-                         "pads for LTX-2")
+        raise ValueError(
+            "text mask must be left-padded 0/1 (padding first, then the tokens), as Gemma's tokenizer pads for LTX-2"
+        )
     return n
 
 
@@ -1835,16 +2094,18 @@ class LTX2Connector(nn.Module):
         B, L, _ = x.shape
         R = self.learnable_registers.shape[0]
         if L % R:
-            raise ValueError(f"text length {L} must be a multiple of the connector's {R} registers "
-                             "(LTX-2 pads to 1024)")
+            raise ValueError(
+                f"text length {L} must be a multiple of the connector's {R} registers (LTX-2 pads to 1024)"
+            )
         pos = torch.arange(L, device=x.device)
         src = (pos[None] + L - n[:, None]) % L  # [B, L]: front position p takes token p + L - n
         front = x.gather(1, src[..., None].expand_as(x))
         registers = self.learnable_registers.repeat(L // R, 1).to(x.dtype)  # [L, D]
         x = torch.where((pos[None] < n[:, None])[..., None], front, registers)
         c = self.cfg  # RoPE over positions 0..L-1 normalised by rope_max_pos (l.111-171): the DiT's table with one axis
-        rope = ltx2_rope(pos[:, None].float(), (c.rope_max_pos,), x.shape[-1], self.heads, c.rope_theta,
-                         c.rope_double_precision)
+        rope = ltx2_rope(
+            pos[:, None].float(), (c.rope_max_pos,), x.shape[-1], self.heads, c.rope_theta, c.rope_double_precision
+        )
         for blk in self.transformer_1d_blocks:
             x = blk(x, rope)
         return F.rms_norm(x, x.shape[-1:], eps=1e-6)
@@ -1872,8 +2133,10 @@ class LTX2TextConnectors(nn.Module):
     def forward(self, hidden_states, mask):
         c, proj = self.cfg, self.text_embedding_projection.aggregate_embed
         if hidden_states.dim() != 4 or hidden_states.shape[2:] != (c.caption_channels, c.text_layers):
-            raise ValueError(f"hidden_states must be [B, L, {c.caption_channels}, {c.text_layers}] (all Gemma hidden "
-                             f"states stacked), got {list(hidden_states.shape)}")
+            raise ValueError(
+                f"hidden_states must be [B, L, {c.caption_channels}, {c.text_layers}] (all Gemma hidden "
+                f"states stacked), got {list(hidden_states.shape)}"
+            )
         if mask.shape != hidden_states.shape[:2]:
             raise ValueError(f"mask must be [B, L] = {list(hidden_states.shape[:2])}, got {list(mask.shape)}")
         n = ltx2_text_valid(mask, mask.shape[1])
@@ -1885,9 +2148,13 @@ class LTX2TextConnectors(nn.Module):
 
 # Original (ltx-core) key components -> diffusers' (scripts/convert_ltx2_to_diffusers.py
 # LTX_2_0_TEXT_ENCODER_RENAME_DICT, get_text_encoder_keys_from_combined_ckpt); aggregate_embed is text_proj_in
-LTX2_CONNECTOR_RENAMES = {"video_embeddings_connector": "video_connector",
-                          "audio_embeddings_connector": "audio_connector",
-                          "transformer_1d_blocks": "transformer_blocks", "q_norm": "norm_q", "k_norm": "norm_k"}
+LTX2_CONNECTOR_RENAMES = {
+    "video_embeddings_connector": "video_connector",
+    "audio_embeddings_connector": "audio_connector",
+    "transformer_1d_blocks": "transformer_blocks",
+    "q_norm": "norm_q",
+    "k_norm": "norm_k",
+}
 LTX2_CONNECTOR_RENAMES_BACK = {d: o for o, d in LTX2_CONNECTOR_RENAMES.items()}
 LTX2_CONNECTOR_PROJ = ("text_embedding_projection.aggregate_embed.", "text_proj_in.")
 
@@ -1896,65 +2163,100 @@ def ltx2_connector_key(key, to_diffusers=True):
     """The one connector key mapping: an original key <-> its diffusers LTX2TextConnectors name."""
     src, dst = LTX2_CONNECTOR_PROJ if to_diffusers else LTX2_CONNECTOR_PROJ[::-1]
     if key.startswith(src):
-        return dst + key[len(src):]
+        return dst + key[len(src) :]
     table = LTX2_CONNECTOR_RENAMES if to_diffusers else LTX2_CONNECTOR_RENAMES_BACK
     return ".".join(table.get(p, p) for p in key.split("."))
 
 
 # diffusers LTX2TextConnectors options implemented at one value only (LTX-2.3 features, or untested paths)
-LTX2_CONNECTOR_FIXED = dict(per_modality_projections=False, proj_bias=False, video_gated_attn=False,
-                            audio_gated_attn=False, causal_temporal_positioning=False)
+LTX2_CONNECTOR_FIXED = dict(
+    per_modality_projections=False,
+    proj_bias=False,
+    video_gated_attn=False,
+    audio_gated_attn=False,
+    causal_temporal_positioning=False,
+)
 
 
 def ltx2_connector_config_from_diffusers(c):
-    known = {"caption_channels", "text_proj_in_factor", "connector_rope_base_seq_len", "rope_theta",
-             "rope_double_precision", "rope_type", "video_hidden_dim", "audio_hidden_dim", *LTX2_CONNECTOR_FIXED,
-             *(f"{s}_connector_{k}" for s in ("video", "audio")
-               for k in ("num_attention_heads", "attention_head_dim", "num_layers", "num_learnable_registers"))}
+    known = {
+        "caption_channels",
+        "text_proj_in_factor",
+        "connector_rope_base_seq_len",
+        "rope_theta",
+        "rope_double_precision",
+        "rope_type",
+        "video_hidden_dim",
+        "audio_hidden_dim",
+        *LTX2_CONNECTOR_FIXED,
+        *(
+            f"{s}_connector_{k}"
+            for s in ("video", "audio")
+            for k in ("num_attention_heads", "attention_head_dim", "num_layers", "num_learnable_registers")
+        ),
+    }
     extra = sorted(k for k in c if not k.startswith("_") and k not in known)
     if extra:
         raise ValueError(f"unsupported LTX2TextConnectors config options: {extra}")
     bad = [f"{k}={c[k]!r} (only {v!r})" for k, v in LTX2_CONNECTOR_FIXED.items() if k in c and c[k] != v]
-    bad += [f"{s}_connector_num_learnable_registers=None (only a count: the masked connector is not implemented)"
-            for s in ("video", "audio") if f"{s}_connector_num_learnable_registers" in c
-            and c[f"{s}_connector_num_learnable_registers"] is None]
+    bad += [
+        f"{s}_connector_num_learnable_registers=None (only a count: the masked connector is not implemented)"
+        for s in ("video", "audio")
+        if f"{s}_connector_num_learnable_registers" in c and c[f"{s}_connector_num_learnable_registers"] is None
+    ]
     if bad:
         raise ValueError("unsupported LTX2TextConnectors options: " + ", ".join(bad))
     g = lambda s, k, d: c.get(f"{s}_connector_{k}", d)
-    return LTX2ConnectorConfig(caption_channels=c.get("caption_channels", 3840),
-                               text_layers=c.get("text_proj_in_factor", 49),
-                               heads=g("video", "num_attention_heads", 30),
-                               head_dim=g("video", "attention_head_dim", 128),
-                               depth=g("video", "num_layers", 2), registers=g("video", "num_learnable_registers", 128),
-                               audio_heads=g("audio", "num_attention_heads", 30),
-                               audio_head_dim=g("audio", "attention_head_dim", 128),
-                               audio_depth=g("audio", "num_layers", 2),
-                               audio_registers=g("audio", "num_learnable_registers", 128),
-                               rope_type=c.get("rope_type", "interleaved"), rope_theta=float(c.get("rope_theta", 1e4)),
-                               rope_double_precision=bool(c.get("rope_double_precision", True)),
-                               rope_max_pos=c.get("connector_rope_base_seq_len", 4096))
+    return LTX2ConnectorConfig(
+        caption_channels=c.get("caption_channels", 3840),
+        text_layers=c.get("text_proj_in_factor", 49),
+        heads=g("video", "num_attention_heads", 30),
+        head_dim=g("video", "attention_head_dim", 128),
+        depth=g("video", "num_layers", 2),
+        registers=g("video", "num_learnable_registers", 128),
+        audio_heads=g("audio", "num_attention_heads", 30),
+        audio_head_dim=g("audio", "attention_head_dim", 128),
+        audio_depth=g("audio", "num_layers", 2),
+        audio_registers=g("audio", "num_learnable_registers", 128),
+        rope_type=c.get("rope_type", "interleaved"),
+        rope_theta=float(c.get("rope_theta", 1e4)),
+        rope_double_precision=bool(c.get("rope_double_precision", True)),
+        rope_max_pos=c.get("connector_rope_base_seq_len", 4096),
+    )
 
 
 def ltx2_connector_config_from_state(sd, meta=None):
     # Lightricks' combined file: widths, depths and register counts from the shapes; from the metadata (config ->
     # transformer, ltx-core's Embeddings1DConnectorConfigurator): the head counts (ltx-core's defaults 30 x 128 where
     # absent), the RoPE layout and precision, and the base length, whose ltx-core default [1] is not the release's
-    t = ltx2_file_config(meta, ("rope_type", "frequencies_precision", "connector_positional_embedding_max_pos"),
-                         "the connectors' RoPE layout, precision and base length are")
+    t = ltx2_file_config(
+        meta,
+        ("rope_type", "frequencies_precision", "connector_positional_embedding_max_pos"),
+        "the connectors' RoPE layout, precision and base length are",
+    )
     if t.get("connector_apply_gated_attention", False):
         raise ValueError("unsupported connector_apply_gated_attention=True (LTX-2.3 connectors)")
     C, CN = sd["text_embedding_projection.aggregate_embed.weight"].shape
-    depth = lambda s: len({k.split(".")[2] for k in sd
-                           if k.startswith(f"{s}_embeddings_connector.transformer_1d_blocks.")})
+    depth = lambda s: len(
+        {k.split(".")[2] for k in sd if k.startswith(f"{s}_embeddings_connector.transformer_1d_blocks.")}
+    )
     regs = lambda s: sd[f"{s}_embeddings_connector.learnable_registers"].shape[0]
     heads, head_dim = t.get("connector_num_attention_heads", 30), t.get("connector_attention_head_dim", 128)
-    return LTX2ConnectorConfig(caption_channels=C, text_layers=CN // C, heads=heads, head_dim=head_dim,
-                               depth=depth("video"), registers=regs("video"),
-                               audio_heads=t.get("audio_connector_num_attention_heads", heads),
-                               audio_head_dim=t.get("audio_connector_attention_head_dim", head_dim),
-                               audio_depth=depth("audio"), audio_registers=regs("audio"), rope_type=t["rope_type"],
-                               rope_double_precision=t["frequencies_precision"] == "float64",
-                               rope_max_pos=t["connector_positional_embedding_max_pos"][0])
+    return LTX2ConnectorConfig(
+        caption_channels=C,
+        text_layers=CN // C,
+        heads=heads,
+        head_dim=head_dim,
+        depth=depth("video"),
+        registers=regs("video"),
+        audio_heads=t.get("audio_connector_num_attention_heads", heads),
+        audio_head_dim=t.get("audio_connector_attention_head_dim", head_dim),
+        audio_depth=depth("audio"),
+        audio_registers=regs("audio"),
+        rope_type=t["rope_type"],
+        rope_double_precision=t["frequencies_precision"] == "float64",
+        rope_max_pos=t["connector_positional_embedding_max_pos"][0],
+    )
 
 
 def load_ltx2_connectors(path, dtype=torch.float32, device="cpu"):
@@ -1974,8 +2276,11 @@ def load_ltx2_connectors(path, dtype=torch.float32, device="cpu"):
         ours = ("video_embeddings_connector.", "audio_embeddings_connector.", "text_embedding_projection.")
         sd, meta = read_safetensors(path, keep=lambda k: k.removeprefix(dm).startswith(ours))
         sd = {k.removeprefix(dm): v for k, v in sd.items()}  # aggregate_embed may sit outside the prefix
-        need = ["text_embedding_projection.aggregate_embed.weight", "video_embeddings_connector.learnable_registers",
-                "audio_embeddings_connector.learnable_registers"]
+        need = [
+            "text_embedding_projection.aggregate_embed.weight",
+            "video_embeddings_connector.learnable_registers",
+            "audio_embeddings_connector.learnable_registers",
+        ]
         if any(k not in sd for k in need):
             raise ValueError(f"{path}: not LTX-2 text connectors (lacks {[k for k in need if k not in sd]})")
         cfg = ltx2_connector_config_from_state(sd, meta)
@@ -2084,9 +2389,15 @@ class VAEEncoder(nn.Module):
         n = len(channels)
         self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
         self.down = nn.ModuleList(
-            VAELevel(channels[max(i - 1, 0)], channels[i], layers, lambda a, b: VAEResnetBlock(a, b, groups),
-                     downsample=VAEDownsample(channels[i]) if i < n - 1 else None)
-            for i in range(n))
+            VAELevel(
+                channels[max(i - 1, 0)],
+                channels[i],
+                layers,
+                lambda a, b: VAEResnetBlock(a, b, groups),
+                downsample=VAEDownsample(channels[i]) if i < n - 1 else None,
+            )
+            for i in range(n)
+        )
         self.mid = VAEMidBlock(channels[-1], groups)
         self.norm_out = vae_norm(channels[-1], groups)
         self.conv_out = nn.Conv2d(channels[-1], 2 * latent, 3, padding=1)  # mean and log-variance
@@ -2107,9 +2418,15 @@ class VAEDecoder(nn.Module):
         # up[i] is indexed by resolution level like down[i] (0 = full size) but runs deepest-first; one more resnet
         # per level than the encoder, and every level but the full-size one doubles the resolution at its end.
         self.up = nn.ModuleList(
-            VAELevel(channels[min(i + 1, n - 1)], channels[i], layers + 1, lambda a, b: VAEResnetBlock(a, b, groups),
-                     upsample=VAEUpsample(channels[i]) if i > 0 else None)
-            for i in range(n))
+            VAELevel(
+                channels[min(i + 1, n - 1)],
+                channels[i],
+                layers + 1,
+                lambda a, b: VAEResnetBlock(a, b, groups),
+                upsample=VAEUpsample(channels[i]) if i > 0 else None,
+            )
+            for i in range(n)
+        )
         self.norm_out = vae_norm(channels[0], groups)
         self.conv_out = nn.Conv2d(channels[0], 3, 3, padding=1)
 
@@ -2126,8 +2443,9 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, channels=(128, 256, 512, 512), layers=2, latent=16, groups=32, scaling=1.5305, shift=0.0609):
         super().__init__()
-        self.config = dict(channels=tuple(channels), layers=layers, latent=latent, groups=groups,
-                           scaling=scaling, shift=shift)
+        self.config = dict(
+            channels=tuple(channels), layers=layers, latent=latent, groups=groups, scaling=scaling, shift=shift
+        )
         self.scaling, self.shift = scaling, shift
         self.encoder = VAEEncoder(channels, layers, latent, groups)
         self.decoder = VAEDecoder(channels, layers, latent, groups)
@@ -2181,33 +2499,54 @@ def vae_from_diffusers(sd, levels):
 
 def _vae_config_from_diffusers(config, file):
     required = {  # option: (diffusers' default when config.json omits it, the only value implemented here)
-        "_class_name": ("AutoencoderKL", "AutoencoderKL"), "in_channels": (3, 3), "out_channels": (3, 3),
-        "act_fn": ("silu", "silu"), "use_quant_conv": (True, False), "use_post_quant_conv": (True, False),
-        "mid_block_add_attention": (True, True), "latents_mean": (None, None), "latents_std": (None, None)}
+        "_class_name": ("AutoencoderKL", "AutoencoderKL"),
+        "in_channels": (3, 3),
+        "out_channels": (3, 3),
+        "act_fn": ("silu", "silu"),
+        "use_quant_conv": (True, False),
+        "use_post_quant_conv": (True, False),
+        "mid_block_add_attention": (True, True),
+        "latents_mean": (None, None),
+        "latents_std": (None, None),
+    }
     for opt, (default, want) in required.items():
         if config.get(opt, default) != want:
-            raise ValueError(f"{file}: unsupported VAE option {opt}={config.get(opt, default)!r} (only the 16-channel "
-                             f"SD3/FLUX AutoencoderKL is implemented, which has {opt}={want!r})")
+            raise ValueError(
+                f"{file}: unsupported VAE option {opt}={config.get(opt, default)!r} (only the 16-channel "
+                f"SD3/FLUX AutoencoderKL is implemented, which has {opt}={want!r})"
+            )
     n = len(config["block_out_channels"])
-    if list(config.get("down_block_types", ["DownEncoderBlock2D"] * n)) != ["DownEncoderBlock2D"] * n or \
-            list(config.get("up_block_types", ["UpDecoderBlock2D"] * n)) != ["UpDecoderBlock2D"] * n:
-        raise ValueError(f"{file}: unsupported VAE block types {config.get('down_block_types')}, "
-                         f"{config.get('up_block_types')}")
-    return dict(channels=tuple(config["block_out_channels"]), layers=config["layers_per_block"],
-                latent=config["latent_channels"], groups=config["norm_num_groups"],
-                scaling=config["scaling_factor"], shift=config.get("shift_factor") or 0.0)
+    if (
+        list(config.get("down_block_types", ["DownEncoderBlock2D"] * n)) != ["DownEncoderBlock2D"] * n
+        or list(config.get("up_block_types", ["UpDecoderBlock2D"] * n)) != ["UpDecoderBlock2D"] * n
+    ):
+        raise ValueError(
+            f"{file}: unsupported VAE block types {config.get('down_block_types')}, {config.get('up_block_types')}"
+        )
+    return dict(
+        channels=tuple(config["block_out_channels"]),
+        layers=config["layers_per_block"],
+        latent=config["latent_channels"],
+        groups=config["norm_num_groups"],
+        scaling=config["scaling_factor"],
+        shift=config.get("shift_factor") or 0.0,
+    )
 
 
 def _vae_config_from_shapes(sd, file):
     """Architecture from tensor shapes of an original-format state dict (norm groups are not in the shapes)."""
     for key in ("quant_conv.weight", "post_quant_conv.weight"):
         if key in sd:
-            raise ValueError(f"{file}: has {key}: a 4-channel SD1/SDXL-style VAE with quant convs is not supported, "
-                             "only the 16-channel SD3/FLUX AutoencoderKL")
+            raise ValueError(
+                f"{file}: has {key}: a 4-channel SD1/SDXL-style VAE with quant convs is not supported, "
+                "only the 16-channel SD3/FLUX AutoencoderKL"
+            )
     for key in ("encoder.down.0.block.0.conv1.weight", "decoder.conv_in.weight"):
         if key not in sd:
-            raise ValueError(f"{file}: missing VAE key {key} (not an LDM-format AutoencoderKL? for diffusers weights "
-                             "pass the vae/ folder with its config.json)")
+            raise ValueError(
+                f"{file}: missing VAE key {key} (not an LDM-format AutoencoderKL? for diffusers weights "
+                "pass the vae/ folder with its config.json)"
+            )
     channels, layers = [], 0
     while f"encoder.down.{len(channels)}.block.0.conv1.weight" in sd:
         channels.append(sd[f"encoder.down.{len(channels)}.block.0.conv1.weight"].shape[0])
@@ -2217,15 +2556,23 @@ def _vae_config_from_shapes(sd, file):
 
 
 # what load_vae skips unread in a combined file: other components of Stability's and of Lightricks' bundles
-VAE_BUNDLED = ("model.diffusion_model.", "text_encoders.", "conditioner.", "cond_stage_model.", "audio_vae.",
-               "vocoder.", "text_embedding_projection.")
+VAE_BUNDLED = (
+    "model.diffusion_model.",
+    "text_encoders.",
+    "conditioner.",
+    "cond_stage_model.",
+    "audio_vae.",
+    "vocoder.",
+    "text_embedding_projection.",
+)
 LTX2_VAE_SIGNATURE = "per_channel_statistics.mean-of-means"  # after `vae.`; the 16-channel VAE has no statistics
 
 
 def _no_ltx2_vae_options(where, shift, groups):
     if shift is not None or groups is not None:
-        raise ValueError(f"{where}: an LTX-2 video VAE (per-channel latent statistics, no GroupNorm) takes no shift or "
-                         "groups")
+        raise ValueError(
+            f"{where}: an LTX-2 video VAE (per-channel latent statistics, no GroupNorm) takes no shift or groups"
+        )
 
 
 def load_vae(path, dtype=torch.float32, device="cpu", scaling=None, shift=None, groups=None):
@@ -2249,29 +2596,34 @@ def load_vae(path, dtype=torch.float32, device="cpu", scaling=None, shift=None, 
         if raw.get("_class_name") == "AutoencoderKLLTX2Video":
             _no_ltx2_vae_options(path, shift, groups)
             cfg = ltx2_vae_config_from_diffusers(raw, config_file)
-            return load_ltx2_vae(ltx2_vae_from_diffusers(read_diffusers_folder(path)[1], cfg), cfg, path, dtype, device,
-                                 scaling)
+            return load_ltx2_vae(
+                ltx2_vae_from_diffusers(read_diffusers_folder(path)[1], cfg), cfg, path, dtype, device, scaling
+            )
         config = _vae_config_from_diffusers(raw, config_file)
         file = os.path.join(path, "diffusion_pytorch_model.safetensors")
         sd = vae_from_diffusers(read_safetensors(file)[0], len(config["channels"]))
     else:
         file = path
         if not os.path.isfile(file):
-            raise FileNotFoundError(f"VAE weights not found: {file} (expected a diffusers vae/ folder, a repo root "
-                                    "holding vae/, or a .safetensors file)")
+            raise FileNotFoundError(
+                f"VAE weights not found: {file} (expected a diffusers vae/ folder, a repo root "
+                "holding vae/, or a .safetensors file)"
+            )
         # a bundle's transformer, text encoders, audio VAE and vocoder are never read
         sd = read_safetensors(file, keep=lambda k: not k.startswith(VAE_BUNDLED))[0]
         if LTX2_VAE_SIGNATURE in sd or "vae." + LTX2_VAE_SIGNATURE in sd:
             _no_ltx2_vae_options(file, shift, groups)
             if "vae." + LTX2_VAE_SIGNATURE in sd:  # Lightricks' combined file
-                sd = {k[len("vae."):]: t for k, t in sd.items() if k.startswith("vae.")}
+                sd = {k[len("vae.") :]: t for k, t in sd.items() if k.startswith("vae.")}
             return load_ltx2_vae(sd, ltx2_vae_config_from_state(sd), file, dtype, device, scaling)
         if any(k.startswith("first_stage_model.") for k in sd):  # a bundle: take only the VAE
-            sd = {k[len("first_stage_model."):]: t for k, t in sd.items() if k.startswith("first_stage_model.")}
+            sd = {k[len("first_stage_model.") :]: t for k, t in sd.items() if k.startswith("first_stage_model.")}
         config = dict(_vae_config_from_shapes(sd, file), groups=32)
         if scaling is None or shift is None:
-            raise ValueError(f"{file}: a single-file VAE has no latent scaling/shift: pass them, "
-                             "load_vae(path, **model.VAE_SD3) for SD3.5 or load_vae(path, **model.VAE_FLUX) for FLUX")
+            raise ValueError(
+                f"{file}: a single-file VAE has no latent scaling/shift: pass them, "
+                "load_vae(path, **model.VAE_SD3) for SD3.5 or load_vae(path, **model.VAE_FLUX) for FLUX"
+            )
     config.update({k: v for k, v in dict(scaling=scaling, shift=shift, groups=groups).items() if v is not None})
     vae = assign_checkpoint(lambda: AutoencoderKL(**config), sd, dtype, device, what=f"{file} (VAE {config})")
     return vae.eval().requires_grad_(False)  # frozen here; gradients still flow to the inputs (e.g. reward backprop)
@@ -2375,7 +2727,7 @@ class LTX2VAEDown(nn.Module):
         self.conv = CausalConv3d(cin, cout // math.prod(stride), padding_mode, causal)
 
     def forward(self, x):
-        x = torch.cat([x[:, :, :self.stride[0] - 1], x], dim=2)
+        x = torch.cat([x[:, :, : self.stride[0] - 1], x], dim=2)
         skip = rearrange(space_to_depth(x, self.stride), "b (c g) f h w -> b c g f h w", g=self.group).mean(2)
         return space_to_depth(self.conv(x), self.stride) + skip
 
@@ -2394,7 +2746,7 @@ class LTX2VAEUp(nn.Module):
         y = depth_to_space(self.conv(x), self.stride)
         if self.residual:
             y = y + depth_to_space(x, self.stride).repeat(1, self.repeats, 1, 1, 1)
-        return y[:, :, self.stride[0] - 1:]
+        return y[:, :, self.stride[0] - 1 :]
 
 
 class LTX2VAEEncoder(nn.Module):
@@ -2406,8 +2758,10 @@ class LTX2VAEEncoder(nn.Module):
         self.conv_in = CausalConv3d(3 * cfg.patch**2, w[0], pad, causal)
         blocks = []
         for i, kind in enumerate(cfg.enc_down):
-            blocks += [LTX2VAEStage(w[i], cfg.enc_layers[i], pad, causal),
-                       LTX2VAEDown(w[i], w[i + 1], LTX2_STRIDES[kind], pad, causal)]
+            blocks += [
+                LTX2VAEStage(w[i], cfg.enc_layers[i], pad, causal),
+                LTX2VAEDown(w[i], w[i + 1], LTX2_STRIDES[kind], pad, causal),
+            ]
         self.down_blocks = nn.ModuleList(blocks + [LTX2VAEStage(w[-1], cfg.enc_layers[-1], pad, causal)])
         self.conv_out = CausalConv3d(w[-1], cfg.latent + 1, pad, causal)  # C means + one log-variance for all C
 
@@ -2428,8 +2782,10 @@ class LTX2VAEDecoder(nn.Module):
         self.conv_in = CausalConv3d(cfg.latent, w[0], pad, causal)
         blocks = [LTX2VAEStage(w[0], cfg.dec_layers[0], pad, causal)]
         for i, kind in enumerate(cfg.dec_up):
-            blocks += [LTX2VAEUp(w[i], w[i + 1], LTX2_STRIDES[kind], cfg.dec_residual[i], pad, causal),
-                       LTX2VAEStage(w[i + 1], cfg.dec_layers[i + 1], pad, causal)]
+            blocks += [
+                LTX2VAEUp(w[i], w[i + 1], LTX2_STRIDES[kind], cfg.dec_residual[i], pad, causal),
+                LTX2VAEStage(w[i + 1], cfg.dec_layers[i + 1], pad, causal),
+            ]
         self.up_blocks = nn.ModuleList(blocks)
         self.conv_out = CausalConv3d(w[-1], 3 * cfg.patch**2, pad, causal)
 
@@ -2449,9 +2805,13 @@ class LTX2VideoVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         n_t, n_s = len(cfg.enc_down), len(cfg.dec_up)
-        for name, n, want in (("enc_width", len(cfg.enc_width), n_t + 1), ("enc_layers", len(cfg.enc_layers), n_t + 1),
-                              ("dec_width", len(cfg.dec_width), n_s + 1), ("dec_layers", len(cfg.dec_layers), n_s + 1),
-                              ("dec_residual", len(cfg.dec_residual), n_s)):
+        for name, n, want in (
+            ("enc_width", len(cfg.enc_width), n_t + 1),
+            ("enc_layers", len(cfg.enc_layers), n_t + 1),
+            ("dec_width", len(cfg.dec_width), n_s + 1),
+            ("dec_layers", len(cfg.dec_layers), n_s + 1),
+            ("dec_residual", len(cfg.dec_residual), n_s),
+        ):
             if n != want:
                 raise ValueError(f"LTX2VAEConfig.{name} has {n} entries, needs {want}")
         for kind in (*cfg.enc_down, *cfg.dec_up):
@@ -2468,10 +2828,16 @@ class LTX2VideoVAE(nn.Module):
 
     def encode(self, video):
         (ft, fs), C = self.cfg.factors, self.cfg.latent
-        if video.dim() != 5 or video.shape[1] != 3 or (video.shape[2] - 1) % ft or video.shape[3] % fs or \
-                video.shape[4] % fs:
-            raise ValueError(f"video must be [B, 3, F, H, W] with F = {ft}k+1 and H, W multiples of {fs}, "
-                             f"got {list(video.shape)}")
+        if (
+            video.dim() != 5
+            or video.shape[1] != 3
+            or (video.shape[2] - 1) % ft
+            or video.shape[3] % fs
+            or video.shape[4] % fs
+        ):
+            raise ValueError(
+                f"video must be [B, 3, F, H, W] with F = {ft}k+1 and H, W multiples of {fs}, got {list(video.shape)}"
+            )
         mean, std = self.statistics()
         z = self.encoder(2 * video - 1)[:, :C]  # the posterior mean: the first C of the C+1 channels (l.832-840)
         return (z - mean) * self.cfg.scaling / std
@@ -2521,8 +2887,9 @@ def ltx2_vae_config_from_diffusers(c, file):
     flags = lambda k, n, default: [c.get(k, default)] * n if isinstance(c.get(k, default), bool) else list(c[k])
     n_down = len(c.get("layers_per_block", (4, 6, 6, 2, 2))) - 1
     n_dec = len(c.get("decoder_layers_per_block", (5,) * 4))
-    if not all(flags("spatio_temporal_scaling", n_down, True)) or \
-            not all(flags("decoder_spatio_temporal_scaling", n_dec - 1, True)):
+    if not all(flags("spatio_temporal_scaling", n_down, True)) or not all(
+        flags("decoder_spatio_temporal_scaling", n_dec - 1, True)
+    ):
         bad.append("a level without resampling")
     if any(flags("decoder_inject_noise", n_dec, False)):
         bad.append("decoder_inject_noise")
@@ -2535,24 +2902,33 @@ def ltx2_vae_config_from_diffusers(c, file):
     U = tuple(reversed(c.get("upsample_factor", (2, 2, 2))))
     dec_width = (R[0], *(r // u for r, u in zip(R, U)))
     if dec_width[:-1] != R:  # otherwise diffusers inserts a width-changing resnet (conv_in) in an up block
-        raise ValueError(f"{file}: unsupported decoder widths {list(R)} with upsample factors {list(U)} (each level "
-                         "must take the previous level's output width)")
-    return LTX2VAEConfig(patch=c.get("patch_size", 4), latent=latent, enc_width=(latent, *B),
-                         enc_layers=tuple(c.get("layers_per_block", (4, 6, 6, 2, 2))),
-                         enc_down=tuple(c.get("downsample_type", LTX2VAEConfig.enc_down)), dec_width=dec_width,
-                         dec_layers=tuple(reversed(c.get("decoder_layers_per_block", (5,) * 4))),
-                         dec_up=tuple(c.get("upsample_type", LTX2VAEConfig.dec_up)),
-                         dec_residual=tuple(reversed(flags("upsample_residual", n_dec - 1, True))),
-                         encoder_causal=c.get("encoder_causal", True), decoder_causal=c.get("decoder_causal", True),
-                         enc_padding=c.get("encoder_spatial_padding_mode", "zeros"),
-                         dec_padding=c.get("decoder_spatial_padding_mode", "reflect"),
-                         scaling=float(c.get("scaling_factor", 1.0)))
+        raise ValueError(
+            f"{file}: unsupported decoder widths {list(R)} with upsample factors {list(U)} (each level "
+            "must take the previous level's output width)"
+        )
+    return LTX2VAEConfig(
+        patch=c.get("patch_size", 4),
+        latent=latent,
+        enc_width=(latent, *B),
+        enc_layers=tuple(c.get("layers_per_block", (4, 6, 6, 2, 2))),
+        enc_down=tuple(c.get("downsample_type", LTX2VAEConfig.enc_down)),
+        dec_width=dec_width,
+        dec_layers=tuple(reversed(c.get("decoder_layers_per_block", (5,) * 4))),
+        dec_up=tuple(c.get("upsample_type", LTX2VAEConfig.dec_up)),
+        dec_residual=tuple(reversed(flags("upsample_residual", n_dec - 1, True))),
+        encoder_causal=c.get("encoder_causal", True),
+        decoder_causal=c.get("decoder_causal", True),
+        enc_padding=c.get("encoder_spatial_padding_mode", "zeros"),
+        dec_padding=c.get("decoder_spatial_padding_mode", "reflect"),
+        scaling=float(c.get("scaling_factor", 1.0)),
+    )
 
 
 def ltx2_vae_config_from_state(sd):
     """Architecture from the shapes of an original-format state dict. What no shape holds takes the 2.0 release's value
     (convert_ltx2_to_diffusers.py's "2.0" VAE config): causal encoder, non-causal decoder, zeros / reflect padding,
     residual upsamplers, scaling 1."""
+
     def levels(part):  # the flat list -> [("stage", n_resnets, width) | ("resample", conv in, conv out)]
         out, j = [], 0
         while any(k.startswith(f"{part}.{j}.") for k in sd):
@@ -2581,13 +2957,17 @@ def ltx2_vae_config_from_state(sd):
     enc, dec = levels("encoder.down_blocks"), levels("decoder.up_blocks")
     if not enc or not dec or len(enc) % 2 == 0 or len(dec) % 2 == 0:
         raise ValueError("LTX-2 VAE: encoder / decoder levels do not alternate resnet groups and resamplers")
-    return LTX2VAEConfig(patch=math.isqrt(sd["encoder.conv_in.conv.weight"].shape[1] // 3),
-                         latent=sd["encoder.conv_out.conv.weight"].shape[0] - 1,
-                         enc_width=tuple(e[2] for e in enc[::2]), enc_layers=tuple(e[1] for e in enc[::2]),
-                         enc_down=tuple(resampler(*enc[i - 1:i + 2], True) for i in range(1, len(enc), 2)),
-                         dec_width=tuple(d[2] for d in dec[::2]), dec_layers=tuple(d[1] for d in dec[::2]),
-                         dec_up=tuple(resampler(*dec[i - 1:i + 2], False) for i in range(1, len(dec), 2)),
-                         dec_residual=(True,) * (len(dec) // 2))
+    return LTX2VAEConfig(
+        patch=math.isqrt(sd["encoder.conv_in.conv.weight"].shape[1] // 3),
+        latent=sd["encoder.conv_out.conv.weight"].shape[0] - 1,
+        enc_width=tuple(e[2] for e in enc[::2]),
+        enc_layers=tuple(e[1] for e in enc[::2]),
+        enc_down=tuple(resampler(*enc[i - 1 : i + 2], True) for i in range(1, len(enc), 2)),
+        dec_width=tuple(d[2] for d in dec[::2]),
+        dec_layers=tuple(d[1] for d in dec[::2]),
+        dec_up=tuple(resampler(*dec[i - 1 : i + 2], False) for i in range(1, len(dec), 2)),
+        dec_residual=(True,) * (len(dec) // 2),
+    )
 
 
 def load_ltx2_vae(sd, cfg, what, dtype, device, scaling=None):
@@ -2685,9 +3065,16 @@ class LTX2AudioEncoder(nn.Module):
         super().__init__()
         w, n = cfg.widths, len(cfg.widths)
         self.conv_in = AudioCausalConv2d(cfg.in_channels, cfg.ch)
-        self.down = nn.ModuleList(VAELevel(w[i - 1] if i else cfg.ch, w[i], cfg.num_res_blocks, LTX2AudioResBlock,
-                                            downsample=AudioDownsample(w[i]) if i < n - 1 else None)
-                                  for i in range(n))
+        self.down = nn.ModuleList(
+            VAELevel(
+                w[i - 1] if i else cfg.ch,
+                w[i],
+                cfg.num_res_blocks,
+                LTX2AudioResBlock,
+                downsample=AudioDownsample(w[i]) if i < n - 1 else None,
+            )
+            for i in range(n)
+        )
         self.mid = audio_mid(w[-1])
         self.conv_out = AudioCausalConv2d(w[-1], 2 * cfg.latent)
 
@@ -2708,9 +3095,16 @@ class LTX2AudioDecoder(nn.Module):
         w, n = cfg.widths, len(cfg.widths)
         self.conv_in = AudioCausalConv2d(cfg.latent, w[-1])
         self.mid = audio_mid(w[-1])
-        self.up = nn.ModuleList(VAELevel(w[min(i + 1, n - 1)], w[i], cfg.num_res_blocks + 1, LTX2AudioResBlock,
-                                          upsample=AudioUpsample(w[i]) if i > 0 else None)
-                                for i in range(n))
+        self.up = nn.ModuleList(
+            VAELevel(
+                w[min(i + 1, n - 1)],
+                w[i],
+                cfg.num_res_blocks + 1,
+                LTX2AudioResBlock,
+                upsample=AudioUpsample(w[i]) if i > 0 else None,
+            )
+            for i in range(n)
+        )
         self.conv_out = AudioCausalConv2d(w[0], cfg.out_channels)
 
     def forward(self, z):
@@ -2729,8 +3123,10 @@ class LTX2AudioVAE(nn.Module):
     def __init__(self, cfg: LTX2AudioVAEConfig):
         super().__init__()
         if len(cfg.widths) != 3 or cfg.mel_bins % 4:
-            raise ValueError(f"LTX-2 audio VAE: only 3 levels (x4 compression) and mel_bins a multiple of 4 are "
-                             f"implemented, got widths {cfg.widths}, mel_bins {cfg.mel_bins}")
+            raise ValueError(
+                f"LTX-2 audio VAE: only 3 levels (x4 compression) and mel_bins a multiple of 4 are "
+                f"implemented, got widths {cfg.widths}, mel_bins {cfg.mel_bins}"
+            )
         self.cfg = cfg
         if cfg.encoder:
             self.encoder = LTX2AudioEncoder(cfg)
@@ -2750,7 +3146,7 @@ class LTX2AudioVAE(nn.Module):
         if mel.dim() != 4 or mel.shape[1] != c.in_channels or mel.shape[3] != c.mel_bins:
             raise ValueError(f"mel must be [B, {c.in_channels}, T, {c.mel_bins}], got {list(mel.shape)}")
         mean, std = self.statistics()
-        return (self.encoder(mel)[:, :c.latent] - mean) / std  # DiagonalGaussianDistribution.mean: the first half
+        return (self.encoder(mel)[:, : c.latent] - mean) / std  # DiagonalGaussianDistribution.mean: the first half
 
     def decode(self, z):
         c = self.cfg
@@ -2794,24 +3190,32 @@ class LTX2Vocoder(nn.Module):
 
     def __init__(self, cfg: LTX2VocoderConfig):
         super().__init__()
-        if len(cfg.upsample_kernels) != len(cfg.upsample_rates) or \
-                len(cfg.resblock_kernels) != len(cfg.resblock_dilations):
-            raise ValueError("LTX2VocoderConfig: upsample kernels / rates or resblock kernels / dilations differ in "
-                             "length")
+        if len(cfg.upsample_kernels) != len(cfg.upsample_rates) or len(cfg.resblock_kernels) != len(
+            cfg.resblock_dilations
+        ):
+            raise ValueError(
+                "LTX2VocoderConfig: upsample kernels / rates or resblock kernels / dilations differ in length"
+            )
         self.cfg, w = cfg, [cfg.hidden // 2**i for i in range(len(cfg.upsample_rates) + 1)]
         self.conv_pre = nn.Conv1d(cfg.in_channels, cfg.hidden, 7, padding=3)
         # (T-1)s - 2(k-s)//2 + k = sT for the release's (k, s) pairs (vocoder.py:338-346)
-        self.ups = nn.ModuleList(nn.ConvTranspose1d(w[i], w[i + 1], k, stride=s, padding=(k - s) // 2)
-                                 for i, (k, s) in enumerate(zip(cfg.upsample_kernels, cfg.upsample_rates)))
-        self.resblocks = nn.ModuleList(HifiResBlock(w[i + 1], k, d, cfg.slope) for i in range(len(self.ups))
-                                       for k, d in zip(cfg.resblock_kernels, cfg.resblock_dilations))
+        self.ups = nn.ModuleList(
+            nn.ConvTranspose1d(w[i], w[i + 1], k, stride=s, padding=(k - s) // 2)
+            for i, (k, s) in enumerate(zip(cfg.upsample_kernels, cfg.upsample_rates))
+        )
+        self.resblocks = nn.ModuleList(
+            HifiResBlock(w[i + 1], k, d, cfg.slope)
+            for i in range(len(self.ups))
+            for k, d in zip(cfg.resblock_kernels, cfg.resblock_dilations)
+        )
         self.conv_post = nn.Conv1d(w[-1], cfg.out_channels, 7, padding=3)
 
     def forward(self, mel):
         c = self.cfg
         if mel.dim() != 4 or mel.shape[1] * mel.shape[3] != c.in_channels:
-            raise ValueError(f"mel must be [B, C, T, M] with C*M = {c.in_channels} (stereo x mel bins), "
-                             f"got {list(mel.shape)}")
+            raise ValueError(
+                f"mel must be [B, C, T, M] with C*M = {c.in_channels} (stereo x mel bins), got {list(mel.shape)}"
+            )
         x = self.conv_pre(rearrange(mel, "b c t m -> b (c m) t"))  # vocoder.py:390-394
         K = len(c.resblock_kernels)
         for i, up in enumerate(self.ups):
@@ -2822,9 +3226,14 @@ class LTX2Vocoder(nn.Module):
 
 
 # original (ltx-core) key component <-> diffusers' (AutoencoderKLLTX2Audio: only the statistics; LTX2Vocoder: 4 names)
-LTX2_AUDIO_RENAMES = {"per_channel_statistics.mean-of-means": "latents_mean",
-                      "per_channel_statistics.std-of-means": "latents_std",
-                      "conv_pre": "conv_in", "conv_post": "conv_out", "ups": "upsamplers", "resblocks": "resnets"}
+LTX2_AUDIO_RENAMES = {
+    "per_channel_statistics.mean-of-means": "latents_mean",
+    "per_channel_statistics.std-of-means": "latents_std",
+    "conv_pre": "conv_in",
+    "conv_post": "conv_out",
+    "ups": "upsamplers",
+    "resblocks": "resnets",
+}
 LTX2_AUDIO_RENAMES_BACK = {d: o for o, d in LTX2_AUDIO_RENAMES.items()}
 
 
@@ -2839,8 +3248,9 @@ def ltx2_audio_key(key, to_diffusers=True):
 
 
 def ltx2_audio_vae_config_from_diffusers(c, file):
-    fixed = dict(norm_type="pixel", causality_axis="height", mid_block_add_attention=False, is_causal=True,
-                 double_z=True)  # the release's values (diffusers' defaults)
+    fixed = dict(
+        norm_type="pixel", causality_axis="height", mid_block_add_attention=False, is_causal=True, double_z=True
+    )  # the release's values (diffusers' defaults)
     bad = [f"{k}={c[k]!r} (only {v!r})" for k, v in fixed.items() if k in c and c[k] != v]
     if c.get("attn_resolutions"):
         bad.append(f"attn_resolutions={c['attn_resolutions']!r} (only none: no attention)")
@@ -2849,15 +3259,22 @@ def ltx2_audio_vae_config_from_diffusers(c, file):
     if bad:
         raise ValueError(f"{file}: unsupported AutoencoderKLLTX2Audio options: " + ", ".join(bad))
     base, mult = c.get("base_channels", 128), tuple(c.get("ch_mult", (1, 2, 4)))
-    cfg = LTX2AudioVAEConfig(widths=tuple(base * m for m in mult), ch=base,
-                             num_res_blocks=c.get("num_res_blocks", 2), latent=c.get("latent_channels", 8),
-                             mel_bins=c.get("mel_bins", 64), in_channels=c.get("in_channels", 2),
-                             out_channels=c.get("output_channels", 2))
+    cfg = LTX2AudioVAEConfig(
+        widths=tuple(base * m for m in mult),
+        ch=base,
+        num_res_blocks=c.get("num_res_blocks", 2),
+        latent=c.get("latent_channels", 8),
+        mel_bins=c.get("mel_bins", 64),
+        in_channels=c.get("in_channels", 2),
+        out_channels=c.get("output_channels", 2),
+    )
     # diffusers sizes latents_mean / latents_std by base_channels (l.745-748) but the pipeline applies them to the
     # packed latent_channels * mel_bins/4 features; the release has 128 = 8 * 16, anything else cannot normalise
     if base != cfg.features:
-        raise ValueError(f"{file}: base_channels {base} must equal latent_channels x mel_bins/4 = {cfg.features} "
-                         "(diffusers stores the packed-token statistics with base_channels entries)")
+        raise ValueError(
+            f"{file}: base_channels {base} must equal latent_channels x mel_bins/4 = {cfg.features} "
+            "(diffusers stores the packed-token statistics with base_channels entries)"
+        )
     return cfg
 
 
@@ -2870,8 +3287,10 @@ def ltx2_audio_vae_config_from_state(sd, meta=None, file="checkpoint"):
             raise ValueError(f"{file}: missing LTX-2 audio VAE key {key}")
     odd = sorted(k for k in sd if ".attn" in k or ".norm" in k)
     if odd:
-        raise ValueError(f"{file}: audio VAE attention or GroupNorm weights ({odd[0]}, ...) are not implemented "
-                         "(the release has pixel norms and no attention)")
+        raise ValueError(
+            f"{file}: audio VAE attention or GroupNorm weights ({odd[0]}, ...) are not implemented "
+            "(the release has pixel norms and no attention)"
+        )
     widths, n = [], 0
     while f"decoder.up.{len(widths)}.block.0.conv1.conv.weight" in sd:
         widths.append(sd[f"decoder.up.{len(widths)}.block.0.conv1.conv.weight"].shape[0])
@@ -2879,19 +3298,30 @@ def ltx2_audio_vae_config_from_state(sd, meta=None, file="checkpoint"):
         n += 1
     latent, S = sd["decoder.conv_in.conv.weight"].shape[1], sd["per_channel_statistics.mean-of-means"].shape[0]
     encoder = "encoder.conv_in.conv.weight" in sd
-    cfg = LTX2AudioVAEConfig(widths=tuple(widths), num_res_blocks=n - 1, latent=latent, mel_bins=4 * S // latent,
-                             out_channels=sd["decoder.conv_out.conv.weight"].shape[0], encoder=encoder,
-                             ch=sd["encoder.conv_in.conv.weight"].shape[0] if encoder else widths[0],
-                             in_channels=sd["encoder.conv_in.conv.weight"].shape[1] if encoder else 2)
+    cfg = LTX2AudioVAEConfig(
+        widths=tuple(widths),
+        num_res_blocks=n - 1,
+        latent=latent,
+        mel_bins=4 * S // latent,
+        out_channels=sd["decoder.conv_out.conv.weight"].shape[0],
+        encoder=encoder,
+        ch=sd["encoder.conv_in.conv.weight"].shape[0] if encoder else widths[0],
+        in_channels=sd["encoder.conv_in.conv.weight"].shape[1] if encoder else 2,
+    )
     try:
         dd = json.loads((meta or {})["config"])["audio_vae"]["model"]["params"]["ddconfig"]
     except (KeyError, TypeError, json.JSONDecodeError):
         dd = {}  # ltx-core's defaults: causal along height (time)
-    bad = [f"{k}={dd[k]!r} (only {v!r})" for k, v in (("causality_axis", "height"), ("norm_type", "pixel"),
-                                                      ("mel_bins", cfg.mel_bins)) if k in dd and dd[k] != v]
+    bad = [
+        f"{k}={dd[k]!r} (only {v!r})"
+        for k, v in (("causality_axis", "height"), ("norm_type", "pixel"), ("mel_bins", cfg.mel_bins))
+        if k in dd and dd[k] != v
+    ]
     if S % latent or bad:
-        raise ValueError(f"{file}: unsupported LTX-2 audio VAE: statistics {S} for {latent} latent channels"
-                         + "".join(", " + b for b in bad))
+        raise ValueError(
+            f"{file}: unsupported LTX-2 audio VAE: statistics {S} for {latent} latent channels"
+            + "".join(", " + b for b in bad)
+        )
     return cfg
 
 
@@ -2901,14 +3331,17 @@ def ltx2_vocoder_config_from_diffusers(c, file):
     if bad:
         raise ValueError(f"{file}: unsupported LTX2Vocoder options: " + ", ".join(bad))
     d = LTX2VocoderConfig()
-    return LTX2VocoderConfig(in_channels=c.get("in_channels", d.in_channels), hidden=c.get("hidden_channels", d.hidden),
-                             out_channels=c.get("out_channels", d.out_channels),
-                             upsample_kernels=tuple(c.get("upsample_kernel_sizes", d.upsample_kernels)),
-                             upsample_rates=tuple(c.get("upsample_factors", d.upsample_rates)),
-                             resblock_kernels=tuple(c.get("resnet_kernel_sizes", d.resblock_kernels)),
-                             resblock_dilations=tuple(map(tuple, c.get("resnet_dilations", d.resblock_dilations))),
-                             slope=float(c.get("leaky_relu_negative_slope", d.slope)),
-                             sample_rate=c.get("output_sampling_rate", d.sample_rate))
+    return LTX2VocoderConfig(
+        in_channels=c.get("in_channels", d.in_channels),
+        hidden=c.get("hidden_channels", d.hidden),
+        out_channels=c.get("out_channels", d.out_channels),
+        upsample_kernels=tuple(c.get("upsample_kernel_sizes", d.upsample_kernels)),
+        upsample_rates=tuple(c.get("upsample_factors", d.upsample_rates)),
+        resblock_kernels=tuple(c.get("resnet_kernel_sizes", d.resblock_kernels)),
+        resblock_dilations=tuple(map(tuple, c.get("resnet_dilations", d.resblock_dilations))),
+        slope=float(c.get("leaky_relu_negative_slope", d.slope)),
+        sample_rate=c.get("output_sampling_rate", d.sample_rate),
+    )
 
 
 def ltx2_vocoder_config_from_state(sd, meta=None, file="checkpoint"):
@@ -2921,8 +3354,10 @@ def ltx2_vocoder_config_from_state(sd, meta=None, file="checkpoint"):
         m = {}
     # LTX-2.3's vocoder nests a bandwidth extender and has snake activations with parameters (acts*.alpha / beta)
     if "bwe" in m or m.get("resblock", "1") != "1" or any(".act" in k for k in sd):
-        raise ValueError(f"{file}: unsupported vocoder (LTX-2.3 BigVGAN / bandwidth extension or snake activations); "
-                         "only the 2.0 HiFi-GAN vocoder is implemented")
+        raise ValueError(
+            f"{file}: unsupported vocoder (LTX-2.3 BigVGAN / bandwidth extension or snake activations); "
+            "only the 2.0 HiFi-GAN vocoder is implemented"
+        )
     if "conv_pre.weight" not in sd or "conv_post.weight" not in sd:
         raise ValueError(f"{file}: missing LTX-2 vocoder key conv_pre.weight / conv_post.weight")
     n_up = len({k.split(".")[1] for k in sd if k.startswith("ups.")})
@@ -2930,16 +3365,21 @@ def ltx2_vocoder_config_from_state(sd, meta=None, file="checkpoint"):
     d = LTX2VocoderConfig()
     rates = tuple(m.get("upsample_rates", d.upsample_rates))
     dil = tuple(map(tuple, m.get("resblock_dilation_sizes", d.resblock_dilations)))
-    cfg = LTX2VocoderConfig(in_channels=sd["conv_pre.weight"].shape[1], hidden=sd["conv_pre.weight"].shape[0],
-                            out_channels=sd["conv_post.weight"].shape[0],
-                            upsample_kernels=tuple(sd[f"ups.{i}.weight"].shape[2] for i in range(n_up)),
-                            upsample_rates=rates,
-                            resblock_kernels=tuple(sd[f"resblocks.{j}.convs1.0.weight"].shape[2]
-                                                   for j in range(n_res // max(n_up, 1))),
-                            resblock_dilations=dil, sample_rate=m.get("output_sample_rate", d.sample_rate))
+    cfg = LTX2VocoderConfig(
+        in_channels=sd["conv_pre.weight"].shape[1],
+        hidden=sd["conv_pre.weight"].shape[0],
+        out_channels=sd["conv_post.weight"].shape[0],
+        upsample_kernels=tuple(sd[f"ups.{i}.weight"].shape[2] for i in range(n_up)),
+        upsample_rates=rates,
+        resblock_kernels=tuple(sd[f"resblocks.{j}.convs1.0.weight"].shape[2] for j in range(n_res // max(n_up, 1))),
+        resblock_dilations=dil,
+        sample_rate=m.get("output_sample_rate", d.sample_rate),
+    )
     if len(rates) != n_up or len(dil) != len(cfg.resblock_kernels):
-        raise ValueError(f"{file}: vocoder with {n_up} upsamplers and {len(cfg.resblock_kernels)} resblocks per level "
-                         f"does not match upsample_rates {list(rates)} / dilations {[list(x) for x in dil]}")
+        raise ValueError(
+            f"{file}: vocoder with {n_up} upsamplers and {len(cfg.resblock_kernels)} resblocks per level "
+            f"does not match upsample_rates {list(rates)} / dilations {[list(x) for x in dil]}"
+        )
     return cfg
 
 
@@ -2962,15 +3402,16 @@ def ltx2_component(path, folder, class_name, prefix, from_diffusers, hint=""):
         sd, meta = read_safetensors(path, keep=lambda k: k.startswith(prefix))
         if not sd:
             raise ValueError(f"{path}: no {prefix}* tensors (not an LTX-2 combined checkpoint)")
-        return None, meta, {k[len(prefix):]: v for k, v in sd.items()}, path
+        return None, meta, {k[len(prefix) :]: v for k, v in sd.items()}, path
     raise FileNotFoundError(f"no such checkpoint: {path}")
 
 
 def load_ltx2_audio_vae(path, dtype=torch.float32, device="cpu"):
     """The audio VAE from a diffusers folder (audio_vae/ of class AutoencoderKLLTX2Audio, or a repo root holding it) or
     Lightricks' combined .safetensors (its audio_vae.* tensors only); strict."""
-    config, meta, sd, path = ltx2_component(path, "audio_vae", "AutoencoderKLLTX2Audio", "audio_vae.",
-                                            lambda k: ltx2_audio_key(k, to_diffusers=False))
+    config, meta, sd, path = ltx2_component(
+        path, "audio_vae", "AutoencoderKLLTX2Audio", "audio_vae.", lambda k: ltx2_audio_key(k, to_diffusers=False)
+    )
     if config is not None:
         cfg = ltx2_audio_vae_config_from_diffusers(config, path)
     else:
@@ -2983,11 +3424,19 @@ def load_ltx2_audio_vae(path, dtype=torch.float32, device="cpu"):
 def load_ltx2_vocoder(path, dtype=torch.float32, device="cpu"):
     """The vocoder from a diffusers folder (vocoder/ of class LTX2Vocoder, or a repo root holding it) or Lightricks'
     combined .safetensors (its vocoder.* tensors only); strict."""
-    config, meta, sd, path = ltx2_component(path, "vocoder", "LTX2Vocoder", "vocoder.",
-                                            lambda k: ltx2_audio_key(k, to_diffusers=False),
-                                            " (LTX-2.3's LTX2VocoderWithBWE is not implemented)")
-    cfg = ltx2_vocoder_config_from_diffusers(config, path) if config is not None else \
-        ltx2_vocoder_config_from_state(sd, meta, path)
+    config, meta, sd, path = ltx2_component(
+        path,
+        "vocoder",
+        "LTX2Vocoder",
+        "vocoder.",
+        lambda k: ltx2_audio_key(k, to_diffusers=False),
+        " (LTX-2.3's LTX2VocoderWithBWE is not implemented)",
+    )
+    cfg = (
+        ltx2_vocoder_config_from_diffusers(config, path)
+        if config is not None
+        else ltx2_vocoder_config_from_state(sd, meta, path)
+    )
     voc = assign_checkpoint(lambda: LTX2Vocoder(cfg), sd, dtype, device, what=f"{path} (LTX-2 vocoder)")
     return voc.eval().requires_grad_(False)
 
@@ -3016,14 +3465,32 @@ class BackboneSpec:
 
 
 BACKBONES = {
-    "sd35": BackboneSpec(SD3Transformer, "SD3Transformer2DModel", "joint_blocks.0.x_block.attn.qkv.weight",
-                         sd3_config_from_diffusers, sd3_config_from_state,
-                         lambda sd, cfg: sd3_from_diffusers(sd, cfg.depth), sd3_lora_to_diffusers),
-    "flux-kontext": BackboneSpec(FluxTransformer, "FluxTransformer2DModel", "double_blocks.0.img_attn.qkv.weight",
-                                 flux_config_from_diffusers, flux_config_from_state, flux_from_diffusers,
-                                 flux_lora_to_diffusers),
-    "ltx2": BackboneSpec(LTX2Transformer, "LTX2VideoTransformer3DModel",
-                         "av_ca_a2v_gate_adaln_single.emb.timestep_embedder.linear_1.weight",
-                         ltx2_config_from_diffusers, ltx2_config_from_state, ltx2_from_diffusers,
-                         ltx2_lora_to_diffusers, LTX2_BUNDLED),
+    "sd35": BackboneSpec(
+        SD3Transformer,
+        "SD3Transformer2DModel",
+        "joint_blocks.0.x_block.attn.qkv.weight",
+        sd3_config_from_diffusers,
+        sd3_config_from_state,
+        lambda sd, cfg: sd3_from_diffusers(sd, cfg.depth),
+        sd3_lora_to_diffusers,
+    ),
+    "flux-kontext": BackboneSpec(
+        FluxTransformer,
+        "FluxTransformer2DModel",
+        "double_blocks.0.img_attn.qkv.weight",
+        flux_config_from_diffusers,
+        flux_config_from_state,
+        flux_from_diffusers,
+        flux_lora_to_diffusers,
+    ),
+    "ltx2": BackboneSpec(
+        LTX2Transformer,
+        "LTX2VideoTransformer3DModel",
+        "av_ca_a2v_gate_adaln_single.emb.timestep_embedder.linear_1.weight",
+        ltx2_config_from_diffusers,
+        ltx2_config_from_state,
+        ltx2_from_diffusers,
+        ltx2_lora_to_diffusers,
+        LTX2_BUNDLED,
+    ),
 }

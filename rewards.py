@@ -36,6 +36,7 @@ def _sources(images, meta):  # stack meta[i]["source"] -> [B,3,H,W] like images
 
 # --- offline rewards (no weights): notes/rewards.md §1.5
 
+
 def _sqrt0(v, eps=1e-8):
     # sqrt with a finite gradient at 0 (gray images) and exactly 0 there on every CPU: both terms are the same
     # correctly rounded sqrt of the same float (v + eps == eps when v == 0), not sqrt vs a double constant
@@ -128,8 +129,16 @@ def ssim(images, prompts, meta):
 
 COLORS = ["red", "orange", "yellow", "green", "blue", "purple"]
 SHAPES = ["circle", "square", "triangle", "ring", "cross", "diamond"]
-_RGB = torch.tensor([[0.85, 0.10, 0.10], [0.95, 0.50, 0.05], [0.95, 0.85, 0.10],
-                     [0.10, 0.70, 0.20], [0.10, 0.25, 0.85], [0.55, 0.15, 0.70]])  # hues 0,30,54,129,229,285 deg
+_RGB = torch.tensor(
+    [
+        [0.85, 0.10, 0.10],
+        [0.95, 0.50, 0.05],
+        [0.95, 0.85, 0.10],
+        [0.10, 0.70, 0.20],
+        [0.10, 0.25, 0.85],
+        [0.55, 0.15, 0.70],
+    ]
+)  # hues 0,30,54,129,229,285 deg
 
 
 def _shape_distance(shape, dx, dy, r):
@@ -163,10 +172,11 @@ def style_word(s):
 
 def _render(n, size, gen, style, frames=1):
     # one chunk of the world: -> images [n,3,size,size] (frames > 1: videos [n,frames,3,size,size]), color [n],
-    # shape [n], s [n] (0 photo ... 1 sketch), the shape's centre in each frame [n,frames,2] (x, y in [0, 1]). Every random number is drawn whatever the style (pairing): the same
-    # seed gives the same scenes in every style. A video's shape crosses the frame on a straight line (its motion
-    # drawn after everything else, so frame-free draws are those of the still world); background, texture, paper
-    # and pencil pressure stay put, the lighting moves with the shape.
+    # shape [n], s [n] (0 photo ... 1 sketch), the shape's centre in each frame [n,frames,2] (x, y in [0, 1]). Every
+    # random number is drawn whatever the style (pairing): the same seed gives the same scenes in every style. A
+    # video's shape crosses the frame on a straight line (its motion drawn after everything else, so frame-free draws
+    # are those of the still world); background, texture, paper and pencil pressure stay put, the lighting moves with
+    # the shape.
     def u(*shape, lo=0.0, hi=1.0):
         return lo + (hi - lo) * torch.rand(*shape, generator=gen)
 
@@ -177,8 +187,11 @@ def _render(n, size, gen, style, frames=1):
     shape = torch.randint(len(SHAPES), (n,), generator=gen)
     coin, mix = torch.rand(n, generator=gen), torch.rand(n, generator=gen)
     # style None: 3/8 photos, 3/8 sketches, 1/4 blends with s ~ U(0, 1), so the base model samples intermediates
-    s = torch.where(coin < 0.375, 0.0, torch.where(coin < 0.75, 1.0, mix)) if style is None \
+    s = (
+        torch.where(coin < 0.375, 0.0, torch.where(coin < 0.75, 1.0, mix))
+        if style is None
         else torch.full((n,), {"photo": 0.0, "sketch": 1.0}.get(style, style))
+    )
     cx, cy, r = u(n, 1, 1, lo=0.35, hi=0.65), u(n, 1, 1, lo=0.35, hi=0.65), u(n, 1, 1, lo=0.2, hi=0.32)
     hue, sat, val = u(n, 1), u(n, 1, lo=0.15, hi=0.4), u(n, 1, lo=0.25, hi=0.5)
     terrain, tint, pressure = u(n, 1, 4, 4), u(n, 3, 3, 3, lo=-0.04, hi=0.04), u(n, 1, 6, 6)
@@ -187,10 +200,14 @@ def _render(n, size, gen, style, frames=1):
     noise = torch.randn(n, 4, size, size, generator=gen)
     track = [(cx, cy)]
     if frames > 1:  # left to right or back, 0.3..0.5 of the frame wide, drifting a little vertically
-        way, span, drift = torch.randint(2, (n, 1, 1), generator=gen) * 2 - 1, u(n, 1, 1, lo=0.3, hi=0.5), \
-            u(n, 1, 1, lo=-0.1, hi=0.1)
-        track = [(cx + way * span * (t / (frames - 1) - 0.5), cy + drift * (t / (frames - 1) - 0.5))
-                 for t in range(frames)]
+        way, span, drift = (
+            torch.randint(2, (n, 1, 1), generator=gen) * 2 - 1,
+            u(n, 1, 1, lo=0.3, hi=0.5),
+            u(n, 1, 1, lo=-0.1, hi=0.1),
+        )
+        track = [
+            (cx + way * span * (t / (frames - 1) - 0.5), cy + drift * (t / (frames - 1) - 0.5)) for t in range(frames)
+        ]
 
     # photo: background = a muted random colour (chroma < 0.3, below tiny_prompt's gate) modulated by
     # low-frequency terrain and a little tint, plus mostly-luma pixel noise (texture without adding hue);
@@ -289,8 +306,9 @@ def tiny_photo_heldout(images, prompts, meta):
     x = images.float()
     r, g, b = x.unbind(1)
     rg, yb = (r - g).flatten(1), (0.5 * (r + g) - b).flatten(1)
-    colourful = (rg.var(1, unbiased=False) + yb.var(1, unbiased=False) + 1e-12).sqrt() \
-        + 0.3 * (rg.mean(1).square() + yb.mean(1).square() + 1e-12).sqrt()
+    colourful = (rg.var(1, unbiased=False) + yb.var(1, unbiased=False) + 1e-12).sqrt() + 0.3 * (
+        rg.mean(1).square() + yb.mean(1).square() + 1e-12
+    ).sqrt()
     dark = _mean(torch.sigmoid((0.5 - _luma(x)) / 0.05))
     return 0.5 * (1 - torch.exp(-colourful / 0.15)) + 0.5 * dark
 
@@ -361,13 +379,27 @@ def _edit_scenes(n, size, gen):
     color, shape, kind = (torch.randint(k, (n,), generator=gen) for k in (len(COLORS), len(SHAPES), 3))
     new_color = (color + torch.randint(1, len(COLORS), (n,), generator=gen)) % len(COLORS)  # never the source's
     new_shape = (shape + torch.randint(1, len(SHAPES), (n,), generator=gen)) % len(SHAPES)
-    return dict(color=color, shape=shape, kind=kind, new_color=new_color, new_shape=new_shape,
-                cx=u(n, 1, 1, lo=0.38, hi=0.62), cy=u(n, 1, 1, lo=0.38, hi=0.62), r=u(n, 1, 1, lo=0.2, hi=0.3),
-                hue=u(n, 1), sat=u(n, 1, lo=0.1, hi=0.3), val=u(n, 1, lo=0.25, hi=0.5), terrain=u(n, 1, 4, 4),
-                tint=u(n, 3, 3, 3, lo=-0.02, hi=0.02),
-                light=F.normalize(torch.randn(n, 2, generator=gen), dim=1).view(n, 2, 1, 1),
-                paper=u(n, 1, 1, 1, lo=0.9, hi=0.98), ink=u(n, 1, 1, 1, lo=0.05, hi=0.2), width=u(n, 1, 1, lo=0.9, hi=1.3),
-                pressure=u(n, 1, 6, 6), noise=torch.randn(n, 4, size, size, generator=gen))
+    return dict(
+        color=color,
+        shape=shape,
+        kind=kind,
+        new_color=new_color,
+        new_shape=new_shape,
+        cx=u(n, 1, 1, lo=0.38, hi=0.62),
+        cy=u(n, 1, 1, lo=0.38, hi=0.62),
+        r=u(n, 1, 1, lo=0.2, hi=0.3),
+        hue=u(n, 1),
+        sat=u(n, 1, lo=0.1, hi=0.3),
+        val=u(n, 1, lo=0.25, hi=0.5),
+        terrain=u(n, 1, 4, 4),
+        tint=u(n, 3, 3, 3, lo=-0.02, hi=0.02),
+        light=F.normalize(torch.randn(n, 2, generator=gen), dim=1).view(n, 2, 1, 1),
+        paper=u(n, 1, 1, 1, lo=0.9, hi=0.98),
+        ink=u(n, 1, 1, 1, lo=0.05, hi=0.2),
+        width=u(n, 1, 1, lo=0.9, hi=1.3),
+        pressure=u(n, 1, 6, 6),
+        noise=torch.randn(n, 4, size, size, generator=gen),
+    )
 
 
 def _edit_grid(sc, size):  # pixel-centre offsets from each scene's centre, in pixels: dx, dy [n,S,S]
@@ -417,8 +449,10 @@ def tiny_edit_world(n, size=32, seed=0):
         keep, photo = min(256, n - start), torch.zeros(256, dtype=torch.bool)
         sources.append(_paint(sc, _outline(sc["shape"], dx, dy, r), _RGB[sc["color"]], photo)[:keep])
         targets.append(_paint(sc, _outline(shape, dx, dy, r), _RGB[color], kind == 2)[:keep])
-        instructions += [f"make it {COLORS[c]}" if k == 0 else f"make it a {SHAPES[s]}" if k == 1 else "make it a sketch"
-                         for k, c, s in zip(kind[:keep].tolist(), color[:keep].tolist(), shape[:keep].tolist())]
+        instructions += [
+            f"make it {COLORS[c]}" if k == 0 else f"make it a {SHAPES[s]}" if k == 1 else "make it a sketch"
+            for k, c, s in zip(kind[:keep].tolist(), color[:keep].tolist(), shape[:keep].tolist())
+        ]
     if not sources:
         return torch.zeros(0, 3, size, size), [], torch.zeros(0, 3, size, size)
     return torch.cat(sources), instructions, torch.cat(targets)
@@ -457,8 +491,16 @@ def _edit_reference(s, kind, index):
     dx = (xs.view(1, 1, w) - ((mask.sum(1) * xs).sum(1) / area).view(b, 1, 1)).expand(b, h, w)
     dy = (ys.view(1, h, 1) - ((mask.sum(2) * ys).sum(1) / area).view(b, 1, 1)).expand(b, h, w)
     radius = (area.view(b, 1) / _SHAPE_AREA.to(s.device)).sqrt()  # [B,6]: each template at the mask's area
-    misfit = torch.stack([(torch.sigmoid(-_shape_distance(j, dx, dy, radius[:, j].view(b, 1, 1)) / 0.5) - mask)
-                          .abs().flatten(1).mean(1) for j in range(len(SHAPES))], 1)
+    misfit = torch.stack(
+        [
+            (torch.sigmoid(-_shape_distance(j, dx, dy, radius[:, j].view(b, 1, 1)) / 0.5) - mask)
+            .abs()
+            .flatten(1)
+            .mean(1)
+            for j in range(len(SHAPES))
+        ],
+        1,
+    )
     shape = misfit.masked_fill(F.one_hot(index, len(SHAPES)).bool() & (kind == 1)[:, None], math.inf).argmin(1)
     r = radius.gather(1, shape[:, None]).view(b, 1, 1)
     d = _outline(shape, dx, dy, r)  # [B,H,W] signed distance to the source's outline
@@ -471,12 +513,21 @@ def _edit_reference(s, kind, index):
     lo = _wmean(torch.sigmoid((d - 1.5) / 0.25), along).view(b, 1, 1)
     hi = _wmean(torch.sigmoid((-d - 1.5) / 0.25), along).view(b, 1, 1)
     new, old = torch.sigmoid(-_outline(torch.where(kind == 1, index, shape), dx, dy, r) / 0.5), torch.sigmoid(-d / 0.5)
-    return dict(kind=kind, inside=torch.sigmoid((-d - 1.0) / 0.25), repainted=repainted, hue=hue, lo=lo,
-                scale=(hi - lo).clamp_min(1e-3), new=new, gained=(new - old).clamp_min(0), lost=(old - new).clamp_min(0),
-                kept=torch.minimum(new, old),
-                # style edits: the pencil line along the outline, and the paper 1.5-3.5 px away from it
-                line=(1 - d.abs() / 1.1).clamp(0, 1),
-                near=torch.sigmoid((d.abs() - 1.5) / 0.25) * torch.sigmoid((3.5 - d.abs()) / 0.25))
+    return dict(
+        kind=kind,
+        inside=torch.sigmoid((-d - 1.0) / 0.25),
+        repainted=repainted,
+        hue=hue,
+        lo=lo,
+        scale=(hi - lo).clamp_min(1e-3),
+        new=new,
+        gained=(new - old).clamp_min(0),
+        lost=(old - new).clamp_min(0),
+        kept=torch.minimum(new, old),
+        # style edits: the pencil line along the outline, and the paper 1.5-3.5 px away from it
+        line=(1 - d.abs() / 1.1).clamp(0, 1),
+        near=torch.sigmoid((d.abs() - 1.5) / 0.25) * torch.sigmoid((3.5 - d.abs()) / 0.25),
+    )
 
 
 def _edit_distance(z, ref):
@@ -496,8 +547,11 @@ def _edit_distance(z, ref):
         colour = _wmean(ref["inside"], (z - ref["repainted"]).abs().mean(1))
         o = ((_opponent(z.movedim(1, -1)) * ref["hue"]).sum(-1) - ref["lo"]) / ref["scale"]
         luma, chroma = _luma(z)[:, 0], _chroma(z).flatten(1).mean(1)
-    outline = (_wmean(ref["gained"], 1 - o.clamp(max=1), pad=1.0) + _wmean(ref["lost"], o.clamp(min=0), pad=1.0)
-               + _wmean(ref["kept"], 1 - o.clamp(max=1)))
+    outline = (
+        _wmean(ref["gained"], 1 - o.clamp(max=1), pad=1.0)
+        + _wmean(ref["lost"], o.clamp(min=0), pad=1.0)
+        + _wmean(ref["kept"], 1 - o.clamp(max=1))
+    )
     line = ref["line"]
     sketch = _wmean(1 - line, (0.9 - luma).clamp_min(0)) + 1 - (_wmean(ref["near"], luma) - _wmean(line, luma)) + chroma
     kind = ref["kind"]
@@ -510,7 +564,9 @@ def tiny_preserve(images, prompts, meta):
     # norms of x - s, so the score falls exactly linearly along a pixel blend from the source to anything.
     x, s = images.float(), _sources(images, meta)
     e = _luma(x - s)[:, 0]
-    grad = 0.5 * ((e[:, 1:] - e[:, :-1]).abs().flatten(1).mean(1) + (e[:, :, 1:] - e[:, :, :-1]).abs().flatten(1).mean(1))
+    grad = 0.5 * (
+        (e[:, 1:] - e[:, :-1]).abs().flatten(1).mean(1) + (e[:, :, 1:] - e[:, :, :-1]).abs().flatten(1).mean(1)
+    )
     return 1 - (x - s).abs().flatten(1).mean(1) - grad
 
 
@@ -528,7 +584,6 @@ def tiny_adhere(images, prompts, meta):
     ref = _edit_reference(s, kind.to(s.device), index.to(s.device))
     d0, d1 = _edit_distance(s, ref), _edit_distance(None, ref)
     return (d0 - _edit_distance(images, ref)) / (d0 - d1).clamp_min(0.05)
-
 
 
 # --- model-based rewards, through transformers only: notes/rewards.md §1.2 and §1.6
@@ -555,8 +610,10 @@ def _load(cls, path, **kw):
     try:
         return cls.from_pretrained(path, **kw)
     except OSError as e:
-        raise OSError(f"could not load {cls.__name__} from {path!r}; without network, run "
-                      f"`huggingface-cli download {path}` once where there is and pass the local folder ({e})") from e
+        raise OSError(
+            f"could not load {cls.__name__} from {path!r}; without network, run "
+            f"`huggingface-cli download {path}` once where there is and pass the local folder ({e})"
+        ) from e
 
 
 def _model(cls, path, device, dtype):
@@ -569,14 +626,17 @@ def _resize_crop(x, size, short=None):
     # (tested); imscore reports ±0.1 PickScore from such resampling differences.
     h, w = x.shape[-2:]
     s = (short or size) / min(h, w)
-    x = F.interpolate(x, size=(max(size, round(h * s)), max(size, round(w * s))), mode="bicubic",
-                      antialias=True, align_corners=False)
+    x = F.interpolate(
+        x, size=(max(size, round(h * s)), max(size, round(w * s))), mode="bicubic", antialias=True, align_corners=False
+    )
     top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-    return x[..., top:top + size, left:left + size]
+    return x[..., top : top + size, left : left + size]
 
 
 def _normalize(x, mean, std):
-    return (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(
+        1, 3, 1, 1
+    )
 
 
 def _emb(o):  # transformers 5: BaseModelOutputWithPooling whose pooler_output is the projected embedding
@@ -599,14 +659,23 @@ def _clip(path, device, dtype, tokenizer=None):
         return F.normalize(_emb(model.get_image_features(pixel_values=x.to(dtype))).float(), dim=-1)
 
     def text_embed(texts):
-        t = tok(texts, padding=True, truncation=True, max_length=model.config.text_config.max_position_embeddings,
-                return_tensors="pt").to(device)
-        return F.normalize(_emb(model.get_text_features(input_ids=t.input_ids, attention_mask=t.attention_mask)).float(), dim=-1)
+        t = tok(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=model.config.text_config.max_position_embeddings,
+            return_tensors="pt",
+        ).to(device)
+        return F.normalize(
+            _emb(model.get_text_features(input_ids=t.input_ids, attention_mask=t.attention_mask)).float(), dim=-1
+        )
 
     return image_embed, text_embed, model
 
 
-def load_pickscore(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, tokenizer=None, prefix="", differentiable=False):
+def load_pickscore(
+    path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, tokenizer=None, prefix="", differentiable=False
+):
     # PickScore (Kirstain et al. 2023): logit_scale.exp()·cos(image, prompt), divided by 26 as in flow_grpo's
     # pickscore_scorer.py, so typical scores are ~0.7-0.9.
     image_embed, text_embed, model = _clip(path_or_hub_id or PICKSCORE, device, dtype, tokenizer)
@@ -620,7 +689,7 @@ def load_pickscore(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, toke
 
 
 def load_pickscore_photo(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, **kw):
-    # the paper's photorealism reward: PickScore of the prompt behind a "photorealistic ..." prefix (notes/paper.md §4.1)
+    # the paper's photorealism reward: PickScore of the prompt behind a "photorealistic ..." prefix (paper §4.1)
     return load_pickscore(path_or_hub_id, device, dtype, prefix=PHOTO_PREFIX, **kw)
 
 
@@ -680,8 +749,10 @@ def load_aesthetic(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, clip
     # 768 -> 1024 -> 128 -> 64 -> 16 -> 1 (dropouts between the first four, no activations), state-dict keys
     # layers.{0,2,4,6,7}.{weight,bias}, on L2-normalised CLIP ViT-L/14 image embeddings. Scores ~1-10.
     if path_or_hub_id is None:
-        raise ValueError("load_aesthetic needs the path of the LAION aesthetic head (.pth or .safetensors), "
-                         "e.g. sac+logos+ava1-l14-linearMSE.pth from christophschuhmann/improved-aesthetic-predictor")
+        raise ValueError(
+            "load_aesthetic needs the path of the LAION aesthetic head (.pth or .safetensors), "
+            "e.g. sac+logos+ava1-l14-linearMSE.pth from christophschuhmann/improved-aesthetic-predictor"
+        )
     if not os.path.isfile(path_or_hub_id):
         raise FileNotFoundError(f"no aesthetic head file at {path_or_hub_id!r}")
     if path_or_hub_id.endswith(".safetensors"):
@@ -692,9 +763,16 @@ def load_aesthetic(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, clip
         sd = torch.load(path_or_hub_id, map_location="cpu", weights_only=True)
     sd = {k.removeprefix("layers."): v for k, v in sd.items()}
     dim = sd["0.weight"].shape[1] if "0.weight" in sd else 768
-    head = torch.nn.Sequential(torch.nn.Linear(dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
-                               torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
-                               torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+    head = torch.nn.Sequential(
+        torch.nn.Linear(dim, 1024),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(1024, 128),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 16),
+        torch.nn.Linear(16, 1),
+    )
     head.load_state_dict(sd)  # strict: a wrong file fails here, naming the keys
     head = head.to(device).eval().requires_grad_(False)
     image_embed, _, model = _clip(clip, device, dtype)
@@ -726,7 +804,6 @@ def load_dino_sim(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, diffe
             return (embed(images) * embed(src)).sum(-1).to(images.device)
 
     return dino_sim
-
 
 
 # --- VLM judge: Qwen2.5-VL reads a rubric and the image; the score is the expected digit of its answer.
@@ -803,8 +880,10 @@ def qwen_inputs(tok, config, images, prompts, rubric, image_size=448):
     if images.dim() == 4:
         images = images.unsqueeze(1)
     if images.dim() != 5 or images.shape[0] != len(prompts) or images.shape[2] != 3:
-        raise ValueError(f"qwen_inputs: images must be [B,3,H,W] or [B,N,3,H,W] for the {len(prompts)} prompts, "
-                         f"got {tuple(images.shape)}")
+        raise ValueError(
+            f"qwen_inputs: images must be [B,3,H,W] or [B,N,3,H,W] for the {len(prompts)} prompts, "
+            f"got {tuple(images.shape)}"
+        )
     b, n = images.shape[:2]
     vc = config.vision_config
     patch, merge, unit = vc.patch_size, vc.spatial_merge_size, vc.patch_size * vc.spatial_merge_size
@@ -818,20 +897,34 @@ def qwen_inputs(tok, config, images, prompts, rubric, image_size=448):
     n_tokens = (rh // patch) * (rw // patch) // merge**2  # one LLM token per merge x merge patches
     one = name(config.vision_start_token_id) + name(config.image_token_id) * n_tokens + name(config.vision_end_token_id)
     vision = one * n
-    texts = ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + vision
-             + rubric.format(prompt=p) + "<|im_end|>\n<|im_start|>assistant\n" for p in prompts]
+    texts = [
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        + vision
+        + rubric.format(prompt=p)
+        + "<|im_end|>\n<|im_start|>assistant\n"
+        for p in prompts
+    ]
     # left padding: the answer position is the last one in every row
     t = tok(texts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
     found = (t.input_ids == config.image_token_id).sum(1)
     if (found != n * n_tokens).any():  # else Qwen fails later with "image features and image tokens do not match"
-        raise ValueError(f"qwen_inputs: expected {n}x{n_tokens} image tokens per prompt, the tokenizer gave "
-                         f"{found.tolist()}; is {name(config.image_token_id)!r} one special token of it?")
+        raise ValueError(
+            f"qwen_inputs: expected {n}x{n_tokens} image tokens per prompt, the tokenizer gave "
+            f"{found.tolist()}; is {name(config.image_token_id)!r} one special token of it?"
+        )
     grid = torch.tensor([[1, rh // patch, rw // patch]] * (b * n))
     return dict(input_ids=t.input_ids, attention_mask=t.attention_mask, pixel_values=pixels, image_grid_thw=grid)
 
 
-def load_vlm_judge(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, rubric=SKETCH_RUBRIC, image_size=448,
-                   with_source=False, differentiable=False):
+def load_vlm_judge(
+    path_or_hub_id=None,
+    device="cpu",
+    dtype=torch.bfloat16,
+    rubric=SKETCH_RUBRIC,
+    image_size=448,
+    with_source=False,
+    differentiable=False,
+):
     # rubric: a str.format template with {prompt}; image_size: judge at about image_size² pixels (448: 256 tokens
     # per image); with_source: show meta[i]["source"] first and the image second, in one prompt (editing)
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
@@ -884,6 +977,7 @@ def load_vlm_edit(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, **kw)
 # get_reward(..., video=True) does to every image reward, so train.py calls each objective the same way), a VLM
 # judge that sees several frames at once in one image (frame_grid), and one that needs no weights and looks
 # only at time (temporal_flicker).
+
 
 def _check_video(video, who):
     if video.dim() != 5 or video.shape[2] != 3:
@@ -976,8 +1070,8 @@ def temporal_flicker(video, prompts, meta, radius=3, block=4, scale=0.05, size=6
     best = None
     for dy in range(-r, r + 1):
         for dx in range(-r, r + 1):
-            after = padded[:, 2:, r + dy:r + dy + h, r + dx:r + dx + w]  # y_{t+1}(p + d)
-            before = padded[:, :-2, r - dy:r - dy + h, r - dx:r - dx + w]  # y_{t-1}(p - d)
+            after = padded[:, 2:, r + dy : r + dy + h, r + dx : r + dx + w]  # y_{t+1}(p + d)
+            before = padded[:, :-2, r - dy : r - dy + h, r - dx : r - dx + w]  # y_{t-1}(p - d)
             err = (after - 2 * y[:, 1:-1] + before).abs().view(b * (t - 2), 1, h, w)
             err = F.avg_pool2d(err, block, ceil_mode=True).view(b, t - 2, -1)  # per block; ceil: edge blocks count
             best = err if best is None else torch.minimum(best, err)

@@ -97,8 +97,17 @@ def velocity(fn, x, sigma, cond, pref=None, pack=None, unpack=None):
 
 
 @torch.no_grad()  # rollouts store only x0 (DiffusionNFT), so sampling never needs a graph
-def denoise(net, x, sigmas, cond: dict, pref=None, guidance: float = 1.0, uncond: dict | None = None,
-            solver: str = "euler", progress: bool = False) -> torch.Tensor:
+def denoise(
+    net,
+    x,
+    sigmas,
+    cond: dict,
+    pref=None,
+    guidance: float = 1.0,
+    uncond: dict | None = None,
+    solver: str = "euler",
+    progress: bool = False,
+) -> torch.Tensor:
     if solver not in ("euler", "dpm2"):
         raise ValueError(f"unknown solver {solver!r}: use 'euler' or 'dpm2'")
     cfg = guidance > 1.0
@@ -145,14 +154,14 @@ def denoise(net, x, sigmas, cond: dict, pref=None, guidance: float = 1.0, uncond
 
 @dataclass
 class TextEncoders:
-    clip_l: torch.nn.Module          # CLIPTextModelWithProjection
-    tok_l: object                    # its tokenizer; its model_max_length (77) is the CLIP length for both CLIPs
-    clip_g: torch.nn.Module          # CLIPTextModelWithProjection (OpenCLIP bigG)
+    clip_l: torch.nn.Module  # CLIPTextModelWithProjection
+    tok_l: object  # its tokenizer; its model_max_length (77) is the CLIP length for both CLIPs
+    clip_g: torch.nn.Module  # CLIPTextModelWithProjection (OpenCLIP bigG)
     tok_g: object
-    t5: torch.nn.Module | None       # T5EncoderModel, or None: zeros instead (pipeline_stable_diffusion_3.py:247-256)
+    t5: torch.nn.Module | None  # T5EncoderModel, or None: zeros instead (pipeline_stable_diffusion_3.py:247-256)
     tok_t5: object | None
-    context_dim: int                 # T5 width = transformer context dim (4096 for SD3.5)
-    t5_len: int = 256                # T5 tokens (diffusers max_sequence_length default)
+    context_dim: int  # T5 width = transformer context dim (4096 for SD3.5)
+    t5_len: int = 256  # T5 tokens (diffusers max_sequence_length default)
 
     def to(self, device):  # encoders run once per prompt list; move them off the GPU afterwards
         for m in (self.clip_l, self.clip_g, self.t5):
@@ -164,6 +173,7 @@ class TextEncoders:
 def load_text_encoders(path: str, device="cpu", dtype=torch.float32, t5: bool = True) -> TextEncoders:
     # `path`: a diffusers SD3.5 repo folder (text_encoder/, text_encoder_2/, text_encoder_3/, tokenizer*/) or a hub id
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
     local = os.path.isdir(path)
     if not local and (os.path.exists(path) or path.count("/") != 1):
         raise FileNotFoundError(f"text encoders: {path!r} is neither a diffusers folder nor a hub id (owner/name)")
@@ -182,17 +192,24 @@ def load_text_encoders(path: str, device="cpu", dtype=torch.float32, t5: bool = 
             raise RuntimeError(f"text encoders: cannot load {sub} from {where} {path!r}: {e}") from e
 
     t5 = part(T5EncoderModel, "text_encoder_3", optional=True) if t5 else None  # optional, as in diffusers
-    return TextEncoders(part(CLIPTextModelWithProjection, "text_encoder"), part(AutoTokenizer, "tokenizer"),
-                        part(CLIPTextModelWithProjection, "text_encoder_2"), part(AutoTokenizer, "tokenizer_2"),
-                        t5, part(AutoTokenizer, "tokenizer_3") if t5 is not None else None,
-                        context_dim=t5.config.d_model if t5 is not None else 4096)
+    return TextEncoders(
+        part(CLIPTextModelWithProjection, "text_encoder"),
+        part(AutoTokenizer, "tokenizer"),
+        part(CLIPTextModelWithProjection, "text_encoder_2"),
+        part(AutoTokenizer, "tokenizer_2"),
+        t5,
+        part(AutoTokenizer, "tokenizer_3") if t5 is not None else None,
+        context_dim=t5.config.d_model if t5 is not None else 4096,
+    )
 
 
-def tiny_text_encoders(vocab: list[str], seed: int = 0, clip_dims=(32, 32), t5_dim: int = 64, clip_len: int = 8,
-                       t5_len: int = 8) -> TextEncoders:
+def tiny_text_encoders(
+    vocab: list[str], seed: int = 0, clip_dims=(32, 32), t5_dim: int = 64, clip_len: int = 8, t5_len: int = 8
+) -> TextEncoders:
     # The same three transformers classes with tiny random configs and an offline word-level tokenizer, for the
     # CPU default (SPEC §4). Fixed seed -> identical weights on every run, without touching the global RNG.
     from transformers import CLIPTextModelWithProjection
+
     assert sum(clip_dims) <= t5_dim, "the CLIP states are zero-padded to the T5 width"
     ids = _tiny_vocab(vocab)
     with torch.random.fork_rng(devices=[]):
@@ -200,8 +217,16 @@ def tiny_text_encoders(vocab: list[str], seed: int = 0, clip_dims=(32, 32), t5_d
         clip_l, clip_g = (_tiny_clip(CLIPTextModelWithProjection, ids, d, clip_len) for d in clip_dims)
         t5 = _tiny_t5(ids, t5_dim)
     clip_tok = _tiny_tokenizer(ids, "<|startoftext|> $A <|endoftext|>", clip_len)
-    return TextEncoders(clip_l, clip_tok, clip_g, clip_tok, t5, _tiny_tokenizer(ids, "$A <|endoftext|>", t5_len),
-                        context_dim=t5_dim, t5_len=t5_len)
+    return TextEncoders(
+        clip_l,
+        clip_tok,
+        clip_g,
+        clip_tok,
+        t5,
+        _tiny_tokenizer(ids, "$A <|endoftext|>", t5_len),
+        context_dim=t5_dim,
+        t5_len=t5_len,
+    )
 
 
 def _tiny_vocab(vocab):
@@ -213,25 +238,57 @@ def _tiny_tokenizer(ids, template, max_len):
     # a word-level tokenizer built in code (no files, no hub), wrapped as a transformers fast tokenizer
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
     tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[
-        ("<|startoftext|>", ids["<|startoftext|>"]), ("<|endoftext|>", ids["<|endoftext|>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_len, pad_token="<pad>",
-                                   unk_token="<unk>", bos_token="<|startoftext|>", eos_token="<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single=template,
+        special_tokens=[("<|startoftext|>", ids["<|startoftext|>"]), ("<|endoftext|>", ids["<|endoftext|>"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_max_length=max_len,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+    )
 
 
 def _tiny_clip(cls, ids, dim, max_len):  # CLIPTextModel(WithProjection), 2 layers
     from transformers import CLIPTextConfig
-    return cls(CLIPTextConfig(vocab_size=len(ids), hidden_size=dim, intermediate_size=2 * dim, projection_dim=dim,
-                              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_len,
-                              pad_token_id=0, bos_token_id=2, eos_token_id=3)).eval()
+
+    return cls(
+        CLIPTextConfig(
+            vocab_size=len(ids),
+            hidden_size=dim,
+            intermediate_size=2 * dim,
+            projection_dim=dim,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=max_len,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
+    ).eval()
 
 
 def _tiny_t5(ids, dim):
     from transformers import T5Config, T5EncoderModel
-    return T5EncoderModel(T5Config(vocab_size=len(ids), d_model=dim, d_kv=dim // 2, d_ff=2 * dim, num_layers=2,
-                                   num_heads=2, pad_token_id=0, eos_token_id=3)).eval()
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(ids),
+            d_model=dim,
+            d_kv=dim // 2,
+            d_ff=2 * dim,
+            num_layers=2,
+            num_heads=2,
+            pad_token_id=0,
+            eos_token_id=3,
+        )
+    ).eval()
 
 
 @torch.no_grad()
@@ -242,16 +299,23 @@ def encode_prompts(enc: TextEncoders, prompts: list[str], t5_len: int | None = N
     device, dtype = enc.clip_l.device, enc.clip_l.dtype
     states, pooled = [], []
     for tok, model in ((enc.tok_l, enc.clip_l), (enc.tok_g, enc.clip_g)):
-        ids = tok(prompts, padding="max_length", max_length=enc.tok_l.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
+        ids = tok(
+            prompts, padding="max_length", max_length=enc.tok_l.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         out = model(ids.to(device), output_hidden_states=True)
         states.append(out.hidden_states[-2].to(dtype))  # penultimate layer, no final LayerNorm
-        pooled.append(out.text_embeds)                   # projected pooled embedding
+        pooled.append(out.text_embeds)  # projected pooled embedding
     if enc.t5 is None:
         t5 = torch.zeros(len(prompts), t5_len, enc.context_dim, device=device, dtype=dtype)
     else:
-        ids = enc.tok_t5(prompts, padding="max_length", max_length=t5_len, truncation=True, add_special_tokens=True,
-                         return_tensors="pt").input_ids
+        ids = enc.tok_t5(
+            prompts,
+            padding="max_length",
+            max_length=t5_len,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
         t5 = enc.t5(ids.to(enc.t5.device))[0].to(device)
     clip = torch.cat(states, dim=-1)
     clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # [B, 77, D_L + D_G] -> [B, 77, 4096]
@@ -265,11 +329,11 @@ def encode_prompts(enc: TextEncoders, prompts: list[str], t5_len: int | None = N
 
 @dataclass
 class FluxTextEncoders:
-    clip: torch.nn.Module            # CLIPTextModel (pooler_output, not the projected embedding)
+    clip: torch.nn.Module  # CLIPTextModel (pooler_output, not the projected embedding)
     tok_clip: object
-    t5: torch.nn.Module              # T5EncoderModel
+    t5: torch.nn.Module  # T5EncoderModel
     tok_t5: object
-    t5_len: int = 512                # FLUX.1 dev / Kontext (diffusers max_sequence_length)
+    t5_len: int = 512  # FLUX.1 dev / Kontext (diffusers max_sequence_length)
 
     def to(self, device):
         self.clip.to(device), self.t5.to(device)
@@ -279,9 +343,12 @@ class FluxTextEncoders:
 def load_flux_text_encoders(path: str, device="cpu", dtype=torch.float32) -> FluxTextEncoders:
     # `path`: a diffusers FLUX repo folder (text_encoder/ = CLIP-L, text_encoder_2/ = T5, tokenizer{,_2}/)
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"text encoders: {path!r} is not a folder (a local FLUX diffusers repo with "
-                                "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
+        raise FileNotFoundError(
+            f"text encoders: {path!r} is not a folder (a local FLUX diffusers repo with "
+            "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)"
+        )
 
     def part(cls, sub):
         if not os.path.isdir(os.path.join(path, sub)):
@@ -290,31 +357,44 @@ def load_flux_text_encoders(path: str, device="cpu", dtype=torch.float32) -> Flu
             return cls.from_pretrained(path, subfolder=sub)
         return cls.from_pretrained(path, subfolder=sub, dtype=dtype).to(device).eval()
 
-    return FluxTextEncoders(part(CLIPTextModel, "text_encoder"), part(AutoTokenizer, "tokenizer"),
-                            part(T5EncoderModel, "text_encoder_2"), part(AutoTokenizer, "tokenizer_2"))
+    return FluxTextEncoders(
+        part(CLIPTextModel, "text_encoder"),
+        part(AutoTokenizer, "tokenizer"),
+        part(T5EncoderModel, "text_encoder_2"),
+        part(AutoTokenizer, "tokenizer_2"),
+    )
 
 
-def tiny_flux_text_encoders(vocab: list[str], seed: int = 0, clip_dim: int = 32, t5_dim: int = 64, clip_len: int = 8,
-                            t5_len: int = 8) -> FluxTextEncoders:
+def tiny_flux_text_encoders(
+    vocab: list[str], seed: int = 0, clip_dim: int = 32, t5_dim: int = 64, clip_len: int = 8, t5_len: int = 8
+) -> FluxTextEncoders:
     # FLUX's two encoder classes, tiny and random (fixed seed), with the offline word-level tokenizers
     from transformers import CLIPTextModel
+
     ids = _tiny_vocab(vocab)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clip, t5 = _tiny_clip(CLIPTextModel, ids, clip_dim, clip_len), _tiny_t5(ids, t5_dim)
-    return FluxTextEncoders(clip, _tiny_tokenizer(ids, "<|startoftext|> $A <|endoftext|>", clip_len), t5,
-                            _tiny_tokenizer(ids, "$A <|endoftext|>", t5_len), t5_len=t5_len)
+    return FluxTextEncoders(
+        clip,
+        _tiny_tokenizer(ids, "<|startoftext|> $A <|endoftext|>", clip_len),
+        t5,
+        _tiny_tokenizer(ids, "$A <|endoftext|>", t5_len),
+        t5_len=t5_len,
+    )
 
 
 @torch.no_grad()
 def encode_flux_prompts(enc: FluxTextEncoders, prompts: list[str]):
     # pipeline_flux_kontext.py _get_t5_prompt_embeds / _get_clip_prompt_embeds -> context [B, t5_len, D_t5],
     # pooled [B, D_clip]
-    ids = enc.tok_clip(prompts, padding="max_length", max_length=enc.tok_clip.model_max_length, truncation=True,
-                       return_tensors="pt").input_ids
+    ids = enc.tok_clip(
+        prompts, padding="max_length", max_length=enc.tok_clip.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     pooled = enc.clip(ids.to(enc.clip.device), output_hidden_states=False).pooler_output
-    ids = enc.tok_t5(prompts, padding="max_length", max_length=enc.t5_len, truncation=True,
-                     return_tensors="pt").input_ids
+    ids = enc.tok_t5(
+        prompts, padding="max_length", max_length=enc.t5_len, truncation=True, return_tensors="pt"
+    ).input_ids
     context = enc.t5(ids.to(enc.t5.device), output_hidden_states=False)[0]
     return context.to(pooled.device), pooled
 
@@ -327,58 +407,92 @@ def encode_flux_prompts(enc: FluxTextEncoders, prompts: list[str]):
 
 @dataclass
 class LTX2TextEncoder:
-    gemma: torch.nn.Module           # Gemma3 (text part): its hidden_states are all the encoder gives
-    tok: object                      # its tokenizer, padding on the left (the connectors expect the tokens last)
-    connectors: torch.nn.Module      # model.LTX2TextConnectors
-    max_len: int = 1024              # tokens per prompt (diffusers max_sequence_length)
+    gemma: torch.nn.Module  # Gemma3 (text part): its hidden_states are all the encoder gives
+    tok: object  # its tokenizer, padding on the left (the connectors expect the tokens last)
+    connectors: torch.nn.Module  # model.LTX2TextConnectors
+    max_len: int = 1024  # tokens per prompt (diffusers max_sequence_length)
 
     def to(self, device):
         self.gemma.to(device), self.connectors.to(device)
         return self
 
 
-def tiny_ltx2_text_encoder(vocab: list[str], seed: int = 0, dim: int = 64, layers: int = 2, max_len: int = 8,
-                           registers: int = 8) -> LTX2TextEncoder:
+def tiny_ltx2_text_encoder(
+    vocab: list[str], seed: int = 0, dim: int = 64, layers: int = 2, max_len: int = 8, registers: int = 8
+) -> LTX2TextEncoder:
     # transformers' Gemma3 text model and our connectors, tiny and random (fixed seed), with the offline word-level
     # tokenizer; the connectors' width is Gemma's (caption_channels), their registers tile the max_len tokens
-    import model
     from transformers import Gemma3TextConfig, Gemma3TextModel
+
+    import model
+
     ids = _tiny_vocab(vocab)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        gemma = Gemma3TextModel(Gemma3TextConfig(
-            vocab_size=len(ids), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=layers,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=dim // 2, max_position_embeddings=max_len,
-            sliding_window=max_len, pad_token_id=0, bos_token_id=2, eos_token_id=3)).eval()
-        connectors = model.LTX2TextConnectors(model.LTX2ConnectorConfig(
-            caption_channels=dim, text_layers=layers + 1, heads=4, head_dim=dim // 4, depth=1, registers=registers,
-            audio_heads=4, audio_head_dim=dim // 4, audio_depth=1, audio_registers=registers)).eval()
+        gemma = Gemma3TextModel(
+            Gemma3TextConfig(
+                vocab_size=len(ids),
+                hidden_size=dim,
+                intermediate_size=2 * dim,
+                num_hidden_layers=layers,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=dim // 2,
+                max_position_embeddings=max_len,
+                sliding_window=max_len,
+                pad_token_id=0,
+                bos_token_id=2,
+                eos_token_id=3,
+            )
+        ).eval()
+        connectors = model.LTX2TextConnectors(
+            model.LTX2ConnectorConfig(
+                caption_channels=dim,
+                text_layers=layers + 1,
+                heads=4,
+                head_dim=dim // 4,
+                depth=1,
+                registers=registers,
+                audio_heads=4,
+                audio_head_dim=dim // 4,
+                audio_depth=1,
+                audio_registers=registers,
+            )
+        ).eval()
     tok = _tiny_tokenizer(ids, "<|startoftext|> $A", max_len)
     tok.padding_side = "left"
     return LTX2TextEncoder(gemma, tok, connectors, max_len)
 
 
-def load_ltx2_text_encoder(path: str, device="cpu", dtype=torch.float32, connectors: str | None = None,
-                           max_len: int = 1024) -> LTX2TextEncoder:
+def load_ltx2_text_encoder(
+    path: str, device="cpu", dtype=torch.float32, connectors: str | None = None, max_len: int = 1024
+) -> LTX2TextEncoder:
     """path: a diffusers LTX-2 folder (text_encoder/ = Gemma3ForConditionalGeneration, tokenizer/, connectors/) or a
     Gemma-3 folder (config.json and the tokenizer files side by side). connectors: where the connectors are when path
     has no connectors/ (Lightricks' combined file, or a diffusers folder; model.load_ltx2_connectors reads both).
     Only Gemma's language model runs: with text alone its hidden states are those of the whole multimodal model, so
     the vision tower is dropped after loading."""
-    import model
     from transformers import AutoConfig, AutoModel, AutoTokenizer, Gemma3ForConditionalGeneration
+
+    import model
+
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"LTX-2 text encoder: {path!r} is not a folder (a diffusers LTX-2 folder with "
-                                "text_encoder/, tokenizer/, connectors/, or a Gemma-3 folder)")
+        raise FileNotFoundError(
+            f"LTX-2 text encoder: {path!r} is not a folder (a diffusers LTX-2 folder with "
+            "text_encoder/, tokenizer/, connectors/, or a Gemma-3 folder)"
+        )
     sub = lambda name: os.path.join(path, name) if os.path.isdir(os.path.join(path, name)) else path
     gemma_dir, tok_dir = sub("text_encoder"), sub("tokenizer")
     if not os.path.isfile(os.path.join(gemma_dir, "config.json")):
-        raise FileNotFoundError(f"LTX-2 text encoder: no Gemma-3 in {path} (neither text_encoder/config.json nor "
-                                "config.json)")
+        raise FileNotFoundError(
+            f"LTX-2 text encoder: no Gemma-3 in {path} (neither text_encoder/config.json nor config.json)"
+        )
     connectors = os.path.join(path, "connectors") if os.path.isdir(os.path.join(path, "connectors")) else connectors
     if connectors is None:
-        raise FileNotFoundError(f"LTX-2 text encoder: {path} has no connectors/; they come with the LTX-2 weights "
-                                "(a diffusers folder's connectors/ or Lightricks' combined file)")
+        raise FileNotFoundError(
+            f"LTX-2 text encoder: {path} has no connectors/; they come with the LTX-2 weights "
+            "(a diffusers folder's connectors/ or Lightricks' combined file)"
+        )
     try:
         kind = AutoConfig.from_pretrained(gemma_dir).model_type
         if kind == "gemma3":  # the release's text encoder: take its language model
@@ -395,8 +509,10 @@ def load_ltx2_text_encoder(path: str, device="cpu", dtype=torch.float32, connect
     conn = model.load_ltx2_connectors(connectors, dtype=dtype, device=device)
     need = (gemma.config.hidden_size, gemma.config.num_hidden_layers + 1)
     if (conn.cfg.caption_channels, conn.cfg.text_layers) != need:
-        raise ValueError(f"LTX-2 text encoder: the connectors take {conn.cfg.text_layers} hidden states of width "
-                         f"{conn.cfg.caption_channels}, the Gemma-3 in {gemma_dir} gives {need[1]} of width {need[0]}")
+        raise ValueError(
+            f"LTX-2 text encoder: the connectors take {conn.cfg.text_layers} hidden states of width "
+            f"{conn.cfg.caption_channels}, the Gemma-3 in {gemma_dir} gives {need[1]} of width {need[0]}"
+        )
     return LTX2TextEncoder(gemma.to(device).eval(), tok, conn, max_len)
 
 
@@ -406,8 +522,14 @@ def encode_ltx2_prompts(enc: LTX2TextEncoder, prompts: list[str]) -> dict:
     # fill the padding, so their mask is all ones, and the DiT's text attention runs unmasked (a mask, even of ones,
     # would keep SDPA off its FlashAttention kernel)
     enc.tok.padding_side = "left"
-    t = enc.tok([p.strip() for p in prompts], padding="max_length", max_length=enc.max_len, truncation=True,
-                add_special_tokens=True, return_tensors="pt")
+    t = enc.tok(
+        [p.strip() for p in prompts],
+        padding="max_length",
+        max_length=enc.max_len,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    )
     dev = next(enc.gemma.parameters()).device
     mask = t.attention_mask.to(dev)
     hidden = enc.gemma(input_ids=t.input_ids.to(dev), attention_mask=mask, output_hidden_states=True).hidden_states
@@ -448,15 +570,41 @@ def decode(vae, x0):
 
 
 @torch.no_grad()
-def generate(net, vae, cond, uncond, pref, steps: int, seed: int, size: int, guidance: float = 1.0,
-             solver: str = "euler", shift: float = 3.0, progress: bool = False) -> torch.Tensor:
+def generate(
+    net,
+    vae,
+    cond,
+    uncond,
+    pref,
+    steps: int,
+    seed: int,
+    size: int,
+    guidance: float = 1.0,
+    solver: str = "euler",
+    shift: float = 3.0,
+    progress: bool = False,
+) -> torch.Tensor:
     # -> images [B,3,size,size] in [0,1] from an SD3-style net (latents at size/8 with the VAE, pixels without)
-    return Pipeline(net, vae, None, None).generate(cond, uncond, pref, steps, seed, size, size, guidance, solver,
-                                                   shift, progress)
+    return Pipeline(net, vae, None, None).generate(
+        cond, uncond, pref, steps, seed, size, size, guidance, solver, shift, progress
+    )
 
 
-def sample_images(net, vae, enc, prompts, pref, steps: int, seed: int, size: int, guidance: float = 1.0,
-                  solver: str = "euler", shift: float = 3.0, negative_prompt: str = "", progress: bool = False):
+def sample_images(
+    net,
+    vae,
+    enc,
+    prompts,
+    pref,
+    steps: int,
+    seed: int,
+    size: int,
+    guidance: float = 1.0,
+    solver: str = "euler",
+    shift: float = 3.0,
+    negative_prompt: str = "",
+    progress: bool = False,
+):
     # the one-call form that train.py's evaluation reuses
     cond, uncond = prompt_conditions(lambda ps: sd3_cond(enc, ps), prompts, guidance, negative_prompt)
     return generate(net, vae, cond, uncond, pref, steps, seed, size, guidance, solver, shift, progress)
@@ -464,6 +612,7 @@ def sample_images(net, vae, enc, prompts, pref, steps: int, seed: int, size: int
 
 def to_pil(img):  # [3,H,W] in [0,1] -> PIL image
     from PIL import Image
+
     return Image.fromarray((img.permute(1, 2, 0) * 255).round().byte().cpu().numpy())
 
 
@@ -477,6 +626,7 @@ def image_grid(rows, col_labels, row_labels=None, tile=160):
     nearest-neighbour, so that a 32 px image stays sharp and the labels fit. train.py's slider.png (rows = eval
     prompts, columns = ω) and sample.py's strip (one row) are both this picture."""
     from PIL import Image, ImageDraw, ImageFont
+
     first = to_pil(rows[0][0])
     scale = max(1, math.ceil(tile / first.width))
     w, h = first.width * scale, first.height * scale
@@ -500,17 +650,20 @@ def write_file(path, write):
     never leaves a truncated file under the name nor destroys the one already there; one line names the file.
     Temporaries that killed writes of this name left behind go first."""
     import model
+
     model.sweep_temporaries(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
     try:
         model.atomic_write(path, write)
     except OSError as e:
-        raise UsageError(f"{path}: could not write it ({e.strerror or e}); any earlier file of that name is "
-                         "intact") from None
+        raise UsageError(
+            f"{path}: could not write it ({e.strerror or e}); any earlier file of that name is intact"
+        ) from None
 
 
 def image_format(path):
     # PIL's format for the file's extension (the temporary's name has none), or None
     from PIL import Image
+
     return Image.registered_extensions().get(os.path.splitext(path)[1].lower())
 
 
@@ -523,6 +676,7 @@ def save_video(frames, path, fps=24.0):
     image, WebP or GIF by the extension of path, looping, and an H.264 .mp4 beside it where PyAV is installed.
     -> the paths written."""
     from PIL import Image
+
     images = [f if isinstance(f, Image.Image) else to_pil(f) for f in frames]
     write_file(path, lambda tmp: save_animation(images, tmp, fps, image_format(path)))
     try:
@@ -534,6 +688,7 @@ def save_video(frames, path, fps=24.0):
 
     def encode(tmp):
         from fractions import Fraction
+
         with av.open(tmp, "w", format="mp4") as out:
             stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             w, h = images[0].size
@@ -543,6 +698,7 @@ def save_video(frames, path, fps=24.0):
                 canvas.paste(im)
                 out.mux(stream.encode(av.VideoFrame.from_image(canvas)))
             out.mux(stream.encode())  # flush
+
     try:
         write_file(mp4, encode)
     except Exception as e:  # the animated image is written; an encoder this FFmpeg lacks only costs the .mp4
@@ -554,13 +710,15 @@ def save_video(frames, path, fps=24.0):
 def save_animation(images, fp, fps, format):
     # PIL images -> a looping animated WebP or GIF (format "WEBP" / "GIF") into a path or a file object
     extra = dict(quality=90) if format.upper() == "WEBP" else {}
-    images[0].save(fp, format=format, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0,
-                   **extra)
+    images[0].save(
+        fp, format=format, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0, **extra
+    )
 
 
 def save_wav(wav, path, rate):
     # a waveform [channels, samples] in [-1, 1] -> a 16-bit PCM WAV (standard library), samples interleaved
     import wave
+
     pcm = (wav.float().clamp(-1, 1) * 32767).round().to(torch.int16).T.contiguous().cpu().numpy()
 
     def write(tmp):
@@ -569,6 +727,7 @@ def save_wav(wav, path, rate):
             f.setsampwidth(2)
             f.setframerate(int(rate))
             f.writeframes(pcm.astype("<i2").tobytes())
+
     write_file(path, write)
 
 
@@ -586,7 +745,7 @@ def parse_pref(text: str) -> list[float]:
     try:
         w = [float(v) for v in text.split(",")]
     except ValueError:
-        raise UsageError(f"--pref {text!r}: expected a number or a comma-separated vector like 0.2,0.3,0.5")
+        raise UsageError(f"--pref {text!r}: expected a number or a comma-separated vector like 0.2,0.3,0.5") from None
     if len(w) == 1:
         w = [w[0], 1 - w[0]]
     if any(v < 0 or not math.isfinite(v) for v in w) or abs(sum(w) - 1) > 1e-3:
@@ -602,25 +761,26 @@ def parse_pref(text: str) -> list[float]:
 
 @dataclass
 class Pipeline:
-    net: torch.nn.Module                     # the transformer (+ the adapter, if one was given)
-    vae: torch.nn.Module | None = None       # None: a pixel-space net (the tiny defaults) whose x0 lives in [-1, 1]
-    enc: object = None                       # the text encoders
-    encode: callable = None                  # prompts -> cond dict of tensors [B, ...] (the net's keyword inputs)
-    latent: callable = None                  # (height, width) px -> one x0's shape; None: SD3's (C, H/8, W/8)
-    schedule: callable = None                # (steps, shift, x0 shape) -> sigmas; None: get_schedule(steps, shift)
-    to_latent: callable = None               # images [B,3,H,W] in [0,1] -> latents (Kontext's reference image)
-    from_latent: callable = None             # x0 -> images in [0,1]; None: the VAE's decode (pixels without one)
-    guidance_input: bool = False             # FLUX: the guidance scale is an input of the net, not CFG
-    packing: callable = None                 # a net with several latents (LTX-2): same arguments as `latent` ->
+    net: torch.nn.Module  # the transformer (+ the adapter, if one was given)
+    vae: torch.nn.Module | None = None  # None: a pixel-space net (the tiny defaults) whose x0 lives in [-1, 1]
+    enc: object = None  # the text encoders
+    encode: callable = None  # prompts -> cond dict of tensors [B, ...] (the net's keyword inputs)
+    latent: callable = None  # (height, width) px -> one x0's shape; None: SD3's (C, H/8, W/8)
+    schedule: callable = None  # (steps, shift, x0 shape) -> sigmas; None: get_schedule(steps, shift)
+    to_latent: callable = None  # images [B,3,H,W] in [0,1] -> latents (Kontext's reference image)
+    from_latent: callable = None  # x0 -> images in [0,1]; None: the VAE's decode (pixels without one)
+    guidance_input: bool = False  # FLUX: the guidance scale is an input of the net, not CFG
+    packing: callable = None  # a net with several latents (LTX-2): same arguments as `latent` ->
     #                                          (pack, unpack) of sample.velocity; None: x0 is the net's one latent
-    net_kwargs: dict = None                  # fixed keyword inputs of the net that are no batched tensors (LTX-2's fps)
-    audio: callable = None                   # LTX-2 with its audio decoders: x0 -> (waveform [B, channels, samples] in
+    net_kwargs: dict = None  # fixed keyword inputs of the net that are no batched tensors (LTX-2's fps)
+    audio: callable = None  # LTX-2 with its audio decoders: x0 -> (waveform [B, channels, samples] in
     #                                          [-1, 1], samples per second)
 
     def conditions(self, prompts, guidance=1.0, negative_prompt=""):
         with self.encoding():
-            return prompt_conditions(self.encode, prompts, guidance if not self.guidance_input else 1.0,
-                                     negative_prompt)
+            return prompt_conditions(
+                self.encode, prompts, guidance if not self.guidance_input else 1.0, negative_prompt
+            )
 
     def encoding(self):
         # the text encoders on the net's device while the block encodes (they live on the CPU beside a GPU net)
@@ -632,12 +792,29 @@ class Pipeline:
     def x0_shape(self, height, width, frames=None):
         if self.latent:
             return self.latent(height, width, **({} if frames is None else dict(frames=frames)))
-        return (self.net.cfg.in_channels, height // 8, width // 8) if self.vae is not None else \
-            (self.net.cfg.in_channels, height, width)
+        return (
+            (self.net.cfg.in_channels, height // 8, width // 8)
+            if self.vae is not None
+            else (self.net.cfg.in_channels, height, width)
+        )
 
     @torch.no_grad()
-    def generate(self, cond, uncond, pref, steps, seed, height, width, guidance=1.0, solver="euler", shift=3.0,
-                 progress=False, frames=None, decode=True):
+    def generate(
+        self,
+        cond,
+        uncond,
+        pref,
+        steps,
+        seed,
+        height,
+        width,
+        guidance=1.0,
+        solver="euler",
+        shift=3.0,
+        progress=False,
+        frames=None,
+        decode=True,
+    ):
         # -> images [B,3,H,W] in [0,1] (a video backbone: what its decode gives; decode=False: x0 itself). The same
         # seed always starts from the same noise, so a sweep over ω compares like with like.
         p = next(self.net.parameters())
@@ -651,16 +828,21 @@ class Pipeline:
         if pref is not None:
             pref = torch.as_tensor(pref, dtype=torch.float32, device=p.device).expand(batch, -1)
         sigmas = self.schedule(steps, shift, shape) if self.schedule else get_schedule(steps, shift)
-        pack, unpack = self.packing(height, width, **({} if frames is None else dict(frames=frames))) \
-            if self.packing else (None, None)
-        step = lambda x, s, pref=None, **c: velocity(self.net, x, s, {**c, **(self.net_kwargs or {})}, pref, pack,
-                                                     unpack)
+        pack, unpack = (
+            self.packing(height, width, **({} if frames is None else dict(frames=frames)))
+            if self.packing
+            else (None, None)
+        )
+        step = lambda x, s, pref=None, **c: velocity(
+            self.net, x, s, {**c, **(self.net_kwargs or {})}, pref, pack, unpack
+        )
         x0 = denoise(step, x, sigmas, cond, pref, guidance, uncond, solver, progress)
         return self.decode(x0) if decode else x0
 
 
 def load_net(weights, lora, dtype, device):
     import model
+
     pref_dim = 0
     if lora:  # the adapter records the config it was trained with (model.save_adapters), incl. the objective count
         pref_dim = model.read_adapter_meta(lora)["config"].get("pref_dim", 0)
@@ -675,6 +857,7 @@ def load_sd35(spec, dtype=torch.float32, device="cpu", lora=None):
     when it is a folder), "t5": bool} or, for the tiny default, {"weights": the cached base file,
     "tiny_text_encoders": tiny_text_encoders' keyword arguments}. A 3-channel net without a VAE is pixel-space."""
     import model
+
     weights = spec["weights"]
     net = load_net(weights, lora, dtype, device)
     vae = None
@@ -682,8 +865,15 @@ def load_sd35(spec, dtype=torch.float32, device="cpu", lora=None):
         vae = model.load_vae(os.path.join(weights, "vae"), dtype=dtype, device=device)  # constants from config.json
     elif net.cfg.in_channels != 3:  # a Stability single file bundles the VAE (first_stage_model.*), no constants
         vae = model.load_vae(weights, dtype=dtype, device=device, **model.VAE_SD3)
-    enc = text_encoders(spec, tiny_text_encoders, load_text_encoders, device, dtype,
-                        "a diffusers SD3.5 folder or hub id", t5=spec.get("t5", True))
+    enc = text_encoders(
+        spec,
+        tiny_text_encoders,
+        load_text_encoders,
+        device,
+        dtype,
+        "a diffusers SD3.5 folder or hub id",
+        t5=spec.get("t5", True),
+    )
     return Pipeline(net, vae, enc, lambda prompts: sd3_cond(enc, prompts))
 
 
@@ -720,6 +910,7 @@ def load_flux(spec, dtype=torch.float32, device="cpu", lora=None):
     for the tiny default, {"weights": the cached base, "tiny_text_encoders": {...}, "pixels": 2}: a pixel-space
     net whose x0 is the image in [-1, 1] space-to-depth'ed 2x2 ([12, H/2, W/2])."""
     import model
+
     weights = spec["weights"]
     net = load_net(weights, lora, dtype, device)
     C = net.cfg.in_channels // 4  # unpacked latent channels (16 for the released model)
@@ -738,9 +929,15 @@ def load_flux(spec, dtype=torch.float32, device="cpu", lora=None):
             raise UsageError("FLUX needs its VAE: --weights a diffusers folder with vae/, or --vae ae.safetensors")
         # the reference image: VAE posterior mean, shifted and scaled (pipeline_flux_kontext.py sample_mode="argmax")
         to_latent = lambda img: vae.encode(img.to(next(vae.parameters()).dtype))
-        pipe = dict(vae=vae, latent=lambda h, w: (C, h // 8, w // 8), to_latent=to_latent,
-                    schedule=lambda steps, shift, shape: get_flux_schedule(steps, (shape[1] // 2) * (shape[2] // 2)))
-    enc = text_encoders(spec, tiny_flux_text_encoders, load_flux_text_encoders, device, dtype, "a FLUX diffusers folder")
+        pipe = dict(
+            vae=vae,
+            latent=lambda h, w: (C, h // 8, w // 8),
+            to_latent=to_latent,
+            schedule=lambda steps, shift, shape: get_flux_schedule(steps, (shape[1] // 2) * (shape[2] // 2)),
+        )
+    enc = text_encoders(
+        spec, tiny_flux_text_encoders, load_flux_text_encoders, device, dtype, "a FLUX diffusers folder"
+    )
     encode = lambda prompts: dict(zip(("context", "pooled"), encode_flux_prompts(enc, prompts)))
     return Pipeline(net, enc=enc, encode=encode, guidance_input=True, **pipe)
 
@@ -753,7 +950,9 @@ def depth_to_space(x0, f=2):  # the inverse, clamped to [0,1]
     return ((F.pixel_shuffle(x0.float(), f) + 1) / 2).clamp(0, 1)
 
 
-def frames_to_latent(video, f=4):  # video [B,T,3,H,W] in [0,1] -> the tiny LTX-2's video x0 [B,3f^2,T,H/f,W/f] in [-1,1]
+def frames_to_latent(
+    video, f=4
+):  # video [B,T,3,H,W] in [0,1] -> the tiny LTX-2's video x0 [B,3f^2,T,H/f,W/f] in [-1,1]
     return space_to_depth(video, f).transpose(1, 2)  # pixel_unshuffle takes any leading dims: per frame
 
 
@@ -763,8 +962,15 @@ def latent_to_frames(z, f=4):  # the inverse, clamped to [0,1]: [B,3f^2,T,h,w] -
 
 def ltx2_text_encoder(spec, device, dtype):
     # Gemma-3 + the connectors of a full-size spec: from its text_encoders folder, or its weights folder
-    return text_encoders(spec, None, load_ltx2_text_encoder, device, dtype,
-                         "a diffusers LTX-2 folder, or a Gemma-3 folder", connectors=spec["weights"])
+    return text_encoders(
+        spec,
+        None,
+        load_ltx2_text_encoder,
+        device,
+        dtype,
+        "a diffusers LTX-2 folder, or a Gemma-3 folder",
+        connectors=spec["weights"],
+    )
 
 
 def load_ltx2(spec, dtype=torch.float32, device="cpu", lora=None):
@@ -778,19 +984,26 @@ def load_ltx2(spec, dtype=torch.float32, device="cpu", lora=None):
     x0 is the video and audio latents packed into one vector (ltx2_packing); latent and packing take (height, width,
     frames); decode gives videos [B, T, 3, H, W] in [0, 1]."""
     import model
+
     weights, fps = spec["weights"], float(spec.get("fps", 24.0))
     tiny = bool(spec.get("pixels"))
     if spec.get("audio") and tiny:
         raise ValueError("the tiny LTX-2 has no audio VAE or vocoder (its audio latent is a toy signal)")
     if not tiny:  # the video VAE is part of the weights: refuse before the 19B transformer loads
-        has_vae = os.path.isdir(os.path.join(weights, "vae")) if os.path.isdir(weights) else \
-            bool(model.read_safetensors(weights, keep=lambda k: k == "vae." + model.LTX2_VAE_SIGNATURE)[0])
+        has_vae = (
+            os.path.isdir(os.path.join(weights, "vae"))
+            if os.path.isdir(weights)
+            else bool(model.read_safetensors(weights, keep=lambda k: k == "vae." + model.LTX2_VAE_SIGNATURE)[0])
+        )
         if not has_vae:
-            raise UsageError(f"--weights {weights}: no LTX-2 video VAE there (a diffusers folder with vae/, or "
-                             "Lightricks' combined file with vae.*)")
+            raise UsageError(
+                f"--weights {weights}: no LTX-2 video VAE there (a diffusers folder with vae/, or "
+                "Lightricks' combined file with vae.*)"
+            )
         if not spec.get("no_text_encoder") and not spec.get("text_encoders") and not os.path.isdir(weights):
-            raise UsageError("--weights is a single file: pass --text-encoders (a diffusers LTX-2 folder, or a "
-                             "Gemma-3 folder)")
+            raise UsageError(
+                "--weights is a single file: pass --text-encoders (a diffusers LTX-2 folder, or a Gemma-3 folder)"
+            )
     net = load_net(weights, lora, dtype, device)
     c = net.cfg
     audio_latent = lambda A: (c.audio_channels, A, c.audio_in_channels // c.audio_channels)  # [8, A, 16]
@@ -804,8 +1017,10 @@ def load_ltx2(spec, dtype=torch.float32, device="cpu", lora=None):
 
         def shapes(h, w, frames):
             if (frames - 1) % ft or h % fs or w % fs:
-                raise ValueError(f"LTX-2: {frames} frames of {h}x{w} px; the VAE needs {ft}k+1 frames and sides that "
-                                 f"are multiples of {fs}")
+                raise ValueError(
+                    f"LTX-2: {frames} frames of {h}x{w} px; the VAE needs {ft}k+1 frames and sides that "
+                    f"are multiples of {fs}"
+                )
             # audio latent frames for the clip's duration, 25 per second: 16 kHz, hop 160, 4 mel frames per latent
             # frame, in diffusers' order of operations (pipeline_ltx2.py:1306-1310)
             A = round(frames / fps * (c.audio_sampling_rate / c.audio_hop_length / float(c.audio_scale_factor)))
@@ -825,14 +1040,17 @@ def load_ltx2(spec, dtype=torch.float32, device="cpu", lora=None):
         parts = shapes(h, w, frames)
         n = sum(math.prod(p) for p in parts)
         if layouts.setdefault(n, parts) != parts:
-            raise ValueError(f"LTX-2: clips of {layouts[n]} and {parts} both pack to {n} numbers; use one pipeline "
-                             "per clip size")
+            raise ValueError(
+                f"LTX-2: clips of {layouts[n]} and {parts} both pack to {n} numbers; use one pipeline per clip size"
+            )
         return parts
 
     def parts_of(n):
         if n not in layouts:
-            raise ValueError(f"LTX-2: no clip size of this pipeline packs to {n} numbers (x0_shape(height, width, "
-                             "frames) makes the layout)")
+            raise ValueError(
+                f"LTX-2: no clip size of this pipeline packs to {n} numbers (x0_shape(height, width, "
+                "frames) makes the layout)"
+            )
         return layouts[n]
 
     unpack = lambda x0: ltx2_packing(*parts_of(x0.shape[1]))[1](x0)
@@ -840,25 +1058,50 @@ def load_ltx2(spec, dtype=torch.float32, device="cpu", lora=None):
     if spec.get("audio"):  # mel spectrogram [B, 2, 4A-3, 64] -> waveform [B, 2, 240 (4A-3)] at 24 kHz
         audio_vae, vocoder = model.load_ltx2_audio(weights, dtype=dtype, device=device)
         audio = lambda x0: (vocoder(audio_vae.decode(unpack(x0)[1].to(dtype))).float(), vocoder.cfg.sample_rate)
-    schedule = None if tiny else \
-        lambda steps, shift, shape: ltx2_schedule(steps, math.prod(parts_of(shape[0])[0][1:]))  # F*h*w tokens
+    schedule = (
+        None if tiny else lambda steps, shift, shape: ltx2_schedule(steps, math.prod(parts_of(shape[0])[0][1:]))
+    )  # F*h*w tokens
+
     def encode(prompts):
         if enc is None:
             raise ValueError("this LTX-2 pipeline was loaded without its text encoder (no_text_encoder)")
         return encode_ltx2_prompts(enc, prompts)
 
-    return Pipeline(net, None if tiny else vae, enc, encode,
-                    latent=lambda h, w, frames=None: (sum(math.prod(p) for p in layout(h, w, frames)),),
-                    schedule=schedule, from_latent=lambda x0: to_video(unpack(x0)[0]),
-                    packing=lambda h, w, frames=None: ltx2_packing(*layout(h, w, frames)),
-                    net_kwargs=dict(fps=fps), audio=audio)
+    return Pipeline(
+        net,
+        None if tiny else vae,
+        enc,
+        encode,
+        latent=lambda h, w, frames=None: (sum(math.prod(p) for p in layout(h, w, frames)),),
+        schedule=schedule,
+        from_latent=lambda x0: to_video(unpack(x0)[0]),
+        packing=lambda h, w, frames=None: ltx2_packing(*layout(h, w, frames)),
+        net_kwargs=dict(fps=fps),
+        audio=audio,
+    )
 
 
 # Kontext was trained at these ~1 MP (width, height) sizes; a reference image goes to the one nearest its aspect
 # ratio (diffusers pipeline_flux_kontext.py:82-100, 937-943; BFL util.py PREFERED_KONTEXT_RESOLUTIONS)
-KONTEXT_RESOLUTIONS = [(672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
-                       (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
-                       (1456, 720), (1504, 688), (1568, 672)]
+KONTEXT_RESOLUTIONS = [
+    (672, 1568),
+    (688, 1504),
+    (720, 1456),
+    (752, 1392),
+    (800, 1328),
+    (832, 1248),
+    (880, 1184),
+    (944, 1104),
+    (1024, 1024),
+    (1104, 944),
+    (1184, 880),
+    (1248, 832),
+    (1328, 800),
+    (1392, 752),
+    (1456, 720),
+    (1504, 688),
+    (1568, 672),
+]
 
 
 def kontext_resolution(width, height):
@@ -872,7 +1115,9 @@ def open_image(src, what):
     """A path or file object -> a PIL image in RGB (any mode converted), decoded; anything else (not an image, a
     truncated or hostile file, more than MAX_PIXELS pixels) is a UsageError that names `what`."""
     import warnings
+
     from PIL import Image
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -893,10 +1138,12 @@ def load_image(src, size=None, what=None):
     """-> image [1, 3, H, W] in [0, 1]. size: (width, height) to resize to (bicubic, as diffusers' VaeImageProcessor),
     or None. Errors name `what` (default: --image and the file); any mode (grayscale, RGBA, palette) becomes RGB."""
     from PIL import Image
+
     img = src if isinstance(src, Image.Image) else open_image(src, what or f"--image {src}")
     if size is not None and img.size != tuple(size):
         img = img.resize(tuple(size), Image.BICUBIC)
     import numpy as np
+
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
 
 
@@ -906,13 +1153,21 @@ LOADERS = {"sd35": load_sd35, "flux-kontext": load_flux, "ltx2": load_ltx2}  # -
 
 def cli():
     ap = argparse.ArgumentParser(description="Sample images from a ParetoSlider model at one ω or a sweep of ω.")
-    ap.add_argument("--run", help="a train.py run folder: its adapter, base model, text encoders and sampling "
-                    "settings (steps, solver, shift, size; flags given here override them)")
+    ap.add_argument(
+        "--run",
+        help="a train.py run folder: its adapter, base model, text encoders and sampling "
+        "settings (steps, solver, shift, size; flags given here override them)",
+    )
     ap.add_argument("--backbone", choices=sorted(LOADERS), help="model family (with --weights; default sd35)")
-    ap.add_argument("--weights", help="diffusers repo folder (transformer/, vae/, text encoders) "
-                    "or an original single .safetensors file")
-    ap.add_argument("--text-encoders", help="diffusers folder or hub id with text_encoder{,_2,_3}/ and tokenizer{,_2,_3}/"
-                    "; ltx2: a diffusers LTX-2 folder or a Gemma-3 folder (default: --weights when it is a folder)")
+    ap.add_argument(
+        "--weights",
+        help="diffusers repo folder (transformer/, vae/, text encoders) or an original single .safetensors file",
+    )
+    ap.add_argument(
+        "--text-encoders",
+        help="diffusers folder or hub id with text_encoder{,_2,_3}/ and tokenizer{,_2,_3}/"
+        "; ltx2: a diffusers LTX-2 folder or a Gemma-3 folder (default: --weights when it is a folder)",
+    )
     ap.add_argument("--no-t5", action="store_true", help="skip T5-XXL (zeros instead, as diffusers does)")
     ap.add_argument("--lora", help="adapter .safetensors (LoRA + preference modules) written by train.py")
     ap.add_argument("--prompt", help="text prompt (not with --serve: the page asks for it)")
@@ -922,34 +1177,69 @@ def cli():
     ap.add_argument("--steps", type=int, help="ODE steps (default 28; a run's sample_steps)")
     ap.add_argument("--solver", choices=["euler", "dpm2"], help="ODE solver (default euler; a run's solver)")
     ap.add_argument("--shift", type=float, help="schedule time shift (default 3.0 for SD3.5; a run's shift)")
-    ap.add_argument("--guidance", type=float, help="SD3.5: classifier-free guidance scale (default 1 = off); FLUX: "
-                    "the distilled guidance input (default 2.5, one forward per step)")
-    ap.add_argument("--image", help="editing backbones (flux-kontext): the source image to edit; resized to the nearest "
-                    "Kontext resolution (a tiny run: to its size)")
+    ap.add_argument(
+        "--guidance",
+        type=float,
+        help="SD3.5: classifier-free guidance scale (default 1 = off); FLUX: "
+        "the distilled guidance input (default 2.5, one forward per step)",
+    )
+    ap.add_argument(
+        "--image",
+        help="editing backbones (flux-kontext): the source image to edit; resized to the nearest "
+        "Kontext resolution (a tiny run: to its size)",
+    )
     ap.add_argument("--vae", help="FLUX with a single-file --weights: BFL's ae.safetensors")
-    ap.add_argument("--seed", type=int, help="noise seed, in [0, 2^31) (default 0; the same seed gives the same noise "
-                    "on every device)")
-    ap.add_argument("--size", type=int, help="image side in pixels (multiple of 16; default 1024, LTX-2 512 (a "
-                    "multiple of 32); a run's size)")
-    ap.add_argument("--frames", type=int, help="video backbones (ltx2): frames per clip (8k+1; default 121; a run's "
-                    "frames)")
-    ap.add_argument("--fps", type=float, help="video backbones: frames per second, an input of the net and the "
-                    "playback rate (default 24)")
-    ap.add_argument("--audio", action="store_true", help="ltx2: decode the sound too (audio VAE + vocoder) and write "
-                    "a WAV beside the video")
-    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="the base model's dtype (default: bf16 on a GPU, "
-                    "fp32 on a CPU; adapters stay fp32, cast at use; fp16 clips FLUX's activations as diffusers does)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each repeated block of the transformer "
-                    "(regional; the first image pays the compile time)")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        help="noise seed, in [0, 2^31) (default 0; the same seed gives the same noise on every device)",
+    )
+    ap.add_argument(
+        "--size",
+        type=int,
+        help="image side in pixels (multiple of 16; default 1024, LTX-2 512 (a multiple of 32); a run's size)",
+    )
+    ap.add_argument(
+        "--frames", type=int, help="video backbones (ltx2): frames per clip (8k+1; default 121; a run's frames)"
+    )
+    ap.add_argument(
+        "--fps",
+        type=float,
+        help="video backbones: frames per second, an input of the net and the playback rate (default 24)",
+    )
+    ap.add_argument(
+        "--audio",
+        action="store_true",
+        help="ltx2: decode the sound too (audio VAE + vocoder) and write a WAV beside the video",
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        help="the base model's dtype (default: bf16 on a GPU, "
+        "fp32 on a CPU; adapters stay fp32, cast at use; fp16 clips FLUX's activations as diffusers does)",
+    )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each repeated block of the transformer (regional; the first image pays the compile time)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    ap.add_argument("--out", help="output image (default out.png); a video: an animated .webp or .gif (default "
-                    "out.webp), plus an .mp4 beside it where PyAV is installed")
-    ap.add_argument("--kernels", choices=["triton", "torch"], help="fused Triton kernels or the PyTorch references "
-                    "(default: Triton on a GPU)")
+    ap.add_argument(
+        "--out",
+        help="output image (default out.png); a video: an animated .webp or .gif (default "
+        "out.webp), plus an .mp4 beside it where PyAV is installed",
+    )
+    ap.add_argument(
+        "--kernels",
+        choices=["triton", "torch"],
+        help="fused Triton kernels or the PyTorch references (default: Triton on a GPU)",
+    )
     ap.add_argument("--serve", action="store_true", help="a local page with the slider: drag ω, watch the image move")
     ap.add_argument("--port", type=int, help="--serve: the port (default 7860; 0: any free one)")
-    ap.add_argument("--host", help="--serve: the address to bind (default 127.0.0.1: this machine only; the page has "
-                    "no authentication)")
+    ap.add_argument(
+        "--host",
+        help="--serve: the address to bind (default 127.0.0.1: this machine only; the page has no authentication)",
+    )
     return ap
 
 
@@ -958,11 +1248,14 @@ def main(argv=None):
     try:
         if args.kernels:
             import kernels
+
             kernels.set_backend(args.kernels)
         serve(args) if args.serve else run(args)
     except OSError as e:  # reading weights, images, run folders: the file and the reason, in one line
-        print(f"sample.py: error: {e.filename}: {e.strerror}" if e.filename and e.strerror else
-              f"sample.py: error: {e}", file=sys.stderr)
+        print(
+            f"sample.py: error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"sample.py: error: {e}",
+            file=sys.stderr,
+        )
         sys.exit(2)
     except (UsageError, ValueError, RuntimeError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
@@ -975,16 +1268,23 @@ EDITING = {"flux-kontext"}  # the backbones that edit a source image (--image)
 # video backbones: their defaults (LTX2Pipeline: 30 steps, 121 frames at 24 fps; 512 px, its stage-1 height)
 VIDEO = {"ltx2": dict(steps=30, size=512, frames=121, fps=24.0, out="out.webp")}
 # flags that only some backbones use: flag -> (the backbones, what it is for)
-ONLY = {"--no-t5": ({"sd35"}, "SD3.5's T5 encoder"), "--vae": ({"flux-kontext"}, "FLUX's single-file VAE"),
-        "--image": (EDITING, "a source to edit"), "--frames": (set(VIDEO), "videos"), "--fps": (set(VIDEO), "videos"),
-        "--audio": (set(VIDEO), "videos")}
+ONLY = {
+    "--no-t5": ({"sd35"}, "SD3.5's T5 encoder"),
+    "--vae": ({"flux-kontext"}, "FLUX's single-file VAE"),
+    "--image": (EDITING, "a source to edit"),
+    "--frames": (set(VIDEO), "videos"),
+    "--fps": (set(VIDEO), "videos"),
+    "--audio": (set(VIDEO), "videos"),
+}
 
 
 def geometry(backbone, tiny=False, pixels=1):
-    """-> (the multiple an image side must be, the largest side or None): the VAE's compression x the transformer's patch
+    """-> (the multiple an image side must be, the largest side or None): the VAE's compression x the transformer's
+    patch
     (FLUX packs 2 x 2 latent cells into a token), from model.py's configs; a tiny run works in pixel space, with
     `pixels` x `pixels` pixels per latent cell instead of a VAE (the tiny SD3.5: up to its positional table)."""
     import model
+
     if backbone == "sd35":
         cfg = model.SD3Config(**(model.SD3_PRESETS["sd35-tiny"] if tiny else {}))
         cell = pixels if tiny else 8
@@ -1003,9 +1303,20 @@ def run_settings(args):
     """-> (backbone, spec, adapter path, objectives, {flag: default}, {flag: where the default comes from}): the run's
     sampling settings fill the flags left unset; a key the run's config.json lacks must then be given as a flag."""
     import model
+
     # dtype: bf16 on a GPU, fp32 on a CPU (what the base is stored and computes in; the adapters stay fp32 masters)
-    defaults = dict(steps=28, solver="euler", shift=3.0, size=1024, out="out.png", seed=0, negative_prompt="",
-                    port=7860, host="127.0.0.1", dtype="bf16" if torch.device(args.device).type == "cuda" else "fp32")
+    defaults = dict(
+        steps=28,
+        solver="euler",
+        shift=3.0,
+        size=1024,
+        out="out.png",
+        seed=0,
+        negative_prompt="",
+        port=7860,
+        host="127.0.0.1",
+        dtype="bf16" if torch.device(args.device).type == "cuda" else "fp32",
+    )
     origin = {}
     if not args.run:
         if not args.weights:
@@ -1018,12 +1329,19 @@ def run_settings(args):
             raise UsageError(f"--vae {args.vae}: no such file")
         backbone = args.backbone or "sd35"
         spec = dict(weights=args.weights, text_encoders=args.text_encoders, t5=not args.no_t5, vae=args.vae)
-        return backbone, spec, args.lora, None, dict(defaults, guidance=GUIDANCE[backbone],
-                                                     **VIDEO.get(backbone, {})), origin
+        return (
+            backbone,
+            spec,
+            args.lora,
+            None,
+            dict(defaults, guidance=GUIDANCE[backbone], **VIDEO.get(backbone, {})),
+            origin,
+        )
     given = [f for f, v in (("--backbone", args.backbone), ("--vae", args.vae)) if v is not None]
     if given:
-        raise UsageError(f"{given[0]}: --run {args.run} records its backbone and its base (--weights points at a "
-                         "moved base)")
+        raise UsageError(
+            f"{given[0]}: --run {args.run} records its backbone and its base (--weights points at a moved base)"
+        )
     config, adapter = os.path.join(args.run, "config.json"), os.path.join(args.run, "adapters.safetensors")
     if not os.path.isfile(config):
         raise UsageError(f"--run {args.run}: no config.json there (not a train.py run folder)")
@@ -1040,8 +1358,9 @@ def run_settings(args):
             raise UsageError(f"--lora {args.lora}: no such file")
         meta = model.read_adapter_meta(args.lora)
         if meta["backbone"] != backbone:
-            raise UsageError(f"--lora {args.lora}: an adapter of backbone {meta['backbone']!r}; --run {args.run} is "
-                             f"{backbone!r}")
+            raise UsageError(
+                f"--lora {args.lora}: an adapter of backbone {meta['backbone']!r}; --run {args.run} is {backbone!r}"
+            )
     if args.weights:  # the base moved: point at it
         spec = dict(spec, weights=args.weights)
     if args.text_encoders:
@@ -1066,9 +1385,11 @@ def run_settings(args):
 def check_values(args, backbone, spec, origin):
     """The values sampling will use, flags or the run's config.json (origin names where each came from): refused when
     they can only give garbage (an image of noise, a black one, a crash far from its cause)."""
+
     def bad(k, rule):
         where = f"{origin[k]} = {getattr(args, k)!r}" if k in origin else f"--{k.replace('_', '-')} {getattr(args, k)}"
         raise UsageError(f"{where}: {rule}")
+
     integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
     positive = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
     if not (integer(args.steps) and 1 <= args.steps <= 10000):
@@ -1092,15 +1413,22 @@ def check_values(args, backbone, spec, origin):
             bad("frames", "must be an integer >= 1")
         if not positive(args.fps):
             bad("fps", "must be a finite number > 0")
-    not_for = [f for f, (where, what) in ONLY.items() if backbone not in where and getattr(
-        args, f[2:].replace("-", "_")) not in (None, False)]
+    not_for = [
+        f
+        for f, (where, what) in ONLY.items()
+        if backbone not in where and getattr(args, f[2:].replace("-", "_")) not in (None, False)
+    ]
     if not_for:
         f = not_for[0]
-        raise UsageError(f"{f} is for {ONLY[f][1]}; {'--run ' + args.run + ' is' if args.run else 'backbone'} "
-                         f"{backbone!r} does not use it")
+        raise UsageError(
+            f"{f} is for {ONLY[f][1]}; {'--run ' + args.run + ' is' if args.run else 'backbone'} "
+            f"{backbone!r} does not use it"
+        )
     if args.negative_prompt and (backbone in DISTILLED or args.guidance <= 1.0):
-        raise UsageError("--negative-prompt is the unconditional half of classifier-free guidance: it needs --guidance "
-                         "> 1" + (f" (and {backbone!r} is guidance-distilled: no CFG)" if backbone in DISTILLED else ""))
+        raise UsageError(
+            "--negative-prompt is the unconditional half of classifier-free guidance: it needs --guidance "
+            "> 1" + (f" (and {backbone!r} is guidance-distilled: no CFG)" if backbone in DISTILLED else "")
+        )
 
 
 def run(args):
@@ -1112,8 +1440,9 @@ def run(args):
         raise UsageError("this model has no preference input (pref_dim=0): pass its adapter with --lora")
     if prefs[0] is None and m > 0:  # pref=None turns the preference paths off: a mode the model never trained in
         names = f" {objectives}" if objectives else ""
-        raise UsageError(f"this model was trained with a preference over {m} objectives{names}: pass --pref w1[,w2...] "
-                         "or --sweep N")
+        raise UsageError(
+            f"this model was trained with a preference over {m} objectives{names}: pass --pref w1[,w2...] or --sweep N"
+        )
     if prefs[0] is not None and len(prefs[0]) != m:
         raise UsageError(f"ω has {len(prefs[0])} entries but the model was trained with {m} objectives")
     cond, uncond = pipe.conditions([args.prompt], args.guidance, args.negative_prompt)  # the encoders leave the GPU
@@ -1126,8 +1455,12 @@ def run(args):
         source = load_image(args.source, (width, height))
         cond["ref"] = pipe.to_latent(source.to(args.device))
 
-    images = [pipe.generate(cond, uncond, p, args.steps, args.seed, height, width, args.guidance, args.solver,
-                            args.shift, progress=True)[0] for p in prefs]
+    images = [
+        pipe.generate(
+            cond, uncond, p, args.steps, args.seed, height, width, args.guidance, args.solver, args.shift, progress=True
+        )[0]
+        for p in prefs
+    ]
     if args.sweep:
         names = f"  ({objectives[0]} → {objectives[1]})" if objectives else ""
         labels = [pref_label(p) for p in prefs]
@@ -1143,8 +1476,24 @@ def run(args):
 def write_videos(pipe, args, cond, uncond, prefs, objectives):
     # one clip per ω -> the animated image (--sweep: every frame holds the N clips side by side, labelled with ω),
     # an .mp4 beside it where PyAV is installed and, with --audio, each clip's sound as a WAV beside it
-    x0s = [pipe.generate(cond, uncond, p, args.steps, args.seed, args.size, args.size, args.guidance, args.solver,
-                         args.shift, progress=True, frames=args.frames, decode=False) for p in prefs]
+    x0s = [
+        pipe.generate(
+            cond,
+            uncond,
+            p,
+            args.steps,
+            args.seed,
+            args.size,
+            args.size,
+            args.guidance,
+            args.solver,
+            args.shift,
+            progress=True,
+            frames=args.frames,
+            decode=False,
+        )
+        for p in prefs
+    ]
     clips = [pipe.decode(x0)[0] for x0 in x0s]  # [T, 3, H, W] each
     frames = clips[0]
     if args.sweep:
@@ -1157,8 +1506,11 @@ def write_videos(pipe, args, cond, uncond, prefs, objectives):
             wav, rate = pipe.audio(x0)
             written.append(f"{stem}.wav" if len(x0s) == 1 else f"{stem}_{i}.wav")  # _i: the i-th ω of the sweep
             save_wav(wav[0], written[-1], rate)
-    names = f", {len(prefs)} values of ω" + (f" ({objectives[0]} → {objectives[1]})" if objectives else "") \
-        if args.sweep else ""
+    names = (
+        f", {len(prefs)} values of ω" + (f" ({objectives[0]} → {objectives[1]})" if objectives else "")
+        if args.sweep
+        else ""
+    )
     print(f"wrote {', '.join(written)} ({len(frames)} frames at {args.fps:g} fps{names})")
 
 
@@ -1169,8 +1521,9 @@ def check_video_args(args, spec):
         if args.audio:
             raise UsageError("--audio: the tiny LTX-2 has no audio VAE or vocoder (its audio latent is a toy signal)")
     elif (args.frames - 1) % 8:
-        raise UsageError(f"--frames {args.frames}: LTX-2 needs 8k+1 frames (its VAE compresses time 8x), "
-                         "e.g. 9, 25, 121")
+        raise UsageError(
+            f"--frames {args.frames}: LTX-2 needs 8k+1 frames (its VAE compresses time 8x), e.g. 9, 25, 121"
+        )
     if not args.serve and not args.out.lower().endswith((".webp", ".gif")):
         raise UsageError(f"--out {args.out}: a video is written as an animated .webp or .gif")
 
@@ -1246,6 +1599,7 @@ class Slider:
     def __init__(self, pipe, args, info, cache_size=256):
         import threading
         from collections import OrderedDict
+
         self.pipe, self.args, self.info = pipe, args, info
         self.mime = "image/webp" if info["video"] else "image/png"
         self.lock, self.cache, self.cache_size = threading.Lock(), OrderedDict(), cache_size
@@ -1275,9 +1629,14 @@ class Slider:
         """-> (PNG bytes, "hit" | "miss"), or None when the request went stale while it waited for the model."""
         import hashlib
         import io
+
         w = self.check(prompt, pref, source)
-        key = (prompt.strip(), int(seed), tuple(round(v, 4) for v in w or ()),
-               hashlib.sha1(source).hexdigest() if source else None)
+        key = (
+            prompt.strip(),
+            int(seed),
+            tuple(round(v, 4) for v in w or ()),
+            hashlib.sha1(source).hexdigest() if source else None,
+        )
         with self.cache_lock:
             if client is not None and seq is not None:
                 self.newest[client] = max(seq, self.newest.get(client, seq))
@@ -1304,8 +1663,9 @@ class Slider:
                 width, height = source_size(upload.size, a.size, self.info["spec"])
                 img = load_image(upload, (width, height))
                 cond["ref"] = self.pipe.to_latent(img.to(a.device))
-            x = self.pipe.generate(cond, uncond, w, a.steps, key[1], height, width, a.guidance, a.solver, a.shift,
-                                   frames=a.frames)[0]
+            x = self.pipe.generate(
+                cond, uncond, w, a.steps, key[1], height, width, a.guidance, a.solver, a.shift, frames=a.frames
+            )[0]
             buf = io.BytesIO()
             if self.info["video"]:  # a clip [T,3,H,W]: the page's <img> plays an animated WebP
                 save_animation([to_pil(f) for f in x], buf, a.fps, format="WEBP")
@@ -1333,6 +1693,7 @@ def allowed_host(host_header, bound, port):
     refused. Bound to every interface, any IP address is taken (a rebinding needs a name)."""
     import ipaddress
     from urllib.parse import urlsplit
+
     try:
         u = urlsplit("//" + (host_header or ""))
         name, p = u.hostname, u.port
@@ -1394,14 +1755,22 @@ def make_server(slider, host="127.0.0.1", port=7860, timeout=30.0):
                 return self.send(403, {"error": reason})
             if self.path in ("/", "/index.html"):
                 page = PAGE.replace("__INFO__", page_json({k: v for k, v in slider.info.items() if k != "spec"}))
-                return self.send(200, page.encode(), "text/html; charset=utf-8", [  # never inside another site's frame
-                    ("X-Frame-Options", "DENY"), ("Content-Security-Policy", "frame-ancestors 'none'")])
+                return self.send(
+                    200,
+                    page.encode(),
+                    "text/html; charset=utf-8",
+                    [  # never inside another site's frame
+                        ("X-Frame-Options", "DENY"),
+                        ("Content-Security-Policy", "frame-ancestors 'none'"),
+                    ],
+                )
             if self.path == "/info":
                 return self.send(200, {k: v for k, v in slider.info.items() if k != "spec"})
             self.send(404, {"error": "no such page (the slider is at /)"})
 
         def do_POST(self):
             import time
+
             reason = self.foreign()
             if reason:
                 return self.send(403, {"error": reason})
@@ -1444,8 +1813,9 @@ def make_server(slider, host="127.0.0.1", port=7860, timeout=30.0):
             except UsageError as e:
                 return self.send(400, {"error": str(e)})
             except (ValueError, TypeError, base64.binascii.Error):
-                return self.send(400, {"error": "the request is not the JSON object the page sends ({prompt, seed, "
-                                                "pref, source})"})
+                return self.send(
+                    400, {"error": "the request is not the JSON object the page sends ({prompt, seed, pref, source})"}
+                )
             except TimeoutError:
                 self.close_connection = True
                 return self.send(408, {"error": "the request body did not arrive in time"})
@@ -1466,11 +1836,22 @@ def make_server(slider, host="127.0.0.1", port=7860, timeout=30.0):
 
 def run_info(pipe, backbone, spec, objectives, args):
     # what the page says about the run it serves: backbone, objectives, step, hypervolume (from the run folder)
-    info = dict(backbone=backbone, objectives=objectives or [], pref_dim=pipe.net.cfg.pref_dim,
-                editing=pipe.to_latent is not None, video=backbone in VIDEO, run=args.run or args.weights, step=None,
-                hypervolume=None, size=args.size, steps=args.steps, spec=spec)
+    info = dict(
+        backbone=backbone,
+        objectives=objectives or [],
+        pref_dim=pipe.net.cfg.pref_dim,
+        editing=pipe.to_latent is not None,
+        video=backbone in VIDEO,
+        run=args.run or args.weights,
+        step=None,
+        hypervolume=None,
+        size=args.size,
+        steps=args.steps,
+        spec=spec,
+    )
     if args.run:
         import model
+
         ev, ck = os.path.join(args.run, "eval.json"), os.path.join(args.run, "checkpoint.safetensors")
         if os.path.isfile(ev):
             info["hypervolume"] = model.read_json(ev).get("hypervolume")
@@ -1486,16 +1867,24 @@ def serve(args):
         raise UsageError(f"--port {args.port}: not a port")
     pipe, backbone, spec, objectives, _ = prepare(args)
     if args.host not in LOOPBACK:
-        print(f"warning: --host {args.host} serves the page beyond this machine; it has no authentication: anyone "
-              "who reaches the port can use the model", file=sys.stderr, flush=True)
+        print(
+            f"warning: --host {args.host} serves the page beyond this machine; it has no authentication: anyone "
+            "who reaches the port can use the model",
+            file=sys.stderr,
+            flush=True,
+        )
     slider = Slider(pipe, args, run_info(pipe, backbone, spec, objectives, args))
     try:
         server = make_server(slider, args.host, args.port)
     except OSError as e:
-        raise UsageError(f"--port {args.port}: {e.strerror} (another server there? --port 0 picks a free one)")
+        raise UsageError(
+            f"--port {args.port}: {e.strerror} (another server there? --port 0 picks a free one)"
+        ) from None
     host, port = server.server_address[:2]
-    print(f"serving {slider.info['run']} ({backbone}, objectives {objectives}) at http://{host}:{port}/  (Ctrl-C stops)",
-          flush=True)
+    print(
+        f"serving {slider.info['run']} ({backbone}, objectives {objectives}) at http://{host}:{port}/  (Ctrl-C stops)",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -1520,13 +1909,16 @@ PAGE = """<!doctype html>
  <label>seed <input id="seed" type="number" value="0" min="0" style="width:80px"></label>
  <span id="upload" hidden><label>source image <input id="source" type="file" accept="image/*"></label></span></div>
 <div id="sliders"></div>
-<div class="row"><img id="img" alt="the image at this ω"><div><div id="w"></div><div id="status" class="muted"></div></div></div>
+<div class="row"><img id="img" alt="the image at this ω">
+ <div><div id="w"></div><div id="status" class="muted"></div></div></div>
 <h3>the sweep (same prompt and seed)</h3><div id="strip"></div>
 <script>
 const INFO = __INFO__;
-const M = INFO.pref_dim, names = INFO.objectives.length ? INFO.objectives : [...Array(M).keys()].map(i => "objective " + (i + 1));
+const M = INFO.pref_dim;
+const names = INFO.objectives.length ? INFO.objectives : [...Array(M).keys()].map(i => "objective " + (i + 1));
 const client = Math.random().toString(36).slice(2); let seq = 0, source = null, w = M ? Array(M).fill(1 / M) : [];
-document.getElementById("run").textContent = `run ${INFO.run} · ${INFO.backbone} · objectives ${names.join(" ↔ ")}` +
+document.getElementById("run").textContent = `run ${INFO.run} · ${INFO.backbone}` +
+  ` · objectives ${names.join(" ↔ ")}` +
   ` · step ${INFO.step ?? "?"} · hypervolume ${INFO.hypervolume == null ? "?" : INFO.hypervolume.toFixed(4)}`;
 document.getElementById("prompt").value = INFO.backbone === "flux-kontext" ? "make it blue" : "a red circle";
 if (INFO.editing) document.getElementById("upload").hidden = false;
@@ -1534,7 +1926,8 @@ const box = document.getElementById("sliders");
 // elements built node by node, every text from the run through textContent: a name can never become markup
 function el(tag, attrs, text) { const e = document.createElement(tag); Object.assign(e, attrs || {});
   if (text !== undefined) e.textContent = text; return e; }
-function row(...kids) { const r = el("div", {className: "row"}); kids.forEach(k => r.appendChild(k)); box.appendChild(r); }
+function row(...kids) {
+  const r = el("div", {className: "row"}); kids.forEach(k => r.appendChild(k)); box.appendChild(r); }
 const range = (i, v) => el("input", {id: "s" + i, type: "range", min: 0, max: 1000, value: v});
 if (M === 2) {  // one slider: w = (1 - t, t)
   row(el("b", {}, names[0]), range(0, 500), el("b", {}, names[1]));
@@ -1547,11 +1940,13 @@ if (M === 2) {  // one slider: w = (1 - t, t)
     w.forEach((x, j) => { if (j !== i) document.getElementById("s" + j).value = Math.round(1000 * x); });
     render(); });
 }
-function status(t, err) { const s = document.getElementById("status"); s.textContent = t; s.className = err ? "err" : "muted"; }
+function status(t, err) {
+  const s = document.getElementById("status"); s.textContent = t; s.className = err ? "err" : "muted"; }
 async function fetchImage(pref, mine) {
   const body = {prompt: document.getElementById("prompt").value, seed: +document.getElementById("seed").value,
                 pref: M ? pref : null, source, client, seq: mine};
-  const r = await fetch("/render", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  const r = await fetch("/render", {method: "POST", headers: {"Content-Type": "application/json"},
+                                    body: JSON.stringify(body)});
   if (r.status === 409) return null;  // superseded by a newer request: drop it
   if (!r.ok) throw new Error((await r.json()).error);
   return {url: URL.createObjectURL(await r.blob()), cache: r.headers.get("X-Cache"), ms: r.headers.get("X-Render-Ms")};
@@ -1573,7 +1968,8 @@ async function strip() {  // the sweep for this prompt and seed (cached on the s
     const t = i / 6, img = document.createElement("img"); img.title = `ω = (${(1 - t).toFixed(2)}, ${t.toFixed(2)})`;
     img.onclick = () => { document.getElementById("s0").value = Math.round(1000 * t); w = [1 - t, t]; render(); };
     el.appendChild(img);
-    try { const out = await fetchImage([1 - t, t], null); if (out) img.src = out.url; } catch (e) { status(e.message, true); return; }
+    try { const out = await fetchImage([1 - t, t], null); if (out) img.src = out.url; }
+    catch (e) { status(e.message, true); return; }
   }
 }
 function refresh() { render().then(strip); }

@@ -19,6 +19,7 @@ Deviations from the released code: the slider projector's last layer starts at z
 ranks; the tiny default trains in pixel space on a procedural world instead of SD3.5 latents, with a stronger pull to
 the base (kl_beta 0.1, see its preset in BACKBONES).
 """
+
 import argparse
 import hashlib
 import inspect
@@ -50,12 +51,16 @@ class Config:
     tiny: bool = False  # the CPU default: a tiny net of the same code, tiny text encoders, a procedural world
     weights: str = ""  # diffusers folder / single file of the base model (full size)
     prompts: str = ""  # text file, one training prompt per line (full size, text-to-image)
-    edits: str = ""  # editing backbones (full size): JSONL of {"image": path, "prompt": text}, or a folder of x.png + x.txt
+    edits: str = (
+        ""  # editing backbones (full size): JSONL of {"image": path, "prompt": text}, or a folder of x.png + x.txt
+    )
     guidance: float = 2.5  # FLUX: the distilled guidance input (Kontext-dev: 2.5); SD3.5 does not use it
     rewards: str = "tiny_photo,tiny_sketch"  # objectives, in the order of w's components
     fixed_pref: str = ""  # "w1,w2,...": FixedWeight baseline: sum_m w_m r_m, then group norm, no w input
     method: str = "slider"  # slider (ParetoSlider) | fixed (FixedWeight: --fixed-pref) | flowmulti | prompt | soups
-    heldout: str = ""  # evaluation-only scorers "h1,h2" (h_m judges objective m), scored at every point, never trained on
+    heldout: str = (
+        ""  # evaluation-only scorers "h1,h2" (h_m judges objective m), scored at every point, never trained on
+    )
     soup: str = ""  # --method soups: "runA,runB", the run folders of two single-reward FixedWeight runs to interpolate
     out: str = "runs/tiny"  # run folder: log, config, checkpoint, eval.json, pareto.png, slider.png
     resume: str = ""  # run folder to continue (config from there; --steps may extend it)
@@ -101,8 +106,13 @@ class Config:
     compile: bool = False  # torch.compile each repeated block (regional: compile time does not grow with depth)
 
 
-CHOICES = dict(kernels=("", "triton", "torch"), solver=("euler", "dpm2"), dtype=("fp32", "bf16"),
-               device=("", "cuda", "cpu"), method=("slider", "fixed", "flowmulti", "prompt", "soups"))
+CHOICES = dict(
+    kernels=("", "triton", "torch"),
+    solver=("euler", "dpm2"),
+    dtype=("fp32", "bf16"),
+    device=("", "cuda", "cpu"),
+    method=("slider", "fixed", "flowmulti", "prompt", "soups"),
+)
 # METHODS: the paper's method and its baselines (notes/paper.md §5.1), one loop. Which train, and their eval.json names:
 #   slider    ParetoSlider: one model with the w input, late scalarisation (per-reward advantages mixed by w)
 #   fixed     FixedWeight: early scalarisation sum_m w_m r_m at one --fixed-pref, no w input; one run per w
@@ -112,19 +122,56 @@ CHOICES = dict(kernels=("", "triton", "torch"), solver=("euler", "dpm2"), dtype=
 #   prompt    prompt rewriting: no training; the base model prompted with style words it learned in its captions
 #   soups     Rewarded Soups (arXiv 2306.04488): no training; the LoRA weights of two single-reward runs
 #             interpolated, (lam, 1 - lam) at eval_points values of lam
-METHOD_NAMES = dict(slider="ParetoSlider", fixed="FixedWeight", flowmulti="FlowMulti", prompt="PromptRewriting",
-                    soups="RewardedSoups")
+METHOD_NAMES = dict(
+    slider="ParetoSlider", fixed="FixedWeight", flowmulti="FlowMulti", prompt="PromptRewriting", soups="RewardedSoups"
+)
 TRAINS = ("slider", "fixed", "flowmulti")
 # numeric flags: the smallest (and largest) value that makes sense; group_size 1 would give zero advantages
-AT_LEAST = dict(steps=1, prompts_per_step=1, prefs_per_prompt=1, group_size=2, sample_steps=1, size=8, frames=2, batch=1,
-                lora_rank=1, ckpt_every=1, pretrain_steps=1, pretrain_batch=1, eval_points=2, eval_prompts=1,
-                kl_beta=0.0, weight_decay=0.0, ema=0.0)
-POSITIVE = ("lr", "lora_alpha", "grad_clip", "adv_clip", "shift", "pretrain_lr", "beta", "timestep_fraction",
-            "guidance")
+AT_LEAST = dict(
+    steps=1,
+    prompts_per_step=1,
+    prefs_per_prompt=1,
+    group_size=2,
+    sample_steps=1,
+    size=8,
+    frames=2,
+    batch=1,
+    lora_rank=1,
+    ckpt_every=1,
+    pretrain_steps=1,
+    pretrain_batch=1,
+    eval_points=2,
+    eval_prompts=1,
+    kl_beta=0.0,
+    weight_decay=0.0,
+    ema=0.0,
+)
+POSITIVE = (
+    "lr",
+    "lora_alpha",
+    "grad_clip",
+    "adv_clip",
+    "shift",
+    "pretrain_lr",
+    "beta",
+    "timestep_fraction",
+    "guidance",
+)
 AT_MOST = dict(beta=1.0, timestep_fraction=1.0, ema=0.999999)
 # what --resume may change: how far to train, where to run, what to evaluate; everything else is the method
-RESUMABLE = ("steps", "resume", "kernels", "device", "eval_points", "eval_prompts", "ref_point", "ckpt_every", "batch",
-             "cache", "compile")
+RESUMABLE = (
+    "steps",
+    "resume",
+    "kernels",
+    "device",
+    "eval_points",
+    "eval_prompts",
+    "ref_point",
+    "ckpt_every",
+    "batch",
+    "cache",
+    "compile",
+)
 
 
 class RunError(Exception):
@@ -191,15 +238,26 @@ def parse_config(argv=None):
 def not_for(cfg, args):
     # flags given that this backbone / mode would ignore: refused, naming the flag and what makes it meaningless
     b = BACKBONES[cfg.backbone]
-    rules = [("frames", not b.get("video"), f"--backbone {cfg.backbone} makes images"),
-             ("nft_audio", not b.get("video"), f"--backbone {cfg.backbone} has no audio"),
-             ("guidance", cfg.backbone not in sample.DISTILLED,
-              f"--backbone {cfg.backbone} is not guidance-distilled (train.py samples without CFG)"),
-             ("weights", cfg.tiny, "--tiny builds and pretrains its own base"),
-             ("prompts", cfg.tiny or b["data"] != "prompts",
-              "--tiny draws its prompts from its world" if cfg.tiny else f"--backbone {cfg.backbone} edits: --edits"),
-             ("edits", cfg.tiny or b["data"] != "edits",
-              "--tiny draws its edits from its world" if cfg.tiny else f"--backbone {cfg.backbone} takes --prompts")]
+    rules = [
+        ("frames", not b.get("video"), f"--backbone {cfg.backbone} makes images"),
+        ("nft_audio", not b.get("video"), f"--backbone {cfg.backbone} has no audio"),
+        (
+            "guidance",
+            cfg.backbone not in sample.DISTILLED,
+            f"--backbone {cfg.backbone} is not guidance-distilled (train.py samples without CFG)",
+        ),
+        ("weights", cfg.tiny, "--tiny builds and pretrains its own base"),
+        (
+            "prompts",
+            cfg.tiny or b["data"] != "prompts",
+            "--tiny draws its prompts from its world" if cfg.tiny else f"--backbone {cfg.backbone} edits: --edits",
+        ),
+        (
+            "edits",
+            cfg.tiny or b["data"] != "edits",
+            "--tiny draws its edits from its world" if cfg.tiny else f"--backbone {cfg.backbone} takes --prompts",
+        ),
+    ]
     for name, ignored, why in rules:
         if name in args and ignored:
             die(f"--{name.replace('_', '-')}: {why}, so it would be ignored")
@@ -210,8 +268,10 @@ def check_size(cfg):
     multiple, largest = sample.geometry(cfg.backbone, cfg.tiny, BACKBONES[cfg.backbone]["pixels"])
     if cfg.size % multiple or (largest and cfg.size > largest):
         where = "the tiny " if cfg.tiny else ""
-        die(f"--size {cfg.size}: {where}{cfg.backbone} needs a multiple of {multiple} (its latent and patch grid)"
-            + (f", at most {largest} (its positional table)" if largest else ""))
+        die(
+            f"--size {cfg.size}: {where}{cfg.backbone} needs a multiple of {multiple} (its latent and patch grid)"
+            + (f", at most {largest} (its positional table)" if largest else "")
+        )
 
 
 def holds_run(folder):
@@ -228,7 +288,9 @@ def claim_run_folder(out, explicit):
     k = 2
     while holds_run(f"{out}-{k}"):
         k += 1
-    print(f"note: {out} holds an earlier run; this run writes to {out}-{k} (--out to choose, --resume {out} to continue)")
+    print(
+        f"note: {out} holds an earlier run; this run writes to {out}-{k} (--out to choose, --resume {out} to continue)"
+    )
     return f"{out}-{k}"
 
 
@@ -245,13 +307,21 @@ def resume_config(args):
     except (ValueError, TypeError) as e:
         die(f"--resume {d}: {path} is not a train.py config ({e})")
     saved = complete_saved(d, path, saved)
-    changed = [f"--{k.replace('_', '-')} {v!r} (the run has {saved.get(k)!r})" for k, v in args.items()
-               if k not in RESUMABLE and k != "out" and v != saved.get(k)]
+    changed = [
+        f"--{k.replace('_', '-')} {v!r} (the run has {saved.get(k)!r})"
+        for k, v in args.items()
+        if k not in RESUMABLE and k != "out" and v != saved.get(k)
+    ]
     if args.get("out") and os.path.abspath(args["out"]) != os.path.abspath(d):
         changed.append(f"--out {args['out']} (a resumed run stays in {d})")
     if changed:
-        die(f"--resume {d}: these flags would change the run, which cannot change on resume: " + "; ".join(changed)
-            + f". Start a new run with another --out instead (resumable: {', '.join('--' + k for k in RESUMABLE[:1] + RESUMABLE[2:])})")
+        die(
+            f"--resume {d}: these flags would change the run, which cannot change on resume: "
+            + "; ".join(changed)
+            + ". Start a new run with another --out instead (resumable: "
+            + ", ".join("--" + k for k in RESUMABLE[:1] + RESUMABLE[2:])
+            + ")"
+        )
     cfg = Config(**{**saved, **{k: v for k, v in args.items() if k in RESUMABLE}})
     cfg.out = d
     ckpt = os.path.join(d, "checkpoint.safetensors")
@@ -261,7 +331,9 @@ def resume_config(args):
         except (ValueError, KeyError) as e:
             die(f"--resume {d}: cannot read the checkpoint {ckpt}: {e}")
         if step >= cfg.steps:
-            print(f"note: {d} is already at step {step} of {cfg.steps}: evaluating again (--steps N > {step} to train on)")
+            print(
+                f"note: {d} is already at step {step} of {cfg.steps}: evaluating again (--steps N > {step} to train on)"
+            )
     else:
         print(f"note: {d} has no checkpoint yet: starting it at step 0 with its saved config")
     return cfg
@@ -272,17 +344,28 @@ def complete_saved(d, path, saved):
     comes from that run's preset (its backbone, tiny or not), or, for how a run runs (RESUMABLE), the default; any
     other is refused: the Config default could be another method."""
     types = {f.name: f.type for f in fields(Config)}
-    wrong = [f"{k} = {v!r}" for k, v in saved.items() if not (
-        isinstance(v, types[k]) and not (types[k] is int and isinstance(v, bool))
-        or types[k] is float and isinstance(v, int) and not isinstance(v, bool))]
+    wrong = [
+        f"{k} = {v!r}"
+        for k, v in saved.items()
+        if not (
+            isinstance(v, types[k])
+            and not (types[k] is int and isinstance(v, bool))
+            or types[k] is float
+            and isinstance(v, int)
+            and not isinstance(v, bool)
+        )
+    ]
     if wrong:
         die(f"--resume {d}: {path} has values of the wrong type: {'; '.join(wrong)}")
     b = saved.get("backbone", Config.backbone)
     if b not in BACKBONES:
         die(f"--resume {d}: {path} names backbone {b!r}; available: {', '.join(BACKBONES)}")
     preset = {**BACKBONES[b]["preset"], **(BACKBONES[b]["tiny"] if saved.get("tiny") else {})}
-    lacking = [k for k in types if k not in saved and k not in preset and k not in RESUMABLE + ("out",)
-               and k not in ("backbone", "tiny")]
+    lacking = [
+        k
+        for k in types
+        if k not in saved and k not in preset and k not in RESUMABLE + ("out",) and k not in ("backbone", "tiny")
+    ]
     if lacking:
         die(f"--resume {d}: {path} lacks {', '.join(lacking)} (hand-edited?), which the run's preset does not give")
     return {**{k: v for k, v in preset.items() if k in types}, **saved}
@@ -326,8 +409,10 @@ def objectives(cfg):
         runs = cfg.soup.split(",")
         missing = [d for d in runs if not os.path.isfile(os.path.join(d, "adapters.safetensors"))]
         if len(runs) != 2 or missing:
-            die(f"--soup {cfg.soup!r}: give two finished run folders, each with adapters.safetensors"
-                + (f" (none in {', '.join(missing)})" if missing else ""))
+            die(
+                f"--soup {cfg.soup!r}: give two finished run folders, each with adapters.safetensors"
+                + (f" (none in {', '.join(missing)})" if missing else "")
+            )
     ref_point = [float(v) for v in cfg.ref_point.split(",")] if cfg.ref_point else [0.0] * M
     if len(ref_point) != M:
         die(f"--ref-point has {len(ref_point)} values for {M} objectives")
@@ -455,20 +540,37 @@ def all_sum(t):
 
 def run_header(cfg):
     try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+        git = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=os.path.dirname(os.path.abspath(__file__)),
+            ).stdout.strip()
+            or "unknown"
+        )
     except OSError:
         git = "unknown"
     import transformers
+
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:  # e.g. macOS: the kernels fall back to their PyTorch references
         triton_version = None
-    return dict(git=git, python=platform.python_version(), torch=torch.__version__, triton=triton_version,
-                transformers=transformers.__version__, cuda=torch.version.cuda,
-                device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-                kernels=kernels.get_backend(), argv=sys.argv, config=asdict(cfg))
+    return dict(
+        git=git,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        triton=triton_version,
+        transformers=transformers.__version__,
+        cuda=torch.version.cuda,
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        kernels=kernels.get_backend(),
+        argv=sys.argv,
+        config=asdict(cfg),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -521,8 +623,17 @@ def sd35_tiny_setup(cfg, M, device):
     tiny_enc = dict(vocab=["a", ","] + R.COLORS + R.SHAPES + list(R.STYLE_WORDS), seed=0)
     enc = sample.tiny_text_encoders(**tiny_enc)
     cond, styled, rewrites = tiny_captions(lambda ps: sample.sd3_cond(enc, ps), prompts)
-    setup = Setup(None, prompts, cond, [{} for _ in prompts], [(7 * i) % len(prompts) for i in range(cfg.eval_prompts)],
-                  (3, cfg.size, cfg.size), lambda x0: sample.decode(None, x0), {}, rewrites=rewrites)
+    setup = Setup(
+        None,
+        prompts,
+        cond,
+        [{} for _ in prompts],
+        [(7 * i) % len(prompts) for i in range(cfg.eval_prompts)],
+        (3, cfg.size, cfg.size),
+        lambda x0: sample.decode(None, x0),
+        {},
+        rewrites=rewrites,
+    )
 
     def world():  # x0 in [-1, 1] and the conditioning of each image (its caption), for flow matching
         n = min(cfg.pretrain_steps * cfg.pretrain_batch, 20000)
@@ -530,8 +641,19 @@ def sd35_tiny_setup(cfg, M, device):
         return images * 2 - 1, captioned_world(cfg, cond, styled, prompts, world_prompts, styles)
 
     mcfg = model.SD3Config(**model.SD3_PRESETS["sd35-tiny"])
-    key = cache_key("tiny_sd35", cfg, asdict(mcfg), tiny_enc, prompts, R.tiny_world, R._render, R._shape_distance,
-                    R.style_word, world, captioned_world)
+    key = cache_key(
+        "tiny_sd35",
+        cfg,
+        asdict(mcfg),
+        tiny_enc,
+        prompts,
+        R.tiny_world,
+        R._render,
+        R._shape_distance,
+        R.style_word,
+        world,
+        captioned_world,
+    )
     path = pretrain_tiny(cfg, setup, lambda: model.SD3Transformer(mcfg), world, key, device)
     setup.pipeline = dict(weights=os.path.abspath(path), tiny_text_encoders=tiny_enc)
     return setup
@@ -541,10 +663,13 @@ def code_of(fn):
     """What a function runs, as loaded: its bytecode, names and constants (nested functions too) and its defaults.
     Not its source text: inspect.getsource reads the file as it is now, so an edit made while a run is going (lines
     moved) would change the key of a base that did not change. Line numbers are left out for the same reason."""
+
     def walk(c):
-        const = lambda k: walk(k) if isinstance(k, types.CodeType) else sorted(map(repr, k)) \
-            if isinstance(k, frozenset) else repr(k)  # a frozenset's order follows the string hash seed
+        const = lambda k: (
+            walk(k) if isinstance(k, types.CodeType) else sorted(map(repr, k)) if isinstance(k, frozenset) else repr(k)
+        )  # a frozenset's order follows the string hash seed
         return [c.co_code.hex(), list(c.co_names), [const(k) for k in c.co_consts]]
+
     return [walk(fn.__code__), repr(fn.__defaults__)]
 
 
@@ -575,7 +700,8 @@ def pretrain_tiny(cfg, setup, make_net, world, key, device, metadata=None):
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
         warm = max(1, cfg.pretrain_steps // 20)  # linear warm-up, then cosine decay to 0
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * i / cfg.pretrain_steps)))
+            opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * i / cfg.pretrain_steps))
+        )
         for _ in (bar := tqdm(range(cfg.pretrain_steps), desc="pretrain tiny base (flow matching)")):
             idx = torch.randint(len(x0_all), (cfg.pretrain_batch,), generator=gen)
             x0 = x0_all[idx].to(device)
@@ -609,23 +735,37 @@ def flux_tiny_setup(cfg, M, device):
     space-to-depth'ed, packed 2x2 again inside the net: 64 tokens per image at 32 px), conditioned on the
     instruction (tiny T5 + CLIP) and on the source as Kontext reference tokens. The rewards see the source in
     meta["source"]."""
-    spec = dict(pixels=BACKBONES["flux-kontext"]["pixels"],
-                tiny_text_encoders=dict(vocab=sorted({w for t in R.EDIT_INSTRUCTIONS for w in t.split()}),
-                                                  seed=0, clip_dim=64, t5_dim=64))
+    spec = dict(
+        pixels=BACKBONES["flux-kontext"]["pixels"],
+        tiny_text_encoders=dict(
+            vocab=sorted({w for t in R.EDIT_INSTRUCTIONS for w in t.split()}), seed=0, clip_dim=64, t5_dim=64
+        ),
+    )
     enc = sample.tiny_flux_text_encoders(**spec["tiny_text_encoders"])
     instructions = list(R.EDIT_INSTRUCTIONS)
     context, pooled = sample.encode_flux_prompts(enc, instructions)  # one row per distinct instruction
 
     def conditioning(sources, texts):  # the net's keyword inputs for these items, [n, ...]
         idx = [instructions.index(t) for t in texts]
-        return dict(context=context[idx], pooled=pooled[idx], guidance=torch.full((len(texts),), cfg.guidance),
-                    ref=sample.space_to_depth(sources))
+        return dict(
+            context=context[idx],
+            pooled=pooled[idx],
+            guidance=torch.full((len(texts),), cfg.guidance),
+            ref=sample.space_to_depth(sources),
+        )
 
     n_items = 96  # a fixed set of edit items for RL and evaluation, apart from the pretraining stream
     sources, texts, _ = R.tiny_edit_world(n_items, size=cfg.size, seed=cfg.seed + 1)
-    setup = Setup(None, texts, conditioning(sources, texts), [{"source": s} for s in sources],
-                  list(range(cfg.eval_prompts)), (12, cfg.size // 2, cfg.size // 2),
-                  sample.depth_to_space, {})
+    setup = Setup(
+        None,
+        texts,
+        conditioning(sources, texts),
+        [{"source": s} for s in sources],
+        list(range(cfg.eval_prompts)),
+        (12, cfg.size // 2, cfg.size // 2),
+        sample.depth_to_space,
+        {},
+    )
 
     def world():
         # (source, instruction) -> a blend of source and target: half full edits, a quarter partial (alpha ~ U(0,1)),
@@ -638,8 +778,20 @@ def flux_tiny_setup(cfg, M, device):
         return sample.space_to_depth(alpha * tgt + (1 - alpha) * src), conditioning(src, txt)
 
     mcfg = model.FluxConfig(**model.FLUX_PRESETS["flux-tiny"])
-    key = cache_key("tiny_flux", cfg, asdict(mcfg), spec, cfg.guidance, R.tiny_edit_world, R._edit_scenes,
-                    R._edit_grid, R._paint, R._outline, R._shape_distance, world)
+    key = cache_key(
+        "tiny_flux",
+        cfg,
+        asdict(mcfg),
+        spec,
+        cfg.guidance,
+        R.tiny_edit_world,
+        R._edit_scenes,
+        R._edit_grid,
+        R._paint,
+        R._outline,
+        R._shape_distance,
+        world,
+    )
     path = pretrain_tiny(cfg, setup, lambda: model.FluxTransformer(mcfg), world, key, device)
     setup.pipeline = dict(spec, weights=os.path.abspath(path))
     return setup
@@ -667,8 +819,9 @@ def read_edits(path):
                     item = json.loads(line)
                     image, prompt = item["image"], item["prompt"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise RunError(f"--edits {path}:{i}: expected {{\"image\": path, \"prompt\": text}}, got "
-                                   f"{line.strip()[:80]!r}") from None
+                    raise RunError(
+                        f'--edits {path}:{i}: expected {{"image": path, "prompt": text}}, got {line.strip()[:80]!r}'
+                    ) from None
                 pairs.append((os.path.join(os.path.dirname(os.path.abspath(path)), image), str(prompt)))
     if not pairs:
         raise RunError(f"--edits {path}: no (image, instruction) pair in it")
@@ -704,9 +857,17 @@ def flux_setup(cfg, M, device):
         cond = encode_all(encode, len(pairs), 8)
     cond["guidance"] = torch.full((len(pairs),), cfg.guidance)
     h = cfg.size // 8
-    return Setup(pipe.net, texts, cond, [{"source": im} for im in images], list(range(min(cfg.eval_prompts, len(pairs)))),
-                 (pipe.net.cfg.in_channels // 4, h, h), pipe.decode, spec,
-                 schedule=lambda steps: sample.get_flux_schedule(steps, (h // 2) ** 2))
+    return Setup(
+        pipe.net,
+        texts,
+        cond,
+        [{"source": im} for im in images],
+        list(range(min(cfg.eval_prompts, len(pairs)))),
+        (pipe.net.cfg.in_channels // 4, h, h),
+        pipe.decode,
+        spec,
+        schedule=lambda steps: sample.get_flux_schedule(steps, (h // 2) ** 2),
+    )
 
 
 def tiny_captions(enc_fn, prompts):
@@ -737,24 +898,44 @@ def ltx2_tiny_setup(cfg, M, device):
     (R.tiny_video_world), cfg.frames frames of cfg.size px. A tiny LTX-2 (the same model.py code) in pixel space:
     its video latent is the frames 4x4 space-to-depth'ed ([48, T, size/4, size/4], sample.frames_to_latent); its
     audio latent [8, T, 2] is the world's "sound", a function of where the shape is in each frame. Text: a tiny
-    Gemma-3 + tiny connectors (sample.tiny_ltx2_text_encoder). The image rewards score 4 frames of each (R.per_frame)."""
+    Gemma-3 + tiny connectors (sample.tiny_ltx2_text_encoder). The image rewards score 4 frames of each
+    (R.per_frame)."""
     prompts = [f"a {c} {s}" for c in R.COLORS for s in R.SHAPES]
-    spec = dict(pixels=BACKBONES["ltx2"]["pixels"],
-                tiny_text_encoder=dict(vocab=["a", ","] + R.COLORS + R.SHAPES + list(R.STYLE_WORDS), seed=0))
+    spec = dict(
+        pixels=BACKBONES["ltx2"]["pixels"],
+        tiny_text_encoder=dict(vocab=["a", ","] + R.COLORS + R.SHAPES + list(R.STYLE_WORDS), seed=0),
+    )
     enc = sample.tiny_ltx2_text_encoder(**spec["tiny_text_encoder"])
     cond, styled, rewrites = tiny_captions(lambda ps: sample.encode_ltx2_prompts(enc, ps), prompts)
     # the test preset widened and deepened (D 64 -> 128, 2 -> 4 blocks): at D 64 the base never draws the shape
-    mcfg = replace(model.LTX2Config(**model.LTX2_PRESETS["ltx2-tiny"]), in_channels=48, hidden=128, depth=4,
-                   cross_attention_dim=128, caption_channels=enc.connectors.cfg.caption_channels)
+    mcfg = replace(
+        model.LTX2Config(**model.LTX2_PRESETS["ltx2-tiny"]),
+        in_channels=48,
+        hidden=128,
+        depth=4,
+        cross_attention_dim=128,
+        caption_channels=enc.connectors.cfg.caption_channels,
+    )
     f, T = spec["pixels"], cfg.frames
     video_shape = (mcfg.in_channels, T, cfg.size // f, cfg.size // f)
     audio_shape = (mcfg.audio_channels, T, mcfg.audio_in_channels // mcfg.audio_channels)
     pack, unpack = sample.ltx2_packing(video_shape, audio_shape)
     n_video = math.prod(video_shape)
-    setup = Setup(None, prompts, cond, [{} for _ in prompts], [(7 * i) % len(prompts) for i in range(cfg.eval_prompts)],
-                  (n_video + math.prod(audio_shape),), lambda x0: sample.latent_to_frames(unpack(x0)[0], f), {},
-                  pack=pack, unpack=unpack, rewrites=rewrites, video=True,
-                  nft_part=None if cfg.nft_audio else lambda x: x[:, :n_video])
+    setup = Setup(
+        None,
+        prompts,
+        cond,
+        [{} for _ in prompts],
+        [(7 * i) % len(prompts) for i in range(cfg.eval_prompts)],
+        (n_video + math.prod(audio_shape),),
+        lambda x0: sample.latent_to_frames(unpack(x0)[0], f),
+        {},
+        pack=pack,
+        unpack=unpack,
+        rewrites=rewrites,
+        video=True,
+        nft_part=None if cfg.nft_audio else lambda x: x[:, :n_video],
+    )
 
     def sound(xy):  # the shape's centre per frame [n, T, 2] -> audio latent [n, 8, T, 2]: channel c hears
         k = torch.arange(1, audio_shape[0] + 1).view(1, -1, 1) * math.pi  # x and y at frequency c + 1
@@ -766,10 +947,24 @@ def ltx2_tiny_setup(cfg, M, device):
         x0 = pack((sample.frames_to_latent(videos, f), sound(xy)))
         return x0, captioned_world(cfg, cond, styled, prompts, world_prompts, styles)
 
-    key = cache_key("tiny_ltx2", cfg, T, asdict(mcfg), spec, prompts, R.tiny_video_world, R._render,
-                    R._shape_distance, R.style_word, world, sound, captioned_world)
-    path = pretrain_tiny(cfg, setup, lambda: model.LTX2Transformer(mcfg), world, key, device,
-                         metadata=model.ltx2_file_metadata(mcfg))
+    key = cache_key(
+        "tiny_ltx2",
+        cfg,
+        T,
+        asdict(mcfg),
+        spec,
+        prompts,
+        R.tiny_video_world,
+        R._render,
+        R._shape_distance,
+        R.style_word,
+        world,
+        sound,
+        captioned_world,
+    )
+    path = pretrain_tiny(
+        cfg, setup, lambda: model.LTX2Transformer(mcfg), world, key, device, metadata=model.ltx2_file_metadata(mcfg)
+    )
     setup.pipeline = dict(spec, weights=os.path.abspath(path))
     return setup
 
@@ -791,9 +986,21 @@ def ltx2_setup(cfg, M, device):
     shape = pipe.x0_shape(cfg.size, cfg.size, cfg.frames)
     pack, unpack = pipe.packing(cfg.size, cfg.size, frames=cfg.frames)
     n_video = math.prod(unpack(torch.zeros(1, *shape))[0].shape[1:])
-    return Setup(pipe.net, prompts, cond, [{} for _ in prompts], list(range(min(cfg.eval_prompts, len(prompts)))),
-                 shape, pipe.decode, spec, schedule=lambda steps: pipe.schedule(steps, cfg.shift, shape),
-                 pack=pack, unpack=unpack, video=True, nft_part=None if cfg.nft_audio else lambda x: x[:, :n_video])
+    return Setup(
+        pipe.net,
+        prompts,
+        cond,
+        [{} for _ in prompts],
+        list(range(min(cfg.eval_prompts, len(prompts)))),
+        shape,
+        pipe.decode,
+        spec,
+        schedule=lambda steps: pipe.schedule(steps, cfg.shift, shape),
+        pack=pack,
+        unpack=unpack,
+        video=True,
+        nft_part=None if cfg.nft_audio else lambda x: x[:, :n_video],
+    )
 
 
 def check_clip(cfg):
@@ -807,25 +1014,39 @@ def check_clip(cfg):
 def check_full_size(cfg):
     example = BACKBONES[cfg.backbone]["example"]
     if not cfg.weights:
-        die(f"no base weights: pass --weights <{cfg.backbone} diffusers folder (with transformer/, vae/, text encoders)>, "
-            f"e.g. a local download of {example}; or run the CPU default: python train.py --backbone {cfg.backbone} --tiny")
+        die(
+            f"no base weights: pass --weights <{cfg.backbone} diffusers folder (with transformer/, vae/, text "
+            f"encoders)>, e.g. a local download of {example}; or run the CPU default: python train.py --backbone "
+            f"{cfg.backbone} --tiny"
+        )
     if not os.path.exists(cfg.weights):
-        hub = " (a hub id? weights are never downloaded here: download the repo and pass its folder)" \
-            if cfg.weights.count("/") == 1 else ""
+        hub = (
+            " (a hub id? weights are never downloaded here: download the repo and pass its folder)"
+            if cfg.weights.count("/") == 1
+            else ""
+        )
         die(f"--weights {cfg.weights}: no such file or folder{hub}")
     if not torch.cuda.is_available() and cfg.device != "cpu":
-        die(f"full-size training needs a CUDA GPU (bf16); on a CPU run: python train.py --backbone {cfg.backbone} --tiny "
-            "(--device cpu forces the full-size path on a CPU, for small test models)")
+        die(
+            f"full-size training needs a CUDA GPU (bf16); on a CPU run: python train.py --backbone {cfg.backbone} "
+            "--tiny "
+            "(--device cpu forces the full-size path on a CPU, for small test models)"
+        )
     if BACKBONES[cfg.backbone].get("video"):  # train.py reads LTX-2 as a folder: Gemma and the VAE are in it
         missing = [d for d in ("vae", "text_encoder", "tokenizer") if not os.path.isdir(os.path.join(cfg.weights, d))]
         if missing:
-            die(f"--weights {cfg.weights}: train.py takes LTX-2 as a diffusers folder (transformer/, vae/, connectors/, "
+            die(
+                f"--weights {cfg.weights}: train.py takes LTX-2 as a diffusers folder (transformer/, vae/, "
+                "connectors/, "
                 f"text_encoder/, tokenizer/); missing {', '.join(m + '/' for m in missing)} (Lightricks' combined "
-                "file: sample.py with --text-encoders)")
+                "file: sample.py with --text-encoders)"
+            )
     if BACKBONES[cfg.backbone]["data"] == "edits":
         if not cfg.edits or not os.path.exists(cfg.edits):
-            die(f"--edits {cfg.edits!r}: give the edit set, a JSONL of {{\"image\": path, \"prompt\": text}} per line "
-                "or a folder of image + .txt pairs")
+            die(
+                f'--edits {cfg.edits!r}: give the edit set, a JSONL of {{"image": path, "prompt": text}} per line '
+                "or a folder of image + .txt pairs"
+            )
         return
     if not cfg.prompts or not os.path.isfile(cfg.prompts):
         die(f"--prompts {cfg.prompts!r}: give a text file with one training prompt per line")
@@ -848,8 +1069,16 @@ def sd35_setup(cfg, M, device):
     with pipe.encoding():  # the text encoders on the GPU for this line only: the prompts' embeddings are cached
         cond = encode_all(lambda sl: pipe.encode(prompts[sl]), len(prompts), 16)
     h = cfg.size // 8
-    return Setup(pipe.net, prompts, cond, [{} for _ in prompts], list(range(min(cfg.eval_prompts, len(prompts)))),
-                 (pipe.net.cfg.in_channels, h, h), pipe.decode, spec)
+    return Setup(
+        pipe.net,
+        prompts,
+        cond,
+        [{} for _ in prompts],
+        list(range(min(cfg.eval_prompts, len(prompts)))),
+        (pipe.net.cfg.in_channels, h, h),
+        pipe.decode,
+        spec,
+    )
 
 
 def is_rank0():
@@ -876,8 +1105,11 @@ def policy(net, state):
             model.set_lora_enabled(net, True)
         return
     params = model.adapter_state(net)
-    odd = [n for n, p in params.items() if n not in state or (state[n].shape, state[n].dtype, state[n].device) !=
-           (p.shape, p.dtype, p.device)] + sorted(set(state) - set(params))
+    odd = [
+        n
+        for n, p in params.items()
+        if n not in state or (state[n].shape, state[n].dtype, state[n].device) != (p.shape, p.dtype, p.device)
+    ] + sorted(set(state) - set(params))
     if odd:  # checked before anything moves: a half-done exchange would leave a mixed policy behind
         raise ValueError(f"adapter state does not match the network's adapters: {', '.join(odd[:4])}")
     exchange(params, state)
@@ -902,8 +1134,16 @@ def rollout(net, setup, noise, cond, pref, sigmas, cfg):
     step = lambda x, s, pref=None, **c: velocity(net, setup, x, s, c, pref)
     for i in range(0, len(noise), cfg.batch):
         sl = slice(i, i + cfg.batch)
-        out.append(sample.denoise(step, noise[sl], sigmas, {k: v[sl] for k, v in cond.items()},
-                                  None if pref is None else pref[sl], solver=cfg.solver))
+        out.append(
+            sample.denoise(
+                step,
+                noise[sl],
+                sigmas,
+                {k: v[sl] for k, v in cond.items()},
+                None if pref is None else pref[sl],
+                solver=cfg.solver,
+            )
+        )
     return torch.cat(out)
 
 
@@ -919,8 +1159,9 @@ def update_losses(net, setup, x0, xt, t, cond, pref, v_old, v_ref, p, cfg):
     -> (loss [B], kl [B])"""
     v = velocity(net, setup, xt, t, cond, pref).float()
     part = setup.nft_part or (lambda x: x)
-    loss = nft_loss(part(v), part(v_old.float()), part(x0.float()), part(xt.float()), t.float(), p, cfg.beta,
-                    cfg.adv_clip)
+    loss = nft_loss(
+        part(v), part(v_old.float()), part(x0.float()), part(xt.float()), t.float(), p, cfg.beta, cfg.adv_clip
+    )
     kl = (v - v_ref.float()).square().flatten(1).mean(1) if v_ref is not None else torch.zeros_like(loss)
     return loss, kl
 
@@ -932,7 +1173,7 @@ def score(reward_fns, names, decode, x0, prompts, meta, batch, where):
     can reach an advantage, a gradient or a checkpoint."""
     rows, first = [], None
     for i in range(0, len(x0), batch):
-        images, ps, ms = decode(x0[i: i + batch]), prompts[i: i + batch], meta[i: i + batch]
+        images, ps, ms = decode(x0[i : i + batch]), prompts[i : i + batch], meta[i : i + batch]
         cols = []
         for fn, name in zip(reward_fns, names):
             try:
@@ -944,7 +1185,9 @@ def score(reward_fns, names, decode, x0, prompts, meta, batch, where):
                 raise RunError(f"{where}: reward {name} returned a {what}, not a float tensor of shape [{len(ps)}]")
             bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
             if bad:
-                show = ", ".join(f"#{i + j} {ps[j]!r} = {r[j].item()}" for j in bad[:4]) + (" …" if len(bad) > 4 else "")
+                show = ", ".join(f"#{i + j} {ps[j]!r} = {r[j].item()}" for j in bad[:4]) + (
+                    " …" if len(bad) > 4 else ""
+                )
                 raise RunError(f"{where}: reward {name} returned non-finite scores for {len(bad)} sample(s): {show}")
             cols.append(r.float().cpu())
         rows.append(torch.stack(cols, 1))
@@ -979,8 +1222,11 @@ def load_checkpoint(path, params, old, ema, opt, gen):
     sd, meta = model.read_safetensors(path)
     bad = non_finite(sd)
     if bad:  # weights, old policy, EMA or moments: resuming would train on (and save again) a poisoned state
-        raise RunError(f"{path}: non-finite values in {', '.join(bad[:3])}" + (" …" if len(bad) > 3 else "")
-                       + ": this checkpoint cannot be resumed")
+        raise RunError(
+            f"{path}: non-finite values in {', '.join(bad[:3])}"
+            + (" …" if len(bad) > 3 else "")
+            + ": this checkpoint cannot be resumed"
+        )
     with torch.no_grad():
         for n, p in params.items():
             if f"policy.{n}" not in sd:
@@ -992,7 +1238,9 @@ def load_checkpoint(path, params, old, ema, opt, gen):
     # a CPU scalar (on the GPU it would cost a host sync per tensor per step)
     state = {}
     for i, n in enumerate(params):  # the optimizer numbers its parameters in this order
-        st = {k.split(".")[-1]: v for k, v in sd.items() if k.startswith(f"opt.{n}.") and k.count(".") == n.count(".") + 2}
+        st = {
+            k.split(".")[-1]: v for k, v in sd.items() if k.startswith(f"opt.{n}.") and k.count(".") == n.count(".") + 2
+        }
         if st:
             state[i] = st
     opt.load_state_dict(dict(opt.state_dict(), state=state))
@@ -1012,8 +1260,10 @@ def spearman(a, b):
 
 def snapshots(cfg):
     # FlowMulti's three evaluated checkpoints: step -> the EMA adapter file written at that step
-    return {k: os.path.join(cfg.out, f"adapters_step{k}.safetensors")
-            for k in sorted({max(1, round(cfg.steps * j / 3)) for j in (1, 2, 3)})}
+    return {
+        k: os.path.join(cfg.out, f"adapters_step{k}.safetensors")
+        for k in sorted({max(1, round(cfg.steps * j / 3)) for j in (1, 2, 3)})
+    }
 
 
 def soup(a, b, lam):
@@ -1027,8 +1277,10 @@ def adapter_file_state(net, path, names, setup):
     pipeline) and these objectives; the live weights are left as they were."""
     meta = model.read_adapter_meta(path)
     if meta.get("pipeline") and json.loads(meta["pipeline"]).get("weights") != setup.pipeline.get("weights"):
-        raise RunError(f"{path}: trained on the base {json.loads(meta['pipeline']).get('weights')}, this run's base is "
-                       f"{setup.pipeline.get('weights')} (same --seed and pretraining flags?)")
+        raise RunError(
+            f"{path}: trained on the base {json.loads(meta['pipeline']).get('weights')}, this run's base is "
+            f"{setup.pipeline.get('weights')} (same --seed and pretraining flags?)"
+        )
     live = {n: p.detach().clone() for n, p in model.adapter_state(net).items()}
     model.load_adapters(net, path, names)
     state = {n: p.detach().clone() for n, p in model.adapter_state(net).items()}
@@ -1053,14 +1305,20 @@ def eval_points(cfg, net, ema, setup, names, fixed):
     if cfg.method == "flowmulti":
         missing = [p for p in snapshots(cfg).values() if not os.path.isfile(p)]
         if missing:
-            raise RunError(f"FlowMulti evaluates its checkpoints at 1/3, 2/3 and the end; missing {missing} (was the "
-                           f"run extended with --steps? start a new one)")
-        return [(f"step {k}", [1 / M] * M, adapter_file_state(net, p, names, setup), None, None)
-                for k, p in snapshots(cfg).items()]
+            raise RunError(
+                f"FlowMulti evaluates its checkpoints at 1/3, 2/3 and the end; missing {missing} (was the "
+                f"run extended with --steps? start a new one)"
+            )
+        return [
+            (f"step {k}", [1 / M] * M, adapter_file_state(net, p, names, setup), None, None)
+            for k, p in snapshots(cfg).items()
+        ]
     if cfg.method == "prompt":
         if not setup.rewrites:
-            raise RunError(f"--method prompt needs a world whose captions carry style words "
-                           f"(the tiny {cfg.backbone} setup has none)")
+            raise RunError(
+                f"--method prompt needs a world whose captions carry style words "
+                f"(the tiny {cfg.backbone} setup has none)"
+            )
         return [(f"prompt '{sfx}'", w, None, None, c) for sfx, (w, c) in setup.rewrites.items()]
     a, b = (adapter_file_state(net, os.path.join(d, "adapters.safetensors"), names, setup) for d in cfg.soup.split(","))
     lams = [1 - i / (cfg.eval_points - 1) for i in range(cfg.eval_points)]
@@ -1072,7 +1330,8 @@ def front_stats(W, Rw, ref):
     w_m (H > M), w_m does not vary, or there are fewer than 3 points."""
     return hypervolume(Rw.tolist(), ref), [
         spearman(W[:, m], Rw[:, m]) if m < W.shape[1] and len(W) > 2 and W[:, m].max() > W[:, m].min() else None
-        for m in range(Rw.shape[1])]
+        for m in range(Rw.shape[1])
+    ]
 
 
 @torch.no_grad()
@@ -1080,7 +1339,11 @@ def evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, dev
     """Sample the fixed evaluation items (one noise each, the same at every point) at each of the method's points;
     score them with the training rewards and the held-out scorers; eval.json, pareto.png, slider.png."""
     M, items = len(names), torch.tensor(setup.eval_items)
-    E, prompts, meta = len(items), [setup.prompts[i] for i in setup.eval_items], [setup.meta[i] for i in setup.eval_items]
+    E, prompts, meta = (
+        len(items),
+        [setup.prompts[i] for i in setup.eval_items],
+        [setup.meta[i] for i in setup.eval_items],
+    )
     noise = torch.randn(E, *setup.x0_shape, generator=torch.Generator().manual_seed(1234)).to(device)
     sigmas = schedule(cfg, setup)
     all_names = names + heldout
@@ -1102,8 +1365,16 @@ def evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, dev
     base, _ = run(None, None, None, "evaluation of the base model")
     W = torch.tensor([s["pref"] for s in sweep])
     hv, rho = front_stats(W, torch.tensor([s["rewards"] for s in sweep]), ref_point)
-    result = dict(objectives=names, sweep=sweep, hypervolume=hv, ref_point=ref_point, base=base, spearman=rho,
-                  eval_prompts=prompts, method=METHOD_NAMES[cfg.method])
+    result = dict(
+        objectives=names,
+        sweep=sweep,
+        hypervolume=hv,
+        ref_point=ref_point,
+        base=base,
+        spearman=rho,
+        eval_prompts=prompts,
+        method=METHOD_NAMES[cfg.method],
+    )
     if heldout:  # the held-out front, reference point 0 (every tiny scorer is in [0, 1])
         # held-out scorer m judges objective m: Spearman pairs them by position
         hv_h, rho_h = front_stats(W, torch.tensor([s["heldout"] for s in sweep]), [0.0] * len(heldout))
@@ -1111,7 +1382,7 @@ def evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, dev
     model.atomic_json(result, os.path.join(cfg.out, "eval.json"))
     plot_front(os.path.join(cfg.out, "pareto.png"), result)
     rows = [[col[i] for col in tiles] for i in range(len(tiles[0]))]  # rows: eval prompts (same noise); columns: points
-    labels, row_labels = [s["label"] for s in sweep], [p[:18] for p in prompts[:len(rows)]]
+    labels, row_labels = [s["label"] for s in sweep], [p[:18] for p in prompts[: len(rows)]]
     if "source" in meta[0]:  # editing: the source image first
         rows, labels = [[meta[i]["source"]] + row for i, row in enumerate(rows)], ["source"] + labels
     if setup.video:  # videos [T, 3, H, W]: the first two prompts' frames, rows = time, columns = points
@@ -1135,11 +1406,22 @@ def plot_front(path, res):
             continue
         pts = [s[key] for s in res["sweep"]]
         labels = [f"{s['pref'][0]:.1f}" if res["method"] == "ParetoSlider" else s["label"] for s in res["sweep"]]
-        series = [dict(points=pts, colours=[w_colour(s["pref"][0]) for s in res["sweep"]], labels=labels,
-                       join=len(names) == 2)]
+        series = [
+            dict(
+                points=pts, colours=[w_colour(s["pref"][0]) for s in res["sweep"]], labels=labels, join=len(names) == 2
+            )
+        ]
         base = res["base"][key]
-        panels += [(names[a], names[b], [dict(s, points=[(p[a], p[b]) for p in s["points"]]) for s in series],
-                    (base[a], base[b])) for a in range(len(names)) for b in range(a + 1, len(names))]
+        panels += [
+            (
+                names[a],
+                names[b],
+                [dict(s, points=[(p[a], p[b]) for p in s["points"]]) for s in series],
+                (base[a], base[b]),
+            )
+            for a in range(len(names))
+            for b in range(a + 1, len(names))
+        ]
     title = f"{res['method']}  hypervolume {res['hypervolume']:.4f} (ref {res['ref_point']})"
     if "heldout_hypervolume" in res:
         title += f"; held-out {res['heldout_hypervolume']:.4f}"
@@ -1151,6 +1433,7 @@ def draw_panels(path, title, panels, legend=()):
     a series: dict(points [(x, y)], colours [rgb per point] or colour, labels [str per point] or None, join bool).
     legend: [(text, rgb)], drawn under the title. benchmarks/baselines.py draws every method's front with this."""
     from PIL import Image, ImageDraw
+
     S, pad = 420, 60
     top = 56 if legend else 30
     img = Image.new("RGB", (S * len(panels), S + top), "white")
@@ -1182,7 +1465,9 @@ def draw_panels(path, title, panels, legend=()):
             xy = [(X(a), Y(b)) for a, b in s["points"]]
             colours = s.get("colours") or [s["colour"]] * len(xy)
             if s.get("join") and len(xy) > 1:
-                d.line(xy, fill=tuple((c + 255) // 2 for c in colours[0]) if "colour" in s else (150, 150, 150), width=1)
+                d.line(
+                    xy, fill=tuple((c + 255) // 2 for c in colours[0]) if "colour" in s else (150, 150, 150), width=1
+                )
             for j, (px, py) in enumerate(xy):
                 d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colours[j])
                 if s.get("labels"):
@@ -1250,8 +1535,10 @@ def train(cfg):
     ckpt = os.path.join(cfg.out, "checkpoint.safetensors")
     start = load_checkpoint(ckpt, params, old, ema, opt, gen) if cfg.resume and os.path.isfile(ckpt) else 0
     if cfg.resume:
-        print0(f"resumed {cfg.out} at step {start}" if start else f"{cfg.out}: no checkpoint yet, starting at step 0",
-               log=log)
+        print0(
+            f"resumed {cfg.out} at step {start}" if start else f"{cfg.out}: no checkpoint yet, starting at step 0",
+            log=log,
+        )
     last = start  # the step of the newest checkpoint
 
     P, K, G = cfg.prompts_per_step, cfg.prefs_per_prompt, cfg.group_size  # FixedWeight: same budget, one w
@@ -1278,8 +1565,16 @@ def train(cfg):
 
         # --- rewards: every image, every objective; gathered so groups may span ranks
         r = torch.zeros(N, M)
-        r[mine] = score(reward_fns[:M], names, setup.decode, x0, [setup.prompts[i] for i in my_items.tolist()],
-                        [setup.meta[i] for i in my_items.tolist()], cfg.batch, f"step {step + 1}")[0]
+        r[mine] = score(
+            reward_fns[:M],
+            names,
+            setup.decode,
+            x0,
+            [setup.prompts[i] for i in my_items.tolist()],
+            [setup.meta[i] for i in my_items.tolist()],
+            cfg.batch,
+            f"step {step + 1}",
+        )[0]
         r = all_sum(r.to(device)).cpu()
 
         # --- advantages: per reward, inside each (prompt, w) group; mixed with the sample's own w
@@ -1295,9 +1590,13 @@ def train(cfg):
         order = torch.rand(N, cfg.sample_steps, generator=gen).argsort(1)[:, :T]
         eps = [torch.randn(N, *setup.x0_shape, generator=gen)[mine] for _ in range(T)]  # every rank draws all N
         work = [(j, mb) for j in range(T) for mb in torch.arange(len(mine)).split(cfg.batch)]
-        inputs = lambda j, mb: nft_inputs(x0[mb], eps[j][mb].to(device), sigmas[order[mine[mb], j]].to(device),
-                                          {k: v[mb] for k, v in cond.items()},
-                                          None if my_pref is None else my_pref[mb])
+        inputs = lambda j, mb: nft_inputs(
+            x0[mb],
+            eps[j][mb].to(device),
+            sigmas[order[mine[mb], j]].to(device),
+            {k: v[mb] for k, v in cond.items()},
+            None if my_pref is None else my_pref[mb],
+        )
         v_ref = [None] * len(work)
         with torch.no_grad():
             with policy(net, old):
@@ -1316,10 +1615,12 @@ def train(cfg):
                 all_sum(prm.grad)
         gnorm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
         if not (torch.isfinite(stats).all() and torch.isfinite(gnorm)):  # stop before the step writes NaN weights
-            raise RunError(f"step {step + 1}: non-finite loss or gradient (loss {stats[0].item()}, kl "
-                           f"{stats[1].item()}, grad norm {gnorm.item()}); stopped before the optimizer step, so no "
-                           f"weight changed: {cfg.out} is intact at its last checkpoint (step {last}), resumable "
-                           f"with --resume {cfg.out}")
+            raise RunError(
+                f"step {step + 1}: non-finite loss or gradient (loss {stats[0].item()}, kl "
+                f"{stats[1].item()}, grad norm {gnorm.item()}); stopped before the optimizer step, so no "
+                f"weight changed: {cfg.out} is intact at its last checkpoint (step {last}), resumable "
+                f"with --resume {cfg.out}"
+            )
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -1332,15 +1633,23 @@ def train(cfg):
 
         # --- log / checkpoint
         stats = all_sum(stats).cpu() / (N * T)
-        msg = (f"step {step + 1}/{cfg.steps} | " + " ".join(f"{nm} {v:.4f}" for nm, v in zip(names, r.mean(0).tolist()))
-               + f" | loss {stats[0]:.4f} kl {stats[1]:.2e} gnorm {gnorm:.3f} | {time.time() - t0:.1f}s")
+        msg = (
+            f"step {step + 1}/{cfg.steps} | "
+            + " ".join(f"{nm} {v:.4f}" for nm, v in zip(names, r.mean(0).tolist()))
+            + f" | loss {stats[0]:.4f} kl {stats[1]:.2e} gnorm {gnorm:.3f} | {time.time() - t0:.1f}s"
+        )
         print0(msg, log=log, bar=bar)
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             last = step + 1
         if is_rank0() and last == step + 1:
             save_checkpoint(ckpt, step + 1, params, old, ema, opt, gen, cfg)
-            model.save_adapters(net, os.path.join(cfg.out, "adapters.safetensors"), ema, names,
-                                extra={"pipeline": json.dumps(setup.pipeline)})
+            model.save_adapters(
+                net,
+                os.path.join(cfg.out, "adapters.safetensors"),
+                ema,
+                names,
+                extra={"pipeline": json.dumps(setup.pipeline)},
+            )
         snapshot = snapshots(cfg).get(step + 1) if cfg.method == "flowmulti" else None  # one of its three checkpoints
         if is_rank0() and snapshot:
             model.save_adapters(net, snapshot, ema, names, extra={"pipeline": json.dumps(setup.pipeline)})
@@ -1350,15 +1659,24 @@ def train(cfg):
     if is_rank0():
         points = eval_points(cfg, net, ema, setup, names, fixed)
         result = evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, device)
-        print0(f"eval: hypervolume {result['hypervolume']:.4f}; wrote {cfg.out}/eval.json, pareto.png, slider.png", log=log)
+        print0(
+            f"eval: hypervolume {result['hypervolume']:.4f}; wrote {cfg.out}/eval.json, pareto.png, slider.png", log=log
+        )
         for s in result["sweep"]:
-            print0(f"  {s['label']:<18}" + "  ".join(f"{nm} {m:.4f}±{sd:.4f}" for nm, m, sd in zip(
-                names + heldout, s["rewards"] + s.get("heldout", []), s["std"] + s.get("heldout_std", []))), log=log)
+            print0(
+                f"  {s['label']:<18}"
+                + "  ".join(
+                    f"{nm} {m:.4f}±{sd:.4f}"
+                    for nm, m, sd in zip(
+                        names + heldout, s["rewards"] + s.get("heldout", []), s["std"] + s.get("heldout_std", [])
+                    )
+                ),
+                log=log,
+            )
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     return result
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1367,39 +1685,130 @@ def train(cfg):
 
 BACKBONES = {
     "sd35": dict(
-        setup=sd35_setup, tiny_setup=sd35_tiny_setup, data="prompts", example="stabilityai/stable-diffusion-3.5-medium",
+        setup=sd35_setup,
+        tiny_setup=sd35_tiny_setup,
+        data="prompts",
+        example="stabilityai/stable-diffusion-3.5-medium",
         pixels=1,  # the tiny net's pixels per latent cell (pixel space: its patch makes the tokens)
-        preset=dict(out="runs/sd35", rewards="pickscore_photo,vlm_sketch", steps=300, prompts_per_step=4, group_size=8,
-                    sample_steps=25, shift=3.0, size=512, batch=8, dtype="bf16", grad_ckpt=True, eval_points=11,
-                    eval_prompts=8),
+        preset=dict(
+            out="runs/sd35",
+            rewards="pickscore_photo,vlm_sketch",
+            steps=300,
+            prompts_per_step=4,
+            group_size=8,
+            sample_steps=25,
+            shift=3.0,
+            size=512,
+            batch=8,
+            dtype="bf16",
+            grad_ckpt=True,
+            eval_points=11,
+            eval_prompts=8,
+        ),
         # kl_beta 0.1 on the tiny world (the paper: 1e-4): along its one-dimensional trade-off the two per-reward
         # advantages are mirror images inside a group, so the late-scalarised push has the sign of w1 - w2 whatever
         # the front's shape, and with a weak KL every w past ~0.6 ends at the same extreme; the pull to the base
         # makes the end point grow with |w1 - w2| (seed 0: Spearman 0.92 / 0.93 -> 0.96 / 0.97, README)
-        tiny=dict(out="runs/tiny", rewards="tiny_photo,tiny_sketch", heldout="tiny_photo_heldout,tiny_sketch_heldout",
-                  kl_beta=0.1, steps=30, prompts_per_step=4, group_size=6,
-                  sample_steps=8, shift=1.0, size=32, batch=64, dtype="fp32", grad_ckpt=False, eval_points=11,
-                  eval_prompts=12)),
+        tiny=dict(
+            out="runs/tiny",
+            rewards="tiny_photo,tiny_sketch",
+            heldout="tiny_photo_heldout,tiny_sketch_heldout",
+            kl_beta=0.1,
+            steps=30,
+            prompts_per_step=4,
+            group_size=6,
+            sample_steps=8,
+            shift=1.0,
+            size=32,
+            batch=64,
+            dtype="fp32",
+            grad_ckpt=False,
+            eval_points=11,
+            eval_prompts=12,
+        ),
+    ),
     "flux-kontext": dict(
-        setup=flux_setup, tiny_setup=flux_tiny_setup, data="edits", example="black-forest-labs/FLUX.1-Kontext-dev",
+        setup=flux_setup,
+        tiny_setup=flux_tiny_setup,
+        data="edits",
+        example="black-forest-labs/FLUX.1-Kontext-dev",
         pixels=2,  # the tiny net's latent: the image 2x2 space-to-depth'ed
-        preset=dict(out="runs/flux-kontext", rewards="dino_sim,vlm_edit", steps=300, prompts_per_step=4,
-                    group_size=8, sample_steps=28, size=512, batch=4, dtype="bf16", grad_ckpt=True, guidance=2.5,
-                    eval_points=11, eval_prompts=8),
-        tiny=dict(out="runs/flux-kontext-tiny", rewards="tiny_preserve,tiny_adhere", steps=30, prompts_per_step=4,
-                  group_size=6, sample_steps=8, shift=1.0, size=32, batch=64, dtype="fp32", grad_ckpt=False,
-                  guidance=1.0, eval_points=11, eval_prompts=12)),
+        preset=dict(
+            out="runs/flux-kontext",
+            rewards="dino_sim,vlm_edit",
+            steps=300,
+            prompts_per_step=4,
+            group_size=8,
+            sample_steps=28,
+            size=512,
+            batch=4,
+            dtype="bf16",
+            grad_ckpt=True,
+            guidance=2.5,
+            eval_points=11,
+            eval_prompts=8,
+        ),
+        tiny=dict(
+            out="runs/flux-kontext-tiny",
+            rewards="tiny_preserve,tiny_adhere",
+            steps=30,
+            prompts_per_step=4,
+            group_size=6,
+            sample_steps=8,
+            shift=1.0,
+            size=32,
+            batch=64,
+            dtype="fp32",
+            grad_ckpt=False,
+            guidance=1.0,
+            eval_points=11,
+            eval_prompts=12,
+        ),
+    ),
     "ltx2": dict(
-        setup=ltx2_setup, tiny_setup=ltx2_tiny_setup, data="prompts", video=True, example="Lightricks/LTX-2",
+        setup=ltx2_setup,
+        tiny_setup=ltx2_tiny_setup,
+        data="prompts",
+        video=True,
+        example="Lightricks/LTX-2",
         pixels=4,  # the tiny net's video latent: each frame 4x4 space-to-depth'ed
         # 512^2 x 49 frames (2 s at 24 fps): the memory plan's default (README); 20 Euler steps per rollout
-        preset=dict(out="runs/ltx2", rewards="pickscore_photo,vlm_animation", steps=300, prompts_per_step=2,
-                    prefs_per_prompt=2, group_size=4, sample_steps=20, solver="euler", size=512, frames=49, batch=1,
-                    dtype="bf16", grad_ckpt=True, eval_points=7, eval_prompts=4),
-        tiny=dict(out="runs/ltx2-tiny", rewards="tiny_photo,tiny_sketch",
-                  heldout="tiny_photo_heldout,tiny_sketch_heldout", kl_beta=0.1, steps=30, prompts_per_step=4,
-                  group_size=6, sample_steps=8, shift=1.0, size=16, frames=6, batch=72, dtype="fp32", grad_ckpt=False,
-                  eval_points=11, eval_prompts=12)),
+        preset=dict(
+            out="runs/ltx2",
+            rewards="pickscore_photo,vlm_animation",
+            steps=300,
+            prompts_per_step=2,
+            prefs_per_prompt=2,
+            group_size=4,
+            sample_steps=20,
+            solver="euler",
+            size=512,
+            frames=49,
+            batch=1,
+            dtype="bf16",
+            grad_ckpt=True,
+            eval_points=7,
+            eval_prompts=4,
+        ),
+        tiny=dict(
+            out="runs/ltx2-tiny",
+            rewards="tiny_photo,tiny_sketch",
+            heldout="tiny_photo_heldout,tiny_sketch_heldout",
+            kl_beta=0.1,
+            steps=30,
+            prompts_per_step=4,
+            group_size=6,
+            sample_steps=8,
+            shift=1.0,
+            size=16,
+            frames=6,
+            batch=72,
+            dtype="fp32",
+            grad_ckpt=False,
+            eval_points=11,
+            eval_prompts=12,
+        ),
+    ),
 }
 
 

@@ -15,6 +15,7 @@ Prints one table (per method and point: both rewards and both held-out scores, m
 hypervolume with a common reference point (0, 0) and Spearman(w_m, r_m), mean +- sd), then the goals of issue 11
 checked on every seed, and writes summary.json and fronts.png (every method's front, training and held-out).
 """
+
 import argparse
 import os
 import statistics
@@ -28,8 +29,13 @@ import model  # noqa: E402
 import train  # noqa: E402
 
 FIXED = ["1,0", "0.75,0.25", "0.5,0.5", "0.25,0.75", "0,1"]
-COLOURS = dict(ParetoSlider=(220, 40, 40), FixedWeight=(30, 90, 220), FlowMulti=(20, 150, 60),
-               PromptRewriting=(150, 60, 190), RewardedSoups=(230, 140, 20))
+COLOURS = dict(
+    ParetoSlider=(220, 40, 40),
+    FixedWeight=(30, 90, 220),
+    FlowMulti=(20, 150, 60),
+    PromptRewriting=(150, 60, 190),
+    RewardedSoups=(230, 140, 20),
+)
 
 
 def runs_of(methods):
@@ -89,8 +95,11 @@ def main():
     names = objectives + heldout
 
     def points(seed, method):  # -> [(label, w, values over names)]
-        return [(s["label"], s["pref"], s["rewards"] + s.get("heldout", [])) for r in results[seed][method]
-                for s in r["sweep"]]
+        return [
+            (s["label"], s["pref"], s["rewards"] + s.get("heldout", []))
+            for r in results[seed][method]
+            for s in r["sweep"]
+        ]
 
     lines = ["| method | point | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
     summary = dict(seeds=seeds, objectives=objectives, heldout=heldout, methods={}, goals={})
@@ -100,16 +109,32 @@ def main():
         for i, (label, w, _) in enumerate(per_seed[0]):
             cols = [fmt([ps[i][2][j] for ps in per_seed]) for j in range(len(names))]
             lines.append(f"| {title} | {label} | " + " | ".join(cols) + " |")
-        hv = {key: [train.hypervolume([v[2][sl] for v in ps], [0.0] * len(objectives)) for ps in per_seed]
-              for key, sl in (("train", slice(0, len(objectives))), ("heldout", slice(len(objectives), None)))}
+        hv = {
+            key: [train.hypervolume([v[2][sl] for v in ps], [0.0] * len(objectives)) for ps in per_seed]
+            for key, sl in (("train", slice(0, len(objectives))), ("heldout", slice(len(objectives), None)))
+        }
         M = len(objectives)  # Spearman per objective over the method's points, then per seed: rho[m][seed]
-        rho = list(zip(*[train.front_stats(torch.tensor([v[1] for v in ps]), torch.tensor([v[2][:M] for v in ps]),
-                                           [0.0] * M)[1] for ps in per_seed]))
-        summary["methods"][title] = dict(points=per_seed, hypervolume=hv["train"], heldout_hypervolume=hv["heldout"],
-                                         spearman=rho)
-        lines.append(f"| **{title}** | hypervolume {fmt(hv['train'], 4)}" + (
-            f", held-out {fmt(hv['heldout'], 4)}" if heldout else "") + "; Spearman(w, r) " + ", ".join(
-            fmt(r) for r in rho) + " |" + " |" * (len(names) - 1))
+        rho = list(
+            zip(
+                *[
+                    train.front_stats(
+                        torch.tensor([v[1] for v in ps]), torch.tensor([v[2][:M] for v in ps]), [0.0] * M
+                    )[1]
+                    for ps in per_seed
+                ]
+            )
+        )
+        summary["methods"][title] = dict(
+            points=per_seed, hypervolume=hv["train"], heldout_hypervolume=hv["heldout"], spearman=rho
+        )
+        lines.append(
+            f"| **{title}** | hypervolume {fmt(hv['train'], 4)}"
+            + (f", held-out {fmt(hv['heldout'], 4)}" if heldout else "")
+            + "; Spearman(w, r) "
+            + ", ".join(fmt(r) for r in rho)
+            + " |"
+            + " |" * (len(names) - 1)
+        )
     print("\n".join(lines))
 
     # --- the goals of issue 11, per seed (ParetoSlider vs FixedWeight)
@@ -119,16 +144,27 @@ def main():
             sl, fw = summary["methods"]["ParetoSlider"], summary["methods"]["FixedWeight"]
             i = seeds.index(s)
             rho = [sl["spearman"][m][i] for m in range(len(objectives))]
-            checks.append((s, f"Spearman(w_m, r_m) >= 0.95 for every objective: {[round(r, 3) for r in rho]}",
-                           all(r is not None and r >= 0.95 for r in rho)))
+            checks.append(
+                (
+                    s,
+                    f"Spearman(w_m, r_m) >= 0.95 for every objective: {[round(r, 3) for r in rho]}",
+                    all(r is not None and r >= 0.95 for r in rho),
+                )
+            )
             slider_at = {tuple(round(x, 4) for x in w): v for _, w, v in sl["points"][i]}
             gaps = []
             for _, w, v in fw["points"][i]:
                 mine = slider_at.get(tuple(round(x, 4) for x in w))
                 if mine is not None:
                     gaps.append(sum(a * b for a, b in zip(w, mine)) - sum(a * b for a, b in zip(w, v)))
-            checks.append((s, "at each FixedWeight w, slider's sum w_m r_m >= FixedWeight's - 0.02: gaps "
-                           f"{[round(g, 3) for g in gaps]}", len(gaps) == len(FIXED) and min(gaps) >= -0.02))
+            checks.append(
+                (
+                    s,
+                    "at each FixedWeight w, slider's sum w_m r_m >= FixedWeight's - 0.02: gaps "
+                    f"{[round(g, 3) for g in gaps]}",
+                    len(gaps) == len(FIXED) and min(gaps) >= -0.02,
+                )
+            )
             for key in ("hypervolume", "heldout_hypervolume")[: 1 + bool(heldout)]:
                 a, b = sl[key][i], fw[key][i]
                 checks.append((s, f"{key}: slider {a:.4f} >= FixedWeight union {b:.4f}", a >= b))
@@ -142,12 +178,23 @@ def main():
     for sl, pair in ((slice(0, 2), objectives[:2]), (slice(len(objectives), len(objectives) + 2), heldout[:2])):
         if len(pair) < 2:
             continue
-        series = [dict(points=[tuple(v[2][sl]) for v in summary["methods"][t]["points"][0]], colour=COLOURS[t],
-                       join=t in ("ParetoSlider", "RewardedSoups", "FlowMulti")) for t in summary["methods"]]
+        series = [
+            dict(
+                points=[tuple(v[2][sl]) for v in summary["methods"][t]["points"][0]],
+                colour=COLOURS[t],
+                join=t in ("ParetoSlider", "RewardedSoups", "FlowMulti"),
+            )
+            for t in summary["methods"]
+        ]
         panels.append((pair[0], pair[1], series, None))
     legend = [(t, COLOURS[t]) for t in summary["methods"]]
-    train.draw_panels(os.path.join(out, "fronts.png"), f"{args.backbone} tiny world, seed {seeds[0]}: every method's "
-                      "front (left: training rewards; right: held-out scorers)", panels, legend)
+    train.draw_panels(
+        os.path.join(out, "fronts.png"),
+        f"{args.backbone} tiny world, seed {seeds[0]}: every method's "
+        "front (left: training rewards; right: held-out scorers)",
+        panels,
+        legend,
+    )
     model.atomic_json(dict(summary, table=lines), os.path.join(out, "summary.json"))
     print(f"wrote {out}/summary.json and {out}/fronts.png")
 

@@ -11,6 +11,7 @@ computed in bf16; --no-lora: none), gradients w.r.t. the activations and the ada
 kernels/bench.py, whose timing and table this uses (same columns; GB/s is not defined for a whole block). Target
 (issue 4): the joint block forward+backward >= 1.3x eager and never slower than torch.compile.
 """
+
 import os
 import sys
 
@@ -25,11 +26,23 @@ from types import SimpleNamespace  # noqa: E402
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels.bench import bench_us, print_rows, start, step  # noqa: E402
 import model  # noqa: E402
-from model import FLUX_PRESETS, SD3_PRESETS, DoubleStreamBlock, FluxConfig, FluxTransformer, JointBlock, SD3Config  # noqa: E402
-from model import SD3Transformer, SingleStreamBlock  # noqa: E402
-from model import LTX2_PRESETS, LTX2Block, LTX2Config, LTX2Transformer  # noqa: E402
+from kernels.bench import bench_us, print_rows, start, step  # noqa: E402
+from model import (  # noqa: E402  # noqa: E402  # noqa: E402
+    FLUX_PRESETS,
+    LTX2_PRESETS,
+    SD3_PRESETS,
+    DoubleStreamBlock,
+    FluxConfig,
+    FluxTransformer,
+    JointBlock,
+    LTX2Block,
+    LTX2Config,
+    LTX2Transformer,
+    SD3Config,
+    SD3Transformer,
+    SingleStreamBlock,
+)
 
 
 def sd3_block(preset, i, n_img, n_txt):
@@ -37,8 +50,11 @@ def sd3_block(preset, i, n_img, n_txt):
     cfg = SD3Config(**SD3_PRESETS[preset])
     blk, D = JointBlock(cfg, i), cfg.hidden
     blk.lora_targets = SD3Transformer.lora_targets
-    return blk, [(1, n_txt, D), (1, n_img, D), (1, D), (1, D)], lambda ctx, x, c, m: tuple(
-        t for t in blk(ctx, x, c, m) if t is not None)
+    return (
+        blk,
+        [(1, n_txt, D), (1, n_img, D), (1, D), (1, D)],
+        lambda ctx, x, c, m: tuple(t for t in blk(ctx, x, c, m) if t is not None),
+    )
 
 
 def flux_block(preset, kind, n_img, n_txt):
@@ -51,12 +67,18 @@ def flux_block(preset, kind, n_img, n_txt):
     if kind == "double":
         blk = DoubleStreamBlock(cfg)
         blk.lora_targets = FluxTransformer.lora_targets
-        return blk, [(1, n_txt, D), (1, n_img, D), (1, D), (1, D)], lambda txt, img, vec, m: blk(
-            txt, img, vec, cos.to(img.device), sin.to(img.device), m)
+        return (
+            blk,
+            [(1, n_txt, D), (1, n_img, D), (1, D), (1, D)],
+            lambda txt, img, vec, m: blk(txt, img, vec, cos.to(img.device), sin.to(img.device), m),
+        )
     blk = SingleStreamBlock(cfg)
     blk.lora_targets = FluxTransformer.lora_targets
-    return blk, [(1, L, D), (1, D), (1, D)], lambda x, vec, m: (blk(
-        x, vec, cos.to(x.device), sin.to(x.device), m, (n_txt, L)),)
+    return (
+        blk,
+        [(1, L, D), (1, D), (1, D)],
+        lambda x, vec, m: (blk(x, vec, cos.to(x.device), sin.to(x.device), m, (n_txt, L)),),
+    )
 
 
 def ltx2_block(preset, frames, h, w, n_audio, n_txt):
@@ -68,29 +90,43 @@ def ltx2_block(preset, frames, h, w, n_audio, n_txt):
     D, Da = cfg.hidden, cfg.audio_hidden
     blk, rope = LTX2Block(cfg), LTX2Transformer.rope(SimpleNamespace(cfg=cfg), frames, h, w, n_audio, 24.0, None)
     blk.lora_targets = LTX2Transformer.lora_targets
-    shapes = [(1, frames * h * w, D), (1, n_audio, Da), (1, n_txt, D), (1, n_txt, Da), (1, 6 * D), (1, 6 * Da),
-              (1, 4 * D), (1, 4 * Da), (1, D), (1, Da), (1, D)]
-    return blk, shapes, lambda x, a, ctx, actx, *t: blk(
-        x, a, ctx, actx, None, model.LTX2Mod(*t[:6]), rope, t[6])
+    shapes = [
+        (1, frames * h * w, D),
+        (1, n_audio, Da),
+        (1, n_txt, D),
+        (1, n_txt, Da),
+        (1, 6 * D),
+        (1, 6 * Da),
+        (1, 4 * D),
+        (1, 4 * Da),
+        (1, D),
+        (1, Da),
+        (1, D),
+    ]
+    return blk, shapes, lambda x, a, ctx, actx, *t: blk(x, a, ctx, actx, None, model.LTX2Mod(*t[:6]), rope, t[6])
 
 
 # whole blocks from model.py at the real shapes: (name, builder, its arguments). FLUX.1 Kontext at 1024^2: 64 x 64
 # packed target tokens + as many reference tokens, 512 T5 tokens. LTX-2 (benchmarks/memory.py's training videos,
 # 24 fps): 512^2 x 49 frames -> 7 x 16 x 16 latent tokens, 121 frames at 768x512 -> 16 x 16 x 24; audio at 25 latent
 # frames per second (51 and 126); 1024 Gemma tokens.
-BLOCKS = [("sd35m-512 joint block (dual attn)", sd3_block, ("sd35-medium", 0, 1024, 333)),
-          ("sd35m-512 joint block", sd3_block, ("sd35-medium", 13, 1024, 333)),
-          ("sd35m-1024 joint block", sd3_block, ("sd35-medium", 13, 4096, 333)),
-          ("flux-kontext-1024 double block (+ref)", flux_block, ("flux-dev", "double", 8192, 512)),
-          ("flux-kontext-1024 single block (+ref)", flux_block, ("flux-dev", "single", 8192, 512)),
-          ("flux-dev-1024 double block", flux_block, ("flux-dev", "double", 4096, 512)),
-          ("flux-dev-1024 single block", flux_block, ("flux-dev", "single", 4096, 512)),
-          ("ltx2-512x512x49f block", ltx2_block, ("ltx2-19b", 7, 16, 16, 51, 1024)),
-          ("ltx2-768x512x121f block", ltx2_block, ("ltx2-19b", 16, 16, 24, 126, 1024))]
-SMOKE_BLOCKS = [("tiny joint block (dual attn)", sd3_block, ("sd35-tiny", 0, 16, 7)),
-                ("tiny flux double block", flux_block, ("flux-tiny", "double", 32, 7)),
-                ("tiny flux single block", flux_block, ("flux-tiny", "single", 32, 7)),
-                ("tiny ltx2 block", ltx2_block, ("ltx2-tiny", 2, 2, 3, 5, 7))]
+BLOCKS = [
+    ("sd35m-512 joint block (dual attn)", sd3_block, ("sd35-medium", 0, 1024, 333)),
+    ("sd35m-512 joint block", sd3_block, ("sd35-medium", 13, 1024, 333)),
+    ("sd35m-1024 joint block", sd3_block, ("sd35-medium", 13, 4096, 333)),
+    ("flux-kontext-1024 double block (+ref)", flux_block, ("flux-dev", "double", 8192, 512)),
+    ("flux-kontext-1024 single block (+ref)", flux_block, ("flux-dev", "single", 8192, 512)),
+    ("flux-dev-1024 double block", flux_block, ("flux-dev", "double", 4096, 512)),
+    ("flux-dev-1024 single block", flux_block, ("flux-dev", "single", 4096, 512)),
+    ("ltx2-512x512x49f block", ltx2_block, ("ltx2-19b", 7, 16, 16, 51, 1024)),
+    ("ltx2-768x512x121f block", ltx2_block, ("ltx2-19b", 16, 16, 24, 126, 1024)),
+]
+SMOKE_BLOCKS = [
+    ("tiny joint block (dual attn)", sd3_block, ("sd35-tiny", 0, 16, 7)),
+    ("tiny flux double block", flux_block, ("flux-tiny", "double", 32, 7)),
+    ("tiny flux single block", flux_block, ("flux-tiny", "single", 32, 7)),
+    ("tiny ltx2 block", ltx2_block, ("ltx2-tiny", 2, 2, 3, 5, 7)),
+]
 
 
 def run_blocks(blocks, device, cpu, rows, use_compile, dtype=torch.bfloat16, lora=32):
@@ -106,8 +142,12 @@ def run_blocks(blocks, device, cpu, rows, use_compile, dtype=torch.bfloat16, lor
             model.add_lora(blk, lora, 2 * lora)
         g = torch.Generator(device).manual_seed(0)
         # activations ~N(0, 1); conditioning vectors too; the slider vector m (last) small, as trained
-        leaves = [(torch.randn(*s, generator=g, device=device) * (0.1 if i == len(shapes) - 1 else 1.0))
-                  .to(dtype).requires_grad_() for i, s in enumerate(shapes)]
+        leaves = [
+            (torch.randn(*s, generator=g, device=device) * (0.1 if i == len(shapes) - 1 else 1.0))
+            .to(dtype)
+            .requires_grad_()
+            for i, s in enumerate(shapes)
+        ]
         adapters = [p for p in blk.parameters() if p.requires_grad]  # their grads are reset between runs too
         variants = [("eager", "torch", False), ("triton", "triton", False)]
         if use_compile:
@@ -128,10 +168,21 @@ def run_blocks(blocks, device, cpu, rows, use_compile, dtype=torch.bfloat16, lor
         for backward in (False, True):
             t_of = {impl: us[impl, backward] for impl, _, _ in variants}
             for impl, t in t_of.items():
-                rows.append(dict(case=name, op=type(blk).__name__, pass_="fwd+bwd" if backward else "fwd", impl=impl,
-                                 us=t, gbs=None, copy=None, vs_eager=t_of["eager"] / t,
-                                 vs_compile=t_of["compile"] / t if "compile" in t_of else None, err=None))
-            print_rows(rows[-len(t_of):])
+                rows.append(
+                    dict(
+                        case=name,
+                        op=type(blk).__name__,
+                        pass_="fwd+bwd" if backward else "fwd",
+                        impl=impl,
+                        us=t,
+                        gbs=None,
+                        copy=None,
+                        vs_eager=t_of["eager"] / t,
+                        vs_compile=t_of["compile"] / t if "compile" in t_of else None,
+                        err=None,
+                    )
+                )
+            print_rows(rows[-len(t_of) :])
         if name in breaks:
             print(f"{name}: graph breaks under torch.compile: {breaks[name]}", flush=True)
     return breaks

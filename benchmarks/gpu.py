@@ -22,6 +22,7 @@ Past --budget seconds the remaining items are skipped and marked so.
   blocks   benchmarks/blocks.py with LoRA on, as training runs the blocks: eager / kernels / torch.compile / compile +
            kernels, and how many graph breaks the Triton custom ops cause under torch.compile (0 = they trace)
 """
+
 import os
 import sys
 
@@ -38,16 +39,15 @@ import re  # noqa: E402
 import time  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
+import blocks as block_bench  # noqa: E402
+import memory  # noqa: E402
 import torch  # noqa: E402
 
-import blocks as block_bench  # noqa: E402
 import kernels  # noqa: E402
-import memory  # noqa: E402
 import model  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from kernels import bench  # noqa: E402
-
 
 SECTIONS = ("kernels", "train", "memory", "bench", "blocks")
 
@@ -84,6 +84,7 @@ class Report:
 
 def header(device):
     import triton
+
     git = os.popen(f"git -C {ROOT} rev-parse --short HEAD 2>/dev/null").read().strip()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (TRITON_INTERPRET=1)"
     return [f"device {name} | torch {torch.__version__} | triton {triton.__version__} | git {git}"]
@@ -104,9 +105,11 @@ def peak_gib(device):
 # kernels: Triton against the references, on the device
 
 
-KERNEL_CASES = [bench.Case("odd", 3, 37, 200, 5, 40, False, "interleaved", m_start=5, per_token=True),
-                bench.Case("odd ltx2", 2, 29, 160, 4, 40, True, "split", per_token=True, qk_across=True),
-                bench.Case("odd no rope", 2, 77, 96, 3, 32, False, None)]
+KERNEL_CASES = [
+    bench.Case("odd", 3, 37, 200, 5, 40, False, "interleaved", m_start=5, per_token=True),
+    bench.Case("odd ltx2", 2, 29, 160, 4, 40, True, "split", per_token=True, qk_across=True),
+    bench.Case("odd no rope", 2, 77, 96, 3, 32, False, None),
+]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # max |err| / max |ref|, per output and gradient
 
 
@@ -130,15 +133,30 @@ def check_kernels(device, report):
                         ups = [torch.randn(o.shape, generator=g, device=device).to(o.dtype) for o in outs]
                     torch.autograd.backward(outs, ups)
                     results[impl] = [o.detach() for o in outs] + [xs[k].grad for k in names if xs[k].requires_grad]
-                err = max((a.float() - b.float()).abs().max().item() / (b.float().abs().max().item() + 1e-12)
-                          for a, b in zip(results["triton"], results["ref"]))
+                err = max(
+                    (a.float() - b.float()).abs().max().item() / (b.float().abs().max().item() + 1e-12)
+                    for a, b in zip(results["triton"], results["ref"])
+                )
                 ok = err <= TOLERANCE[dtype] and all(torch.isfinite(t).all() for t in results["triton"])
-                rows.append(dict(case=case.name, op=op, dtype=str(dtype)[6:], tensors=len(results["ref"]),
-                                 rel_err=err, bound=TOLERANCE[dtype], result="PASS" if ok else "FAIL"))
+                rows.append(
+                    dict(
+                        case=case.name,
+                        op=op,
+                        dtype=str(dtype)[6:],
+                        tensors=len(results["ref"]),
+                        rel_err=err,
+                        bound=TOLERANCE[dtype],
+                        result="PASS" if ok else "FAIL",
+                    )
+                )
     failed = sum(r["result"] == "FAIL" for r in rows)
     report.failed += failed
-    report.section("kernels", "Triton vs reference (forward and every gradient)", rows,
-                   [f"{len(rows) - failed} of {len(rows)} PASS" + (f", {failed} FAIL" if failed else "")])
+    report.section(
+        "kernels",
+        "Triton vs reference (forward and every gradient)",
+        rows,
+        [f"{len(rows) - failed} of {len(rows)} PASS" + (f", {failed} FAIL" if failed else "")],
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,21 +171,37 @@ def shapes(kind, smoke):
         cfg = model.SD3Config(**model.SD3_PRESETS["sd35-tiny" if smoke else "sd35-medium"])
         cfg = replace(cfg, depth=2, dual_attention_layers=(0,))
         h = 16 if smoke else 64
-        return model.SD3Transformer, cfg, [(cfg.in_channels, h, h)], dict(
-            context=(8 if smoke else 333, cfg.context_dim), pooled=(cfg.pooled_dim,))
+        return (
+            model.SD3Transformer,
+            cfg,
+            [(cfg.in_channels, h, h)],
+            dict(context=(8 if smoke else 333, cfg.context_dim), pooled=(cfg.pooled_dim,)),
+        )
     if kind == "flux-kontext":
-        cfg = replace(model.FluxConfig(**model.FLUX_PRESETS["flux-tiny" if smoke else "flux-dev"]), depth=1,
-                      depth_single=2)
+        cfg = replace(
+            model.FluxConfig(**model.FLUX_PRESETS["flux-tiny" if smoke else "flux-dev"]), depth=1, depth_single=2
+        )
         C, h = cfg.in_channels // 4, 8 if smoke else 64
-        return model.FluxTransformer, cfg, [(C, h, h)], dict(
-            context=(8 if smoke else 512, cfg.context_dim), pooled=(cfg.pooled_dim,), guidance=(), ref=(C, h, h))
+        return (
+            model.FluxTransformer,
+            cfg,
+            [(C, h, h)],
+            dict(context=(8 if smoke else 512, cfg.context_dim), pooled=(cfg.pooled_dim,), guidance=(), ref=(C, h, h)),
+        )
     cfg = replace(model.LTX2Config(**model.LTX2_PRESETS["ltx2-tiny" if smoke else "ltx2-19b"]), depth=2)
     mel = cfg.audio_in_channels // cfg.audio_channels
-    video, audio = ((cfg.in_channels, 2, 4, 4), (cfg.audio_channels, 3, mel)) if smoke else \
-        ((cfg.in_channels, 7, 16, 16), (cfg.audio_channels, 51, mel))
+    video, audio = (
+        ((cfg.in_channels, 2, 4, 4), (cfg.audio_channels, 3, mel))
+        if smoke
+        else ((cfg.in_channels, 7, 16, 16), (cfg.audio_channels, 51, mel))
+    )
     L = 8 if smoke else 1024
-    return model.LTX2Transformer, cfg, [video, audio], dict(context=(L, cfg.caption_channels),
-                                                            context_audio=(L, cfg.caption_channels))
+    return (
+        model.LTX2Transformer,
+        cfg,
+        [video, audio],
+        dict(context=(L, cfg.caption_channels), context_audio=(L, cfg.caption_channels)),
+    )
 
 
 def synthetic_setup(kind, smoke):
@@ -185,9 +219,20 @@ def synthetic_setup(kind, smoke):
         if len(parts) == 1:
             return train.Setup(net, [f"item {i}" for i in range(n)], cond, [{}] * n, [0], parts[0], image, {})
         pack, unpack = sample.ltx2_packing(*parts)
-        return train.Setup(net, [f"item {i}" for i in range(n)], cond, [{}] * n, [0],
-                           (sum(torch.Size(p).numel() for p in parts),),
-                           lambda x0: image(unpack(x0)[0]).transpose(1, 2), {}, pack=pack, unpack=unpack, video=True)
+        return train.Setup(
+            net,
+            [f"item {i}" for i in range(n)],
+            cond,
+            [{}] * n,
+            [0],
+            (sum(torch.Size(p).numel() for p in parts),),
+            lambda x0: image(unpack(x0)[0]).transpose(1, 2),
+            {},
+            pack=pack,
+            unpack=unpack,
+            video=True,
+        )
+
     return setup
 
 
@@ -199,8 +244,11 @@ def train_steps(device, report, smoke):
     rows = []
     for kind in ("sd35", "flux-kontext", "ltx2"):
         name = f"gpu-{kind}"  # registered in train.py's table for this process only
-        train.BACKBONES[name] = dict(train.BACKBONES[kind], tiny_setup=synthetic_setup(kind, smoke),
-                                     tiny=dict(train.BACKBONES[kind]["tiny"], out="", heldout=""))
+        train.BACKBONES[name] = dict(
+            train.BACKBONES[kind],
+            tiny_setup=synthetic_setup(kind, smoke),
+            tiny=dict(train.BACKBONES[kind]["tiny"], out="", heldout=""),
+        )
         # the interpreter runs Triton kernels ~100x slower than the references: the CPU smoke compares the two
         # backends on the SD3.5 step only (the same code path as the others')
         for backend in ("torch", "triton") if not smoke or kind == "sd35" else ("torch",):
@@ -210,15 +258,49 @@ def train_steps(device, report, smoke):
             out = os.path.join(report.out, f"train-{kind}-{backend}")
             if os.path.isdir(out):
                 import shutil
+
                 shutil.rmtree(out)
             peak_reset(device)
             t0 = time.time()
             try:
-                train.main(["--backbone", name, "--tiny", "--device", device.type, "--dtype", "bf16", "--kernels",
-                            backend, "--rewards", "tiny_photo,tiny_sketch", "--steps", "2", "--prompts-per-step", "2",
-                            "--prefs-per-prompt", "1", "--group-size", "2", "--sample-steps", "4", "--batch", "2",
-                            "--eval-points", "2", "--eval-prompts", "1", "--lora-rank", "4" if smoke else "32",
-                            "--grad-ckpt", "--size", "16" if smoke else "512", "--out", out])
+                train.main(
+                    [
+                        "--backbone",
+                        name,
+                        "--tiny",
+                        "--device",
+                        device.type,
+                        "--dtype",
+                        "bf16",
+                        "--kernels",
+                        backend,
+                        "--rewards",
+                        "tiny_photo,tiny_sketch",
+                        "--steps",
+                        "2",
+                        "--prompts-per-step",
+                        "2",
+                        "--prefs-per-prompt",
+                        "1",
+                        "--group-size",
+                        "2",
+                        "--sample-steps",
+                        "4",
+                        "--batch",
+                        "2",
+                        "--eval-points",
+                        "2",
+                        "--eval-prompts",
+                        "1",
+                        "--lora-rank",
+                        "4" if smoke else "32",
+                        "--grad-ckpt",
+                        "--size",
+                        "16" if smoke else "512",
+                        "--out",
+                        out,
+                    ]
+                )
             except BaseException as e:  # noqa: BLE001 (SystemExit too: train.main's one-line errors) the next run goes on
                 report.failed += 1
                 rows.append(dict(backbone=kind, kernels=backend, result=f"FAIL: {type(e).__name__}: {e}"[:300]))
@@ -228,21 +310,35 @@ def train_steps(device, report, smoke):
             steps = [m for m in steps if m]
             ck = model.read_safetensors(os.path.join(out, "checkpoint.safetensors"))[0]
             masters = {v.dtype for k, v in ck.items() if k != "rng.train"}
-            rows.append(dict(backbone=kind, kernels=backend, loss=float(steps[0][2]), kl=float(steps[0][3]),
-                             gnorm=float(steps[0][4]), step2_s=float(steps[1][5]), run_s=time.time() - t0,
-                             peak_gib=peak_gib(device), adapters=",".join(sorted(str(d)[6:] for d in masters))))
-    notes = ["Step 1's loss, KL and grad norm with the PyTorch references and with the Triton kernels (same seed and "
-             "weights; bf16 rounding differs, so they agree to a few digits, not bit for bit); step 2's time is warm "
-             "(step 1 includes Triton's JIT); peak: the whole run (setup, 2 steps, evaluation); adapters: the dtypes "
-             "in the checkpoint (fp32 masters)."]
+            rows.append(
+                dict(
+                    backbone=kind,
+                    kernels=backend,
+                    loss=float(steps[0][2]),
+                    kl=float(steps[0][3]),
+                    gnorm=float(steps[0][4]),
+                    step2_s=float(steps[1][5]),
+                    run_s=time.time() - t0,
+                    peak_gib=peak_gib(device),
+                    adapters=",".join(sorted(str(d)[6:] for d in masters)),
+                )
+            )
+    notes = [
+        "Step 1's loss, KL and grad norm with the PyTorch references and with the Triton kernels (same seed and "
+        "weights; bf16 rounding differs, so they agree to a few digits, not bit for bit); step 2's time is warm "
+        "(step 1 includes Triton's JIT); peak: the whole run (setup, 2 steps, evaluation); adapters: the dtypes "
+        "in the checkpoint (fp32 masters)."
+    ]
     for kind in ("sd35", "flux-kontext", "ltx2"):
         pair = [r for r in rows if r["backbone"] == kind and "loss" in r]
         if len(pair) == 2:
             rel = max(abs(pair[0][k] - pair[1][k]) / max(abs(pair[0][k]), 1e-12) for k in ("loss", "gnorm"))
             ok = rel <= TRAIN_AGREEMENT
             report.failed += not ok
-            notes.append(f"{kind}: torch vs triton, largest relative difference of loss and grad norm {rel:.2e}: "
-                         + ("PASS" if ok else f"FAIL (more than {TRAIN_AGREEMENT})"))
+            notes.append(
+                f"{kind}: torch vs triton, largest relative difference of loss and grad norm {rel:.2e}: "
+                + ("PASS" if ok else f"FAIL (more than {TRAIN_AGREEMENT})")
+            )
     report.section("train", "one step of train.py's loop per backbone, full width, reduced depth", rows, notes)
 
 
@@ -252,13 +348,33 @@ def train_steps(device, report, smoke):
 
 def tiny_settings():
     # memory.py's settings at toy size (--cpu-smoke): its tests' tiny nets, micro-batch 2
-    sd3, ltx = model.SD3Config(**model.SD3_PRESETS["sd35-tiny"], pref_dim=2), model.LTX2Config(
-        **model.LTX2_PRESETS["ltx2-tiny"], pref_dim=2)
+    sd3, ltx = (
+        model.SD3Config(**model.SD3_PRESETS["sd35-tiny"], pref_dim=2),
+        model.LTX2Config(**model.LTX2_PRESETS["ltx2-tiny"], pref_dim=2),
+    )
     vae = (lambda: model.AutoencoderKL(channels=(8, 16), layers=1, latent=4, groups=4), (2, 4, 8, 8))
-    return [dict(name="sd35-tiny B2", net=(model.SD3Transformer, sd3), inputs=memory.sd3_inputs(sd3, 2, 8, 7),
-                 vae=vae, aux=(), encoders=(), step=(4, 3), x0=("x",)),
-            dict(name="ltx2-tiny B2", net=(model.LTX2Transformer, ltx), inputs=memory.ltx2_inputs(ltx, 2, 17, 64, 96, 7),
-                 vae=vae, aux=(), encoders=(), step=(4, 3), x0=("video", "audio"))]
+    return [
+        dict(
+            name="sd35-tiny B2",
+            net=(model.SD3Transformer, sd3),
+            inputs=memory.sd3_inputs(sd3, 2, 8, 7),
+            vae=vae,
+            aux=(),
+            encoders=(),
+            step=(4, 3),
+            x0=("x",),
+        ),
+        dict(
+            name="ltx2-tiny B2",
+            net=(model.LTX2Transformer, ltx),
+            inputs=memory.ltx2_inputs(ltx, 2, 17, 64, 96, 7),
+            vae=vae,
+            aux=(),
+            encoders=(),
+            step=(4, 3),
+            x0=("video", "audio"),
+        ),
+    ]
 
 
 def memory_plan(device, report, smoke):
@@ -275,15 +391,28 @@ def memory_plan(device, report, smoke):
         real = memory.plan(s, device.type)
         g = lambda b: None if b is None else b / 2**30
         for phase in ("rollout", "update", "decode"):
-            rows.append(dict(setting=s["name"], phase=phase, plan_meta_gib=g(meta[phase]), tracked_gib=g(real[phase]),
-                             allocator_gib=g(real[phase + "_cuda"])))
+            rows.append(
+                dict(
+                    setting=s["name"],
+                    phase=phase,
+                    plan_meta_gib=g(meta[phase]),
+                    tracked_gib=g(real[phase]),
+                    allocator_gib=g(real[phase + "_cuda"]),
+                )
+            )
         rows.append(dict(setting=s["name"], phase="peak (plan)", plan_meta_gib=g(meta["peak"])))
         del real
         peak_reset(device)
-    report.section("memory", "memory.py's plan vs the GPU (GiB above the resident weights)", rows, [
-        "plan_meta: memory.py on the meta device (the README's table); tracked: the same live-bytes count on the "
-        "device's tensors (on a GPU with the Triton kernels instead of the references); allocator: "
-        "torch.cuda.max_memory_allocated above the resident state for the same step (None off a GPU)."])
+    report.section(
+        "memory",
+        "memory.py's plan vs the GPU (GiB above the resident weights)",
+        rows,
+        [
+            "plan_meta: memory.py on the meta device (the README's table); tracked: the same live-bytes count on the "
+            "device's tensors (on a GPU with the Triton kernels instead of the references); allocator: "
+            "torch.cuda.max_memory_allocated above the resident state for the same step (None off a GPU)."
+        ],
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,24 +432,40 @@ def bench_table(device, report, smoke, copy_gbs):
 
 def blocks_table(device, report, smoke):
     rows, breaks = [], {}
-    chosen = block_bench.SMOKE_BLOCKS[:1] if smoke else [b for b in block_bench.BLOCKS if b[0] in (
-        "sd35m-1024 joint block", "flux-kontext-1024 double block (+ref)", "ltx2-512x512x49f block")]
+    chosen = (
+        block_bench.SMOKE_BLOCKS[:1]
+        if smoke
+        else [
+            b
+            for b in block_bench.BLOCKS
+            if b[0] in ("sd35m-1024 joint block", "flux-kontext-1024 double block (+ref)", "ltx2-512x512x49f block")
+        ]
+    )
     for blk in chosen:
         if report.left() < 60:
             rows.append(dict(case=blk[0], impl="skipped (time budget)"))
             continue
         breaks.update(block_bench.run_blocks([blk], device, smoke, rows, use_compile=True, lora=4 if smoke else 32))
-    report.section("blocks", "whole blocks with LoRA r32 (fwd, fwd+bwd; us)", rows, [
-        f"graph breaks under torch.compile per block: {json.dumps(breaks)}"
-        + (" (compile + Triton kernels needs a GPU: not on this CPU)" if smoke else "")])
+    report.section(
+        "blocks",
+        "whole blocks with LoRA r32 (fwd, fwd+bwd; us)",
+        rows,
+        [
+            f"graph breaks under torch.compile per block: {json.dumps(breaks)}"
+            + (" (compile + Triton kernels needs a GPU: not on this CPU)" if smoke else "")
+        ],
+    )
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-smoke", action="store_true", help="CPU, toy sizes, the interpreter: every section runs")
     p.add_argument("--out", default="gpu-report", help="folder for report.md and one <section>.jsonl per section")
-    p.add_argument("--budget", type=float, help="seconds; later items are skipped past it (default 270 on a GPU, "
-                   "none with --cpu-smoke)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        help="seconds; later items are skipped past it (default 270 on a GPU, none with --cpu-smoke)",
+    )
     p.add_argument("--sections", default=",".join(SECTIONS), help="which, comma-separated")
     args = p.parse_args()
     if not args.cpu_smoke and not torch.cuda.is_available():
@@ -335,15 +480,20 @@ def main():
     _, copy_gbs = bench.start(args.cpu_smoke, None)
     with open(os.path.join(args.out, "report.md"), "a") as fh:
         fh.write("# benchmarks/gpu.py\n\n" + "\n".join(header(device)) + "\n\n")
-    run = dict(kernels=lambda: check_kernels(device, report), train=lambda: train_steps(device, report, smoke),
-               memory=lambda: memory_plan(device, report, smoke),
-               bench=lambda: bench_table(device, report, smoke, copy_gbs), blocks=lambda: blocks_table(device, report, smoke))
+    run = dict(
+        kernels=lambda: check_kernels(device, report),
+        train=lambda: train_steps(device, report, smoke),
+        memory=lambda: memory_plan(device, report, smoke),
+        bench=lambda: bench_table(device, report, smoke, copy_gbs),
+        blocks=lambda: blocks_table(device, report, smoke),
+    )
     for name in sections:
         t0 = time.time()
         try:
             run[name]()
         except Exception as e:  # a section that breaks (out of memory, a compile error) is reported; the next runs
             import traceback
+
             traceback.print_exc()
             report.failed += 1
             report.section(name, "FAILED", [], [f"{type(e).__name__}: {e}"[:2000]])

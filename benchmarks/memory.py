@@ -16,6 +16,7 @@ L x L matrix), and kernels/ runs its torch references (the Triton kernels need a
 intermediates, so the recomputed block's share is an upper bound). Not counted: the caching allocator's rounding and
 fragmentation, cuBLAS / NCCL workspaces, the reward models' activations.
 """
+
 import argparse
 import math
 import os
@@ -39,10 +40,18 @@ BUDGET = 76.0  # GiB of an 80 GB H100 (79.6 GiB total) left after the CUDA conte
 
 # Frozen models beside the transformer, bf16: parameter counts of the released checkpoints (counted on the meta
 # device: transformers' classes from each config.json, model.py's VAEs and connectors as tests/ and README.md do).
-AUX = {"T5-XXL encoder": 4_762_310_656, "CLIP-L text": 123_650_304, "OpenCLIP-bigG text": 694_659_840,
-       "Gemma-3-12B text": 11_766_034_176, "LTX-2 text connectors": 1_431_475_200,
-       "SD3/FLUX VAE": 83_819_683, "LTX-2 video VAE": 1_222_479_601,
-       "Qwen2.5-VL-7B (VLM judge)": 8_292_166_656, "PickScore (CLIP-H)": 986_109_441, "DINOv2-base": 86_580_480}
+AUX = {
+    "T5-XXL encoder": 4_762_310_656,
+    "CLIP-L text": 123_650_304,
+    "OpenCLIP-bigG text": 694_659_840,
+    "Gemma-3-12B text": 11_766_034_176,
+    "LTX-2 text connectors": 1_431_475_200,
+    "SD3/FLUX VAE": 83_819_683,
+    "LTX-2 video VAE": 1_222_479_601,
+    "Qwen2.5-VL-7B (VLM judge)": 8_292_166_656,
+    "PickScore (CLIP-H)": 986_109_441,
+    "DINOv2-base": 86_580_480,
+}
 
 # ----------------------------------------------------------------------------------------------------
 # The tracker
@@ -87,7 +96,8 @@ class FlashSDPA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout, *ctx.saved_tensors, *ctx.rest[:4], 0.0, False, *ctx.rest[4:])[:3]
+            dout, *ctx.saved_tensors, *ctx.rest[:4], 0.0, False, *ctx.rest[4:]
+        )[:3]
 
 
 @contextmanager
@@ -95,7 +105,8 @@ def flash_sdpa():
     # model.attention calls F.scaled_dot_product_attention: swap it for the flash op while measuring on meta
     sdpa = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = lambda q, k, v, attn_mask=None: (
-        FlashSDPA.apply(q, k, v) if attn_mask is None else sdpa(q, k, v, attn_mask=attn_mask))
+        FlashSDPA.apply(q, k, v) if attn_mask is None else sdpa(q, k, v, attn_mask=attn_mask)
+    )
     try:
         yield
     finally:
@@ -112,8 +123,14 @@ def sd3_inputs(cfg, B, h, L):  # latent h x h; L = 77 CLIP + 256 T5 tokens
 
 def flux_inputs(cfg, B, h, L):  # target and Kontext reference, both h x h latents; L = 512 T5 tokens
     C = cfg.in_channels // 4
-    return dict(x=(B, C, h, h), sigma=(B,), context=(B, L, cfg.context_dim), pooled=(B, cfg.pooled_dim),
-                guidance=(B,), ref=(B, C, h, h))
+    return dict(
+        x=(B, C, h, h),
+        sigma=(B,),
+        context=(B, L, cfg.context_dim),
+        pooled=(B, cfg.pooled_dim),
+        guidance=(B,),
+        ref=(B, C, h, h),
+    )
 
 
 def ltx2_inputs(cfg, B, frames, height, width, L, fps=24.0):
@@ -122,8 +139,13 @@ def ltx2_inputs(cfg, B, frames, height, width, L, fps=24.0):
     F_, fs = (frames - 1) // cfg.vae_scale_factors[0] + 1, cfg.vae_scale_factors[1]
     A = round(frames / fps * cfg.audio_sampling_rate / cfg.audio_hop_length / cfg.audio_scale_factor)
     mel = cfg.audio_in_channels // cfg.audio_channels
-    return dict(video=(B, cfg.in_channels, F_, height // fs, width // fs), audio=(B, cfg.audio_channels, A, mel),
-                sigma=(B,), context=(B, L, cfg.caption_channels), context_audio=(B, L, cfg.caption_channels))
+    return dict(
+        video=(B, cfg.in_channels, F_, height // fs, width // fs),
+        audio=(B, cfg.audio_channels, A, mel),
+        sigma=(B,),
+        context=(B, L, cfg.caption_channels),
+        context_audio=(B, L, cfg.caption_channels),
+    )
 
 
 def settings(M=2):
@@ -138,23 +160,54 @@ def settings(M=2):
     # one optimizer step's samples and trained timesteps (train.py's presets): the update keeps the old policy's and
     # the base model's velocity of every (timestep, sample) on the GPU through its gradient pass
     preset = lambda b: train.Config(**train.BACKBONES[b]["preset"])
-    step = lambda b: (preset(b).prompts_per_step * preset(b).prefs_per_prompt * preset(b).group_size,
-                      int(preset(b).timestep_fraction * preset(b).sample_steps))
+    step = lambda b: (
+        preset(b).prompts_per_step * preset(b).prefs_per_prompt * preset(b).group_size,
+        int(preset(b).timestep_fraction * preset(b).sample_steps),
+    )
     return [
-        dict(name="sd35-medium 512² B8", net=(model.SD3Transformer, sd3), inputs=sd3_inputs(sd3, 8, 64, 333),
-             vae=vae16(8), aux=("SD3/FLUX VAE",) + rewards_t2i, step=step("sd35"), x0=("x",),
-             encoders=("T5-XXL encoder", "CLIP-L text", "OpenCLIP-bigG text")),
-        dict(name="flux-kontext 512²+ref B4", net=(model.FluxTransformer, flux), inputs=flux_inputs(flux, 4, 64, 512),
-             vae=vae16(4), aux=("SD3/FLUX VAE", "Qwen2.5-VL-7B (VLM judge)", "DINOv2-base"), step=step("flux-kontext"),
-             x0=("x",), encoders=("T5-XXL encoder", "CLIP-L text")),
-        dict(name="ltx2-19b 512²x49f B1", net=(model.LTX2Transformer, ltx),
-             inputs=ltx2_inputs(ltx, 1, 49, 512, 512, 1024), vae=vae_ltx(1, 7, 16, 16), aux=ltx_aux,
-             step=step("ltx2"), x0=("video", "audio"), encoders=("Gemma-3-12B text", "LTX-2 text connectors"),
-             encode_first=True),
-        dict(name="ltx2-19b 768x512x121f B1", net=(model.LTX2Transformer, ltx),
-             inputs=ltx2_inputs(ltx, 1, 121, 512, 768, 1024), vae=vae_ltx(1, 16, 16, 24), aux=ltx_aux,
-             step=step("ltx2"), x0=("video", "audio"), encoders=("Gemma-3-12B text", "LTX-2 text connectors"),
-             encode_first=True)]
+        dict(
+            name="sd35-medium 512² B8",
+            net=(model.SD3Transformer, sd3),
+            inputs=sd3_inputs(sd3, 8, 64, 333),
+            vae=vae16(8),
+            aux=("SD3/FLUX VAE",) + rewards_t2i,
+            step=step("sd35"),
+            x0=("x",),
+            encoders=("T5-XXL encoder", "CLIP-L text", "OpenCLIP-bigG text"),
+        ),
+        dict(
+            name="flux-kontext 512²+ref B4",
+            net=(model.FluxTransformer, flux),
+            inputs=flux_inputs(flux, 4, 64, 512),
+            vae=vae16(4),
+            aux=("SD3/FLUX VAE", "Qwen2.5-VL-7B (VLM judge)", "DINOv2-base"),
+            step=step("flux-kontext"),
+            x0=("x",),
+            encoders=("T5-XXL encoder", "CLIP-L text"),
+        ),
+        dict(
+            name="ltx2-19b 512²x49f B1",
+            net=(model.LTX2Transformer, ltx),
+            inputs=ltx2_inputs(ltx, 1, 49, 512, 512, 1024),
+            vae=vae_ltx(1, 7, 16, 16),
+            aux=ltx_aux,
+            step=step("ltx2"),
+            x0=("video", "audio"),
+            encoders=("Gemma-3-12B text", "LTX-2 text connectors"),
+            encode_first=True,
+        ),
+        dict(
+            name="ltx2-19b 768x512x121f B1",
+            net=(model.LTX2Transformer, ltx),
+            inputs=ltx2_inputs(ltx, 1, 121, 512, 768, 1024),
+            vae=vae_ltx(1, 16, 16, 24),
+            aux=ltx_aux,
+            step=step("ltx2"),
+            x0=("video", "audio"),
+            encoders=("Gemma-3-12B text", "LTX-2 text connectors"),
+            encode_first=True,
+        ),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -196,10 +249,14 @@ def counts(net):
     adapters = model.adapter_state(net).values()
     base = [p for n, p in net.named_parameters() if not model.is_adapter_param(n)]
     blocks = [b for ml in net.children() if isinstance(ml, torch.nn.ModuleList) for b in ml]
-    return dict(params=sum(p.numel() for p in base), weights=nbytes(base) + nbytes(net.buffers()),
-                adapter_params=sum(p.numel() for p in adapters),
-                # param + grad + AdamW exp_avg, exp_avg_sq (param dtype) + old policy + EMA (train.py's state copies)
-                adapter_state=6 * nbytes(adapters), block=max(nbytes(b.parameters()) for b in blocks))
+    return dict(
+        params=sum(p.numel() for p in base),
+        weights=nbytes(base) + nbytes(net.buffers()),
+        adapter_params=sum(p.numel() for p in adapters),
+        # param + grad + AdamW exp_avg, exp_avg_sq (param dtype) + old policy + EMA (train.py's state copies)
+        adapter_state=6 * nbytes(adapters),
+        block=max(nbytes(b.parameters()) for b in blocks),
+    )
 
 
 def plan(s, device="meta", M=2):
@@ -230,10 +287,17 @@ def plan(s, device="meta", M=2):
     # rewards, then the pipeline with its text encoders on the GPU, encodes every prompt, then moves them to the CPU;
     # encode_first (ltx2_setup): the text encoders load, encode and are freed before the transformer and VAE load
     r["act"] = max(r["rollout"], r["update"], r["decode"])
-    r["peak"] = r["weights"] + r["adapter_state"] + r["aux"] + max(r["rollout"], r["update"] + r["stored"],
-                                                                    r["decode"], r["opt_step"])
-    r["setup"] = max(r["aux"] + r["encoders"], r["weights"] + r["aux"]) if s.get("encode_first") else \
-        r["weights"] + r["aux"] + r["encoders"]
+    r["peak"] = (
+        r["weights"]
+        + r["adapter_state"]
+        + r["aux"]
+        + max(r["rollout"], r["update"] + r["stored"], r["decode"], r["opt_step"])
+    )
+    r["setup"] = (
+        max(r["aux"] + r["encoders"], r["weights"] + r["aux"])
+        if s.get("encode_first")
+        else r["weights"] + r["aux"] + r["encoders"]
+    )
     return r
 
 
@@ -243,15 +307,19 @@ def verdict(r, budget=BUDGET * GiB):
     # (the reward models and the VAE stay whole). Activations grow about linearly with the micro-batch.
     per_sample = r["act"] / r["batch"]
     gathered = lambda n: 2 * r["block"] if n > 1 else 0
-    largest = lambda n: int((budget - (r["weights"] + r["adapter_state"]) / n - gathered(n) - r["aux"] - r["stored"] / n)
-                            // per_sample)
+    largest = lambda n: int(
+        (budget - (r["weights"] + r["adapter_state"]) / n - gathered(n) - r["aux"] - r["stored"] / n) // per_sample
+    )
     if largest(1) >= r["batch"]:
-        line = (f"DDP fits ({r['peak'] / GiB:.1f} of {BUDGET:.0f} GiB) on any number of GPUs, up to micro-batch "
-                f"~{largest(1)}; FSDP2 only past that (over 8 GPUs: up to ~{largest(8)})")
+        line = (
+            f"DDP fits ({r['peak'] / GiB:.1f} of {BUDGET:.0f} GiB) on any number of GPUs, up to micro-batch "
+            f"~{largest(1)}; FSDP2 only past that (over 8 GPUs: up to ~{largest(8)})"
+        )
     else:
         n = next((n for n in (2, 4, 8, 16, 32, 64) if largest(n) >= r["batch"]), None)
         line = f"DDP does not fit ({r['peak'] / GiB:.1f} GiB); " + (
-            f"FSDP2 over >= {n} GPUs" if n else "not even fully sharded: smaller micro-batch or rewards off the GPU")
+            f"FSDP2 over >= {n} GPUs" if n else "not even fully sharded: smaller micro-batch or rewards off the GPU"
+        )
     if r["setup"] > budget:
         line += f"; the setup does not ({r['setup'] / GiB:.1f} GiB): encode the prompts before loading the rest"
     return line
@@ -259,13 +327,22 @@ def verdict(r, budget=BUDGET * GiB):
 
 def table(rows):
     # a Markdown table (README.md carries it as printed); bytes in GiB
-    gib = lambda key, digits=1: (lambda r: f"{r[key] / GiB:.{digits}f}")
-    cols = [("setting", lambda r: r["name"]), ("params", lambda r: f"{r['params']:,}"), ("weights", gib("weights")),
-            ("LoRA + pref params", lambda r: f"{r['adapter_params']:,}"), ("adapter state", gib("adapter_state", 2)),
-            ("VAE + rewards", gib("aux")), ("rollout act.", gib("rollout", 2)), ("update act.", gib("update", 2)),
-            ("decode act.", gib("decode", 2)), ("stored v", gib("stored", 2)), ("peak", gib("peak")),
-            ("text enc.", gib("encoders")),
-            ("setup", gib("setup"))]
+    gib = lambda key, digits=1: lambda r: f"{r[key] / GiB:.{digits}f}"
+    cols = [
+        ("setting", lambda r: r["name"]),
+        ("params", lambda r: f"{r['params']:,}"),
+        ("weights", gib("weights")),
+        ("LoRA + pref params", lambda r: f"{r['adapter_params']:,}"),
+        ("adapter state", gib("adapter_state", 2)),
+        ("VAE + rewards", gib("aux")),
+        ("rollout act.", gib("rollout", 2)),
+        ("update act.", gib("update", 2)),
+        ("decode act.", gib("decode", 2)),
+        ("stored v", gib("stored", 2)),
+        ("peak", gib("peak")),
+        ("text enc.", gib("encoders")),
+        ("setup", gib("setup")),
+    ]
     print("| " + " | ".join(h for h, _ in cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(f(r) for _, f in cols) + " |")
@@ -286,16 +363,22 @@ def main():
             kernels.set_backend("triton")
             c = plan(s, "cuda")
             kernels.set_backend("torch")
-            print(f"{s['name']} on {torch.cuda.get_device_name()}: " + ", ".join(
-                f"{k} tracked {c[k] / GiB:.2f} / allocator {c[k + '_cuda'] / GiB:.2f} GiB"
-                for k in ("rollout", "update", "decode")))
-    print("GiB unless a count. adapter state: 6x the adapters (param, grad, AdamW m and v, old policy, EMA);\n"
-          "rollout / update / decode act.: activation peak of one micro-batch (update: forward + backward, gradient\n"
-          "checkpointing); stored v: the update's old-policy and base velocities of one step (bf16); peak = weights\n"
-          "+ adapter state + VAE + rewards + the largest transient (rollout, update + stored v, decode, or the\n"
-          "optimizer step's temporaries); setup = weights + VAE + rewards + text encoders (on the GPU until the\n"
-          "prompts are encoded; LTX-2 encodes first and frees Gemma: the larger of VAE + rewards + text encoders and\n"
-          "weights + VAE + rewards).\n")
+            print(
+                f"{s['name']} on {torch.cuda.get_device_name()}: "
+                + ", ".join(
+                    f"{k} tracked {c[k] / GiB:.2f} / allocator {c[k + '_cuda'] / GiB:.2f} GiB"
+                    for k in ("rollout", "update", "decode")
+                )
+            )
+    print(
+        "GiB unless a count. adapter state: 6x the adapters (param, grad, AdamW m and v, old policy, EMA);\n"
+        "rollout / update / decode act.: activation peak of one micro-batch (update: forward + backward, gradient\n"
+        "checkpointing); stored v: the update's old-policy and base velocities of one step (bf16); peak = weights\n"
+        "+ adapter state + VAE + rewards + the largest transient (rollout, update + stored v, decode, or the\n"
+        "optimizer step's temporaries); setup = weights + VAE + rewards + text encoders (on the GPU until the\n"
+        "prompts are encoded; LTX-2 encodes first and frees Gemma: the larger of VAE + rewards + text encoders and\n"
+        "weights + VAE + rewards).\n"
+    )
     table(rows)
     print()
     for r in rows:

@@ -7,6 +7,7 @@ pipe.conditions + pipe.generate, as the server calls them) and (b) the same imag
 127.0.0.1 with the cache emptied first (request parsing, the lock, PNG encoding, the response). A third row times a
 cache hit. Prints medians; the overhead is (b) - (a). Timings on a shared machine are noisy: compare within a run.
 """
+
 import argparse
 import json
 import os
@@ -41,7 +42,9 @@ def main():
     def direct(i):
         t0 = time.perf_counter()
         cond, uncond = pipe.conditions(["a red circle"], args.guidance, args.negative_prompt)
-        pipe.generate(cond, uncond, w_of(i), args.steps, i, args.size, args.size, args.guidance, args.solver, args.shift)
+        pipe.generate(
+            cond, uncond, w_of(i), args.steps, i, args.size, args.size, args.guidance, args.solver, args.shift
+        )
         return time.perf_counter() - t0
 
     def http(i, clear=True):

@@ -11,6 +11,7 @@ micro-batch B it measures
 and the peak GPU memory of each; the largest B that fits is the last row without 'OOM'. One training sample
 costs int(0.99 * 25) = 24 update micro-steps, so update samples/s = B / (24 * step time).
 """
+
 import argparse
 import os
 import sys
@@ -60,10 +61,15 @@ def main():
     old = {n: q.detach().clone() for n, q in params.items()}
     sigmas = sample.get_schedule(args.steps, 3.0)
     T = int(0.99 * args.steps)
-    print(f"{torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, torch {torch.__version__}, {args.preset} {args.size}^2 "
-          f"(latent {h}x{h}, 333 text tokens), {str(dt)[6:]}, LoRA r32, grad ckpt, {args.steps} rollout steps")
-    print(f"{'B':>4s} {'rollout s':>10s} {'rollout img/s':>14s} {'peak GiB':>9s} {'update step s':>14s} "
-          f"{'update img/s':>13s} {'peak GiB':>9s}")
+    print(
+        f"{torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+        f"{args.preset} {args.size}^2 "
+        f"(latent {h}x{h}, 333 text tokens), {str(dt)[6:]}, LoRA r32, grad ckpt, {args.steps} rollout steps"
+    )
+    print(
+        f"{'B':>4s} {'rollout s':>10s} {'rollout img/s':>14s} {'peak GiB':>9s} {'update step s':>14s} "
+        f"{'update img/s':>13s} {'peak GiB':>9s}"
+    )
     for B in [int(b) for b in args.batches.split(",")]:
         try:
             x = torch.randn(B, C, h, h, device=dev, dtype=dt)

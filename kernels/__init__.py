@@ -26,6 +26,7 @@ The default backend is "triton" when Triton imports and CUDA is available or TRI
 (then the kernels run on CPU tensors through the interpreter: that is how the tests exercise them).
 kernels/ imports nothing else of the project (kernels/bench.py: the ops; benchmarks/blocks.py: model blocks).
 """
+
 import os
 
 from ._common import get_backend, set_backend
@@ -33,8 +34,18 @@ from .adaln import modulate, modulate_ref
 from .qk_rope import qk_norm_rope, qk_norm_rope_ref
 from .residual import gated_residual, gated_residual_modulate, gated_residual_modulate_ref, gated_residual_ref
 
-__all__ = ["modulate", "gated_residual", "gated_residual_modulate", "qk_norm_rope", "set_backend", "get_backend",
-           "modulate_ref", "gated_residual_ref", "gated_residual_modulate_ref", "qk_norm_rope_ref"]
+__all__ = [
+    "modulate",
+    "gated_residual",
+    "gated_residual_modulate",
+    "qk_norm_rope",
+    "set_backend",
+    "get_backend",
+    "modulate_ref",
+    "gated_residual_ref",
+    "gated_residual_modulate_ref",
+    "qk_norm_rope_ref",
+]
 
 
 def __getattr__(name):
@@ -43,6 +54,8 @@ def __getattr__(name):
     # names and our own submodules stay AttributeErrors (hasattr and `from kernels import bench` rely on that).
     if name.startswith("_") or os.path.exists(os.path.join(os.path.dirname(__file__), name + ".py")):
         raise AttributeError(f"module 'kernels' has no attribute {name!r}")
-    raise ImportError(f"kernels.{name}: this is ParetoSlider's kernels/ package, which shadows Hugging Face's "
-                      f"`kernels` (imported by transformers >= 5.25); install 'transformers<5.25' "
-                      f"(requirements.txt pins it)")
+    raise ImportError(
+        f"kernels.{name}: this is ParetoSlider's kernels/ package, which shadows Hugging Face's "
+        f"`kernels` (imported by transformers >= 5.25); install 'transformers<5.25' "
+        f"(requirements.txt pins it)"
+    )

@@ -1,4 +1,5 @@
 """What the kernel files share: Triton (or a stand-in when it is absent), the backend switch, launch sizes."""
+
 import os
 
 import torch
@@ -7,6 +8,7 @@ from torch.library import wrap_triton
 try:
     import triton
     import triton.language as tl
+
     HAS_TRITON = True
 except ImportError:  # e.g. macOS: the @triton.jit definitions still import, the "torch" backend runs the references
     HAS_TRITON = False
@@ -119,7 +121,7 @@ def check_like(name, t, x):
 
 def check_cond(name, v, x):
     B, T, D = x.shape
-    if not (v.dim() in (2, 3) and v.shape[0] in (1, B) and v.shape[1:] == x.shape[1 if v.dim() == 3 else 2:]):
+    if not (v.dim() in (2, 3) and v.shape[0] in (1, B) and v.shape[1:] == x.shape[1 if v.dim() == 3 else 2 :]):
         raise ValueError(f"{name} must be [B, D] or [B, T, D] for x {tuple(x.shape)}, got {tuple(v.shape)}")
 
 

@@ -4,12 +4,29 @@ x [B, T, D]; shift, scale [B, D], one vector per sample (timestep + pooled text 
 broadcast over the T tokens, or [B, T, D], one per token (LTX-2 with a timestep per token: conditioning frames
 at σ = 0). Memory-bound: the floor is one read and one write of x (+ one read of each per-token tensor).
 """
+
 import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import (_acc_zeros, _cond_grad, _cond_tile, _cond_vector, _token_tile, _up, check_cond, check_tokens,
-                      cond_strides, cond_view, launcher, per_token, row_tiling, tl, triton, use_triton)
+from ._common import (
+    _acc_zeros,
+    _cond_grad,
+    _cond_tile,
+    _cond_vector,
+    _token_tile,
+    _up,
+    check_cond,
+    check_tokens,
+    cond_strides,
+    cond_view,
+    launcher,
+    per_token,
+    row_tiling,
+    tl,
+    triton,
+    use_triton,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # Reference (fp32 math, result in x's dtype)
@@ -65,9 +82,25 @@ def _normalize_bwd(g, xhat, rstd, D, RMS: tl.constexpr):
 
 
 @triton.jit
-def _modulate_fwd(X, SHIFT, SCALE, Y, T, D, s_shift_b, s_shift_t, s_scale_b, s_scale_t, rows, eps,
-                  RMS: tl.constexpr, TOK_SHIFT: tl.constexpr, TOK_SCALE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _modulate_fwd(
+    X,
+    SHIFT,
+    SCALE,
+    Y,
+    T,
+    D,
+    s_shift_b,
+    s_shift_t,
+    s_scale_b,
+    s_scale_t,
+    rows,
+    eps,
+    RMS: tl.constexpr,
+    TOK_SHIFT: tl.constexpr,
+    TOK_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     b = tl.program_id(0)
     t0 = tl.program_id(1) * rows
     cols = tl.arange(0, BLOCK_D)
@@ -85,9 +118,25 @@ def _modulate_fwd(X, SHIFT, SCALE, Y, T, D, s_shift_b, s_shift_t, s_scale_b, s_s
 
 
 @triton.jit
-def _modulate_bwd(X, SCALE, DY, DX, DSCALE, PARTIAL, T, D, s_scale_b, s_scale_t, rows, eps,
-                  RMS: tl.constexpr, TOK_SHIFT: tl.constexpr, TOK_SCALE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _modulate_bwd(
+    X,
+    SCALE,
+    DY,
+    DX,
+    DSCALE,
+    PARTIAL,
+    T,
+    D,
+    s_scale_b,
+    s_scale_t,
+    rows,
+    eps,
+    RMS: tl.constexpr,
+    TOK_SHIFT: tl.constexpr,
+    TOK_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # PARTIAL [B, chunks, 2, D]: this program's sums over its tokens of dy (-> dshift) and dy * xhat (-> dscale)
     # for [B, D] shift/scale; the host adds the chunks up. Deterministic, unlike atomics, and the interpreter
     # runs it. A [B, T, D] scale gets dy * xhat per token in DSCALE; a [B, T, D] shift's gradient is dy itself.
@@ -126,9 +175,23 @@ def _launch_fwd(x, shift, scale, eps, rms):
     y = torch.empty_like(x)
     BLOCK_M, BLOCK_D, rows, chunks, num_warps = row_tiling(T, B, D, x.device, backward=False)
     launcher(_modulate_fwd)[(B, chunks)](
-        x, shift, scale, y, T, D, *cond_strides(shift), *cond_strides(scale), rows, eps,
-        RMS=rms, TOK_SHIFT=shift.dim() == 3, TOK_SCALE=scale.dim() == 3,
-        BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=num_warps)
+        x,
+        shift,
+        scale,
+        y,
+        T,
+        D,
+        *cond_strides(shift),
+        *cond_strides(scale),
+        rows,
+        eps,
+        RMS=rms,
+        TOK_SHIFT=shift.dim() == 3,
+        TOK_SCALE=scale.dim() == 3,
+        BLOCK_M=BLOCK_M,
+        BLOCK_D=BLOCK_D,
+        num_warps=num_warps,
+    )
     return y
 
 
@@ -142,9 +205,24 @@ def _launch_bwd(dy, x, scale, eps, rms, shift_per_token):
     partial = torch.empty(B, chunks, 2, D, device=x.device, dtype=acc)
     dscale = torch.empty(B, T, D, device=x.device, dtype=scale.dtype) if scale.dim() == 3 else scale.new_empty(0)
     launcher(_modulate_bwd)[(B, chunks)](
-        x, scale, dy, dx, dscale if scale.dim() == 3 else dx, partial, T, D, *cond_strides(scale), rows, eps,
-        RMS=rms, TOK_SHIFT=shift_per_token, TOK_SCALE=scale.dim() == 3,
-        BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=num_warps)
+        x,
+        scale,
+        dy,
+        dx,
+        dscale if scale.dim() == 3 else dx,
+        partial,
+        T,
+        D,
+        *cond_strides(scale),
+        rows,
+        eps,
+        RMS=rms,
+        TOK_SHIFT=shift_per_token,
+        TOK_SCALE=scale.dim() == 3,
+        BLOCK_M=BLOCK_M,
+        BLOCK_D=BLOCK_D,
+        num_warps=num_warps,
+    )
     return dx, partial.sum(1), dscale
 
 
@@ -154,8 +232,9 @@ def _modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float, rms: bool)
 
 
 @triton_op("paretoslider::modulate_bwd", mutates_args=())
-def _modulate_bwd_op(dy: Tensor, x: Tensor, scale: Tensor, eps: float, rms: bool,
-                     shift_per_token: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _modulate_bwd_op(
+    dy: Tensor, x: Tensor, scale: Tensor, eps: float, rms: bool, shift_per_token: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     return _launch_bwd(dy, x, scale, eps, rms, shift_per_token)
 
 

@@ -16,6 +16,7 @@ activation: modulate fwd reads x and writes y = 2A) and the fraction of a device
 the same run. Targets (issue 4): each op >= 80% of copy bandwidth; the joint block forward+backward >= 1.3x
 eager and never slower than torch.compile.
 """
+
 import os
 import sys
 
@@ -36,6 +37,7 @@ import triton  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import adaln, qk_rope, residual  # noqa: E402
+
 
 class Case(NamedTuple):  # one GPU micro-batch of one sample
     name: str
@@ -58,8 +60,10 @@ CASES = [
     Case("flux-kontext-1024", 1, 8192 + 512, 3072, 24, 128, False, "interleaved"),  # target + reference image + T5
     Case("ltx2-video", 1, 6144, 4096, 32, 128, True, "split", per_token=True, qk_across=True),  # video stream
 ]
-SMOKE_CASES = [Case("tiny", 2, 37, 48, 3, 16, False, "interleaved", m_start=5),
-               Case("tiny ltx2", 1, 13, 48, 3, 16, True, "split", per_token=True, qk_across=True)]
+SMOKE_CASES = [
+    Case("tiny", 2, 37, 48, 3, 16, False, "interleaved", m_start=5),
+    Case("tiny ltx2", 1, 13, 48, 3, 16, True, "split", per_token=True, qk_across=True),
+]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -73,8 +77,11 @@ def op_specs(case, device, dtype=torch.bfloat16):
     A = B * T * D * dtype.itemsize  # one activation
     # cos/sin as the models build them: FLUX one [T, Dh/2] row per token; LTX-2 split a [B, H, T, Dh/2]
     # table (each head its own frequencies), read through a transposed view
-    theta = {None: None, "interleaved": torch.rand(T, Dh // 2, generator=g, device=device) * 6.3,
-             "split": (torch.rand(B, H, T, Dh // 2, generator=g, device=device) * 6.3).transpose(1, 2)}[case.rope]
+    theta = {
+        None: None,
+        "interleaved": torch.rand(T, Dh // 2, generator=g, device=device) * 6.3,
+        "split": (torch.rand(B, H, T, Dh // 2, generator=g, device=device) * 6.3).transpose(1, 2),
+    }[case.rope]
     cs = (theta.cos(), theta.sin()) if case.rope else (None, None)
     tables = 2 * 4 * theta.numel() if case.rope else 0  # fp32 cos + sin, read once per pass
     inter = case.rope != "split"
@@ -85,35 +92,60 @@ def op_specs(case, device, dtype=torch.bfloat16):
     for tok in (False, True) if case.per_token else (False,):
         suffix, c = (" (per-token)", (T,)) if tok else ("", ())
         cond = lambda: rnd(B, *c, 6 * D, scale=0.1)
-        chunk = lambda cond, i: cond[..., i * D:(i + 1) * D]
+        chunk = lambda cond, i: cond[..., i * D : (i + 1) * D]
 
         def mod(impl):
             return lambda x, cond: impl(x, chunk(cond, 0), chunk(cond, 1), 1e-6, rms)
-        ops.append(("modulate" + suffix, dict(x=rnd(B, T, D), cond=cond()),
-                    {"triton": mod(kernels.modulate), "ref": mod(kernels.modulate_ref)},
-                    (4 if tok else 2) * A, (9 if tok else 5) * A))
+
+        ops.append(
+            (
+                "modulate" + suffix,
+                dict(x=rnd(B, T, D), cond=cond()),
+                {"triton": mod(kernels.modulate), "ref": mod(kernels.modulate_ref)},
+                (4 if tok else 2) * A,
+                (9 if tok else 5) * A,
+            )
+        )
 
         def res(impl):  # slider form: x + gate * (y + m)
             return lambda x, y, cond, m: impl(x, chunk(cond, 2), y, m, m_range)
-        ops.append(("gated_residual+m" + ("[m_start:]" if m_range else "") + suffix,
-                    dict(x=rnd(B, T, D), y=rnd(B, T, D), cond=cond(), m=rnd(B, D, scale=0.1)),
-                    {"triton": res(kernels.gated_residual), "ref": res(kernels.gated_residual_ref)},
-                    (4 if tok else 3) * A, (9 if tok else 6) * A))
+
+        ops.append(
+            (
+                "gated_residual+m" + ("[m_start:]" if m_range else "") + suffix,
+                dict(x=rnd(B, T, D), y=rnd(B, T, D), cond=cond(), m=rnd(B, D, scale=0.1)),
+                {"triton": res(kernels.gated_residual), "ref": res(kernels.gated_residual_ref)},
+                (4 if tok else 3) * A,
+                (9 if tok else 6) * A,
+            )
+        )
 
         def fused(impl):
             return lambda x, y, cond: impl(x, chunk(cond, 2), y, chunk(cond, 3), chunk(cond, 4), 1e-6, rms)
-        ops.append(("gated_residual_modulate" + suffix, dict(x=rnd(B, T, D), y=rnd(B, T, D), cond=cond()),
-                    {"triton": fused(kernels.gated_residual_modulate),
-                     "ref": fused(kernels.gated_residual_modulate_ref)},
-                    (7 if tok else 4) * A, (17 if tok else 10) * A))
+
+        ops.append(
+            (
+                "gated_residual_modulate" + suffix,
+                dict(x=rnd(B, T, D), y=rnd(B, T, D), cond=cond()),
+                {"triton": fused(kernels.gated_residual_modulate), "ref": fused(kernels.gated_residual_modulate_ref)},
+                (7 if tok else 4) * A,
+                (17 if tok else 10) * A,
+            )
+        )
 
     def qk(impl):
         return lambda qkv, qw, kw: impl(qkv[:, :, 0], qkv[:, :, 1], qw, kw, *cs, 1e-6, inter)
+
     wsize = H * Dh if case.qk_across else Dh
-    ops.append((f"qk_norm_rope ({case.rope or 'no rope'}{', across heads' if case.qk_across else ''})",
-                dict(qkv=rnd(B, T, 3, H, Dh), qw=rnd(wsize), kw=rnd(wsize)),
-                {"triton": qk(kernels.qk_norm_rope), "ref": qk(kernels.qk_norm_rope_ref)},
-                4 * A * H * Dh // D + tables, 10 * A * H * Dh // D + 2 * tables))
+    ops.append(
+        (
+            f"qk_norm_rope ({case.rope or 'no rope'}{', across heads' if case.qk_across else ''})",
+            dict(qkv=rnd(B, T, 3, H, Dh), qw=rnd(wsize), kw=rnd(wsize)),
+            {"triton": qk(kernels.qk_norm_rope), "ref": qk(kernels.qk_norm_rope_ref)},
+            4 * A * H * Dh // D + tables,
+            10 * A * H * Dh // D + 2 * tables,
+        )
+    )
     return ops
 
 
@@ -141,6 +173,7 @@ def step(f, leaves, backward):
         o = f(*leaves)
         if backward:
             torch.autograd.backward(o if isinstance(o, tuple) else (o,), grads)
+
     return run
 
 
@@ -165,7 +198,7 @@ def run_ops(cases, device, cpu, copy_gbs, rows, use_compile):
         for op, leaves, impls, bytes_fwd, bytes_fb in op_specs(case, device):
             names = list(leaves)
             leaves = [t.requires_grad_() if t.is_floating_point() else t for t in leaves.values()]
-            pos = lambda f: (lambda *a: f(**dict(zip(names, a))))
+            pos = lambda f: lambda *a: f(**dict(zip(names, a)))
             fns = {"eager": pos(impls["ref"]), "triton": pos(impls["triton"])}
             if use_compile:
                 torch._dynamo.reset()
@@ -174,12 +207,21 @@ def run_ops(cases, device, cpu, copy_gbs, rows, use_compile):
             for backward, nbytes in ((False, bytes_fwd), (True, bytes_fb)):
                 us = {k: bench_us(step(f, leaves, backward), leaves, cpu) for k, f in fns.items()}
                 for impl, t in us.items():
-                    rows.append(dict(case=case.name, op=op, pass_="fwd+bwd" if backward else "fwd", impl=impl, us=t,
-                                     gbs=nbytes / t / 1e3, copy=nbytes / t / 1e3 / copy_gbs,
-                                     vs_eager=us["eager"] / t,
-                                     vs_compile=us["compile"] / t if "compile" in us else None,
-                                     err=err if impl == "triton" else None))
-                print_rows(rows[-len(us):])
+                    rows.append(
+                        dict(
+                            case=case.name,
+                            op=op,
+                            pass_="fwd+bwd" if backward else "fwd",
+                            impl=impl,
+                            us=t,
+                            gbs=nbytes / t / 1e3,
+                            copy=nbytes / t / 1e3 / copy_gbs,
+                            vs_eager=us["eager"] / t,
+                            vs_compile=us["compile"] / t if "compile" in us else None,
+                            err=err if impl == "triton" else None,
+                        )
+                    )
+                print_rows(rows[-len(us) :])
 
 
 OUT = None  # --out: rows are appended as JSON lines as they come, so a run cut short keeps what it measured
@@ -191,9 +233,12 @@ def print_rows(rows):
         if OUT:
             with open(OUT, "a") as fh:
                 fh.write(json.dumps(r) + "\n")
-        print(f"{r['case']:<34} {r['op']:<40} {r['pass_']:<8} {r['impl']:<15} {r['us']:>10.1f} "
-              f"{fmt(r['gbs'], '8.0f'):>8} {fmt(r['copy'], '6.0%'):>6} {fmt(r['vs_eager'], '6.2f'):>6}x "
-              f"{fmt(r['vs_compile'], '6.2f'):>6}x {fmt(r['err'], '.1e'):>8}", flush=True)
+        print(
+            f"{r['case']:<34} {r['op']:<40} {r['pass_']:<8} {r['impl']:<15} {r['us']:>10.1f} "
+            f"{fmt(r['gbs'], '8.0f'):>8} {fmt(r['copy'], '6.0%'):>6} {fmt(r['vs_eager'], '6.2f'):>6}x "
+            f"{fmt(r['vs_compile'], '6.2f'):>6}x {fmt(r['err'], '.1e'):>8}",
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,9 +258,14 @@ def record_launches(cases):
                 sig = {n: _ty(a) for n, a in zip(self.kernel.arg_names, args)}
                 const = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
                 sig.update({k: "constexpr" for k in const})
-                key = (self.kernel.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(const.items())),
-                       kw["num_warps"])
+                key = (
+                    self.kernel.fn.__name__,
+                    tuple(sorted(sig.items())),
+                    tuple(sorted(const.items())),
+                    kw["num_warps"],
+                )
                 launches.setdefault(key, (self.kernel, sig, const, kw["num_warps"], []))[4].append(case_name)
+
             return launch
 
     for mod in (adaln, residual, qk_rope):
@@ -252,6 +302,7 @@ def ptx_report(cases):
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
+
     target = GPUTarget("cuda", 90, 32)
     try:
         ptxas = get_ptxas(90).path
@@ -265,15 +316,18 @@ def ptx_report(cases):
         path = os.path.join(tmp, f"{name}.ptx")
         with open(path, "w") as fh:
             fh.write(k.asm["ptx"])
-        out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", path + ".cubin"],
-                             capture_output=True, text=True).stderr
+        out = subprocess.run(
+            [ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", path + ".cubin"], capture_output=True, text=True
+        ).stderr
         regs = int(out.split("Used ")[1].split(" registers")[0])
         spill = sum(int(s.split(" bytes spill")[0].split()[-1]) for s in out.split(",") if "bytes spill" in s)
         worst.append((regs, spill))
         cases_ = ", ".join(sorted(set(where)))
         print(f"{name:<15} warps {num_warps:>2} {const}  regs {regs:>3}  spill {spill} B  ({cases_})")
-    print(f"RESULT {len(worst)} launches compiled for sm_90, max {max(r for r, _ in worst)} registers, "
-          f"largest spill {max(s for _, s in worst)} B")
+    print(
+        f"RESULT {len(worst)} launches compiled for sm_90, max {max(r for r, _ in worst)} registers, "
+        f"largest spill {max(s for _, s in worst)} B"
+    )
     sys.exit(1 if max(s for _, s in worst) >= 256 else 0)  # a few bytes of stack are harmless; a blow-up is not
 
 
@@ -292,12 +346,24 @@ def start(cpu, out):
     print(f"device {dev} | torch {torch.__version__} | triton {triton.__version__} | git {git.strip()} | bf16")
     copy_gbs = copy_bandwidth(device, cpu)
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
-    print(f"{'case':<34} {'op':<40} {'pass':<8} {'impl':<15} {'us':>10} {'GB/s':>8} {'%copy':>6} {'vs eager':>7} "
-          f"{'vs compile':>7} {'max err':>8}")
+    print(
+        f"{'case':<34} {'op':<40} {'pass':<8} {'impl':<15} {'us':>10} {'GB/s':>8} {'%copy':>6} {'vs eager':>7} "
+        f"{'vs compile':>7} {'max err':>8}"
+    )
     if OUT:
         with open(OUT, "a") as fh:
-            fh.write(json.dumps(dict(device=dev, copy_gbs=copy_gbs, git=git.strip(), torch=torch.__version__,
-                                     triton=triton.__version__)) + "\n")
+            fh.write(
+                json.dumps(
+                    dict(
+                        device=dev,
+                        copy_gbs=copy_gbs,
+                        git=git.strip(),
+                        torch=torch.__version__,
+                        triton=triton.__version__,
+                    )
+                )
+                + "\n"
+            )
     return device, copy_gbs
 
 

@@ -9,6 +9,7 @@ FLUX, or split halves (i, i + Dh/2) as in LTX-2. Both kernels work on the two me
 [rows, Dh/2] tiles, so the layouts differ only in which columns are loaded. Outputs are contiguous
 [B, L, H, Dh], the layout SDPA reads after a transpose.
 """
+
 from typing import Optional
 
 import torch
@@ -43,27 +44,31 @@ def check_qk(q, k, q_weight, k_weight, cos, sin, k_cos=None, k_sin=None):
             raise ValueError(f"{name} must be [B, L, H, Dh], got {tuple(x.shape)}")
         B, L, H, Dh = x.shape
         if w.shape not in ((Dh,), (H * Dh,)):
-            raise ValueError(f"{name}_weight must be [Dh] or [H * Dh] for {name} {tuple(x.shape)}, "
-                             f"got {tuple(w.shape)}")
+            raise ValueError(
+                f"{name}_weight must be [Dh] or [H * Dh] for {name} {tuple(x.shape)}, got {tuple(w.shape)}"
+            )
     if (cos is None) != (sin is None):
         raise ValueError("cos and sin must both be given or both be None")
     if cos is None:
         k_tables(cos, sin, k_cos, k_sin)
         return
-    for name, x, (c, s), prefix in (("q", q, (cos, sin), ""), ("k", k, k_tables(cos, sin, k_cos, k_sin),
-                                                                  "k_" if k_cos is not None else "")):
+    for name, x, (c, s), prefix in (
+        ("q", q, (cos, sin), ""),
+        ("k", k, k_tables(cos, sin, k_cos, k_sin), "k_" if k_cos is not None else ""),
+    ):
         B, L, H, Dh = x.shape
         if Dh % 2:
             raise ValueError(f"RoPE needs an even head dim, got {name} {tuple(x.shape)}")
         for tname, t in ((prefix + "cos", c), (prefix + "sin", s)):
             t4 = rope_table(t)
             if t4.dim() > 4 or any(a not in (1, b) for a, b in zip(t4.shape[::-1], (Dh // 2, H, L, B))):
-                raise ValueError(f"{tname} must broadcast to [B, L, H, Dh/2] = {(B, L, H, Dh // 2)} for "
-                                 f"{name} {tuple(x.shape)}, got {tuple(t.shape)}")
+                raise ValueError(
+                    f"{tname} must broadcast to [B, L, H, Dh/2] = {(B, L, H, Dh // 2)} for "
+                    f"{name} {tuple(x.shape)}, got {tuple(t.shape)}"
+                )
 
 
-def qk_norm_rope_ref(q, k, q_weight, k_weight, cos=None, sin=None, eps=1e-6, interleaved=True, k_cos=None,
-                     k_sin=None):
+def qk_norm_rope_ref(q, k, q_weight, k_weight, cos=None, sin=None, eps=1e-6, interleaved=True, k_cos=None, k_sin=None):
     check_qk(q, k, q_weight, k_weight, cos, sin, k_cos, k_sin)
 
     def norm(t, w):  # F.rms_norm: one fused op on CPU, same fp32 math as x * rsqrt(mean(x^2) + eps) * w
@@ -81,8 +86,10 @@ def qk_norm_rope_ref(q, k, q_weight, k_weight, cos=None, sin=None, eps=1e-6, int
         t1, t2 = t.chunk(2, -1)
         return torch.cat([t1 * c - t2 * s, t1 * s + t2 * c], -1)
 
-    return (rope(norm(q, q_weight), cos, sin).to(q.dtype),
-            rope(norm(k, k_weight), *k_tables(cos, sin, k_cos, k_sin)).to(k.dtype))
+    return (
+        rope(norm(q, q_weight), cos, sin).to(q.dtype),
+        rope(norm(k, k_weight), *k_tables(cos, sin, k_cos, k_sin)).to(k.dtype),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,8 +140,9 @@ def _load_weight(W, c, imask, H, Dh, BLOCK_M: tl.constexpr, ACROSS: tl.constexpr
 
 
 @triton.jit
-def _pairs_and_weights(W, H, Dh, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
-                       ACROSS: tl.constexpr):
+def _pairs_and_weights(
+    W, H, Dh, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, ACROSS: tl.constexpr
+):
     # what forward and backward both start with: the rotation pairs' columns and the weight at both of them
     i, c1, c2, imask = _pair_columns(Dh, BLOCK_H, INTERLEAVED)
     w1 = _load_weight(W, c1, imask, H, Dh, BLOCK_M, ACROSS)
@@ -174,9 +182,32 @@ def _load_cos_sin(COS, SIN, b, l, h, i, mask, s_cb, s_cl, s_ch, s_cd):
 
 
 @triton.jit
-def _qk_fwd(X, W, COS, SIN, OUT, R, L, H, Dh, N, s_xb, s_xl, s_xh, s_cb, s_cl, s_ch, s_cd, rows, eps,
-            HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, ACROSS: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+def _qk_fwd(
+    X,
+    W,
+    COS,
+    SIN,
+    OUT,
+    R,
+    L,
+    H,
+    Dh,
+    N,
+    s_xb,
+    s_xl,
+    s_xh,
+    s_cb,
+    s_cl,
+    s_ch,
+    s_cd,
+    rows,
+    eps,
+    HAS_ROPE: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    ACROSS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     r0 = tl.program_id(0) * rows
     i, c1, c2, imask, w1, w2 = _pairs_and_weights(W, H, Dh, BLOCK_M, BLOCK_H, INTERLEAVED, ACROSS)
     if ACROSS:
@@ -197,9 +228,34 @@ def _qk_fwd(X, W, COS, SIN, OUT, R, L, H, Dh, N, s_xb, s_xl, s_xh, s_cb, s_cl, s
 
 
 @triton.jit
-def _qk_bwd(X, W, COS, SIN, DOUT, DX, PARTIAL, R, L, H, Dh, N, s_xb, s_xl, s_xh, s_cb, s_cl, s_ch, s_cd, rows, eps,
-            HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, ACROSS: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+def _qk_bwd(
+    X,
+    W,
+    COS,
+    SIN,
+    DOUT,
+    DX,
+    PARTIAL,
+    R,
+    L,
+    H,
+    Dh,
+    N,
+    s_xb,
+    s_xl,
+    s_xh,
+    s_cb,
+    s_cl,
+    s_ch,
+    s_cd,
+    rows,
+    eps,
+    HAS_ROPE: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    ACROSS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     # RoPE backward is the inverse rotation (sin -> -sin); then RMSNorm backward with weight.
     # PARTIAL [programs, weight size]: this program's sum over its rows of dn * xhat (-> dweight).
     pid = tl.program_id(0)
@@ -277,24 +333,62 @@ def _launch(kernel, x, w, cos, sin, eps, interleaved, dout=None):
     else:
         args += [out]
     launcher(kernel)[(programs,)](
-        *args, B * L * H, L, H, Dh, w.numel(), x.stride(0), x.stride(1), x.stride(2), *s_c, rows, eps,
-        HAS_ROPE=cos is not None, INTERLEAVED=interleaved, ACROSS=across, BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_D // 2,
-        num_warps=num_warps)
+        *args,
+        B * L * H,
+        L,
+        H,
+        Dh,
+        w.numel(),
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        *s_c,
+        rows,
+        eps,
+        HAS_ROPE=cos is not None,
+        INTERLEAVED=interleaved,
+        ACROSS=across,
+        BLOCK_M=BLOCK_M,
+        BLOCK_H=BLOCK_D // 2,
+        num_warps=num_warps,
+    )
     return out if dout is None else (out, partial.sum(0).to(w.dtype))
 
 
 @triton_op("paretoslider::qk_norm_rope", mutates_args=())
-def _qk_norm_rope_op(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Optional[Tensor],
-                     sin: Optional[Tensor], k_cos: Optional[Tensor], k_sin: Optional[Tensor], eps: float,
-                     interleaved: bool) -> tuple[Tensor, Tensor]:
-    return (_launch(_qk_fwd, q, q_weight, cos, sin, eps, interleaved),
-            _launch(_qk_fwd, k, k_weight, k_cos, k_sin, eps, interleaved))
+def _qk_norm_rope_op(
+    q: Tensor,
+    k: Tensor,
+    q_weight: Tensor,
+    k_weight: Tensor,
+    cos: Optional[Tensor],
+    sin: Optional[Tensor],
+    k_cos: Optional[Tensor],
+    k_sin: Optional[Tensor],
+    eps: float,
+    interleaved: bool,
+) -> tuple[Tensor, Tensor]:
+    return (
+        _launch(_qk_fwd, q, q_weight, cos, sin, eps, interleaved),
+        _launch(_qk_fwd, k, k_weight, k_cos, k_sin, eps, interleaved),
+    )
 
 
 @triton_op("paretoslider::qk_norm_rope_bwd", mutates_args=())
-def _qk_norm_rope_bwd_op(dq: Tensor, dk: Tensor, q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor,
-                         cos: Optional[Tensor], sin: Optional[Tensor], k_cos: Optional[Tensor],
-                         k_sin: Optional[Tensor], eps: float, interleaved: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _qk_norm_rope_bwd_op(
+    dq: Tensor,
+    dk: Tensor,
+    q: Tensor,
+    k: Tensor,
+    q_weight: Tensor,
+    k_weight: Tensor,
+    cos: Optional[Tensor],
+    sin: Optional[Tensor],
+    k_cos: Optional[Tensor],
+    k_sin: Optional[Tensor],
+    eps: float,
+    interleaved: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dqw = _launch(_qk_bwd, q, q_weight, cos, sin, eps, interleaved, dout=dq)
     dk, dkw = _launch(_qk_bwd, k, k_weight, k_cos, k_sin, eps, interleaved, dout=dk)
     return dq, dk, dqw, dkw
@@ -310,8 +404,9 @@ def _backward(ctx, dq, dk):
     q, k, q_weight, k_weight, cos, sin, k_cos, k_sin = ctx.saved_tensors
     dq = torch.zeros_like(q) if dq is None else dq
     dk = torch.zeros_like(k) if dk is None else dk
-    grads = torch.ops.paretoslider.qk_norm_rope_bwd(dq, dk, q, k, q_weight, k_weight, cos, sin, k_cos, k_sin,
-                                                    ctx.eps, ctx.interleaved)
+    grads = torch.ops.paretoslider.qk_norm_rope_bwd(
+        dq, dk, q, k, q_weight, k_weight, cos, sin, k_cos, k_sin, ctx.eps, ctx.interleaved
+    )
     return *grads, None, None, None, None, None, None
 
 
@@ -331,5 +426,6 @@ def qk_norm_rope(q, k, q_weight, k_weight, cos=None, sin=None, eps=1e-6, interle
     rope_grad = any(t is not None and t.requires_grad for t in (cos, sin, kc, ks))
     if not (use_triton(q) and use_triton(k)) or rope_grad or q.shape[-1] % 2 or k.shape[-1] % 2:
         return qk_norm_rope_ref(q, k, q_weight, k_weight, cos, sin, eps, interleaved, k_cos, k_sin)
-    return torch.ops.paretoslider.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, kc, ks, float(eps),
-                                               bool(interleaved))
+    return torch.ops.paretoslider.qk_norm_rope(
+        q, k, q_weight, k_weight, cos, sin, kc, ks, float(eps), bool(interleaved)
+    )

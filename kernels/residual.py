@@ -11,15 +11,33 @@ In a joint block the attention residual is followed by the MLP's norm-modulate. 
 [B, T, D] tensors (read x, y; write h, x_mod) instead of 5 for the two kernels, and the backward 6 instead
 of 9 (the two gradients reaching h are added in registers, not by autograd in memory).
 """
+
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import (_acc_zeros, _cond_grad, _cond_tile, _cond_vector, _token_tile, _up, check_cond, check_like,
-                      check_tokens, cond_strides, cond_view, launcher, per_token, row_tiling, slider_range, tl,
-                      triton, use_triton)
+from ._common import (
+    _acc_zeros,
+    _cond_grad,
+    _cond_tile,
+    _cond_vector,
+    _token_tile,
+    _up,
+    check_cond,
+    check_like,
+    check_tokens,
+    cond_strides,
+    cond_view,
+    launcher,
+    per_token,
+    row_tiling,
+    slider_range,
+    tl,
+    triton,
+    use_triton,
+)
 from .adaln import _normalize, _normalize_bwd, check_modulate, modulate_ref
 
 # ----------------------------------------------------------------------------------------------------------
@@ -68,11 +86,39 @@ def _slider_tokens(t, m_start, m_end):
 
 
 @triton.jit
-def _residual_fwd(X, Y, GATE, M, SHIFT, SCALE, H, XMOD, T, D, s_gate_b, s_gate_t, s_m_b, s_m_t,
-                  s_shift_b, s_shift_t, s_scale_b, s_scale_t, m_start, m_end, rows, eps,
-                  HAS_M: tl.constexpr, MODULATE: tl.constexpr, RMS: tl.constexpr, TOK_GATE: tl.constexpr,
-                  TOK_M: tl.constexpr, TOK_SHIFT: tl.constexpr, TOK_SCALE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _residual_fwd(
+    X,
+    Y,
+    GATE,
+    M,
+    SHIFT,
+    SCALE,
+    H,
+    XMOD,
+    T,
+    D,
+    s_gate_b,
+    s_gate_t,
+    s_m_b,
+    s_m_t,
+    s_shift_b,
+    s_shift_t,
+    s_scale_b,
+    s_scale_t,
+    m_start,
+    m_end,
+    rows,
+    eps,
+    HAS_M: tl.constexpr,
+    MODULATE: tl.constexpr,
+    RMS: tl.constexpr,
+    TOK_GATE: tl.constexpr,
+    TOK_M: tl.constexpr,
+    TOK_SHIFT: tl.constexpr,
+    TOK_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     b = tl.program_id(0)
     t0 = tl.program_id(1) * rows
     cols = tl.arange(0, BLOCK_D)
@@ -103,11 +149,43 @@ def _residual_fwd(X, Y, GATE, M, SHIFT, SCALE, H, XMOD, T, D, s_gate_b, s_gate_t
 
 
 @triton.jit
-def _residual_bwd(H, Y, GATE, M, SCALE, DH, DXMOD, DY, DX, DGATE, DM, DSCALE, PARTIAL, T, D,
-                  s_gate_b, s_gate_t, s_m_b, s_m_t, s_scale_b, s_scale_t, m_start, m_end, rows, eps,
-                  HAS_M: tl.constexpr, HAS_DH: tl.constexpr, MODULATE: tl.constexpr, RMS: tl.constexpr,
-                  TOK_GATE: tl.constexpr, TOK_M: tl.constexpr, TOK_SHIFT: tl.constexpr, TOK_SCALE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _residual_bwd(
+    H,
+    Y,
+    GATE,
+    M,
+    SCALE,
+    DH,
+    DXMOD,
+    DY,
+    DX,
+    DGATE,
+    DM,
+    DSCALE,
+    PARTIAL,
+    T,
+    D,
+    s_gate_b,
+    s_gate_t,
+    s_m_b,
+    s_m_t,
+    s_scale_b,
+    s_scale_t,
+    m_start,
+    m_end,
+    rows,
+    eps,
+    HAS_M: tl.constexpr,
+    HAS_DH: tl.constexpr,
+    MODULATE: tl.constexpr,
+    RMS: tl.constexpr,
+    TOK_GATE: tl.constexpr,
+    TOK_M: tl.constexpr,
+    TOK_SHIFT: tl.constexpr,
+    TOK_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # dh = dL/dh (from the residual stream) + the norm backward of dL/dx_mod; then dx = dh, dy = gate * dh.
     # PARTIAL [B, chunks, 4, D]: this program's token sums for the [B, D] conditioning: dh * (y + m) -> dgate,
     # dh on m's tokens -> dm (the host multiplies by a [B, D] gate), dx_mod -> dshift, dx_mod * xhat -> dscale.
@@ -176,23 +254,56 @@ def _launch_fwd(x, gate, y, m, shift, scale, eps, rms, modulate, m_start, m_end)
     has_m = m is not None
     tok = lambda v: v is not None and v.dim() == 3
     launcher(_residual_fwd)[(B, chunks)](
-        x, y, gate, m if has_m else gate, shift if modulate else gate, scale if modulate else gate,  # unused: gate
-        h, x_mod, T, D, *cond_strides(gate), *cond_strides(m), *cond_strides(shift), *cond_strides(scale),
-        m_start, m_end, rows, eps,
-        HAS_M=has_m, MODULATE=modulate, RMS=rms, TOK_GATE=tok(gate), TOK_M=tok(m), TOK_SHIFT=tok(shift),
-        TOK_SCALE=tok(scale), BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=num_warps)
+        x,
+        y,
+        gate,
+        m if has_m else gate,
+        shift if modulate else gate,
+        scale if modulate else gate,  # unused: gate
+        h,
+        x_mod,
+        T,
+        D,
+        *cond_strides(gate),
+        *cond_strides(m),
+        *cond_strides(shift),
+        *cond_strides(scale),
+        m_start,
+        m_end,
+        rows,
+        eps,
+        HAS_M=has_m,
+        MODULATE=modulate,
+        RMS=rms,
+        TOK_GATE=tok(gate),
+        TOK_M=tok(m),
+        TOK_SHIFT=tok(shift),
+        TOK_SCALE=tok(scale),
+        BLOCK_M=BLOCK_M,
+        BLOCK_D=BLOCK_D,
+        num_warps=num_warps,
+    )
     return h, x_mod
 
 
 @triton_op("paretoslider::gated_residual", mutates_args=())
-def _gated_residual_op(x: Tensor, gate: Tensor, y: Tensor, m: Optional[Tensor], m_start: int,
-                       m_end: int) -> Tensor:
+def _gated_residual_op(x: Tensor, gate: Tensor, y: Tensor, m: Optional[Tensor], m_start: int, m_end: int) -> Tensor:
     return _launch_fwd(x, gate, y, m, None, None, 0.0, False, False, m_start, m_end)[0]
 
 
 @triton_op("paretoslider::gated_residual_modulate", mutates_args=())
-def _gated_residual_modulate_op(x: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor, eps: float,
-                                rms: bool, m: Optional[Tensor], m_start: int, m_end: int) -> tuple[Tensor, Tensor]:
+def _gated_residual_modulate_op(
+    x: Tensor,
+    gate: Tensor,
+    y: Tensor,
+    shift: Tensor,
+    scale: Tensor,
+    eps: float,
+    rms: bool,
+    m: Optional[Tensor],
+    m_start: int,
+    m_end: int,
+) -> tuple[Tensor, Tensor]:
     return _launch_fwd(x, gate, y, m, shift, scale, eps, rms, True, m_start, m_end)
 
 
@@ -209,32 +320,70 @@ def _launch_bwd(dh, dx_mod, h, y, gate, m, scale, eps, rms, shift_per_token, m_s
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     partial = torch.empty(B, chunks, 4, D, device=y.device, dtype=acc)
     tok = lambda v: v is not None and v.dim() == 3
-    dtok = [torch.empty(B, T, D, device=y.device, dtype=v.dtype) if tok(v) else y.new_empty(0)
-            for v in (gate, m, scale)]
+    dtok = [
+        torch.empty(B, T, D, device=y.device, dtype=v.dtype) if tok(v) else y.new_empty(0) for v in (gate, m, scale)
+    ]
     unused = y  # placeholder pointer for inputs a constexpr flag switches off
     launcher(_residual_bwd)[(B, chunks)](
-        h.contiguous() if modulate else unused, y, gate, m if m is not None else gate,
-        scale if modulate else gate, dh if dh is not None else unused, dx_mod.contiguous() if modulate else unused,
-        dy, dx if modulate else unused, *[d if d.numel() else unused for d in dtok], partial, T, D,
-        *cond_strides(gate), *cond_strides(m), *cond_strides(scale), m_start, m_end, rows, eps,
-        HAS_M=m is not None, HAS_DH=dh is not None, MODULATE=modulate, RMS=rms, TOK_GATE=tok(gate),
-        TOK_M=tok(m), TOK_SHIFT=shift_per_token, TOK_SCALE=tok(scale),
-        BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=num_warps)
+        h.contiguous() if modulate else unused,
+        y,
+        gate,
+        m if m is not None else gate,
+        scale if modulate else gate,
+        dh if dh is not None else unused,
+        dx_mod.contiguous() if modulate else unused,
+        dy,
+        dx if modulate else unused,
+        *[d if d.numel() else unused for d in dtok],
+        partial,
+        T,
+        D,
+        *cond_strides(gate),
+        *cond_strides(m),
+        *cond_strides(scale),
+        m_start,
+        m_end,
+        rows,
+        eps,
+        HAS_M=m is not None,
+        HAS_DH=dh is not None,
+        MODULATE=modulate,
+        RMS=rms,
+        TOK_GATE=tok(gate),
+        TOK_M=tok(m),
+        TOK_SHIFT=shift_per_token,
+        TOK_SCALE=tok(scale),
+        BLOCK_M=BLOCK_M,
+        BLOCK_D=BLOCK_D,
+        num_warps=num_warps,
+    )
     return dx, dy, partial.sum(1), *dtok
 
 
 @triton_op("paretoslider::gated_residual_bwd", mutates_args=())
-def _gated_residual_bwd_op(dh: Tensor, y: Tensor, gate: Tensor, m: Optional[Tensor], m_start: int,
-                           m_end: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _gated_residual_bwd_op(
+    dh: Tensor, y: Tensor, gate: Tensor, m: Optional[Tensor], m_start: int, m_end: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # -> dy, token sums [B, 4, D], per-token dgate, dm
     _, dy, sums, dgate, dm, _ = _launch_bwd(dh, None, None, y, gate, m, None, 0.0, False, False, m_start, m_end)
     return dy, sums, dgate, dm
 
 
 @triton_op("paretoslider::gated_residual_modulate_bwd", mutates_args=())
-def _gated_residual_modulate_bwd_op(dh: Optional[Tensor], dx_mod: Tensor, h: Tensor, y: Tensor, gate: Tensor,
-                                    m: Optional[Tensor], scale: Tensor, eps: float, rms: bool, shift_per_token: bool,
-                                    m_start: int, m_end: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _gated_residual_modulate_bwd_op(
+    dh: Optional[Tensor],
+    dx_mod: Tensor,
+    h: Tensor,
+    y: Tensor,
+    gate: Tensor,
+    m: Optional[Tensor],
+    scale: Tensor,
+    eps: float,
+    rms: bool,
+    shift_per_token: bool,
+    m_start: int,
+    m_end: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # -> dx, dy, token sums [B, 4, D], per-token dgate, dm, dscale
     return _launch_bwd(dh, dx_mod, h, y, gate, m, scale, eps, rms, shift_per_token, m_start, m_end)
 
@@ -278,7 +427,8 @@ def _backward_fused(ctx, dh, dx_mod):
     if dx_mod is None:  # only h was used downstream
         dx_mod = torch.zeros_like(h)
     dx, dy, sums, dgate_tok, dm_tok, dscale_tok = torch.ops.paretoslider.gated_residual_modulate_bwd(
-        dh, dx_mod, h, y, gate, m, scale, ctx.eps, ctx.rms, ctx.shift_per_token, *ctx.m_range)
+        dh, dx_mod, h, y, gate, m, scale, ctx.eps, ctx.rms, ctx.shift_per_token, *ctx.m_range
+    )
     dgate, dm = _cond_grads(sums, dgate_tok, dm_tok, gate, m)
     dshift = (dx_mod if ctx.shift_per_token else sums[:, 2]).to(ctx.shift_dtype)  # d(x_mod)/d(shift) = 1
     dscale = dscale_tok if scale.dim() == 3 else sums[:, 3].to(scale.dtype)
@@ -313,5 +463,14 @@ def gated_residual_modulate(x, gate, y, shift, scale, eps=1e-6, rms=False, m=Non
     if not (use_triton(x) and _fused_dtypes(x, gate, y, m)):
         return gated_residual_modulate_ref(x, gate, y, shift, scale, eps, rms, m, m_range)
     return torch.ops.paretoslider.gated_residual_modulate(
-        x, cond_view(gate, x), y, cond_view(shift, x), cond_view(scale, x), float(eps), bool(rms),
-        cond_view(m, x), start, end)
+        x,
+        cond_view(gate, x),
+        y,
+        cond_view(shift, x),
+        cond_view(scale, x),
+        float(eps),
+        bool(rms),
+        cond_view(m, x),
+        start,
+        end,
+    )

@@ -17,12 +17,23 @@ mem = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mem)
 
 # tiny nets with the inputs of a micro-batch of 2 (M = 2 objectives)
-TINY = {"sd35": (model.SD3Transformer, model.SD3Config(**model.SD3_PRESETS["sd35-tiny"], pref_dim=2),
-                 lambda c: mem.sd3_inputs(c, 2, 8, 7)),
-        "flux": (model.FluxTransformer, model.FluxConfig(**model.FLUX_PRESETS["flux-tiny"], pref_dim=2),
-                 lambda c: mem.flux_inputs(c, 2, 8, 7)),
-        "ltx2": (model.LTX2Transformer, model.LTX2Config(**model.LTX2_PRESETS["ltx2-tiny"], pref_dim=2),
-                 lambda c: mem.ltx2_inputs(c, 2, 17, 64, 96, 7))}
+TINY = {
+    "sd35": (
+        model.SD3Transformer,
+        model.SD3Config(**model.SD3_PRESETS["sd35-tiny"], pref_dim=2),
+        lambda c: mem.sd3_inputs(c, 2, 8, 7),
+    ),
+    "flux": (
+        model.FluxTransformer,
+        model.FluxConfig(**model.FLUX_PRESETS["flux-tiny"], pref_dim=2),
+        lambda c: mem.flux_inputs(c, 2, 8, 7),
+    ),
+    "ltx2": (
+        model.LTX2Transformer,
+        model.LTX2Config(**model.LTX2_PRESETS["ltx2-tiny"], pref_dim=2),
+        lambda c: mem.ltx2_inputs(c, 2, 17, 64, 96, 7),
+    ),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -100,8 +111,14 @@ def test_meta_matches_real_cpu_tensors(name):
 
 def test_plan_on_a_tiny_setting():
     cls, cfg, inputs = TINY["ltx2"]
-    s = dict(name="tiny", net=(cls, cfg), inputs=inputs(cfg), aux=("SD3/FLUX VAE",), encoders=("T5-XXL encoder",),
-             vae=(lambda: model.AutoencoderKL(channels=(8, 16), layers=1, latent=4, groups=4), (2, 4, 8, 8)))
+    s = dict(
+        name="tiny",
+        net=(cls, cfg),
+        inputs=inputs(cfg),
+        aux=("SD3/FLUX VAE",),
+        encoders=("T5-XXL encoder",),
+        vae=(lambda: model.AutoencoderKL(channels=(8, 16), layers=1, latent=4, groups=4), (2, 4, 8, 8)),
+    )
     r = mem.plan(s)
     assert r["params"] == sum(p.numel() for p in cls(model.LTX2Config(**model.LTX2_PRESETS["ltx2-tiny"])).parameters())
     assert 0 < r["rollout"] < r["update"] and r["decode"] > 0 and r["opt_step"] > 0
@@ -110,8 +127,9 @@ def test_plan_on_a_tiny_setting():
     r = mem.plan(dict(s, step=(6, 3), x0=("video", "audio")))  # 6 samples x 3 timesteps, old + base, bf16
     shapes = s["inputs"]
     assert r["stored"] == 2 * 2 * 6 * 3 * (math.prod(shapes["video"][1:]) + math.prod(shapes["audio"][1:]))
-    assert r["peak"] == r["weights"] + r["adapter_state"] + r["aux"] + max(r["rollout"], r["update"] + r["stored"],
-                                                                            r["decode"], r["opt_step"])
+    assert r["peak"] == r["weights"] + r["adapter_state"] + r["aux"] + max(
+        r["rollout"], r["update"] + r["stored"], r["decode"], r["opt_step"]
+    )
     assert r["setup"] == r["weights"] + 2 * (83_819_683 + 4_762_310_656)
     r = mem.plan(dict(s, encode_first=True))  # ltx2_setup: the text encoder is freed before the transformer loads
     assert r["setup"] == max(r["aux"] + r["encoders"], r["weights"] + r["aux"]) == r["aux"] + r["encoders"]
@@ -122,9 +140,10 @@ def test_full_size_counts():
     # model.py's parameter counts (tests/test_model.py, test_flux.py, test_ltx2.py); LTX-2's adapters in closed form
     M, r = 2, 32
     for cls, cfg, params in [
-            (model.SD3Transformer, model.SD3Config(**model.SD3_PRESETS["sd35-medium"], pref_dim=M), 2_243_171_520),
-            (model.FluxTransformer, model.FluxConfig(pref_dim=M), 11_901_408_320),
-            (model.LTX2Transformer, model.LTX2Config(pref_dim=M), 18_876_174_592)]:
+        (model.SD3Transformer, model.SD3Config(**model.SD3_PRESETS["sd35-medium"], pref_dim=M), 2_243_171_520),
+        (model.FluxTransformer, model.FluxConfig(pref_dim=M), 11_901_408_320),
+        (model.LTX2Transformer, model.LTX2Config(pref_dim=M), 18_876_174_592),
+    ]:
         net = mem.build(cls, cfg)
         c = mem.counts(net)
         assert c["params"] == params
@@ -143,9 +162,17 @@ def test_aux_counts():
     # the literal counts of the frozen models, against their builds on the meta device
     transformers = pytest.importorskip("transformers")
     with torch.device("meta"):
-        t5 = transformers.T5EncoderModel(transformers.T5Config(
-            vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-            feed_forward_proj="gated-gelu"))
+        t5 = transformers.T5EncoderModel(
+            transformers.T5Config(
+                vocab_size=32128,
+                d_model=4096,
+                d_kv=64,
+                d_ff=10240,
+                num_layers=24,
+                num_heads=64,
+                feed_forward_proj="gated-gelu",
+            )
+        )
         vae = model.AutoencoderKL()
     assert sum(p.numel() for p in t5.parameters()) == mem.AUX["T5-XXL encoder"]
     assert sum(p.numel() for p in vae.parameters()) == mem.AUX["SD3/FLUX VAE"]

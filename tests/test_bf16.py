@@ -3,6 +3,7 @@ full-size path (a tiny random diffusers folder standing in for the release): tra
 sample; every trainable tensor and everything that shadows one (AdamW moments, old policy, EMA) is fp32, the numbers
 are finite, the preference modules move in a bf16 step. And on the tiny default in bf16: the update evaluates the
 network at exactly the rollout's sigmas, in fp32."""
+
 import json
 
 import pytest
@@ -16,18 +17,59 @@ from tiny_repos import flux_repo, ltx2_repo, sd35_repo
 
 pytest.importorskip("diffusers")
 
-FLAGS = ["--device", "cpu", "--dtype", "bf16", "--prompts-per-step", "2", "--prefs-per-prompt", "1", "--group-size",
-         "2", "--sample-steps", "2", "--eval-points", "3", "--eval-prompts", "2", "--lora-rank", "2", "--lora-alpha",
-         "4", "--batch", "2", "--ckpt-every", "1", "--grad-ckpt"]
+FLAGS = [
+    "--device",
+    "cpu",
+    "--dtype",
+    "bf16",
+    "--prompts-per-step",
+    "2",
+    "--prefs-per-prompt",
+    "1",
+    "--group-size",
+    "2",
+    "--sample-steps",
+    "2",
+    "--eval-points",
+    "3",
+    "--eval-prompts",
+    "2",
+    "--lora-rank",
+    "2",
+    "--lora-alpha",
+    "4",
+    "--batch",
+    "2",
+    "--ckpt-every",
+    "1",
+    "--grad-ckpt",
+]
 # backbone -> (folder builder, its data and training flags, sample.py flags)
 BACKBONES = {
-    "sd35": (sd35_repo, lambda d: ["--prompts", str(d / "prompts.txt"), "--size", "32",
-                                   "--rewards", "tiny_photo,tiny_sketch"], ["--prompt", "a red circle"]),
-    "flux-kontext": (flux_repo, lambda d: ["--edits", str(d / "edits"), "--size", "32",
-                                           "--rewards", "tiny_preserve,tiny_adhere"],
-                     ["--prompt", "make it blue", "--image", "edits/0.png"]),
-    "ltx2": (ltx2_repo, lambda d: ["--prompts", str(d / "prompts.txt"), "--size", "64", "--frames", "9",
-                                   "--rewards", "tiny_photo,tiny_sketch"], ["--prompt", "a red circle"]),
+    "sd35": (
+        sd35_repo,
+        lambda d: ["--prompts", str(d / "prompts.txt"), "--size", "32", "--rewards", "tiny_photo,tiny_sketch"],
+        ["--prompt", "a red circle"],
+    ),
+    "flux-kontext": (
+        flux_repo,
+        lambda d: ["--edits", str(d / "edits"), "--size", "32", "--rewards", "tiny_preserve,tiny_adhere"],
+        ["--prompt", "make it blue", "--image", "edits/0.png"],
+    ),
+    "ltx2": (
+        ltx2_repo,
+        lambda d: [
+            "--prompts",
+            str(d / "prompts.txt"),
+            "--size",
+            "64",
+            "--frames",
+            "9",
+            "--rewards",
+            "tiny_photo,tiny_sketch",
+        ],
+        ["--prompt", "a red circle"],
+    ),
 }
 
 
@@ -58,7 +100,7 @@ def test_bf16_full_size_path(backbone, tmp_path):
     assert {k.rsplit(".", 1)[1] for k in floats if k.startswith("opt.")} == {"step", "exp_avg", "exp_avg_sq"}
     for k, v in floats.items():  # masters, their moments and both shadows: fp32, finite
         assert v.dtype == torch.float32 and torch.isfinite(v).all(), k
-    assert {k[len("policy."):] for k in floats if k.startswith("policy.")} == set(init)
+    assert {k[len("policy.") :] for k in floats if k.startswith("policy.")} == set(init)
     # the preference modules moved: after two bf16 steps nearly every element of every pref_* tensor differs from its
     # init, pref_mlp's first layer included (U(+-0.71): where two Adam steps of ~3e-4 are under half a bf16 ulp, bf16
     # weights would not have moved: more than half of them, counted below). The slider's last layer is the exception
@@ -86,10 +128,35 @@ def test_update_calls_the_net_at_the_rollout_sigmas(tmp_path, monkeypatch):
     # a bf16 tiny run: every sigma the network sees is fp32; the update's (with a graph) are among the rollouts'
     # exactly (the rollout's sigmas are the schedule's; a bf16 sigma would be off by up to 4 of 1000 timestep units);
     # the update's x_t reaches the net in fp32 (cast once, inside)
-    flags = ["--backbone", "sd35", "--tiny", "--dtype", "bf16", "--pretrain-steps", "3", "--pretrain-batch", "8",
-             "--prompts-per-step", "2", "--prefs-per-prompt", "2", "--group-size", "2", "--sample-steps", "4",
-             "--eval-points", "2", "--eval-prompts", "1", "--lora-rank", "4", "--batch", "4", "--cache",
-             str(tmp_path / "cache")]
+    flags = [
+        "--backbone",
+        "sd35",
+        "--tiny",
+        "--dtype",
+        "bf16",
+        "--pretrain-steps",
+        "3",
+        "--pretrain-batch",
+        "8",
+        "--prompts-per-step",
+        "2",
+        "--prefs-per-prompt",
+        "2",
+        "--group-size",
+        "2",
+        "--sample-steps",
+        "4",
+        "--eval-points",
+        "2",
+        "--eval-prompts",
+        "1",
+        "--lora-rank",
+        "4",
+        "--batch",
+        "4",
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
     train.main(flags + ["--steps", "1", "--out", str(tmp_path / "first")])  # pretrains the cached base (with a graph)
     seen = []
     forward = model.SD3Transformer.forward

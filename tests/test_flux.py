@@ -3,6 +3,7 @@
 The test packs latents, builds position ids and slices the reference tokens off itself (as diffusers'
 FluxKontextPipeline does, pipeline_flux_kontext.py:560-597, 663, 1052), so the code's own packing is checked too.
 """
+
 import inspect
 import json
 
@@ -18,9 +19,18 @@ from diffusers import FluxTransformer2DModel  # noqa: E402
 from diffusers.loaders import single_file_utils  # noqa: E402
 
 # head dim 32 with BFL's axis proportions, so a BFL-format file (no config) reads back the same RoPE axes
-TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
-            num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=20, guidance_embeds=True,
-            axes_dims_rope=(4, 14, 14))
+TINY = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=32,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    pooled_projection_dim=20,
+    guidance_embeds=True,
+    axes_dims_rope=(4, 14, 14),
+)
 
 
 def diffusers_tiny(seed=0, **over):
@@ -37,8 +47,14 @@ def inputs(B=2, seed=1, C=4):
     g = torch.Generator().manual_seed(seed)
     x, ref = torch.randn(B, C, 6, 10, generator=g), torch.randn(B, C, 8, 4, generator=g)
     ctx, pooled = torch.randn(B, 5, 24, generator=g), torch.randn(B, 20, generator=g)
-    return dict(x=x, ref=ref, sigma=torch.tensor([0.999, 0.25])[:B], context=ctx, pooled=pooled,
-                guidance=torch.tensor([2.5, 4.0])[:B])
+    return dict(
+        x=x,
+        ref=ref,
+        sigma=torch.tensor([0.999, 0.25])[:B],
+        context=ctx,
+        pooled=pooled,
+        guidance=torch.tensor([2.5, 4.0])[:B],
+    )
 
 
 def pack(t):  # diffusers _pack_latents
@@ -61,16 +77,29 @@ def ref_out(ref, inp, use_ref=True, guidance=True):
         hidden = torch.cat([hidden, pack(r)], 1)
         img_ids = torch.cat([img_ids, ids(1, r.shape[2] // 2, r.shape[3] // 2)])
     with torch.no_grad():
-        v = ref(hidden_states=hidden, encoder_hidden_states=inp["context"], pooled_projections=inp["pooled"],
-                timestep=inp["sigma"], img_ids=img_ids, txt_ids=torch.zeros(inp["context"].shape[1], 3),
-                guidance=inp["guidance"] if guidance else None).sample[:, : (H // 2) * (W // 2)]
+        v = ref(
+            hidden_states=hidden,
+            encoder_hidden_states=inp["context"],
+            pooled_projections=inp["pooled"],
+            timestep=inp["sigma"],
+            img_ids=img_ids,
+            txt_ids=torch.zeros(inp["context"].shape[1], 3),
+            guidance=inp["guidance"] if guidance else None,
+        ).sample[:, : (H // 2) * (W // 2)]
     return v.view(B, H // 2, W // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)  # _unpack_latents
 
 
 def ours(net, inp, use_ref=True, pref=None):
     with torch.no_grad():
-        return net(inp["x"], inp["sigma"], context=inp["context"], pooled=inp["pooled"], guidance=inp["guidance"],
-                   ref=inp["ref"] if use_ref else None, pref=pref)
+        return net(
+            inp["x"],
+            inp["sigma"],
+            context=inp["context"],
+            pooled=inp["pooled"],
+            guidance=inp["guidance"],
+            ref=inp["ref"] if use_ref else None,
+            pref=pref,
+        )
 
 
 def rel_err(a, b):
@@ -225,17 +254,23 @@ def test_load_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"missing keys \(1\): single_blocks.1.linear2.bias"):
         model.load_transformer(broken(lambda sd: sd.pop("single_blocks.1.linear2.bias"), "m.safetensors"))
     with pytest.raises(ValueError, match=r"mis-shaped keys \(1\): double_blocks.0.txt_attn.norm.key_norm.scale"):
-        model.load_transformer(broken(lambda sd: sd.__setitem__("double_blocks.0.txt_attn.norm.key_norm.scale",
-                                                                torch.ones(16)), "s.safetensors"))
+        model.load_transformer(
+            broken(
+                lambda sd: sd.__setitem__("double_blocks.0.txt_attn.norm.key_norm.scale", torch.ones(16)),
+                "s.safetensors",
+            )
+        )
     with pytest.raises(ValueError, match="Fill/Depth/Canny"):  # channel-concat variants: img_in wider than the output
         model.load_transformer(broken(lambda sd: sd.__setitem__("img_in.weight", torch.zeros(64, 48)), "f.safetensors"))
     # a diffusers folder: unsupported options fail at load time; an unconsumed tensor is reported
     folder = tmp_path / "d"
     tiny["ref"].save_pretrained(folder)
     c = json.loads((folder / "config.json").read_text())
-    for bad, msg in [({"use_rope_v2": True}, "unsupported FluxTransformer2DModel config options: \\['use_rope_v2'\\]"),
-                     ({"in_channels": 64, "out_channels": 16}, "Fill/Depth/Canny"),
-                     ({"patch_size": 2}, "unsupported patch_size 2")]:
+    for bad, msg in [
+        ({"use_rope_v2": True}, "unsupported FluxTransformer2DModel config options: \\['use_rope_v2'\\]"),
+        ({"in_channels": 64, "out_channels": 16}, "Fill/Depth/Canny"),
+        ({"patch_size": 2}, "unsupported patch_size 2"),
+    ]:
         (folder / "config.json").write_text(json.dumps({**c, **bad}))
         with pytest.raises(ValueError, match=msg):
             model.load_transformer(str(folder))
@@ -244,18 +279,23 @@ def test_load_errors(tiny, tmp_path):
     sd["single_transformer_blocks.0.attn.to_out.0.weight"] = torch.zeros(1)
     del sd["transformer_blocks.1.attn.add_k_proj.bias"]
     save_file(sd, folder / "diffusion_pytorch_model.safetensors")
-    with pytest.raises(ValueError, match=r"(?s)missing keys \(1\): double_blocks.1.txt_attn.qkv.bias.*"
-                                         r"unexpected keys \(3\).*single_transformer_blocks.0.attn.to_out.0.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)missing keys \(1\): double_blocks.1.txt_attn.qkv.bias.*"
+        r"unexpected keys \(3\).*single_transformer_blocks.0.attn.to_out.0.weight",
+    ):
         model.load_transformer(str(folder))
 
 
 def test_bad_inputs(tiny):
     net, inp = model.load_transformer(str(tiny["repo"])), tiny["inp"]
-    for bad, msg in [(dict(context=inp["context"][..., :8]), r"context must be \[B, L, 24\]"),
-                     (dict(x=inp["x"][:, :, :5]), r"x must be an unpacked latent \[B, 4, h, w\] with h, w even"),
-                     (dict(ref=inp["ref"][:, :3]), r"ref must be an unpacked latent \[B, 4, h, w\]"),
-                     (dict(pooled=inp["pooled"][:, :4]), r"pooled must be \[B, 20\]"),
-                     (dict(guidance=None), "guidance-distilled")]:
+    for bad, msg in [
+        (dict(context=inp["context"][..., :8]), r"context must be \[B, L, 24\]"),
+        (dict(x=inp["x"][:, :, :5]), r"x must be an unpacked latent \[B, 4, h, w\] with h, w even"),
+        (dict(ref=inp["ref"][:, :3]), r"ref must be an unpacked latent \[B, 4, h, w\]"),
+        (dict(pooled=inp["pooled"][:, :4]), r"pooled must be \[B, 20\]"),
+        (dict(guidance=None), "guidance-distilled"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             ours(net, {**inp, **bad})
 
@@ -276,8 +316,15 @@ def test_lora_export_loads_in_diffusers(tiny, tmp_path):
     exported = load_file(path)
     assert "transformer.single_transformer_blocks.1.proj_mlp.lora_B.weight" in exported
     assert "transformer.transformer_blocks.0.attn.add_v_proj.lora_A.weight" in exported
-    pipe = FluxKontextPipeline(transformer=diffusers_tiny(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
-                               text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    pipe = FluxKontextPipeline(
+        transformer=diffusers_tiny(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+    )
     pipe.load_lora_weights(path)
     model.merge_lora(net)
     got = ours(net, tiny["inp"])  # merged, pref=None: what a diffusers user gets
@@ -295,8 +342,12 @@ def test_kernels_on_equals_off():
             p.copy_(torch.randn_like(p) * 0.1)
     g = torch.Generator().manual_seed(1)
     x, ref = torch.randn(2, 12, 4, 6, generator=g), torch.randn(2, 12, 6, 4, generator=g)
-    kw = dict(context=torch.randn(2, 5, 64, generator=g), pooled=torch.randn(2, 64, generator=g),
-              guidance=torch.tensor([2.5, 3.0]), pref=torch.tensor([[0.2, 0.8], [1.0, 0.0]]))
+    kw = dict(
+        context=torch.randn(2, 5, 64, generator=g),
+        pooled=torch.randn(2, 64, generator=g),
+        guidance=torch.tensor([2.5, 3.0]),
+        pref=torch.tensor([[0.2, 0.8], [1.0, 0.0]]),
+    )
     w, sigma = torch.randn(2, 12, 4, 6, generator=g), torch.tensor([0.9, 0.3])
 
     def run(backend):
@@ -329,8 +380,13 @@ def test_grad_checkpointing_and_adapter_roundtrip(tmp_path):
         for p in model.adapter_state(net).values():
             p.copy_(torch.randn_like(p) * 0.1)
     x, ref, sigma = torch.randn(2, 12, 4, 6), torch.randn(2, 12, 2, 4), torch.tensor([0.5, 0.9])
-    kw = dict(context=torch.randn(2, 3, 64), pooled=torch.randn(2, 64), guidance=torch.tensor([2.5, 3.5]),
-              ref=ref, pref=torch.tensor([[0.3, 0.7], [1.0, 0.0]]))
+    kw = dict(
+        context=torch.randn(2, 3, 64),
+        pooled=torch.randn(2, 64),
+        guidance=torch.tensor([2.5, 3.5]),
+        ref=ref,
+        pref=torch.tensor([[0.3, 0.7], [1.0, 0.0]]),
+    )
     grads = []
     for ckpt in (False, True):
         net.zero_grad()

@@ -1,6 +1,7 @@
 """benchmarks/gpu.py, the one command for a GPU, runs every section at toy size on the CPU (--cpu-smoke), so that the
 script a short GPU slot depends on cannot rot: its report names each section, every kernel check passes, the train
 step runs for every backbone (fp32 adapters in the checkpoint) and nothing is skipped."""
+
 import json
 import os
 import subprocess
@@ -13,8 +14,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_gpu_script_cpu_smoke(tmp_path):
     out = tmp_path / "report"
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--cpu-smoke", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--cpu-smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = (out / "report.md").read_text()
     for section in ("kernels", "train", "memory", "bench", "blocks"):
@@ -37,6 +43,7 @@ def test_gpu_script_keeps_going_and_keeps_other_files(tmp_path, monkeypatch):
     # a section that breaks on the GPU (out of memory, a compile error) is reported FAILED and the next one runs; the
     # exit code says so; --out may hold other files: only the report's own are replaced
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("gpu_script", os.path.join(ROOT, "benchmarks", "gpu.py"))
     gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu)

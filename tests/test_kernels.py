@@ -7,6 +7,7 @@ gradcheck of each torch.library op; in every mode: [B, D] or per-token [B, T, D]
 token range, qk weights per head [Dh] or across heads [H * Dh], interleaved or split RoPE with broadcast tables.
 Both backends refuse the same bad shapes. The model test runs the tiny SD3.5 with kernels on and off.
 """
+
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before kernels/ (and Triton) are imported: the kernels run on CPU
@@ -191,8 +192,11 @@ def test_modulate_bf16(rms):
 def test_modulate_broadcast_and_noncontiguous_x():
     # shift/scale [1, D] shared by the batch; x a transposed view [T, B, D] -> [B, T, D]
     g = torch.Generator().manual_seed(3)
-    leaves = dict(xt=torch.randn(9, 3, 40, generator=g), shift=torch.randn(1, 40, generator=g),
-                  scale=torch.randn(1, 40, generator=g))
+    leaves = dict(
+        xt=torch.randn(9, 3, 40, generator=g),
+        shift=torch.randn(1, 40, generator=g),
+        scale=torch.randn(1, 40, generator=g),
+    )
     f = lambda xt, shift, scale: kernels.modulate(xt.transpose(0, 1), shift, scale)
     f64 = lambda xt, shift, scale: modulate64(xt.transpose(0, 1), shift.expand(3, 40), scale.expand(3, 40))
     compare(f, f64, leaves, 1)
@@ -212,8 +216,11 @@ def test_modulate_reference_matches_fp64():
 
 def _res_leaves(B, T, D, slider, seed=0, per_token=False, m_per_token=False):
     g = torch.Generator().manual_seed(seed)
-    leaves = dict(x=torch.randn(B, T, D, generator=g), y=torch.randn(B, T, D, generator=g) * 3,
-                  cond=torch.randn(B, *((T,) if per_token else ()), 6 * D, generator=g))
+    leaves = dict(
+        x=torch.randn(B, T, D, generator=g),
+        y=torch.randn(B, T, D, generator=g) * 3,
+        cond=torch.randn(B, *((T,) if per_token else ()), 6 * D, generator=g),
+    )
     if slider:
         leaves["m"] = torch.randn(B, *((T,) if m_per_token else ()), D, generator=g)
     return leaves
@@ -254,14 +261,17 @@ def _fused(rms, slider):
     stored = {}
 
     def f(x, y, cond, m=None):
-        h, x_mod = kernels.gated_residual_modulate(x, chunked(cond, 2), y, chunked(cond, 3), chunked(cond, 4),
-                                                   1e-6, rms, m)
+        h, x_mod = kernels.gated_residual_modulate(
+            x, chunked(cond, 2), y, chunked(cond, 3), chunked(cond, 4), 1e-6, rms, m
+        )
         stored["h"] = h.detach()
         return h, x_mod
 
     def f64(x, y, cond, m=None):
-        return residual_modulate64(x, chunked(cond, 2), y, chunked(cond, 3), chunked(cond, 4), 1e-6, rms, m,
-                                   stored.get("h"))
+        return residual_modulate64(
+            x, chunked(cond, 2), y, chunked(cond, 3), chunked(cond, 4), 1e-6, rms, m, stored.get("h")
+        )
+
     return f, f64
 
 
@@ -303,8 +313,11 @@ def test_gated_residual_modulate_equals_composition():
 
 def _qk_leaves(B, L, H, Dh, rope, cos_shape, seed=0):
     g = torch.Generator().manual_seed(seed)
-    leaves = dict(qkv=torch.randn(B, L, 3, H, Dh, generator=g) * 2, qw=torch.rand(Dh, generator=g) + 0.5,
-                  kw=torch.rand(Dh, generator=g) + 0.5)
+    leaves = dict(
+        qkv=torch.randn(B, L, 3, H, Dh, generator=g) * 2,
+        qw=torch.rand(Dh, generator=g) + 0.5,
+        kw=torch.rand(Dh, generator=g) + 0.5,
+    )
     if rope != "none":
         shape = {"per_token": (1, L, 1, Dh // 2), "per_sample": (B, L, 1, Dh // 2), "full": (B, L, H, Dh // 2)}
         leaves["theta"] = torch.rand(shape[cos_shape], generator=g) * 6.3
@@ -323,6 +336,7 @@ def _qk(rope):
         q, k, _ = qkv.unbind(2)
         cs = (None, None) if theta is None else (theta.cos().detach(), theta.sin().detach())
         return qk64(q, k, qw, kw, *cs, eps=1e-6, interleaved=inter)
+
     return f, f64
 
 
@@ -389,11 +403,15 @@ def test_modulate_mixed_and_shared_per_token(per_token):
     # one of shift/scale per token ([1, T, D]: shared by the batch, its gradient sums over samples), the other
     # per sample
     g = torch.Generator().manual_seed(2)
-    leaves = dict(x=torch.randn(3, 9, 40, generator=g), c_tok=torch.randn(1, 9, 40, generator=g),
-                  c_vec=torch.randn(3, 40, generator=g))
+    leaves = dict(
+        x=torch.randn(3, 9, 40, generator=g),
+        c_tok=torch.randn(1, 9, 40, generator=g),
+        c_vec=torch.randn(3, 40, generator=g),
+    )
 
     def args(c_tok, c_vec):
         return (c_tok, c_vec) if per_token == "shift" else (c_vec, c_tok)
+
     f = lambda x, c_tok, c_vec: kernels.modulate(x, *args(c_tok, c_vec), 1e-6, True)
     f64 = lambda x, c_tok, c_vec: modulate64(x, *args(c_tok.expand(3, 9, 40), c_vec), 1e-6, True)
     compare(f, f64, leaves, 1)
@@ -409,8 +427,14 @@ def test_modulate_per_token_tiling_stride0_bf16(force):
 
 
 # gate per sample or per token; m none, per sample or per token; m_range on edge and ragged token ranges
-SLIDERS = [("none", None), ("sample", None), ("sample", (0, 0)), ("sample", (2, 5)), ("sample", (4, 7)),
-           ("token", (1, 6))]
+SLIDERS = [
+    ("none", None),
+    ("sample", None),
+    ("sample", (0, 0)),
+    ("sample", (2, 5)),
+    ("sample", (4, 7)),
+    ("token", (1, 6)),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -455,6 +479,7 @@ def _fused_modes(rms, gate, cond_mod, m_range):
     def f64(x, y, m, **kw):
         g, shift, scale = pick(kw)
         return residual_modulate64(x, g, y, shift, scale, 1e-6, rms, m, stored.get("h"), m_range)
+
     return f, f64
 
 
@@ -483,10 +508,15 @@ def test_gated_residual_modulate_per_token_and_m_range(shape, m_range, rms, gate
 @pytest.mark.parametrize("force", FORCE)
 def test_gated_residual_modulate_per_token_tiling_stride0_bf16(force):
     _force(force)
-    compare(*_fused_modes(True, "tcond", "tcond", (2, 11)), _fused_leaves(3, 13, 40, "tcond", "tcond"), 2,
-            sum_loss=True)
-    compare(*_fused_modes(False, "tcond", "cond", (5, 11)), _fused_leaves(2, 11, 96, "tcond", "cond", seed=1), 2,
-            dtype=torch.bfloat16)
+    compare(
+        *_fused_modes(True, "tcond", "tcond", (2, 11)), _fused_leaves(3, 13, 40, "tcond", "tcond"), 2, sum_loss=True
+    )
+    compare(
+        *_fused_modes(False, "tcond", "cond", (5, 11)),
+        _fused_leaves(2, 11, 96, "tcond", "cond", seed=1),
+        2,
+        dtype=torch.bfloat16,
+    )
 
 
 def test_gated_residual_modulate_per_token_slider():
@@ -513,8 +543,9 @@ def test_modulate_fp32_conditioning_bf16_x(per_token):
         res[backend] = out, xl.grad, cl.grad
     for got, ref in zip(res["triton"], res["torch"]):
         assert got.dtype == ref.dtype and got.shape == ref.shape
-        torch.testing.assert_close(got.float(), ref.float(), atol=1e-2 if got.dtype == torch.bfloat16 else 1e-4,
-                                   rtol=2**-7)
+        torch.testing.assert_close(
+            got.float(), ref.float(), atol=1e-2 if got.dtype == torch.bfloat16 else 1e-4, rtol=2**-7
+        )
 
 
 @pytest.mark.parametrize("used", [0, 1])
@@ -572,8 +603,9 @@ def _tables(kind, B, L, H, half, g):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["[L, half]", "[B, L, 1, half]", "[1, L, H, half]", "heads-major view",
-                                  "stride-0 expand"])
+@pytest.mark.parametrize(
+    "kind", ["[L, half]", "[B, L, 1, half]", "[1, L, H, half]", "heads-major view", "stride-0 expand"]
+)
 def test_qk_norm_rope_table_shapes(kind, backend):
     # L == H, so a [L, half] table read as per head (plain broadcasting) would be caught
     kernels.set_backend(backend)
@@ -597,11 +629,17 @@ def test_qk_norm_rope_own_k_tables(rope, backend, dtype):
     g = torch.Generator().manual_seed(6)
     H, Dh, inter = 3, 16, rope == "interleaved"
     tq, tk = torch.rand(1, 7, H, Dh // 2, generator=g) * 6.3, torch.rand(4, Dh // 2, generator=g) * 6.3
-    leaves = dict(q=torch.randn(2, 7, H, Dh, generator=g), k=torch.randn(2, 4, H, Dh, generator=g),
-                  qw=torch.rand(H * Dh, generator=g) + 0.5, kw=torch.rand(Dh, generator=g) + 0.5)
+    leaves = dict(
+        q=torch.randn(2, 7, H, Dh, generator=g),
+        k=torch.randn(2, 4, H, Dh, generator=g),
+        qw=torch.rand(H * Dh, generator=g) + 0.5,
+        kw=torch.rand(Dh, generator=g) + 0.5,
+    )
     f = lambda q, k, qw, kw: kernels.qk_norm_rope(q, k, qw, kw, tq.cos(), tq.sin(), 1e-6, inter, tk.cos(), tk.sin())
-    f64 = lambda q, k, qw, kw: (qk64(q, q, qw, qw, tq.cos(), tq.sin(), 1e-6, inter)[0],
-                                qk64(k, k, kw, kw, tk[None, :, None].cos(), tk[None, :, None].sin(), 1e-6, inter)[0])
+    f64 = lambda q, k, qw, kw: (
+        qk64(q, q, qw, qw, tq.cos(), tq.sin(), 1e-6, inter)[0],
+        qk64(k, k, kw, kw, tk[None, :, None].cos(), tk[None, :, None].sin(), 1e-6, inter)[0],
+    )
     compare(f, f64, leaves, 2, dtype=dtype)
     q, k, qw, kw = (v.to(dtype) for v in leaves.values())
     one = kernels.qk_norm_rope(q, k, qw, kw, tq.cos(), tq.sin(), 1e-6, inter, tk.cos(), tk.sin())
@@ -656,13 +694,19 @@ def test_edge_shapes_accepted_on_both_backends():
     # what the checks let through, both backends compute (and agree on)
     g = torch.Generator().manual_seed(0)
     x, y, v = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g), torch.randn(2, 8, generator=g)
-    v_tok, q, w, theta = torch.randn(1, 5, 8, generator=g), torch.randn(2, 5, 1, 7, generator=g), torch.rand(7), \
-        torch.rand(3)
-    calls = [lambda: kernels.modulate(x, v[:1], v_tok),
-             lambda: kernels.gated_residual(x, v, y, v, (5, 5)),
-             lambda: kernels.gated_residual_modulate(x, v, y, v, v, m=v, m_range=(0, 0)),
-             lambda: kernels.qk_norm_rope(q, q, w, w),  # odd Dh without RoPE
-             lambda: kernels.qk_norm_rope(q[..., :6], q[..., :6], w[:6], w[:6], theta.cos(), theta.sin())]  # H = 1
+    v_tok, q, w, theta = (
+        torch.randn(1, 5, 8, generator=g),
+        torch.randn(2, 5, 1, 7, generator=g),
+        torch.rand(7),
+        torch.rand(3),
+    )
+    calls = [
+        lambda: kernels.modulate(x, v[:1], v_tok),
+        lambda: kernels.gated_residual(x, v, y, v, (5, 5)),
+        lambda: kernels.gated_residual_modulate(x, v, y, v, v, m=v, m_range=(0, 0)),
+        lambda: kernels.qk_norm_rope(q, q, w, w),  # odd Dh without RoPE
+        lambda: kernels.qk_norm_rope(q[..., :6], q[..., :6], w[:6], w[:6], theta.cos(), theta.sin()),
+    ]  # H = 1
     for call in calls:
         kernels.set_backend("triton")
         got = call()
@@ -716,8 +760,14 @@ def test_gradcheck_gated_residual_per_token(m_per_token):
 @pytest.mark.parametrize("rms", [False, True])
 def test_gradcheck_gated_residual_modulate(rms):
     op = torch.ops.paretoslider.gated_residual_modulate
-    _gc(lambda x, g, y, c, m: op(x, g, y, c[:, :10], c[:, 10:], 1e-6, rms, m, 0, 3),
-        _d(2, 3, 10), _d(2, 10, seed=1), _d(2, 3, 10, seed=2), _d(2, 20, seed=3), _d(2, 10, seed=4))
+    _gc(
+        lambda x, g, y, c, m: op(x, g, y, c[:, :10], c[:, 10:], 1e-6, rms, m, 0, 3),
+        _d(2, 3, 10),
+        _d(2, 10, seed=1),
+        _d(2, 3, 10, seed=2),
+        _d(2, 20, seed=3),
+        _d(2, 10, seed=4),
+    )
 
 
 @pytest.mark.parametrize("gate_per_token", [False, True])
@@ -725,8 +775,14 @@ def test_gradcheck_gated_residual_modulate_per_token(gate_per_token):
     # shift/scale per token; the gate per token or per sample; the slider on tokens 1..2
     op = torch.ops.paretoslider.gated_residual_modulate
     g = _d(2, 4, 10, seed=1) if gate_per_token else _d(2, 10, seed=1)
-    _gc(lambda x, g, y, c, m: op(x, g, y, c[..., :10], c[..., 10:], 1e-6, False, m, 1, 3),
-        _d(2, 4, 10), g, _d(2, 4, 10, seed=2), _d(2, 4, 20, seed=3), _d(2, 10, seed=4))
+    _gc(
+        lambda x, g, y, c, m: op(x, g, y, c[..., :10], c[..., 10:], 1e-6, False, m, 1, 3),
+        _d(2, 4, 10),
+        g,
+        _d(2, 4, 10, seed=2),
+        _d(2, 4, 20, seed=3),
+        _d(2, 10, seed=4),
+    )
 
 
 @pytest.mark.parametrize("rope", ["none", "interleaved", "split"])
@@ -734,8 +790,13 @@ def test_gradcheck_qk_norm_rope(rope):
     theta = torch.rand(1, 3, 1, 4, dtype=torch.float64) * 6.3
     cs = (None, None) if rope == "none" else (theta.cos(), theta.sin())
     op = torch.ops.paretoslider.qk_norm_rope
-    _gc(lambda q, k, qw, kw: op(q, k, qw, kw, *cs, *cs, 1e-6, rope == "interleaved"),
-        _d(2, 3, 2, 8), _d(2, 3, 2, 8, seed=1), _d(8, seed=2), _d(8, seed=3))
+    _gc(
+        lambda q, k, qw, kw: op(q, k, qw, kw, *cs, *cs, 1e-6, rope == "interleaved"),
+        _d(2, 3, 2, 8),
+        _d(2, 3, 2, 8, seed=1),
+        _d(8, seed=2),
+        _d(8, seed=3),
+    )
 
 
 @pytest.mark.parametrize("rope", ["none", "split"])
@@ -744,16 +805,26 @@ def test_gradcheck_qk_norm_rope_across_heads(rope):
     theta = torch.rand(2, 3, 3, 4, dtype=torch.float64) * 6.3
     cs = (None, None) if rope == "none" else (theta.cos(), theta.sin())
     op = torch.ops.paretoslider.qk_norm_rope
-    _gc(lambda q, k, qw, kw: op(q, k, qw, kw, *cs, *cs, 1e-6, False),
-        _d(2, 3, 3, 8), _d(2, 3, 3, 8, seed=1), _d(24, seed=2), _d(8, seed=3))
+    _gc(
+        lambda q, k, qw, kw: op(q, k, qw, kw, *cs, *cs, 1e-6, False),
+        _d(2, 3, 3, 8),
+        _d(2, 3, 3, 8, seed=1),
+        _d(24, seed=2),
+        _d(8, seed=3),
+    )
 
 
 def test_gradcheck_qk_norm_rope_own_k_tables():
     # cross-attention: k has other positions (and another length) than q, with its own table
     tq, tk = (torch.rand(1, L, 1, 4, dtype=torch.float64) * 6.3 for L in (3, 5))
     op = torch.ops.paretoslider.qk_norm_rope
-    _gc(lambda q, k, qw, kw: op(q, k, qw, kw, tq.cos(), tq.sin(), tk.cos(), tk.sin(), 1e-6, False),
-        _d(2, 3, 2, 8), _d(2, 5, 2, 8, seed=1), _d(16, seed=2), _d(16, seed=3))
+    _gc(
+        lambda q, k, qw, kw: op(q, k, qw, kw, tq.cos(), tq.sin(), tk.cos(), tk.sin(), 1e-6, False),
+        _d(2, 3, 2, 8),
+        _d(2, 5, 2, 8, seed=1),
+        _d(16, seed=2),
+        _d(16, seed=3),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -765,24 +836,32 @@ def _explode(*a, **k):
 
 
 def test_triton_backend_runs_kernels_torch_backend_runs_references(monkeypatch):
-    import kernels.adaln, kernels.qk_rope, kernels.residual  # noqa: E401
+    import kernels.adaln  # noqa: E401
+    import kernels.qk_rope
+    import kernels.residual
+
     x, y, cond, m = _res_leaves(2, 5, 24, True).values()
     tcond = torch.randn(2, 5, 72)
     q, k = torch.randn(2, 5, 2, 16), torch.randn(2, 5, 2, 16)
     w, theta = torch.ones(16), torch.rand(5, 1, 8)
-    calls = lambda: (kernels.modulate(x, cond[:, :24], cond[:, 24:48]),
-                     kernels.gated_residual(x, cond[:, :24], y, m),
-                     kernels.gated_residual_modulate(x, cond[:, :24], y, cond[:, 24:48], cond[:, 48:72], m=m),
-                     kernels.qk_norm_rope(q, k, w, w, theta.cos(), theta.sin()),
-                     # the new modes take the kernels too: per-token conditioning, m_range, [H * Dh], [L, Dh/2]
-                     kernels.modulate(x, tcond[..., :24], cond[:, :24]),
-                     kernels.gated_residual(x, tcond[..., :24], y, m, (2, 4)),
-                     kernels.gated_residual_modulate(x, tcond[..., :24], y, tcond[..., 24:48], cond[:, :24], m=m,
-                                                     m_range=(1, 5)),
-                     kernels.qk_norm_rope(q, k, torch.ones(32), w, theta[:, 0].cos(), theta[:, 0].sin(), 1e-6, False))
+    calls = lambda: (
+        kernels.modulate(x, cond[:, :24], cond[:, 24:48]),
+        kernels.gated_residual(x, cond[:, :24], y, m),
+        kernels.gated_residual_modulate(x, cond[:, :24], y, cond[:, 24:48], cond[:, 48:72], m=m),
+        kernels.qk_norm_rope(q, k, w, w, theta.cos(), theta.sin()),
+        # the new modes take the kernels too: per-token conditioning, m_range, [H * Dh], [L, Dh/2]
+        kernels.modulate(x, tcond[..., :24], cond[:, :24]),
+        kernels.gated_residual(x, tcond[..., :24], y, m, (2, 4)),
+        kernels.gated_residual_modulate(x, tcond[..., :24], y, tcond[..., 24:48], cond[:, :24], m=m, m_range=(1, 5)),
+        kernels.qk_norm_rope(q, k, torch.ones(32), w, theta[:, 0].cos(), theta[:, 0].sin(), 1e-6, False),
+    )
     expected = calls()
-    for mod, name in [(kernels.adaln, "modulate_ref"), (kernels.residual, "gated_residual_ref"),
-                      (kernels.residual, "gated_residual_modulate_ref"), (kernels.qk_rope, "qk_norm_rope_ref")]:
+    for mod, name in [
+        (kernels.adaln, "modulate_ref"),
+        (kernels.residual, "gated_residual_ref"),
+        (kernels.residual, "gated_residual_modulate_ref"),
+        (kernels.qk_rope, "qk_norm_rope_ref"),
+    ]:
         monkeypatch.setattr(mod, name, _explode)
     for got, ref in zip(calls(), expected):  # triton backend: no reference is touched
         for a, b in zip(got if isinstance(got, tuple) else (got,), ref if isinstance(ref, tuple) else (ref,)):
@@ -800,9 +879,16 @@ def test_default_backend():
     def default(interpret):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env.update({"TRITON_INTERPRET": "1"} if interpret else {})
-        r = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.get_backend())"], env=env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-c", "import kernels; print(kernels.get_backend())"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         return r.stdout.strip() + r.stderr
+
     assert default(True) == "triton"
     assert default(False) == ("triton" if torch.cuda.is_available() else "torch")
 
@@ -810,13 +896,19 @@ def test_default_backend():
 def test_kernels_stay_at_the_bottom_of_the_import_graph():
     # kernels/ (bench.py included) imports no project module: the model imports kernels, never the reverse
     import ast
+
     project = {"model", "train", "sample", "rewards", "benchmarks", "tests"}
     for name in os.listdir(os.path.join(ROOT, "kernels")):
         if name.endswith(".py"):
             tree = ast.parse(open(os.path.join(ROOT, "kernels", name)).read())
             for node in ast.walk(tree):
-                mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                        [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                mods = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom) and not node.level
+                    else []
+                )
                 assert not {m.split(".")[0] for m in mods} & project, f"kernels/{name} imports {mods}"
 
 
@@ -826,6 +918,7 @@ def test_benchmark_scripts_run_on_cpu(script, monkeypatch, capsys):
     if script.startswith("benchmarks"):
         pytest.importorskip("model")
     import runpy
+
     monkeypatch.setattr(sys, "argv", [script, "--cpu-smoke", "--no-compile"])
     runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     out = capsys.readouterr().out
@@ -838,8 +931,14 @@ def test_benchmark_scripts_run_on_cpu(script, monkeypatch, capsys):
 
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "kernels", "bench.py"), "--ptx"], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "kernels", "bench.py"), "--ptx"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if r.returncode == 3:
         pytest.skip(r.stdout.strip().splitlines()[-1])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -879,5 +978,6 @@ def test_sd35_tiny_model_kernels_on_equals_off():
     assert grads_t.keys() == grads_r.keys()
     for n in grads_r:
         assert grads_r[n] is not None and grads_t[n] is not None, n
-        torch.testing.assert_close(grads_t[n], grads_r[n], atol=1e-5 * (1 + grads_r[n].abs().max().item()),
-                                   rtol=1e-4, msg=n)
+        torch.testing.assert_close(
+            grads_t[n], grads_r[n], atol=1e-5 * (1 + grads_r[n].abs().max().item()), rtol=1e-4, msg=n
+        )

@@ -4,6 +4,7 @@ random configs in fp32, the full configs on meta.
 The test packs the latents and passes diffusers the coordinates' ingredients (F, h, w, fps, A) itself, as
 LTX2Pipeline does (pipeline_ltx2.py:651-671, 727-745), so the code's own packing and RoPE positions are checked too.
 """
+
 import json
 
 import pytest
@@ -15,28 +16,61 @@ import model
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, LTX2VideoTransformer3DModel  # noqa: E402
-from diffusers.loaders.single_file_utils import (convert_ltx2_audio_vae_to_diffusers,  # noqa: E402
-                                                 convert_ltx2_transformer_to_diffusers, convert_ltx2_vae_to_diffusers)
+from diffusers.loaders.single_file_utils import (  # noqa: E402
+    convert_ltx2_audio_vae_to_diffusers,
+    convert_ltx2_transformer_to_diffusers,
+    convert_ltx2_vae_to_diffusers,
+)
 from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors  # noqa: E402
 from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline  # noqa: E402
 from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder  # noqa: E402
 
 # equal head counts (2 x 16 video, 2 x 8 audio): the video RoPE's 3 x 5 frequencies leave one padding slot; audio
 # tokens of 16 features = 8 latent channels x 2 mel bins
-TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
-            audio_in_channels=16, audio_out_channels=16, audio_num_attention_heads=2, audio_attention_head_dim=8,
-            audio_cross_attention_dim=16, num_layers=2, caption_channels=24, rope_type="split",
-            rope_double_precision=True, timestep_scale_multiplier=1000, cross_attn_timestep_scale_multiplier=1000)
+TINY = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    cross_attention_dim=32,
+    audio_in_channels=16,
+    audio_out_channels=16,
+    audio_num_attention_heads=2,
+    audio_attention_head_dim=8,
+    audio_cross_attention_dim=16,
+    num_layers=2,
+    caption_channels=24,
+    rope_type="split",
+    rope_double_precision=True,
+    timestep_scale_multiplier=1000,
+    cross_attn_timestep_scale_multiplier=1000,
+)
 
 # the combined file's config (safetensors metadata "config" -> "transformer") in ltx-core's field names
 # (ltx_core/model/transformer/model_configurator.py)
-ORIGINAL_CONFIG = dict(num_attention_heads=2, attention_head_dim=16, audio_num_attention_heads=2,
-                       audio_attention_head_dim=8, num_layers=2, in_channels=4, out_channels=4, audio_in_channels=16,
-                       audio_out_channels=16, cross_attention_dim=32, audio_cross_attention_dim=16,
-                       caption_channels=24, rope_type="split", frequencies_precision="float64",
-                       positional_embedding_theta=10000.0, positional_embedding_max_pos=[20, 2048, 2048],
-                       audio_positional_embedding_max_pos=[20], timestep_scale_multiplier=1000,
-                       av_ca_timestep_scale_multiplier=1000, use_middle_indices_grid=True, norm_eps=1e-6)
+ORIGINAL_CONFIG = dict(
+    num_attention_heads=2,
+    attention_head_dim=16,
+    audio_num_attention_heads=2,
+    audio_attention_head_dim=8,
+    num_layers=2,
+    in_channels=4,
+    out_channels=4,
+    audio_in_channels=16,
+    audio_out_channels=16,
+    cross_attention_dim=32,
+    audio_cross_attention_dim=16,
+    caption_channels=24,
+    rope_type="split",
+    frequencies_precision="float64",
+    positional_embedding_theta=10000.0,
+    positional_embedding_max_pos=[20, 2048, 2048],
+    audio_positional_embedding_max_pos=[20],
+    timestep_scale_multiplier=1000,
+    av_ca_timestep_scale_multiplier=1000,
+    use_middle_indices_grid=True,
+    norm_eps=1e-6,
+)
 
 
 def diffusers_tiny(seed=0, **over):
@@ -52,10 +86,15 @@ def inputs(B=2, F=3, h=2, w=5, A=7, L=6, seed=1):
     # F > 1 (the causal first-frame fix), h != w, padding at both ends of the text
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(2, L)
-    mask[0, :2], mask[1, L - 2:] = 0, 0
-    return dict(video=torch.randn(B, 4, F, h, w, generator=g), audio=torch.randn(B, 8, A, 2, generator=g),
-                sigma=torch.tensor([0.999, 0.3])[:B], context=torch.randn(B, L, 24, generator=g),
-                context_audio=torch.randn(B, L, 24, generator=g), context_mask=mask[:B])
+    mask[0, :2], mask[1, L - 2 :] = 0, 0
+    return dict(
+        video=torch.randn(B, 4, F, h, w, generator=g),
+        audio=torch.randn(B, 8, A, 2, generator=g),
+        sigma=torch.tensor([0.999, 0.3])[:B],
+        context=torch.randn(B, L, 24, generator=g),
+        context_audio=torch.randn(B, L, 24, generator=g),
+        context_mask=mask[:B],
+    )
 
 
 def ref_out(ref, inp, fps=24.0, mask=True):
@@ -64,17 +103,36 @@ def ref_out(ref, inp, fps=24.0, mask=True):
     Ca, A, M = audio.shape[1:]
     m = inp["context_mask"] if mask else None
     with torch.no_grad():
-        v, a = ref(hidden_states=video.flatten(2).transpose(1, 2), audio_hidden_states=audio.transpose(1, 2).flatten(2),
-                   encoder_hidden_states=inp["context"], audio_encoder_hidden_states=inp["context_audio"],
-                   timestep=1000 * inp["sigma"], encoder_attention_mask=m, audio_encoder_attention_mask=m,
-                   num_frames=F, height=h, width=w, fps=fps, audio_num_frames=A, return_dict=False)
+        v, a = ref(
+            hidden_states=video.flatten(2).transpose(1, 2),
+            audio_hidden_states=audio.transpose(1, 2).flatten(2),
+            encoder_hidden_states=inp["context"],
+            audio_encoder_hidden_states=inp["context_audio"],
+            timestep=1000 * inp["sigma"],
+            encoder_attention_mask=m,
+            audio_encoder_attention_mask=m,
+            num_frames=F,
+            height=h,
+            width=w,
+            fps=fps,
+            audio_num_frames=A,
+            return_dict=False,
+        )
     return v.transpose(1, 2).reshape(B, C, F, h, w), a.reshape(B, A, Ca, M).transpose(1, 2)
 
 
 def ours(net, inp, fps=24.0, mask=True, pref=None):
     with torch.no_grad():
-        return net(inp["video"], inp["audio"], inp["sigma"], context=inp["context"], context_audio=inp["context_audio"],
-                   context_mask=inp["context_mask"] if mask else None, fps=fps, pref=pref)
+        return net(
+            inp["video"],
+            inp["audio"],
+            inp["sigma"],
+            context=inp["context"],
+            context_audio=inp["context_audio"],
+            context_mask=inp["context_mask"] if mask else None,
+            fps=fps,
+            pref=pref,
+        )
 
 
 def rel_err(a, b):
@@ -153,30 +211,47 @@ def test_combined_file_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"lacks \['av_ca_timestep_scale_multiplier'\]"):
         model.load_transformer(combined_file(ref, tmp_path / "b.safetensors", config=partial))
     with pytest.raises(ValueError, match="unsupported rope_type 'rotary'"):
-        model.load_transformer(combined_file(ref, tmp_path / "c.safetensors", config={**ORIGINAL_CONFIG,
-                                                                                     "rope_type": "rotary"}))
+        model.load_transformer(
+            combined_file(ref, tmp_path / "c.safetensors", config={**ORIGINAL_CONFIG, "rope_type": "rotary"})
+        )
     key = "model.diffusion_model.transformer_blocks.1.audio_to_video_attn.k_norm.weight"
     with pytest.raises(ValueError, match=r"missing keys \(1\): transformer_blocks.1.audio_to_video_attn.k_norm.weight"):
         model.load_transformer(combined_file(ref, tmp_path / "d.safetensors", edit=lambda sd: sd.pop(key)))
     with pytest.raises(ValueError, match=r"unexpected keys \(1\): transformer_blocks.0.attn1.to_gate_logits.weight"):
-        model.load_transformer(combined_file(ref, tmp_path / "e.safetensors", edit=lambda sd: sd.__setitem__(
-            "model.diffusion_model.transformer_blocks.0.attn1.to_gate_logits.weight", torch.zeros(2, 32))))
+        model.load_transformer(
+            combined_file(
+                ref,
+                tmp_path / "e.safetensors",
+                edit=lambda sd: sd.__setitem__(
+                    "model.diffusion_model.transformer_blocks.0.attn1.to_gate_logits.weight", torch.zeros(2, 32)
+                ),
+            )
+        )
     with pytest.raises(ValueError, match=r"mis-shaped keys \(1\): transformer_blocks.0.scale_shift_table"):
-        model.load_transformer(combined_file(ref, tmp_path / "f.safetensors", edit=lambda sd: sd.__setitem__(
-            "model.diffusion_model.transformer_blocks.0.scale_shift_table", torch.zeros(9, 32))))
+        model.load_transformer(
+            combined_file(
+                ref,
+                tmp_path / "f.safetensors",
+                edit=lambda sd: sd.__setitem__(
+                    "model.diffusion_model.transformer_blocks.0.scale_shift_table", torch.zeros(9, 32)
+                ),
+            )
+        )
 
 
 def test_diffusers_folder_errors(tiny, tmp_path):
     folder = tmp_path / "d"
     tiny["ref"].save_pretrained(folder)
     c = json.loads((folder / "config.json").read_text())
-    for bad, msg in [({"gated_attn": True}, r"gated_attn=True \(only False\)"),
-                     ({"cross_attn_mod": True}, r"cross_attn_mod=True"),
-                     ({"use_prompt_embeddings": False}, "use_prompt_embeddings=False"),
-                     ({"rope_type": "rotary"}, "unsupported rope_type 'rotary'"),
-                     ({"audio_num_attention_heads": 4, "audio_attention_head_dim": 4}, "head counts must be equal"),
-                     ({"out_channels": 8}, "out_channels 8 != in_channels 4"),
-                     ({"use_rope_v3": True}, r"config options: \['use_rope_v3'\]")]:
+    for bad, msg in [
+        ({"gated_attn": True}, r"gated_attn=True \(only False\)"),
+        ({"cross_attn_mod": True}, r"cross_attn_mod=True"),
+        ({"use_prompt_embeddings": False}, "use_prompt_embeddings=False"),
+        ({"rope_type": "rotary"}, "unsupported rope_type 'rotary'"),
+        ({"audio_num_attention_heads": 4, "audio_attention_head_dim": 4}, "head counts must be equal"),
+        ({"out_channels": 8}, "out_channels 8 != in_channels 4"),
+        ({"use_rope_v3": True}, r"config options: \['use_rope_v3'\]"),
+    ]:
         (folder / "config.json").write_text(json.dumps({**c, **bad}))
         with pytest.raises(ValueError, match=msg):
             model.load_transformer(str(folder))
@@ -200,9 +275,19 @@ def test_full_size_on_meta():
     n = sum(p.numel() for p in net.parameters())
     assert n == 18_876_174_592 == sum(p.numel() for p in ref.parameters())
     assert len(net.state_dict()) == 3510  # notes/backbones.md §3.4
-    meta = {"config": json.dumps({"transformer": {"num_attention_heads": 32, "audio_num_attention_heads": 32,
-                                                  "rope_type": "split", "frequencies_precision": "float64",
-                                                  "av_ca_timestep_scale_multiplier": 1000}})}
+    meta = {
+        "config": json.dumps(
+            {
+                "transformer": {
+                    "num_attention_heads": 32,
+                    "audio_num_attention_heads": 32,
+                    "rope_type": "split",
+                    "frequencies_precision": "float64",
+                    "av_ca_timestep_scale_multiplier": 1000,
+                }
+            }
+        )
+    }
     assert model.ltx2_config_from_state(net.state_dict(), meta) == cfg
 
 
@@ -237,16 +322,18 @@ def test_pref_none_is_base_bit_exact_and_slider_on_video(tiny):
 
 def test_bad_inputs(tiny):
     net, inp = model.load_transformer(str(tiny["repo"])), tiny["inp"]
-    for bad, msg in [(dict(context=inp["context"][..., :8]), r"context must be \[B, L, 24\]"),
-                     (dict(context_audio=inp["context_audio"][..., :8]), r"context_audio must be \[B, L, 24\]"),
-                     (dict(video=inp["video"][:, :3]), r"video must be a latent \[B, 4, F, h, w\]"),
-                     (dict(video=inp["video"][:, :, 0]), r"video must be a latent"),
-                     (dict(audio=inp["audio"][:, :4]), r"audio must be a latent \[B, 8, A, 2\]"),
-                     (dict(audio=inp["audio"][..., :1]), r"audio must be a latent \[B, 8, A, 2\]"),
-                     (dict(audio=inp["audio"][:1]), "batch sizes differ: video 2, audio 1"),
-                     (dict(sigma=inp["sigma"][:1]), "batch sizes differ"),
-                     (dict(context_mask=inp["context_mask"][:, :4]), r"attention mask must be \[B, Lk\]"),
-                     (dict(context_audio=inp["context_audio"][:, :3]), "lengths 6 and 3 must be equal")]:
+    for bad, msg in [
+        (dict(context=inp["context"][..., :8]), r"context must be \[B, L, 24\]"),
+        (dict(context_audio=inp["context_audio"][..., :8]), r"context_audio must be \[B, L, 24\]"),
+        (dict(video=inp["video"][:, :3]), r"video must be a latent \[B, 4, F, h, w\]"),
+        (dict(video=inp["video"][:, :, 0]), r"video must be a latent"),
+        (dict(audio=inp["audio"][:, :4]), r"audio must be a latent \[B, 8, A, 2\]"),
+        (dict(audio=inp["audio"][..., :1]), r"audio must be a latent \[B, 8, A, 2\]"),
+        (dict(audio=inp["audio"][:1]), "batch sizes differ: video 2, audio 1"),
+        (dict(sigma=inp["sigma"][:1]), "batch sizes differ"),
+        (dict(context_mask=inp["context_mask"][:, :4]), r"attention mask must be \[B, Lk\]"),
+        (dict(context_audio=inp["context_audio"][:, :3]), "lengths 6 and 3 must be equal"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             ours(net, {**inp, **bad})
 
@@ -263,8 +350,12 @@ def test_kernels_grad_ckpt_and_lora():
             p.copy_(torch.randn_like(p) * 0.1)
     g = torch.Generator().manual_seed(1)
     video, audio = torch.randn(1, 16, 2, 2, 3, generator=g), torch.randn(1, 8, 3, 2, generator=g)
-    kw = dict(context=torch.randn(1, 4, 64, generator=g), context_audio=torch.randn(1, 4, 64, generator=g),
-              context_mask=torch.tensor([[0, 1, 1, 1]]), pref=torch.tensor([[0.2, 0.8]]))
+    kw = dict(
+        context=torch.randn(1, 4, 64, generator=g),
+        context_audio=torch.randn(1, 4, 64, generator=g),
+        context_mask=torch.tensor([[0, 1, 1, 1]]),
+        pref=torch.tensor([[0.2, 0.8]]),
+    )
 
     def run(backend, ckpt):
         kernels.set_backend(backend)
@@ -298,13 +389,23 @@ def test_lora_export_loads_in_diffusers(tiny, tmp_path):
     model.export_lora_diffusers(net, path)
     assert "transformer.transformer_blocks.1.audio_to_video_attn.norm_q.weight" not in load_file(path)
     assert "transformer.transformer_blocks.1.audio_to_video_attn.to_q.lora_A.weight" in load_file(path)
-    pipe = LTX2Pipeline(transformer=diffusers_tiny(), scheduler=None, vae=None, audio_vae=None, text_encoder=None,
-                        tokenizer=None, connectors=None, vocoder=None)
+    pipe = LTX2Pipeline(
+        transformer=diffusers_tiny(),
+        scheduler=None,
+        vae=None,
+        audio_vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        connectors=None,
+        vocoder=None,
+    )
     pipe.load_lora_weights(path)
     model.merge_lora(net)
     (v, a), (rv, ra) = ours(net, tiny["inp"]), ref_out(pipe.transformer, tiny["inp"])
-    print(f"LoRA export through LTX2Pipeline.load_lora_weights: video rel err {rel_err(v, rv):.2e}, "
-          f"audio {rel_err(a, ra):.2e}")
+    print(
+        f"LoRA export through LTX2Pipeline.load_lora_weights: video rel err {rel_err(v, rv):.2e}, "
+        f"audio {rel_err(a, ra):.2e}"
+    )
     assert rel_err(v, rv) <= 1e-5 and rel_err(a, ra) <= 1e-5
     assert rel_err(v, ref_out(tiny["ref"], tiny["inp"])[0]) > 1e-3  # the LoRA matters
 
@@ -313,16 +414,30 @@ def test_lora_export_loads_in_diffusers(tiny, tmp_path):
 # Text connectors (model.LTX2TextConnectors) against diffusers' LTX2TextConnectors
 
 # width 16 = 2 heads x 8 (video) = 4 heads x 4 (audio), 3 stacked "Gemma" layers, 4 and 2 registers, unequal depths
-CONNECTORS_TINY = dict(caption_channels=16, text_proj_in_factor=3, video_connector_num_attention_heads=2,
-                       video_connector_attention_head_dim=8, video_connector_num_layers=2,
-                       video_connector_num_learnable_registers=4, audio_connector_num_attention_heads=4,
-                       audio_connector_attention_head_dim=4, audio_connector_num_layers=1,
-                       audio_connector_num_learnable_registers=2, rope_type="split", rope_double_precision=True)
+CONNECTORS_TINY = dict(
+    caption_channels=16,
+    text_proj_in_factor=3,
+    video_connector_num_attention_heads=2,
+    video_connector_attention_head_dim=8,
+    video_connector_num_layers=2,
+    video_connector_num_learnable_registers=4,
+    audio_connector_num_attention_heads=4,
+    audio_connector_attention_head_dim=4,
+    audio_connector_num_layers=1,
+    audio_connector_num_learnable_registers=2,
+    rope_type="split",
+    rope_double_precision=True,
+)
 # the same in the combined file's metadata (config -> transformer, ltx-core names)
-CONNECTORS_META = dict(rope_type="split", frequencies_precision="float64",
-                       connector_positional_embedding_max_pos=[4096], connector_num_attention_heads=2,
-                       connector_attention_head_dim=8,
-                       audio_connector_num_attention_heads=4, audio_connector_attention_head_dim=4)
+CONNECTORS_META = dict(
+    rope_type="split",
+    frequencies_precision="float64",
+    connector_positional_embedding_max_pos=[4096],
+    connector_num_attention_heads=2,
+    connector_attention_head_dim=8,
+    audio_connector_num_attention_heads=4,
+    audio_connector_attention_head_dim=4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -344,8 +459,10 @@ def connectors_file(ref, path, inside=False, edit=None):
     # Lightricks' layout: the connectors under model.diffusion_model., aggregate_embed beside (or inside) it, next to
     # the DiT and the VAE
     sd = {model.ltx2_connector_key(k, to_diffusers=False): v.clone() for k, v in ref.state_dict().items()}
-    sd = {k if k.startswith("text_embedding_projection.") and not inside else f"model.diffusion_model.{k}": v
-          for k, v in sd.items()}
+    sd = {
+        k if k.startswith("text_embedding_projection.") and not inside else f"model.diffusion_model.{k}": v
+        for k, v in sd.items()
+    }
     sd["model.diffusion_model.patchify_proj.weight"] = torch.zeros(4, 4)
     sd["vae.per_channel_statistics.mean-of-means"] = torch.zeros(4)
     if edit:
@@ -389,8 +506,9 @@ def test_connectors_combined_file(connectors, tmp_path):
 def test_connectors_errors(connectors, tmp_path):
     key = "model.diffusion_model.audio_embeddings_connector.transformer_1d_blocks.0.ff.net.2.bias"
     with pytest.raises(ValueError, match=r"missing keys \(1\): audio_embeddings_connector.transformer_1d_blocks.0.ff"):
-        model.load_ltx2_connectors(connectors_file(connectors["ref"], tmp_path / "m.safetensors",
-                                                   edit=lambda sd: sd.pop(key)))
+        model.load_ltx2_connectors(
+            connectors_file(connectors["ref"], tmp_path / "m.safetensors", edit=lambda sd: sd.pop(key))
+        )
     net, h, mask = model.load_ltx2_connectors(connectors["root"] / "repo"), connectors["h"], connectors["mask"]
     with pytest.raises(ValueError, match="left-padded"):
         net(h, mask.flip(1))  # right padding
@@ -415,8 +533,9 @@ def test_connectors_full_size_on_meta():
     assert cfg == model.LTX2ConnectorConfig()
     with torch.device("meta"):
         net = model.LTX2TextConnectors(cfg)
-    assert {model.ltx2_connector_key(k): tuple(v.shape) for k, v in net.state_dict().items()} == \
-        {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert {model.ltx2_connector_key(k): tuple(v.shape) for k, v in net.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in ref.state_dict().items()
+    }
     assert sum(p.numel() for p in net.parameters()) == 1_431_475_200 == sum(p.numel() for p in ref.parameters())
 
 
@@ -425,8 +544,14 @@ def test_connectors_full_size_on_meta():
 
 # the release topology (spatial, temporal, 2 x spatiotemporal down; 3 x spatiotemporal up) at tiny widths; the decoder
 # non-causal as released (diffusers' class default is causal)
-VAE_TINY = dict(latent_channels=8, block_out_channels=(8, 16, 16, 32), decoder_block_out_channels=(8, 16, 32),
-                layers_per_block=(1, 1, 2, 1, 1), decoder_layers_per_block=(1, 2, 1, 1), decoder_causal=False)
+VAE_TINY = dict(
+    latent_channels=8,
+    block_out_channels=(8, 16, 16, 32),
+    decoder_block_out_channels=(8, 16, 32),
+    layers_per_block=(1, 1, 2, 1, 1),
+    decoder_layers_per_block=(1, 2, 1, 1),
+    decoder_causal=False,
+)
 
 
 def diffusers_vae(seed=0, **over):
@@ -444,8 +569,9 @@ def video_vae(tmp_path_factory):
     root = tmp_path_factory.mktemp("ltx2_vae")
     ref.save_pretrained(root / "repo" / "vae")
     g = torch.Generator().manual_seed(2)
-    return dict(ref=ref, root=root, video=torch.rand(2, 3, 9, 64, 96, generator=g),
-                z=torch.randn(2, 8, 2, 2, 3, generator=g))
+    return dict(
+        ref=ref, root=root, video=torch.rand(2, 3, 9, 64, 96, generator=g), z=torch.randn(2, 8, 2, 2, 3, generator=g)
+    )
 
 
 def ref_vae(ref, video=None, z=None):
@@ -487,10 +613,14 @@ def test_vae_combined_file(video_vae, tmp_path):
     back = convert_ltx2_vae_to_diffusers({f"vae.{k}": v for k, v in orig.items()})
     assert back.keys() == dsd.keys() and all(torch.equal(back[k], dsd[k]) for k in dsd)
     sd = {f"vae.{k}": v for k, v in orig.items()}
-    sd.update({"vae.per_channel_statistics.channel": torch.arange(8.0),  # in the file, dropped as diffusers does
-               "vae.per_channel_statistics.mean-of-stds": torch.ones(8),
-               "model.diffusion_model.patchify_proj.weight": torch.zeros(4, 4),
-               "audio_vae.per_channel_statistics.mean-of-means": torch.zeros(4)})
+    sd.update(
+        {
+            "vae.per_channel_statistics.channel": torch.arange(8.0),  # in the file, dropped as diffusers does
+            "vae.per_channel_statistics.mean-of-stds": torch.ones(8),
+            "model.diffusion_model.patchify_proj.weight": torch.zeros(4, 4),
+            "audio_vae.per_channel_statistics.mean-of-means": torch.zeros(4),
+        }
+    )
     save_file(sd, tmp_path / "ltx-2-tiny.safetensors")
     vae = model.load_vae(tmp_path / "ltx-2-tiny.safetensors")
     assert vae.cfg == cfg
@@ -525,8 +655,9 @@ def test_vae_full_size_on_meta():
     assert cfg == model.LTX2VAEConfig() and cfg.factors == (8, 32)
     with torch.device("meta"):
         vae = model.LTX2VideoVAE(cfg)
-    assert {k: tuple(v.shape) for k, v in vae.state_dict().items()} == \
-        {k: tuple(v.shape) for k, v in model.ltx2_vae_from_diffusers(ref.state_dict(), cfg).items()}
+    assert {k: tuple(v.shape) for k, v in vae.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in model.ltx2_vae_from_diffusers(ref.state_dict(), cfg).items()
+    }
     assert sum(p.numel() for p in vae.parameters()) == 1_222_479_601 == sum(p.numel() for p in ref.parameters())
     assert model.ltx2_vae_config_from_state(vae.state_dict()) == cfg  # the architecture is in the shapes
 
@@ -559,8 +690,14 @@ def audio(tmp_path_factory):
     vae.save_pretrained(root / "repo" / "audio_vae")
     voc.save_pretrained(root / "repo" / "vocoder")
     g = torch.Generator().manual_seed(3)
-    return dict(vae=vae, voc=voc, root=root, z=torch.randn(2, 8, 5, 4, generator=g),
-                mel=torch.randn(2, 2, 17, 16, generator=g), mel_odd=torch.randn(2, 2, 14, 16, generator=g))
+    return dict(
+        vae=vae,
+        voc=voc,
+        root=root,
+        z=torch.randn(2, 8, 5, 4, generator=g),
+        mel=torch.randn(2, 2, 17, 16, generator=g),
+        mel_odd=torch.randn(2, 2, 14, 16, generator=g),
+    )
 
 
 def ref_audio(ref, z=None, mel=None):
@@ -571,8 +708,9 @@ def ref_audio(ref, z=None, mel=None):
         if z is not None:
             z = P._denormalize_audio_latents(P._pack_audio_latents(z), ref.latents_mean, ref.latents_std)
             return ref.decode(P._unpack_audio_latents(z, z.shape[1], num_mel_bins=M)).sample
-        h = P._normalize_audio_latents(P._pack_audio_latents(ref.encode(mel).latent_dist.mean), ref.latents_mean,
-                                       ref.latents_std)
+        h = P._normalize_audio_latents(
+            P._pack_audio_latents(ref.encode(mel).latent_dist.mean), ref.latents_mean, ref.latents_std
+        )
         return P._unpack_audio_latents(h, h.shape[1], num_mel_bins=M)
 
 
@@ -609,15 +747,20 @@ def audio_combined(a, file, meta=True, edit=None):
             k = k.replace(o, d)
         renamed[k] = v
     assert renamed.keys() == csd.keys()
-    sd = {**orig_vae, **{f"vocoder.{k}": v for k, v in orig_voc.items()},
-          "audio_vae.per_channel_statistics.channel": torch.arange(32.0),  # dropped as for the video VAE
-          "audio_vae.per_channel_statistics.mean-of-stds": torch.ones(32),
-          "model.diffusion_model.patchify_proj.weight": torch.zeros(4, 4), "vae.per_channel_statistics.mean-of-means":
-          torch.zeros(4)}
+    sd = {
+        **orig_vae,
+        **{f"vocoder.{k}": v for k, v in orig_voc.items()},
+        "audio_vae.per_channel_statistics.channel": torch.arange(32.0),  # dropped as for the video VAE
+        "audio_vae.per_channel_statistics.mean-of-stds": torch.ones(32),
+        "model.diffusion_model.patchify_proj.weight": torch.zeros(4, 4),
+        "vae.per_channel_statistics.mean-of-means": torch.zeros(4),
+    }
     if edit:
         edit(sd)
-    config = {"audio_vae": {"model": {"params": {"ddconfig": {"causality_axis": "height", "mel_bins": 16}}}},
-              "vocoder": {"upsample_rates": [5, 4, 2], "upsample_kernel_sizes": [11, 8, 4], "resblock": "1"}}
+    config = {
+        "audio_vae": {"model": {"params": {"ddconfig": {"causality_axis": "height", "mel_bins": 16}}}},
+        "vocoder": {"upsample_rates": [5, 4, 2], "upsample_kernel_sizes": [11, 8, 4], "resblock": "1"},
+    }
     save_file(sd, file, metadata={"config": json.dumps(config)} if meta else None)
     return file
 
@@ -634,6 +777,7 @@ def test_audio_combined_file(audio, tmp_path):
     def drop_encoder(sd):
         for k in [k for k in sd if k.startswith("audio_vae.encoder.")]:
             sd.pop(k)
+
     dec = model.load_ltx2_audio_vae(audio_combined(audio, tmp_path / "dec.safetensors", edit=drop_encoder))
     assert not dec.cfg.encoder and not hasattr(dec, "encoder")
     with torch.no_grad():
@@ -676,8 +820,9 @@ def test_audio_full_size_on_meta():
     with torch.device("meta"):
         vae, voc = model.LTX2AudioVAE(cfg), model.LTX2Vocoder(vcfg)
     for ours, theirs in ((vae, ref), (voc, rvoc)):
-        assert {model.ltx2_audio_key(k): tuple(v.shape) for k, v in ours.state_dict().items()} == \
-            {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+        assert {model.ltx2_audio_key(k): tuple(v.shape) for k, v in ours.state_dict().items()} == {
+            k: tuple(v.shape) for k, v in theirs.state_dict().items()
+        }
     assert sum(p.numel() for p in vae.parameters()) == 53_248_146 == sum(p.numel() for p in ref.parameters())
     assert sum(p.numel() for p in voc.parameters()) == 55_592_802 == sum(p.numel() for p in rvoc.parameters())
     assert sum(p.numel() for p in vae.decoder.parameters()) == 31_915_138  # what --audio needs

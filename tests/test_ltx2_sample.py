@@ -2,6 +2,7 @@
 connectors) and a whole sampling run with decoded video and sound (LTX2Pipeline on the same tiny random components
 and the same initial noise); then the CLI on a tiny diffusers-layout folder and on a tiny pixel-space run folder
 (animated WebP / GIF, the --sweep strip, --audio's WAV, bad input) and the serve page's animated WebP. CPU, tiny."""
+
 import io
 import json
 import wave
@@ -20,6 +21,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline, calculate_shift  # noqa: E402
 from PIL import Image  # noqa: E402
+
 from tiny_repos import CONNECTORS_META, VOCAB, ltx2_repo  # noqa: E402
 
 PROMPTS = ["a red circle", "A Blue RING of green", "an unknown photo"]
@@ -30,8 +32,14 @@ PROMPTS = ["a red circle", "A Blue RING of green", "an unknown photo"]
 
 
 def ltx2_scheduler():
-    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
-                                           base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+    return FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.95,
+        max_shift=2.05,
+        base_image_seq_len=1024,
+        max_image_seq_len=4096,
+        shift_terminal=0.1,
+    )
 
 
 @pytest.mark.parametrize("steps", [2, 3, 8, 30, 40])
@@ -60,9 +68,13 @@ def repo(tmp_path_factory):
 def ref_text(r, prompts, max_len=1024):
     # LTX2Pipeline's prompt path: Gemma-3's stacked hidden states (_get_gemma_prompt_embeds), then its connectors
     with torch.no_grad():
-        embeds, mask = LTX2Pipeline._get_gemma_prompt_embeds(SimpleNamespace(tokenizer=r.tok, text_encoder=r.gemma),
-                                                             prompts, max_sequence_length=max_len, device="cpu",
-                                                             dtype=torch.float32)
+        embeds, mask = LTX2Pipeline._get_gemma_prompt_embeds(
+            SimpleNamespace(tokenizer=r.tok, text_encoder=r.gemma),
+            prompts,
+            max_sequence_length=max_len,
+            device="cpu",
+            dtype=torch.float32,
+        )
         return r.connectors(embeds, mask, padding_side="left")
 
 
@@ -70,8 +82,9 @@ def check_text(enc, r, what):
     ours = sample.encode_ltx2_prompts(enc, PROMPTS)
     context, context_audio, mask = ref_text(r, PROMPTS, enc.max_len)
     assert ours["context"].shape == (3, enc.max_len, 16) and "context_mask" not in ours  # all ones: no mask
-    err = max((ours["context"] - context).abs().max().item(),
-              (ours["context_audio"] - context_audio).abs().max().item())
+    err = max(
+        (ours["context"] - context).abs().max().item(), (ours["context_audio"] - context_audio).abs().max().item()
+    )
     print(f"LTX-2 text encoding ({what}, {enc.max_len} tokens): max abs err {err:.2e}")
     assert err <= 1e-5 and bool(mask.all())  # diffusers' connector mask: all ones, what no mask means
 
@@ -127,24 +140,49 @@ def test_sampling_matches_diffusers_pipeline(repo, fps, cfg):
     assert video.shape == (1, T, 3, H, W) and wav.shape == (1, 2, (4 * A - 3) * 40) and rate == 24000
 
     v_noise, a_noise = pipe.packing(H, W, frames=T)[1](sample.noise_like((1, *shape), seed))
-    ref = LTX2Pipeline(scheduler=ltx2_scheduler(), vae=repo.vae, audio_vae=repo.audio_vae, text_encoder=repo.gemma,
-                       tokenizer=repo.tok, connectors=repo.connectors, transformer=repo.transformer,
-                       vocoder=repo.vocoder)
+    ref = LTX2Pipeline(
+        scheduler=ltx2_scheduler(),
+        vae=repo.vae,
+        audio_vae=repo.audio_vae,
+        text_encoder=repo.gemma,
+        tokenizer=repo.tok,
+        connectors=repo.connectors,
+        transformer=repo.transformer,
+        vocoder=repo.vocoder,
+    )
     # the tiny VAE compresses 8 x 32 x 32 like the release, but reports 16 and 64 (diffusers derives the ratios from
     # spatio_temporal_scaling, which the release's down-block types override): the pipeline must use the real ones
     ref.vae_temporal_compression_ratio, ref.vae_spatial_compression_ratio = 8, 32
     av = repo.audio_vae  # the pipeline normalises given audio latents (not the packed video ones): undo it
-    a_raw = LTX2Pipeline._denormalize_audio_latents(LTX2Pipeline._pack_audio_latents(a_noise), av.latents_mean,
-                                                    av.latents_std)
+    a_raw = LTX2Pipeline._denormalize_audio_latents(
+        LTX2Pipeline._pack_audio_latents(a_noise), av.latents_mean, av.latents_std
+    )
     with torch.no_grad():
-        rv, ra = ref("a red circle", height=H, width=W, num_frames=T, frame_rate=fps, num_inference_steps=steps,
-                     guidance_scale=cfg, stg_scale=0.0, modality_scale=1.0, guidance_rescale=0.0,
-                     audio_guidance_scale=cfg, audio_stg_scale=0.0, audio_modality_scale=1.0,
-                     audio_guidance_rescale=0.0, latents=v_noise.flatten(2).transpose(1, 2), audio_latents=a_raw,
-                     output_type="pt", return_dict=False)
+        rv, ra = ref(
+            "a red circle",
+            height=H,
+            width=W,
+            num_frames=T,
+            frame_rate=fps,
+            num_inference_steps=steps,
+            guidance_scale=cfg,
+            stg_scale=0.0,
+            modality_scale=1.0,
+            guidance_rescale=0.0,
+            audio_guidance_scale=cfg,
+            audio_stg_scale=0.0,
+            audio_modality_scale=1.0,
+            audio_guidance_rescale=0.0,
+            latents=v_noise.flatten(2).transpose(1, 2),
+            audio_latents=a_raw,
+            output_type="pt",
+            return_dict=False,
+        )
     ev, ea = (video - rv).abs().max().item(), ((wav - ra).norm() / ra.norm()).item()
-    print(f"LTX-2 sampling vs LTX2Pipeline at {fps} fps, guidance {cfg}: video max abs err {ev:.2e}, "
-          f"audio rel err {ea:.2e}")
+    print(
+        f"LTX-2 sampling vs LTX2Pipeline at {fps} fps, guidance {cfg}: video max abs err {ev:.2e}, "
+        f"audio rel err {ea:.2e}"
+    )
     assert rv.shape == video.shape and ra.shape == wav.shape and rv.std() > 0.05 and ra.std() > 1e-3
     assert ev <= 1e-4 and ea <= 1e-4
 
@@ -181,16 +219,31 @@ def combined_file(r, path):
     sd.update({f"vocoder.{m.ltx2_audio_key(k, to_diffusers=False)}": v for k, v in r.vocoder.state_dict().items()})
     config = json.loads(m.ltx2_file_metadata(net.cfg)["config"])
     config["transformer"].update(CONNECTORS_META)
-    config.update(audio_vae={"model": {"params": {"ddconfig": {"causality_axis": "height", "mel_bins": 16}}}},
-                  vocoder={"upsample_rates": [5, 4, 2], "upsample_kernel_sizes": [11, 8, 4], "resblock": "1"})
+    config.update(
+        audio_vae={"model": {"params": {"ddconfig": {"causality_axis": "height", "mel_bins": 16}}}},
+        vocoder={"upsample_rates": [5, 4, 2], "upsample_kernel_sizes": [11, 8, 4], "resblock": "1"},
+    )
     save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata={"config": json.dumps(config)})
     return str(path)
 
 
 def test_cli_full_size_with_audio(repo, tmp_path, capsys):
     # the diffusers folder, then Lightricks' combined file + a Gemma-3 folder: the same clip and sound
-    args = ["--backbone", "ltx2", "--prompt", "a red circle", "--frames", "9", "--size", "64", "--steps", "2",
-            "--fps", "12", "--audio"]
+    args = [
+        "--backbone",
+        "ltx2",
+        "--prompt",
+        "a red circle",
+        "--frames",
+        "9",
+        "--size",
+        "64",
+        "--steps",
+        "2",
+        "--fps",
+        "12",
+        "--audio",
+    ]
     sample.main(args + ["--weights", str(repo.root), "--out", str(tmp_path / "clip.webp")])
     with Image.open(tmp_path / "clip.webp") as im:
         assert im.format == "WEBP" and im.n_frames == 9 and im.size == (64, 64)
@@ -207,8 +260,10 @@ def test_cli_full_size_with_audio(repo, tmp_path, capsys):
     # the same up to float rounding (the same weights, laid out differently in memory): frames through lossy WebP,
     # 16-bit samples
     (_, fa), (_, fb) = frames_of(tmp_path / "clip.webp"), frames_of(tmp_path / "c.webp")
-    assert len(fa) == len(fb) == 9 and max(np.abs(np.asarray(x, float) - np.asarray(y, float)).mean()
-                                           for x, y in zip(fa, fb)) < 0.5
+    assert (
+        len(fa) == len(fb) == 9
+        and max(np.abs(np.asarray(x, float) - np.asarray(y, float)).mean() for x, y in zip(fa, fb)) < 0.5
+    )
     wa, wb = (np.frombuffer(read_wav(tmp_path / f)[1], "<i2") for f in ("clip.wav", "c.wav"))
     assert wa.shape == wb.shape and np.abs(wa.astype(int) - wb).max() <= 2
     with pytest.raises(SystemExit):  # a single file needs the text encoder from elsewhere
@@ -223,6 +278,7 @@ def test_train_full_size_path_and_its_run(repo, tmp_path, monkeypatch):
     import weakref
 
     import train
+
     encoders, order = [], []
     text_encoder, load_net = sample.ltx2_text_encoder, sample.load_net
 
@@ -240,18 +296,65 @@ def test_train_full_size_path_and_its_run(repo, tmp_path, monkeypatch):
     monkeypatch.setattr(sample, "ltx2_text_encoder", spy_text_encoder)
     monkeypatch.setattr(sample, "load_net", spy_load_net)
     (tmp_path / "prompts.txt").write_text("a red circle\na blue ring\n")
-    res = train.main(["--backbone", "ltx2", "--weights", str(repo.root), "--prompts", str(tmp_path / "prompts.txt"),
-                      "--device", "cpu", "--dtype", "fp32", "--rewards", "tiny_photo,tiny_sketch", "--size", "64",
-                      "--frames", "9", "--steps", "1", "--prompts-per-step", "2", "--prefs-per-prompt", "1",
-                      "--group-size", "2", "--sample-steps", "2", "--eval-points", "3", "--eval-prompts", "2",
-                      "--lora-rank", "2", "--batch", "2", "--out", str(tmp_path / "run")])
+    res = train.main(
+        [
+            "--backbone",
+            "ltx2",
+            "--weights",
+            str(repo.root),
+            "--prompts",
+            str(tmp_path / "prompts.txt"),
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--rewards",
+            "tiny_photo,tiny_sketch",
+            "--size",
+            "64",
+            "--frames",
+            "9",
+            "--steps",
+            "1",
+            "--prompts-per-step",
+            "2",
+            "--prefs-per-prompt",
+            "1",
+            "--group-size",
+            "2",
+            "--sample-steps",
+            "2",
+            "--eval-points",
+            "3",
+            "--eval-prompts",
+            "2",
+            "--lora-rank",
+            "2",
+            "--batch",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert order == ["text encoder", "transformer"]
     assert len(res["sweep"]) == 3 and all(np.isfinite(s["rewards"]).all() for s in res["sweep"])
     with Image.open(tmp_path / "run" / "slider.png") as im:  # rows: 2 prompts x 9 frames; columns: 3 points
         assert im.height >= 18 * 96 and im.width >= 3 * 96
     monkeypatch.undo()
-    sample.main(["--run", str(tmp_path / "run"), "--prompt", "a red circle", "--pref", "0.3", "--steps", "2",
-                 "--out", str(tmp_path / "clip.webp")])
+    sample.main(
+        [
+            "--run",
+            str(tmp_path / "run"),
+            "--prompt",
+            "a red circle",
+            "--pref",
+            "0.3",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "clip.webp"),
+        ]
+    )
     with Image.open(tmp_path / "clip.webp") as im:
         assert im.n_frames == 9 and im.size == (64, 64)
 
@@ -263,22 +366,33 @@ def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("ltx2_run")
     spec = dict(pixels=4, tiny_text_encoder=dict(vocab=VOCAB, seed=0))
     enc = sample.tiny_ltx2_text_encoder(**spec["tiny_text_encoder"])
-    cfg = replace(model.LTX2Config(**model.LTX2_PRESETS["ltx2-tiny"]), in_channels=48,
-                  caption_channels=enc.connectors.cfg.caption_channels)
+    cfg = replace(
+        model.LTX2Config(**model.LTX2_PRESETS["ltx2-tiny"]),
+        in_channels=48,
+        caption_channels=enc.connectors.cfg.caption_channels,
+    )
     torch.manual_seed(0)
     base = model.LTX2Transformer(cfg)
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, d / "base.safetensors",
-              metadata=model.ltx2_file_metadata(cfg))
+    save_file(
+        {k: v.contiguous() for k, v in base.state_dict().items()},
+        d / "base.safetensors",
+        metadata=model.ltx2_file_metadata(cfg),
+    )
     net = model.load_transformer(d / "base.safetensors", pref_dim=2)
     model.add_lora(net, rank=2, alpha=4)
     with torch.no_grad():  # random LoRA and preference weights, so that ω visibly matters
         for p in model.adapter_state(net).values():
             p.copy_(torch.randn_like(p) * 0.3)
     spec["weights"] = str(d / "base.safetensors")
-    model.save_adapters(net, str(d / "adapters.safetensors"), objectives=["tiny_photo", "tiny_sketch"],
-                        extra={"pipeline": json.dumps(spec)})
-    (d / "config.json").write_text(json.dumps(dict(backbone="ltx2", sample_steps=2, solver="euler", shift=3.0,
-                                                   size=16, dtype="fp32", frames=5)))
+    model.save_adapters(
+        net,
+        str(d / "adapters.safetensors"),
+        objectives=["tiny_photo", "tiny_sketch"],
+        extra={"pipeline": json.dumps(spec)},
+    )
+    (d / "config.json").write_text(
+        json.dumps(dict(backbone="ltx2", sample_steps=2, solver="euler", shift=3.0, size=16, dtype="fp32", frames=5))
+    )
     return d
 
 
@@ -303,19 +417,27 @@ def test_cli_tiny_run_sweep_strip(run_dir, tmp_path):
     assert np.asarray(frames[0].crop((0, 0, 480, band))).std() > 5  # the ω labels
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--frames", "10"], "--frames 10: LTX-2 needs 8k+1 frames"),
-    (["--size", "48"], "--size 48: ltx2 needs a positive multiple of 32"),
-    (["--out", "clip.png"], "a video is written as an animated .webp or .gif"),
-    (["--fps", "0"], "--fps 0.0: must be a finite number > 0"),
-    (["--fps", "inf"], "--fps inf: must be a finite number > 0"),
-    (["--backbone", "sd35", "--frames", "9"], "--frames is for videos; backbone 'sd35' does not use it"),
-    (["--backbone", "sd35", "--audio"], "--audio is for videos; backbone 'sd35' does not use it"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--frames", "10"], "--frames 10: LTX-2 needs 8k+1 frames"),
+        (["--size", "48"], "--size 48: ltx2 needs a positive multiple of 32"),
+        (["--out", "clip.png"], "a video is written as an animated .webp or .gif"),
+        (["--fps", "0"], "--fps 0.0: must be a finite number > 0"),
+        (["--fps", "inf"], "--fps inf: must be a finite number > 0"),
+        (["--backbone", "sd35", "--frames", "9"], "--frames is for videos; backbone 'sd35' does not use it"),
+        (["--backbone", "sd35", "--audio"], "--audio is for videos; backbone 'sd35' does not use it"),
+    ],
+)
 def test_cli_bad_input(repo, tmp_path, capsys, args, message):
     # all refused before anything loads (the weights here are an empty folder)
-    opts = {"--backbone": "ltx2", "--weights": str(tmp_path), "--prompt": "a red ring", "--out": "clip.webp",
-            **dict(zip(args[::2], args[1::2]))}
+    opts = {
+        "--backbone": "ltx2",
+        "--weights": str(tmp_path),
+        "--prompt": "a red ring",
+        "--out": "clip.webp",
+        **dict(zip(args[::2], args[1::2])),
+    }
     opts["--out"] = str(tmp_path / opts["--out"])
     flags = [a for a in args if a.startswith("--") and a not in opts]
     with pytest.raises(SystemExit) as e:
@@ -325,8 +447,9 @@ def test_cli_bad_input(repo, tmp_path, capsys, args, message):
 
 def test_cli_tiny_run_refuses_audio(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        sample.main(["--run", str(run_dir), "--prompt", "a", "--pref", "0.3", "--audio", "--out",
-                     str(tmp_path / "x.webp")])
+        sample.main(
+            ["--run", str(run_dir), "--prompt", "a", "--pref", "0.3", "--audio", "--out", str(tmp_path / "x.webp")]
+        )
     assert "the tiny LTX-2 has no audio VAE or vocoder" in capsys.readouterr().err
 
 
@@ -344,6 +467,7 @@ def test_serve_renders_animated_webp(run_dir):
 
 def test_save_video_mp4_where_pyav_is_installed(tmp_path):
     import av  # a dev requirement: sample.py writes the MP4 where PyAV is installed
+
     clip = torch.rand(9, 3, 33, 47, generator=torch.Generator().manual_seed(0))  # odd sides: padded to even for 4:2:0
     paths = sample.save_video(clip, str(tmp_path / "c.webp"), 12.0)
     assert paths == [str(tmp_path / "c.webp"), str(tmp_path / "c.mp4")]

@@ -1,4 +1,5 @@
 """model.py against diffusers (the oracle): tiny random SD3.5 configs in fp32, full configs on meta."""
+
 import dataclasses
 import json
 import os
@@ -14,13 +15,35 @@ from diffusers import SD3Transformer2DModel  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers  # noqa: E402
 
 TINY = {  # notes/backbones.md §5 (medium style: MMDiT-X dual attention + qk RMSNorm; large style)
-    "medium": dict(sample_size=32, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
-                   num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
-                   pooled_projection_dim=24, out_channels=4, pos_embed_max_size=16,
-                   dual_attention_layers=(0,), qk_norm="rms_norm"),
-    "large": dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                  num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
-                  pooled_projection_dim=24, out_channels=4, pos_embed_max_size=16, qk_norm="rms_norm"),
+    "medium": dict(
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=24,
+        out_channels=4,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    ),
+    "large": dict(
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=24,
+        out_channels=4,
+        pos_embed_max_size=16,
+        qk_norm="rms_norm",
+    ),
 }
 
 
@@ -136,11 +159,24 @@ def test_slider_residual_reaches_image_stream_only():
 
 
 def full_diffusers(style):
-    cfg = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, joint_attention_dim=4096,
-               pooled_projection_dim=2048, attention_head_dim=64, qk_norm="rms_norm")
+    cfg = dict(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        joint_attention_dim=4096,
+        pooled_projection_dim=2048,
+        attention_head_dim=64,
+        qk_norm="rms_norm",
+    )
     if style == "medium":
-        cfg.update(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384,
-                   dual_attention_layers=tuple(range(13)))
+        cfg.update(
+            num_layers=24,
+            num_attention_heads=24,
+            caption_projection_dim=1536,
+            pos_embed_max_size=384,
+            dual_attention_layers=tuple(range(13)),
+        )
     else:
         cfg.update(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192)
     with torch.device("meta"):
@@ -159,7 +195,7 @@ def test_full_size_on_meta(style, params):
     assert ours == theirs
     n = sum(p.numel() for p in net.parameters())
     assert abs(n - params) / params < 5e-4, n
-    assert net.pos_embed.shape == (1, cfg.pos_embed_max ** 2, cfg.hidden)
+    assert net.pos_embed.shape == (1, cfg.pos_embed_max**2, cfg.hidden)
 
 
 def test_bad_inputs(tmp_path):
@@ -185,9 +221,13 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"missing keys \(1\): joint_blocks.0.x_block.mlp.fc2.bias"):
         model.load_transformer(broken(lambda sd: sd.pop("joint_blocks.0.x_block.mlp.fc2.bias"), "m.safetensors"))
     with pytest.raises(ValueError, match=r"unexpected keys \(1\): joint_blocks.0.x_block.extra.weight"):
-        model.load_transformer(broken(lambda sd: sd.__setitem__("joint_blocks.0.x_block.extra.weight", torch.zeros(2)), "u.safetensors"))
+        model.load_transformer(
+            broken(lambda sd: sd.__setitem__("joint_blocks.0.x_block.extra.weight", torch.zeros(2)), "u.safetensors")
+        )
     with pytest.raises(ValueError, match=r"mis-shaped keys \(1\): context_embedder.bias"):
-        model.load_transformer(broken(lambda sd: sd.__setitem__("context_embedder.bias", torch.zeros(5)), "s.safetensors"))
+        model.load_transformer(
+            broken(lambda sd: sd.__setitem__("context_embedder.bias", torch.zeros(5)), "s.safetensors")
+        )
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="junk.safetensors"):
         model.load_transformer(str(tmp_path / "junk.safetensors"))
@@ -278,9 +318,17 @@ def test_lora_export_loads_in_diffusers(tmp_path):
     ref, net, _ = lora_net(tmp_path)
     path = str(tmp_path / "pytorch_lora_weights.safetensors")
     model.export_lora_diffusers(net, path)
-    pipe = StableDiffusion3Pipeline(transformer=ref, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
-                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                    text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Pipeline(
+        transformer=ref,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
     pipe.load_lora_weights(path)
     model.merge_lora(net)
     x, sigma, ctx, pooled = inputs()
@@ -316,8 +364,18 @@ def test_lora_unequal_splits():
     x = torch.randn(5, 6, dtype=torch.float64)
     lin = lin.double()
     A, B = lin.lora_A, lin.lora_B
-    want = x @ lin.weight.T + lin.bias + 2.0 * torch.cat(
-        [x @ A[3 * j: 3 * j + 3].T @ B[o: o + n].T for j, (o, n) in enumerate([(0, 4), (4, 4), (8, 4), (12, 16)])], -1)
+    want = (
+        x @ lin.weight.T
+        + lin.bias
+        + 2.0
+        * torch.cat(
+            [
+                x @ A[3 * j : 3 * j + 3].T @ B[o : o + n].T
+                for j, (o, n) in enumerate([(0, 4), (4, 4), (8, 4), (12, 16)])
+            ],
+            -1,
+        )
+    )
     with torch.no_grad():
         torch.testing.assert_close(lin(x), want, rtol=1e-12, atol=1e-12)
         model.merge_lora(lin)
@@ -332,10 +390,12 @@ def test_lora_unequal_splits():
 
 def test_bf16_base_fp32_adapters_compute_in_bf16():
     # the precision policy: a bf16 base with fp32 masters (LoRA A / B, both preference modules) computes in bf16, saves
-    # no fp32 activation for backward, and the masters' gradients arrive in fp32; pref=None is still the base bit for bit
+    # no fp32 activation for backward, and the masters' gradients arrive in fp32; pref=None is still the base, bit
+    # for bit
     torch.manual_seed(0)
-    net = model.build(model.SD3Transformer, model.SD3Config(**model.SD3_PRESETS["sd35-tiny"], pref_dim=2),
-                      dtype=torch.bfloat16)
+    net = model.build(
+        model.SD3Transformer, model.SD3Config(**model.SD3_PRESETS["sd35-tiny"], pref_dim=2), dtype=torch.bfloat16
+    )
     model.add_lora(net, rank=4, alpha=8)
     adapters = model.adapter_state(net)
     assert {p.dtype for p in adapters.values()} == {torch.float32}
@@ -344,8 +404,11 @@ def test_bf16_base_fp32_adapters_compute_in_bf16():
         for p in adapters.values():
             p.add_(torch.randn_like(p) * 0.02)
     g = torch.Generator().manual_seed(1)
-    x, ctx, pooled = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 5, 64, generator=g), torch.randn(2, 64,
-                                                                                                          generator=g)
+    x, ctx, pooled = (
+        torch.randn(2, 3, 32, 32, generator=g),
+        torch.randn(2, 5, 64, generator=g),
+        torch.randn(2, 64, generator=g),
+    )
     pref, sigma = torch.tensor([[0.3, 0.7], [1.0, 0.0]]), torch.tensor([0.5, 0.9])  # fp32 inputs: the net casts them
     v = net(x, sigma, ctx, pooled, pref)
     assert v.dtype == torch.bfloat16
@@ -377,10 +440,15 @@ def test_lora_computes_in_the_input_dtype():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = lin(x)
     assert y.dtype == torch.bfloat16 and lin.lora_A.dtype == lin.lora_B.dtype == torch.float32
-    assert any(t.data_ptr() == x.data_ptr() for t in saved) and all(t.dtype == torch.bfloat16 for t in saved if t.numel() >= x.numel())
+    assert any(t.data_ptr() == x.data_ptr() for t in saved) and all(
+        t.dtype == torch.bfloat16 for t in saved if t.numel() >= x.numel()
+    )
     A, B, W, b = (t.double() for t in (lin.lora_A, lin.lora_B, lin.weight, lin.bias))
-    want = x.double() @ W.T + b + 2.0 * torch.cat([x.double() @ A[4 * j: 4 * j + 4].T @ B[32 * j: 32 * j + 32].T
-                                                   for j in range(3)], -1)
+    want = (
+        x.double() @ W.T
+        + b
+        + 2.0 * torch.cat([x.double() @ A[4 * j : 4 * j + 4].T @ B[32 * j : 32 * j + 32].T for j in range(3)], -1)
+    )
     assert rel_err(y.double(), want) < 1e-2
     y.float().square().sum().backward()
     assert lin.lora_A.grad.dtype == lin.lora_B.grad.dtype == torch.float32 and lin.lora_A.grad.abs().sum() > 0
@@ -399,8 +467,11 @@ def test_compiled_blocks_equal_eager():
         for p in model.adapter_state(net).values():
             p.add_(torch.randn_like(p) * 0.05)
     g = torch.Generator().manual_seed(1)
-    x, ctx, pooled = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 5, 64, generator=g), torch.randn(2, 64,
-                                                                                                          generator=g)
+    x, ctx, pooled = (
+        torch.randn(2, 3, 32, 32, generator=g),
+        torch.randn(2, 5, 64, generator=g),
+        torch.randn(2, 64, generator=g),
+    )
     pref, sigma = torch.tensor([[0.3, 0.7], [1.0, 0.0]]), torch.tensor([0.5, 0.9])
     weight = torch.randn(2, 3, 32, 32, generator=g)
 

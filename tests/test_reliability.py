@@ -1,6 +1,7 @@
 """What the code promises on bad input and on a crash (README "Failures"): a broken reward or a non-finite loss
 stops the run before any weight changes, with the last checkpoint intact and resumable; a run folder is never
 clobbered; --resume is strict and early; bad flags and misplaced files are one line and exit code 2."""
+
 import json
 import os
 import signal
@@ -74,7 +75,10 @@ def test_reward_of_the_wrong_shape_is_named(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(R.OFFLINE, "tiny_wide", bad)
     monkeypatch.setitem(R.REWARDS, "tiny_wide", bad)
     err = fails(capsys, run, tmp_path, "--steps", "1", "--rewards", "tiny_photo,tiny_wide")
-    assert "step 1: reward tiny_wide returned a torch.float32 tensor of shape [4, 2], not a float tensor of shape [4]" in err
+    assert (
+        "step 1: reward tiny_wide returned a torch.float32 tensor of shape [4, 2], not a float tensor of shape [4]"
+        in err
+    )
 
 
 def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, capsys, monkeypatch):
@@ -128,15 +132,25 @@ def test_resume_is_strict_and_early(tmp_path, capsys, monkeypatch):
     assert "no checkpoint yet" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flag,value,msg", [
-    ("--batch", "0", "--batch 0: must be >= 1"), ("--ckpt-every", "0", "--ckpt-every 0: must be >= 1"),
-    ("--eval-points", "1", "--eval-points 1: must be >= 2"), ("--group-size", "1", "--group-size 1: must be >= 2"),
-    ("--lr", "-1", "--lr -1.0: must be > 0"), ("--beta", "2", "--beta 2.0: must be > 0 and <= 1.0"),
-    ("--lr", "nan", "--lr nan: must be a finite number"), ("--steps", "-3", "--steps -3: must be >= 1"),
-    ("--lr", "inf", "--lr inf: must be a finite number"), ("--kl-beta", "inf", "--kl-beta inf: must be a finite"),
-    ("--shift", "-1", "--shift -1.0: must be > 0"), ("--seed", "99999999999", "--seed 99999999999: must be in [0, 2^31)"),
-    ("--size", "33", "--size 33: the tiny sd35 needs a multiple of 4"), ("--size", "64", "at most 32"),
-])
+@pytest.mark.parametrize(
+    "flag,value,msg",
+    [
+        ("--batch", "0", "--batch 0: must be >= 1"),
+        ("--ckpt-every", "0", "--ckpt-every 0: must be >= 1"),
+        ("--eval-points", "1", "--eval-points 1: must be >= 2"),
+        ("--group-size", "1", "--group-size 1: must be >= 2"),
+        ("--lr", "-1", "--lr -1.0: must be > 0"),
+        ("--beta", "2", "--beta 2.0: must be > 0 and <= 1.0"),
+        ("--lr", "nan", "--lr nan: must be a finite number"),
+        ("--steps", "-3", "--steps -3: must be >= 1"),
+        ("--lr", "inf", "--lr inf: must be a finite number"),
+        ("--kl-beta", "inf", "--kl-beta inf: must be a finite"),
+        ("--shift", "-1", "--shift -1.0: must be > 0"),
+        ("--seed", "99999999999", "--seed 99999999999: must be in [0, 2^31)"),
+        ("--size", "33", "--size 33: the tiny sd35 needs a multiple of 4"),
+        ("--size", "64", "at most 32"),
+    ],
+)
 def test_numeric_flags_are_range_checked(tmp_path, capsys, flag, value, msg):
     t0 = time.time()
     assert msg in fails(capsys, run, tmp_path, "--steps", "1", flag, value)
@@ -172,11 +186,26 @@ def test_misplaced_files_are_named(tmp_path, capsys):
         model.read_json(str(tmp_path / "bad.json"))
     # sample.py: a preference model is never sampled without w (that mode was never trained)
     for extra in ([], ["--pref", ""], ["--sweep", "0"]):
-        err = fails(capsys, sample.main, ["--run", str(d), "--prompt", "a red circle", "--out", str(tmp_path / "o.png"),
-                                         *extra])
+        err = fails(
+            capsys, sample.main, ["--run", str(d), "--prompt", "a red circle", "--out", str(tmp_path / "o.png"), *extra]
+        )
         assert "trained with a preference over 2 objectives" in err or "--pref is empty" in err or "N from 2" in err
-    err = fails(capsys, sample.main, ["--run", str(d), "--prompt", "a", "--pref", "0.5", "--lora",
-                                      str(d / "checkpoint.safetensors"), "--out", str(tmp_path / "o.png")])
+    err = fails(
+        capsys,
+        sample.main,
+        [
+            "--run",
+            str(d),
+            "--prompt",
+            "a",
+            "--pref",
+            "0.5",
+            "--lora",
+            str(d / "checkpoint.safetensors"),
+            "--out",
+            str(tmp_path / "o.png"),
+        ],
+    )
     assert "it is a train.py checkpoint" in err
     assert not (tmp_path / "o.png").exists()
 
@@ -192,8 +221,12 @@ def test_kill_9_mid_run_resumes_exactly(tmp_path):
     # both runs on the PyTorch kernels: this process's backend may have been switched by an earlier test
     args = TINY + ["--cache", str(tmp_path / "cache"), "--ckpt-every", "1", "--steps", "3", "--kernels", "torch"]
     run(tmp_path, "--steps", "3", "--ckpt-every", "1", "--kernels", "torch", name="straight")
-    p = subprocess.Popen([sys.executable, "train.py", *args, "--out", str(tmp_path / "run")], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, "train.py", *args, "--out", str(tmp_path / "run")],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ck = tmp_path / "run" / "checkpoint.safetensors"
     deadline = time.time() + 240
     while not ck.exists() and time.time() < deadline and p.poll() is None:
@@ -211,27 +244,45 @@ def test_kill_9_mid_run_resumes_exactly(tmp_path):
 
 def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys):
     # each names the flag and what makes it meaningless; nothing is written
-    for extra, msg in [(["--frames", "9"], "--frames: --backbone sd35 makes images"),
-                       (["--nft-audio"], "--nft-audio: --backbone sd35 has no audio"),
-                       (["--guidance", "3"], "--guidance: --backbone sd35 is not guidance-distilled"),
-                       (["--edits", "e.jsonl"], "--edits: --tiny draws its edits from its world"),
-                       (["--prompts", "p.txt"], "--prompts: --tiny draws its prompts from its world"),
-                       (["--weights", "w"], "--weights: --tiny builds and pretrains its own base"),
-                       (["--rewards", "tiny_photo,tiny_photo"], "named twice"),
-                       (["--heldout", "tiny_sketch"], "['tiny_sketch'] named twice")]:
+    for extra, msg in [
+        (["--frames", "9"], "--frames: --backbone sd35 makes images"),
+        (["--nft-audio"], "--nft-audio: --backbone sd35 has no audio"),
+        (["--guidance", "3"], "--guidance: --backbone sd35 is not guidance-distilled"),
+        (["--edits", "e.jsonl"], "--edits: --tiny draws its edits from its world"),
+        (["--prompts", "p.txt"], "--prompts: --tiny draws its prompts from its world"),
+        (["--weights", "w"], "--weights: --tiny builds and pretrains its own base"),
+        (["--rewards", "tiny_photo,tiny_photo"], "named twice"),
+        (["--heldout", "tiny_sketch"], "['tiny_sketch'] named twice"),
+    ]:
         assert msg in fails(capsys, run, tmp_path, "--steps", "1", *extra), extra
     assert not (tmp_path / "run").exists()
-    err = fails(capsys, train.main, ["--backbone", "flux-kontext", "--weights", str(tmp_path), "--prompts", "p.txt",
-                                     "--device", "cpu", "--out", str(tmp_path / "o")])
+    err = fails(
+        capsys,
+        train.main,
+        [
+            "--backbone",
+            "flux-kontext",
+            "--weights",
+            str(tmp_path),
+            "--prompts",
+            "p.txt",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert "--prompts: --backbone flux-kontext edits: --edits" in err
     (tmp_path / "file").write_text("")
     assert "--out " + str(tmp_path / "file") + ": a file, not a folder" in fails(
-        capsys, train.main, TINY + ["--out", str(tmp_path / "file")])
+        capsys, train.main, TINY + ["--out", str(tmp_path / "file")]
+    )
 
 
 def test_non_finite_checkpoint_is_never_resumed_nor_saved(tmp_path, capsys):
     # a NaN in the EMA (or the old policy, or a moment) used to load unchecked and be saved again
     from safetensors.torch import save_file
+
     d = tmp_path / "run"
     run(tmp_path, "--steps", "1")
     path = d / "checkpoint.safetensors"
@@ -245,8 +296,16 @@ def test_non_finite_checkpoint_is_never_resumed_nor_saved(tmp_path, capsys):
     p = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.AdamW([p])
     with pytest.raises(train.RunError, match="non-finite values in old.w"):
-        train.save_checkpoint(str(tmp_path / "c.safetensors"), 1, {"w": p}, {"w": torch.tensor([1.0, float("inf")])},
-                              {"w": p.detach()}, opt, torch.Generator(), train.Config())
+        train.save_checkpoint(
+            str(tmp_path / "c.safetensors"),
+            1,
+            {"w": p},
+            {"w": torch.tensor([1.0, float("inf")])},
+            {"w": p.detach()},
+            opt,
+            torch.Generator(),
+            train.Config(),
+        )
     assert not (tmp_path / "c.safetensors").exists()
 
 
@@ -281,17 +340,21 @@ def test_sample_values_are_checked_wherever_they_come_from(tmp_path, capsys):
     d = tmp_path / "run"
     run(tmp_path, "--steps", "1")
     base = ["--run", str(d), "--prompt", "a red circle", "--pref", "0.5", "--out", str(tmp_path / "o.png")]
-    for extra, msg in [(["--steps", "0"], "--steps 0: must be an integer from 1 to 10000"),
-                       (["--shift", "0"], "--shift 0.0: must be a finite number > 0"),
-                       (["--guidance", "nan"], "--guidance nan: must be a finite number > 0"),
-                       (["--guidance", "-5"], "--guidance -5.0: must be a finite number > 0"),
-                       (["--seed", "-1"], "--seed -1: must be an integer in [0, 2^31)"),
-                       (["--size", "30"], "sd35 needs a positive multiple of 4"),
-                       (["--size", "64"], "at most 32"),
-                       (["--backbone", "sd35"], "--backbone: --run"), (["--vae", "ae.safetensors"], "--vae: --run"),
-                       (["--negative-prompt", "blurry"], "--negative-prompt is the unconditional half"),
-                       (["--frames", "9"], "--frames is for videos"), (["--port", "9000"], "--port is for --serve"),
-                       (["--out", str(tmp_path / "o.txt")], "not an image file name")]:
+    for extra, msg in [
+        (["--steps", "0"], "--steps 0: must be an integer from 1 to 10000"),
+        (["--shift", "0"], "--shift 0.0: must be a finite number > 0"),
+        (["--guidance", "nan"], "--guidance nan: must be a finite number > 0"),
+        (["--guidance", "-5"], "--guidance -5.0: must be a finite number > 0"),
+        (["--seed", "-1"], "--seed -1: must be an integer in [0, 2^31)"),
+        (["--size", "30"], "sd35 needs a positive multiple of 4"),
+        (["--size", "64"], "at most 32"),
+        (["--backbone", "sd35"], "--backbone: --run"),
+        (["--vae", "ae.safetensors"], "--vae: --run"),
+        (["--negative-prompt", "blurry"], "--negative-prompt is the unconditional half"),
+        (["--frames", "9"], "--frames is for videos"),
+        (["--port", "9000"], "--port is for --serve"),
+        (["--out", str(tmp_path / "o.txt")], "not an image file name"),
+    ]:
         assert msg in fails(capsys, sample.main, base + extra), extra
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps(dict(cfg, sample_steps=0)))
@@ -304,6 +367,7 @@ def test_sample_values_are_checked_wherever_they_come_from(tmp_path, capsys):
 
 def test_sample_refuses_a_nan_adapter_and_another_backbones(tmp_path, capsys):
     from safetensors.torch import save_file
+
     d = tmp_path / "run"
     run(tmp_path, "--steps", "1")
     base = ["--run", str(d), "--prompt", "a", "--pref", "0.5", "--out", str(tmp_path / "o.png")]
@@ -311,7 +375,9 @@ def test_sample_refuses_a_nan_adapter_and_another_backbones(tmp_path, capsys):
     k = next(iter(sd))
     bad = dict(sd, **{k: torch.full_like(sd[k], float("nan"))})
     save_file(bad, str(tmp_path / "nan.safetensors"), metadata=meta)
-    assert f"non-finite values in {k}" in fails(capsys, sample.main, base + ["--lora", str(tmp_path / "nan.safetensors")])
+    assert f"non-finite values in {k}" in fails(
+        capsys, sample.main, base + ["--lora", str(tmp_path / "nan.safetensors")]
+    )
     save_file(sd, str(tmp_path / "flux.safetensors"), metadata=dict(meta, backbone="flux-kontext"))
     err = fails(capsys, sample.main, base + ["--lora", str(tmp_path / "flux.safetensors")])
     assert "an adapter of backbone 'flux-kontext'; --run" in err and "is 'sd35'" in err
@@ -322,6 +388,7 @@ def test_sample_never_destroys_an_output_on_a_failed_write(tmp_path, capsys, mon
     # a full disk (an injected ENOSPC after half the bytes): the earlier image survives, byte for byte, no temporary
     # is left, and the message names the file; a non-image and a decompression bomb as --image are one line each
     from PIL import Image
+
     d = tmp_path / "run"
     run(tmp_path, "--steps", "1")
     out = tmp_path / "o.png"
@@ -345,13 +412,39 @@ def test_sample_never_destroys_an_output_on_a_failed_write(tmp_path, capsys, mon
     assert out.read_bytes() != good and not (tmp_path / "o.png.tmp9999999").exists()
     (tmp_path / "text.png").write_text("not an image")
     flux = ["--prompt", "make it blue", "--pref", "0.5", "--out", str(tmp_path / "e.png")]
-    train.main(["--backbone", "flux-kontext", "--tiny", *TINY[3:], "--steps", "1", "--out", str(tmp_path / "fx"),
-                "--cache", str(tmp_path / "cache")])
+    train.main(
+        [
+            "--backbone",
+            "flux-kontext",
+            "--tiny",
+            *TINY[3:],
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "fx"),
+            "--cache",
+            str(tmp_path / "cache"),
+        ]
+    )
     err = fails(capsys, sample.main, ["--run", str(tmp_path / "fx"), "--image", str(tmp_path / "text.png"), *flux])
     assert "not an image this program can read" in err and "Traceback" not in err
     Image.new("1", (9000, 9000)).save(tmp_path / "bomb.png")  # 81 MP of 1-bit pixels: 1 MB on disk
     err = fails(capsys, sample.main, ["--run", str(tmp_path / "fx"), "--image", str(tmp_path / "bomb.png"), *flux])
     assert "9000x9000 pixels, more than" in err
-    err = fails(capsys, sample.main, ["--run", str(d), "--image", str(tmp_path / "text.png"), "--prompt", "a",
-                                      "--pref", "0.5", "--out", str(tmp_path / "e.png")])
+    err = fails(
+        capsys,
+        sample.main,
+        [
+            "--run",
+            str(d),
+            "--image",
+            str(tmp_path / "text.png"),
+            "--prompt",
+            "a",
+            "--pref",
+            "0.5",
+            "--out",
+            str(tmp_path / "e.png"),
+        ],
+    )
     assert "--image is for a source to edit; --run" in err

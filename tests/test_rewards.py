@@ -17,6 +17,7 @@ def _meta(src):
 
 # --- offline rewards: closed forms
 
+
 def test_psnr_of_known_mse():
     x = torch.full((2, 3, 16, 16), 0.5)
     y = x.clone()
@@ -41,7 +42,9 @@ def test_source_is_required_and_resized():
         R.psnr(x, ["", ""], [{}, {}])
     smooth = torch.linspace(0, 1, 16).view(1, 1, 1, 16) * torch.linspace(1, 0.5, 16).view(1, 1, 16, 1)
     big = torch.nn.functional.interpolate(smooth.expand(2, 3, 16, 16), scale_factor=2, mode="bilinear")
-    assert (R.psnr(smooth.expand(2, 3, 16, 16), ["", ""], _meta(big)) > 30).all()  # a 2x source is brought to the image's size
+    assert (
+        R.psnr(smooth.expand(2, 3, 16, 16), ["", ""], _meta(big)) > 30
+    ).all()  # a 2x source is brought to the image's size
 
 
 def test_colorfulness_closed_form():
@@ -96,11 +99,21 @@ def test_registry_errors():
     with pytest.raises(ValueError, match="no options"):
         R.get_reward("tiny_photo", path_or_hub_id="x")
     assert set(R.REWARDS) == set(R.OFFLINE) | set(R.MODEL)
-    editing = {"ssim", "clip_image_sim", "dino_sim", "vlm_preserve", "clip_direction", "vlm_edit", "tiny_preserve", "tiny_adhere"}
+    editing = {
+        "ssim",
+        "clip_image_sim",
+        "dino_sim",
+        "vlm_preserve",
+        "clip_direction",
+        "vlm_edit",
+        "tiny_preserve",
+        "tiny_adhere",
+    }
     assert editing <= set(R.REWARDS)
 
 
 # --- the tiny world
+
 
 def test_tiny_world_deterministic_paired_prefix():
     x, p, s = R.tiny_world(600, seed=7)
@@ -127,8 +140,15 @@ def test_tiny_world_deterministic_paired_prefix():
     for bad in ("oil", 1.5):
         with pytest.raises(ValueError, match="style"):
             R.tiny_world(2, style=bad)
-    assert [R.style_word(v) for v in (0.0, 0.19, 0.2, 0.5, 0.8, 0.81, 1.0)] == \
-        ["photo", "photo", "mixed", "mixed", "mixed", "sketch", "sketch"]
+    assert [R.style_word(v) for v in (0.0, 0.19, 0.2, 0.5, 0.8, 0.81, 1.0)] == [
+        "photo",
+        "photo",
+        "mixed",
+        "mixed",
+        "mixed",
+        "sketch",
+        "sketch",
+    ]
 
 
 STYLE_PAIRS = [(R.tiny_photo, R.tiny_sketch), (R.tiny_photo_heldout, R.tiny_sketch_heldout)]
@@ -187,6 +207,7 @@ def test_tiny_prompt_prefers_the_named_color():
 
 # --- the tiny editing world
 
+
 def test_tiny_edit_world_deterministic_prefix():
     s, ins, t = R.tiny_edit_world(300, seed=2)
     assert s.shape == t.shape == (300, 3, 32, 32) and s.dtype == t.dtype == torch.float32
@@ -202,7 +223,9 @@ def test_tiny_edit_world_deterministic_prefix():
     assert R.tiny_edit_world(0)[0].shape == (0, 3, 32, 32) and R.tiny_edit_world(2, size=24)[2].shape == (2, 3, 24, 24)
     c = (torch.arange(800) + 0.5) / 200 - 2  # cell centres of a fine grid on [-2, 2]²: area = fraction inside x 16
     dx, dy = torch.meshgrid(c, c, indexing="xy")
-    area = [(R._shape_distance(j, dx, dy, torch.ones(1, 1)) < 0).float().mean().item() * 16 for j in range(len(R.SHAPES))]
+    area = [
+        (R._shape_distance(j, dx, dy, torch.ones(1, 1)) < 0).float().mean().item() * 16 for j in range(len(R.SHAPES))
+    ]
     torch.testing.assert_close(R._SHAPE_AREA, torch.tensor(area), rtol=5e-3, atol=0)  # the closed forms
 
 
@@ -254,8 +277,10 @@ def test_tiny_edit_partial_edits_score_in_between():
     recolour = _recolour(5, 240)
     colour = kind == 0
     assert torch.equal(recolour(0.0), s) and torch.allclose(recolour(1.0)[colour], t[colour], atol=1e-6)
-    for name, family, rows in (("pixel blend", lambda a: (1 - a) * s + a * t, slice(None)),
-                               ("renderer colour blend", recolour, colour)):
+    for name, family, rows in (
+        ("pixel blend", lambda a: (1 - a) * s + a * t, slice(None)),
+        ("renderer colour blend", recolour, colour),
+    ):
         x = torch.cat([family(a) for a in alphas])  # [11·n,3,32,32], alpha-major: one call per reward
         p, a = (v.view(len(alphas), -1).T[rows] for v in _edit_scores(x, ins * len(alphas), meta * len(alphas)))
         assert (p.diff(dim=1) < 0).all() and (a.diff(dim=1) > 0).all(), name  # p, a: [n, 11]
@@ -276,8 +301,15 @@ def test_tiny_edit_rewards_fail_loudly():
 
 # --- model-based rewards on tiny random models of the real classes, saved and loaded back by path
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-           "<|video_pad|>"]
+SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 
 def _tokenizer():
@@ -285,61 +317,140 @@ def _tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = [str(d) for d in range(10)] + sorted(set(
-        (R.SKETCH_RUBRIC + R.PHOTO_RUBRIC + R.PRESERVE_RUBRIC + R.EDIT_RUBRIC + R.ANIMATION_RUBRIC + R.GRID_NOTE
-         + R.PHOTO_PREFIX + R.NEUTRAL_CAPTION
-         + " ".join(R.COLORS + R.SHAPES + R.EDIT_INSTRUCTIONS) + " system user assistant")
-        .lower().replace(".", " ").replace(",", " ").replace('"', " ").replace(":", " ").replace("(", " ").replace(")", " ").split()))
+    words = [str(d) for d in range(10)] + sorted(
+        set(
+            (
+                R.SKETCH_RUBRIC
+                + R.PHOTO_RUBRIC
+                + R.PRESERVE_RUBRIC
+                + R.EDIT_RUBRIC
+                + R.ANIMATION_RUBRIC
+                + R.GRID_NOTE
+                + R.PHOTO_PREFIX
+                + R.NEUTRAL_CAPTION
+                + " ".join(R.COLORS + R.SHAPES + R.EDIT_INSTRUCTIONS)
+                + " system user assistant"
+            )
+            .lower()
+            .replace(".", " ")
+            .replace(",", " ")
+            .replace('"', " ")
+            .replace(":", " ")
+            .replace("(", " ")
+            .replace(")", " ")
+            .split()
+        )
+    )
     vocab = {t: i for i, t in enumerate(dict.fromkeys(["[UNK]", *SPECIAL, ".", ",", '"', ":", "(", ")", *words]))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
     tok.add_special_tokens(SPECIAL)
     # an end token after every text (CLIP pools there; the Qwen judges tokenize with add_special_tokens=False)
-    tok.post_processor = processors.TemplateProcessing(single="$A <|im_end|>", special_tokens=[("<|im_end|>", vocab["<|im_end|>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A <|im_end|>", special_tokens=[("<|im_end|>", vocab["<|im_end|>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="<|endoftext|>", eos_token="<|im_end|>"
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from safetensors.torch import save_file
-    from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        Dinov2Config,
+        Dinov2Model,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+    )
 
     root = tmp_path_factory.mktemp("tiny_rewards")
     torch.manual_seed(0)
     tok = _tokenizer()
     vocab = len(tok)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    ends = dict(bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"), eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"))
-    clip = CLIPModel(CLIPConfig(text_config=dict(vocab_size=vocab, max_position_embeddings=77, **ends, **small),
-                                vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16))
+    ends = dict(
+        bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"),
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config=dict(vocab_size=vocab, max_position_embeddings=77, **ends, **small),
+            vision_config=dict(image_size=32, patch_size=8, **small),
+            projection_dim=16,
+        )
+    )
     clip.save_pretrained(root / "clip")
     tok.save_pretrained(root / "clip")
-    head = torch.nn.Sequential(torch.nn.Linear(16, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
-                               torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
-                               torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+    head = torch.nn.Sequential(
+        torch.nn.Linear(16, 1024),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(1024, 128),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 16),
+        torch.nn.Linear(16, 1),
+    )
     sd = {f"layers.{k}": v for k, v in head.state_dict().items()}  # the improved-aesthetic-predictor keys
     torch.save(sd, root / "head.pth")
     save_file(sd, root / "head.safetensors")
     torch.manual_seed(0)  # each model from its own seed: a longer vocabulary must not reshuffle the others
-    Dinov2Model(Dinov2Config(image_size=28, patch_size=14, mlp_ratio=2, **{k: v for k, v in small.items() if k != "intermediate_size"})
-                ).save_pretrained(root / "dino")
+    Dinov2Model(
+        Dinov2Config(
+            image_size=28, patch_size=14, mlp_ratio=2, **{k: v for k, v in small.items() if k != "intermediate_size"}
+        )
+    ).save_pretrained(root / "dino")
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
     torch.manual_seed(0)
-    qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=1024,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
-                           fullatt_block_indexes=[1], window_size=56),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
+    qwen = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(
+            text_config=dict(
+                vocab_size=vocab,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+                bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"],
+            ),
+            vision_config=dict(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=4,
+                out_hidden_size=32,
+                fullatt_block_indexes=[1],
+                window_size=56,
+            ),
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
+    )
     qwen.save_pretrained(root / "qwen")
     tok.save_pretrained(root / "qwen")
     images, prompts, _ = R.tiny_world(3, seed=5)
-    return {"root": root, "clip": str(root / "clip"), "dino": str(root / "dino"), "qwen": str(root / "qwen"),
-            "head": str(root / "head.pth"), "images": images, "prompts": prompts, "model": clip}
+    return {
+        "root": root,
+        "clip": str(root / "clip"),
+        "dino": str(root / "dino"),
+        "qwen": str(root / "qwen"),
+        "head": str(root / "head.pth"),
+        "images": images,
+        "prompts": prompts,
+        "model": clip,
+    }
 
 
 def _check(fn, images, prompts, meta=None):
@@ -376,7 +487,8 @@ def test_resize_crop_matches_the_clip_image_processor():
     x = (x * 255).round() / 255  # what PIL sees
     pil = [Image.fromarray((xi.permute(1, 2, 0) * 255).round().byte().numpy()) for xi in x]
     ref = CLIPImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})(
-        images=pil, return_tensors="pt").pixel_values
+        images=pil, return_tensors="pt"
+    ).pixel_values
     ours = R._normalize(R._resize_crop(x, 112), R.CLIP_MEAN, R.CLIP_STD)
     diff = (ours - ref).abs() * torch.tensor(R.CLIP_STD).view(1, 3, 1, 1)  # in [0,1] image units
     assert diff.mean() < 5e-3 and diff.max() < 0.1
@@ -389,13 +501,17 @@ def test_clip_image_sim_and_bf16(tiny):
     torch.testing.assert_close(fn(x, [""] * 3, _meta(x)), torch.ones(3), rtol=0, atol=1e-5)
     assert (sim < 1 - 1e-4).all()
     big = torch.nn.functional.interpolate(x, size=64, mode="bilinear")  # any input size: resized in torch
-    bf16 = R.get_reward("clip_image_sim", path_or_hub_id=tiny["clip"])(big, [""] * 3, _meta(x.roll(1, 0)))  # default bf16
+    bf16 = R.get_reward("clip_image_sim", path_or_hub_id=tiny["clip"])(
+        big, [""] * 3, _meta(x.roll(1, 0))
+    )  # default bf16
     assert bf16.dtype == torch.float32 and torch.allclose(bf16, sim, atol=0.05)
 
 
 def test_differentiable_flag(tiny):
     x = tiny["images"].clone().requires_grad_(True)
-    R.load_pickscore_photo(tiny["clip"], dtype=torch.float32, differentiable=True)(x, tiny["prompts"], None).sum().backward()
+    R.load_pickscore_photo(tiny["clip"], dtype=torch.float32, differentiable=True)(
+        x, tiny["prompts"], None
+    ).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     out = R.load_clipscore(tiny["clip"], dtype=torch.float32)(x, tiny["prompts"], None)
     assert not out.requires_grad  # no-grad unless asked
@@ -405,7 +521,9 @@ def test_aesthetic_head(tiny):
     x = tiny["images"]
     fn = R.load_aesthetic(tiny["head"], clip=tiny["clip"], dtype=torch.float32)
     score = _check(fn, x, [""] * 3)
-    st = R.get_reward("aesthetic", path_or_hub_id=str(tiny["root"] / "head.safetensors"), clip=tiny["clip"], dtype=torch.float32)
+    st = R.get_reward(
+        "aesthetic", path_or_hub_id=str(tiny["root"] / "head.safetensors"), clip=tiny["clip"], dtype=torch.float32
+    )
     torch.testing.assert_close(st(x, [""] * 3, None), score)
     sd = torch.load(tiny["head"], weights_only=True)
     with torch.no_grad():
@@ -423,8 +541,12 @@ def test_aesthetic_head(tiny):
 def test_dino_sim(tiny):
     x = tiny["images"]
     fn = R.get_reward("dino_sim", path_or_hub_id=tiny["dino"], dtype=torch.float32)
-    sim = _check(fn, x, [""] * 3, _meta(1 - x.roll(1, 0)))  # inverted: a random tiny DINO hardly tells two sketches apart
-    torch.testing.assert_close(fn(x, [""] * 3, _meta(x)), torch.ones(3), rtol=0, atol=1e-5)  # the source itself: the maximum
+    sim = _check(
+        fn, x, [""] * 3, _meta(1 - x.roll(1, 0))
+    )  # inverted: a random tiny DINO hardly tells two sketches apart
+    torch.testing.assert_close(
+        fn(x, [""] * 3, _meta(x)), torch.ones(3), rtol=0, atol=1e-5
+    )  # the source itself: the maximum
     assert (sim < 1 - 1e-4).all()
 
 
@@ -445,14 +567,16 @@ def test_vlm_judge_digit_expectation(tiny):
     fn = R.load_vlm_sketch(tiny["qwen"], dtype=torch.float32, image_size=56)
     score = _check(fn, x, prompts)
     assert (0 <= score).all() and (score <= 1).all()
-    tok, model = AutoTokenizer.from_pretrained(tiny["qwen"]), R._model(
-        __import__("transformers").Qwen2_5_VLForConditionalGeneration, tiny["qwen"], "cpu", torch.float32)
+    tok, model = (
+        AutoTokenizer.from_pretrained(tiny["qwen"]),
+        R._model(__import__("transformers").Qwen2_5_VLForConditionalGeneration, tiny["qwen"], "cpu", torch.float32),
+    )
     with torch.no_grad():  # full-vocabulary softmax, then renormalise over "0".."5" by hand
         p = model(**R.qwen_inputs(tok, model.config, x, prompts, R.SKETCH_RUBRIC, 56)).logits[:, -1].softmax(-1)
     digits = [tok.convert_tokens_to_ids(str(k)) for k in range(6)]
     pd = p[:, digits] / p[:, digits].sum(-1, keepdim=True)
     torch.testing.assert_close(score, (pd * torch.arange(6.0)).sum(-1) / 5, rtol=1e-4, atol=1e-6)
-    one = torch.cat([fn(x[i:i + 1], prompts[i:i + 1], [{}]) for i in range(3)])  # left padding changes nothing
+    one = torch.cat([fn(x[i : i + 1], prompts[i : i + 1], [{}]) for i in range(3)])  # left padding changes nothing
     torch.testing.assert_close(one, score, rtol=1e-4, atol=1e-5)
     photo = R.get_reward("vlm_photo", path_or_hub_id=tiny["qwen"], dtype=torch.float32, image_size=56)(x, prompts, None)
     assert not torch.allclose(photo, score)
@@ -476,11 +600,15 @@ def test_clip_direction(tiny):
     F = torch.nn.functional
 
     def image(z):  # 32x32, the model's size: resize and crop are identities
-        return F.normalize(m.get_image_features(pixel_values=R._normalize(z, R.CLIP_MEAN, R.CLIP_STD)).pooler_output, dim=-1)
+        return F.normalize(
+            m.get_image_features(pixel_values=R._normalize(z, R.CLIP_MEAN, R.CLIP_STD)).pooler_output, dim=-1
+        )
 
     def text(texts):
         t = tok(texts, padding=True, return_tensors="pt")
-        return F.normalize(m.get_text_features(input_ids=t.input_ids, attention_mask=t.attention_mask).pooler_output, dim=-1)
+        return F.normalize(
+            m.get_text_features(input_ids=t.input_ids, attention_mask=t.attention_mask).pooler_output, dim=-1
+        )
 
     with torch.no_grad():  # cos(E_I(output) - E_I(source), E_T(instruction) - E_T("a photo"))
         ref = F.cosine_similarity(image(x) - image(src), text(EDITS) - text([R.NEUTRAL_CAPTION] * 3), dim=-1)
@@ -511,8 +639,12 @@ def test_vlm_edit_judges_see_the_source_then_the_output(tiny):
     assert (inputs["input_ids"] == cfg.vision_start_token_id).sum(1).tolist() == [2] * 3
     assert (inputs["input_ids"] == cfg.vision_end_token_id).sum(1).tolist() == [2] * 3
     # ... and pixels for 6 images, in the order the model fills the tokens: source 0, output 0, source 1, ...
-    small = torch.nn.functional.interpolate(pair.flatten(0, 1), size=56, mode="bicubic", antialias=True, align_corners=False)
-    ref = Qwen2VLImageProcessorPil(do_resize=False, do_rescale=False)(images=list(small.clamp(0, 1)), return_tensors="pt")
+    small = torch.nn.functional.interpolate(
+        pair.flatten(0, 1), size=56, mode="bicubic", antialias=True, align_corners=False
+    )
+    ref = Qwen2VLImageProcessorPil(do_resize=False, do_rescale=False)(
+        images=list(small.clamp(0, 1)), return_tensors="pt"
+    )
     assert inputs["image_grid_thw"].tolist() == ref["image_grid_thw"].tolist() == [[1, 4, 4]] * 6
     torch.testing.assert_close(inputs["pixel_values"], ref["pixel_values"], rtol=1e-5, atol=1e-5)
 
@@ -529,7 +661,9 @@ def test_vlm_edit_judges_see_the_source_then_the_output(tiny):
         swapped = expected(R.qwen_inputs(tok, cfg, pair.flip(1), EDITS, R.EDIT_RUBRIC, 56))
     assert not torch.allclose(swapped, score)  # the order is part of the prompt
     assert not torch.allclose(fn(x, EDITS, _meta(src.flip(0))), score)  # the source is seen
-    one = torch.cat([fn(x[i:i + 1], EDITS[i:i + 1], _meta(src[i:i + 1])) for i in range(3)])  # left padding is inert
+    one = torch.cat(
+        [fn(x[i : i + 1], EDITS[i : i + 1], _meta(src[i : i + 1])) for i in range(3)]
+    )  # left padding is inert
     torch.testing.assert_close(one, score, rtol=1e-4, atol=1e-5)
     preserve = R.get_reward("vlm_preserve", path_or_hub_id=tiny["qwen"], dtype=torch.float32, image_size=56)
     p = _check(preserve, x, EDITS, _meta(src))
@@ -549,6 +683,7 @@ def test_missing_weights_raise_clearly(name, tmp_path):
 
 
 # --- video objectives: videos [B,T,3,H,W]
+
 
 def _flat_video(values):
     # [B,T] -> [B,T,3,4,6]: each frame one constant (value, 0.5, 1 - value), so a frame is known by its colour
@@ -584,10 +719,14 @@ def test_per_frame_is_the_mean_over_the_chosen_frames_in_one_call():
     by_hand = torch.stack([R.tiny_photo(video[:, t], ["", ""], None) for t in (0, 3, 5, 8)], 1).mean(1)
     torch.testing.assert_close(out, by_hand)
     assert out.shape == (2,) and out.dtype == torch.float32
-    torch.testing.assert_close(R.per_frame(R.tiny_photo, frames=9)(video, ["", ""], None),
-                               R.tiny_photo(video.flatten(0, 1), [""] * 18, None).view(2, 9).mean(1))
+    torch.testing.assert_close(
+        R.per_frame(R.tiny_photo, frames=9)(video, ["", ""], None),
+        R.tiny_photo(video.flatten(0, 1), [""] * 18, None).view(2, 9).mean(1),
+    )
     short = video[:, :3]  # T <= frames: every frame
-    torch.testing.assert_close(fn(short, ["", ""], None), R.tiny_photo(short.flatten(0, 1), [""] * 6, None).view(2, 3).mean(1))
+    torch.testing.assert_close(
+        fn(short, ["", ""], None), R.tiny_photo(short.flatten(0, 1), [""] * 6, None).view(2, 3).mean(1)
+    )
     with pytest.raises(ValueError, match=r"per_frame\(photo\) scores videos"):
         fn(video[:, 0], ["", ""], None)
     with pytest.raises(ValueError, match="already scores videos"):
@@ -601,11 +740,12 @@ def test_temporal_flicker_static_moving_random():
     torch.testing.assert_close(R.temporal_flicker(static, ["", ""], None), torch.ones(2))
     fade = static * torch.linspace(1, 0.6, 8).view(1, 8, 1, 1, 1)  # a steady fade: linear in time
     torch.testing.assert_close(R.temporal_flicker(fade, ["", ""], None), torch.ones(2), rtol=0, atol=1e-5)
+
     # a gray square moving 2 px per frame: its second difference along the motion is exactly 0
     def moving_square(size, step):  # [1,8,3,size,size]: a light square on gray, `step` px to the right per frame
         v = torch.full((1, 8, 3, size, size), 0.3)
         for t in range(8):
-            v[0, t, :, size // 3:size // 2, step * (t + 1):step * (t + 1) + size // 4] = 0.9
+            v[0, t, :, size // 3 : size // 2, step * (t + 1) : step * (t + 1) + size // 4] = 0.9
         return v
 
     square = moving_square(32, 2)
@@ -671,7 +811,9 @@ def test_get_reward_for_video_backbones():
     for name in sorted(R.VIDEO):  # refused for images before any weights load (the path does not exist)
         with pytest.raises(ValueError, match=f"reward '{name}' scores videos; this backbone makes images"):
             R.get_reward(name, path_or_hub_id="/nope")
-    assert {"temporal_flicker", "vlm_animation", "vlm_sketch_grid", "vlm_animation_grid", "vlm_photo_grid"} <= set(R.REWARDS)
+    assert {"temporal_flicker", "vlm_animation", "vlm_sketch_grid", "vlm_animation_grid", "vlm_photo_grid"} <= set(
+        R.REWARDS
+    )
     assert R.VIDEO <= set(R.REWARDS)
     assert {n for n, f in R.OFFLINE.items() if getattr(f, "video", False)} == R.VIDEO & set(R.OFFLINE)
 

@@ -45,10 +45,12 @@ def test_schedule_matches_diffusers(steps):
 
 @pytest.mark.parametrize("steps,tokens", [(1, 4096), (4, 1024), (28, 4096), (30, 64), (25, 8000)])
 def test_flux_schedule_matches_diffusers(steps, tokens):
-    from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
     import numpy as np
-    sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                      base_image_seq_len=256, max_image_seq_len=4096)
+    from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
+
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    )
     mu = calculate_shift(tokens, 256, 4096, 0.5, 1.15)
     sched.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     assert sample.flux_mu(tokens) == pytest.approx(mu, rel=1e-12)
@@ -77,9 +79,14 @@ def test_euler_matches_diffusers_scheduler():
 
 
 def dpm_scheduler():
-    return diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0,
-                                                 prediction_type="flow_prediction", algorithm_type="dpmsolver++",
-                                                 solver_order=2, final_sigmas_type="zero")
+    return diffusers.DPMSolverMultistepScheduler(
+        use_flow_sigmas=True,
+        flow_shift=3.0,
+        prediction_type="flow_prediction",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        final_sigmas_type="zero",
+    )
 
 
 @pytest.mark.parametrize("own_schedule", [False, True])
@@ -143,10 +150,13 @@ def test_dpm2_beats_euler_at_10_steps():
 
 def test_convergence_orders_on_sd3_schedule():
     problem = gaussian_problem(0.1, 2.0)
-    err = {(solver, n): solve_error(problem, solver, sample.get_schedule(n))
-           for solver in ("euler", "dpm2") for n in (80, 160)}
-    assert 1.8 < err["euler", 80] / err["euler", 160] < 2.2           # first order: halves
-    assert err["dpm2", 80] / err["dpm2", 160] > 3.5                   # second order: quarters
+    err = {
+        (solver, n): solve_error(problem, solver, sample.get_schedule(n))
+        for solver in ("euler", "dpm2")
+        for n in (80, 160)
+    }
+    assert 1.8 < err["euler", 80] / err["euler", 160] < 2.2  # first order: halves
+    assert err["dpm2", 80] / err["dpm2", 160] > 3.5  # second order: quarters
 
 
 def test_cfg_is_one_batched_forward():
@@ -186,13 +196,29 @@ def repo(tmp_path_factory):
     # a diffusers-style SD3.5 folder: tiny text encoders + tokenizers and a tiny pixel-space transformer (no vae/)
     d = tmp_path_factory.mktemp("tiny_sd35")
     enc = sample.tiny_text_encoders(VOCAB, clip_dims=(16, 24), t5_dim=48, clip_len=10, t5_len=6)
-    for sub, obj in [("text_encoder", enc.clip_l), ("text_encoder_2", enc.clip_g), ("text_encoder_3", enc.t5),
-                     ("tokenizer", enc.tok_l), ("tokenizer_2", enc.tok_g), ("tokenizer_3", enc.tok_t5)]:
+    for sub, obj in [
+        ("text_encoder", enc.clip_l),
+        ("text_encoder_2", enc.clip_g),
+        ("text_encoder_3", enc.t5),
+        ("tokenizer", enc.tok_l),
+        ("tokenizer_2", enc.tok_g),
+        ("tokenizer_3", enc.tok_t5),
+    ]:
         obj.save_pretrained(d / sub)
     torch.manual_seed(0)
-    tr = diffusers.SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=3, out_channels=3, num_layers=1,
-                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
-                                         caption_projection_dim=16, pooled_projection_dim=40, pos_embed_max_size=16)
+    tr = diffusers.SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=3,
+        out_channels=3,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        caption_projection_dim=16,
+        pooled_projection_dim=40,
+        pos_embed_max_size=16,
+    )
     tr.save_pretrained(d / "transformer")
     return d, enc, tr
 
@@ -203,12 +229,20 @@ def test_encode_prompts_match_diffusers_pipeline(repo, with_t5):
     ours = sample.load_text_encoders(str(d), t5=with_t5)
     assert (ours.t5 is not None) == with_t5
     pipe = diffusers.StableDiffusion3Pipeline(
-        transformer=tr, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None,
-        text_encoder=enc.clip_l, tokenizer=enc.tok_l, text_encoder_2=enc.clip_g, tokenizer_2=enc.tok_g,
-        text_encoder_3=enc.t5 if with_t5 else None, tokenizer_3=enc.tok_t5 if with_t5 else None)
+        transformer=tr,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=enc.clip_l,
+        tokenizer=enc.tok_l,
+        text_encoder_2=enc.clip_g,
+        tokenizer_2=enc.tok_g,
+        text_encoder_3=enc.t5 if with_t5 else None,
+        tokenizer_3=enc.tok_t5 if with_t5 else None,
+    )
     with torch.no_grad():
-        ref, _, ref_pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu",
-                                                   do_classifier_free_guidance=False, max_sequence_length=7)
+        ref, _, ref_pooled, _ = pipe.encode_prompt(
+            PROMPTS, None, None, device="cpu", do_classifier_free_guidance=False, max_sequence_length=7
+        )
     if not with_t5:
         ours.context_dim = 48  # the real folder default is 4096 (SD3.5's joint_attention_dim)
     context, pooled = sample.encode_prompts(ours, PROMPTS, t5_len=7)
@@ -221,14 +255,24 @@ def test_encode_prompts_match_diffusers_pipeline(repo, with_t5):
 def test_flux_encode_prompts_match_diffusers_pipeline(tmp_path):
     # T5 states + CLIP-L pooler, as FluxKontextPipeline.encode_prompt, from a saved diffusers-style folder
     enc = sample.tiny_flux_text_encoders(VOCAB, seed=3, t5_len=6)
-    for sub, obj in [("text_encoder", enc.clip), ("tokenizer", enc.tok_clip), ("text_encoder_2", enc.t5),
-                     ("tokenizer_2", enc.tok_t5)]:
+    for sub, obj in [
+        ("text_encoder", enc.clip),
+        ("tokenizer", enc.tok_clip),
+        ("text_encoder_2", enc.t5),
+        ("tokenizer_2", enc.tok_t5),
+    ]:
         obj.save_pretrained(tmp_path / sub)
     ours = sample.load_flux_text_encoders(str(tmp_path))
     ours.t5_len = 6
-    pipe = diffusers.FluxKontextPipeline(transformer=None, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
-                                         vae=None, text_encoder=enc.clip, tokenizer=enc.tok_clip,
-                                         text_encoder_2=enc.t5, tokenizer_2=enc.tok_t5)
+    pipe = diffusers.FluxKontextPipeline(
+        transformer=None,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=enc.clip,
+        tokenizer=enc.tok_clip,
+        text_encoder_2=enc.t5,
+        tokenizer_2=enc.tok_t5,
+    )
     with torch.no_grad():
         ref, ref_pooled, _ = pipe.encode_prompt(PROMPTS, None, device="cpu", max_sequence_length=6)
     context, pooled = sample.encode_flux_prompts(ours, PROMPTS)
@@ -266,6 +310,7 @@ def test_tiny_text_encoders_deterministic_and_distinct():
 def adapter(repo, tmp_path_factory):
     # a two-objective adapter with random (non-zero) LoRA and preference weights, so that ω visibly matters
     import model
+
     net = model.load_transformer(str(repo[0]), pref_dim=2)
     model.add_lora(net, rank=2, alpha=4)
     torch.manual_seed(0)
@@ -279,8 +324,9 @@ def adapter(repo, tmp_path_factory):
 
 def test_sample_images_pixel_space(repo, adapter):
     net, enc = adapter[0], sample.load_text_encoders(str(repo[0]))
-    run = lambda pref, seed, **kw: sample.sample_images(net, None, enc, PROMPTS[:2], pref, steps=3, seed=seed,
-                                                        size=16, **kw)
+    run = lambda pref, seed, **kw: sample.sample_images(
+        net, None, enc, PROMPTS[:2], pref, steps=3, seed=seed, size=16, **kw
+    )
     img = run([0.3, 0.7], 0)
     assert img.shape == (2, 3, 16, 16) and img.min() >= 0 and img.max() <= 1
     assert torch.equal(img, run([0.3, 0.7], 0))
@@ -308,17 +354,33 @@ def test_generate_decodes_latents_with_the_vae():
 
 
 def cli(*args):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True, text=True, timeout=120
+    )
     return r.returncode, r.stderr
 
 
 def test_cli_sweep_writes_strip(repo, adapter, tmp_path):
     out = tmp_path / "strip.png"
-    code, err = cli("--weights", str(repo[0]), "--lora", adapter[1], "--prompt", "a red ring", "--sweep", "3",
-                    "--steps", "2", "--size", "16", "--out", str(out))
+    code, err = cli(
+        "--weights",
+        str(repo[0]),
+        "--lora",
+        adapter[1],
+        "--prompt",
+        "a red ring",
+        "--sweep",
+        "3",
+        "--steps",
+        "2",
+        "--size",
+        "16",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     from PIL import Image
+
     strip = Image.open(out)  # 16 px tiles are enlarged 10x so that the labels (in a band above them) fit
     assert strip.width == 3 * 160 and strip.height > 160
     band = strip.height - 160
@@ -327,21 +389,33 @@ def test_cli_sweep_writes_strip(repo, adapter, tmp_path):
     assert len(set(strip.crop((0, 0, 480, band)).get_flattened_data())) > 1  # the ω labels were drawn
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--pref", "0.5,0.6"], "not on the simplex"),
-    (["--pref", "-0.2"], "not on the simplex"),
-    (["--pref", "abc"], "expected a number"),
-    (["--pref", "0.2,0.3,0.5"], "3 entries but the model was trained with 2 objectives"),
-    (["--pref", "0.3", "--lora", "/no/such/adapter.safetensors"], "--lora /no/such/adapter.safetensors: no such file"),
-    (["--pref", "0.3", "--weights", "/no/such/folder"], "--weights /no/such/folder: no such file or folder"),
-    (["--pref", "0.3", "--lora", ""], "no preference input (pref_dim=0): pass its adapter with --lora"),
-    (["--sweep", "1"], "--sweep 1: needs N from 2 to 64"),
-    (["--size", "24"], "multiple of 16"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--pref", "0.5,0.6"], "not on the simplex"),
+        (["--pref", "-0.2"], "not on the simplex"),
+        (["--pref", "abc"], "expected a number"),
+        (["--pref", "0.2,0.3,0.5"], "3 entries but the model was trained with 2 objectives"),
+        (
+            ["--pref", "0.3", "--lora", "/no/such/adapter.safetensors"],
+            "--lora /no/such/adapter.safetensors: no such file",
+        ),
+        (["--pref", "0.3", "--weights", "/no/such/folder"], "--weights /no/such/folder: no such file or folder"),
+        (["--pref", "0.3", "--lora", ""], "no preference input (pref_dim=0): pass its adapter with --lora"),
+        (["--sweep", "1"], "--sweep 1: needs N from 2 to 64"),
+        (["--size", "24"], "multiple of 16"),
+    ],
+)
 def test_cli_bad_input(repo, adapter, tmp_path, capsys, args, message):
     # in-process for speed (main() is what the script runs); test_cli_process checks the real process
-    opts = {"--weights": str(repo[0]), "--lora": adapter[1], "--prompt": "a red ring", "--size": "16",
-            "--out": str(tmp_path / "x.png"), **dict(zip(args[::2], args[1::2]))}
+    opts = {
+        "--weights": str(repo[0]),
+        "--lora": adapter[1],
+        "--prompt": "a red ring",
+        "--size": "16",
+        "--out": str(tmp_path / "x.png"),
+        **dict(zip(args[::2], args[1::2])),
+    }
     with pytest.raises(SystemExit) as e:
         sample.main([s for kv in opts.items() if kv[1] for s in kv])
     assert e.value.code == 2 and message in capsys.readouterr().err
@@ -360,30 +434,80 @@ def test_end_to_end_matches_diffusers_sd3_pipeline(repo, tmp_path):
     for sub in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
         os.symlink(d / sub, tmp_path / sub)
     torch.manual_seed(0)
-    tr = diffusers.SD3Transformer2DModel(sample_size=4, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
-                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
-                                         caption_projection_dim=16, pooled_projection_dim=40, pos_embed_max_size=8,
-                                         dual_attention_layers=(0,), qk_norm="rms_norm")
-    vae = diffusers.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=16,
-                                  norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
-                                  up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False,
-                                  use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
+    tr = diffusers.SD3Transformer2DModel(
+        sample_size=4,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        caption_projection_dim=16,
+        pooled_projection_dim=40,
+        pos_embed_max_size=8,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+    )
     with torch.no_grad():  # random everything, so that no term hides behind an init
         for p in list(tr.parameters()) + list(vae.parameters()):
             p.copy_(torch.randn_like(p) * 0.2)
     tr.save_pretrained(tmp_path / "transformer")
     vae.save_pretrained(tmp_path / "vae")
     out = tmp_path / "img.png"
-    sample.main(["--weights", str(tmp_path), "--prompt", "a blue square", "--guidance", "2.5", "--steps", "3",
-                 "--size", "32", "--seed", "7", "--out", str(out)])
+    sample.main(
+        [
+            "--weights",
+            str(tmp_path),
+            "--prompt",
+            "a blue square",
+            "--guidance",
+            "2.5",
+            "--steps",
+            "3",
+            "--size",
+            "32",
+            "--seed",
+            "7",
+            "--out",
+            str(out),
+        ]
+    )
     pipe = diffusers.StableDiffusion3Pipeline(
-        transformer=tr, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=enc.clip_l, tokenizer=enc.tok_l, text_encoder_2=enc.clip_g, tokenizer_2=enc.tok_g,
-        text_encoder_3=enc.t5, tokenizer_3=enc.tok_t5)
+        transformer=tr,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=enc.clip_l,
+        tokenizer=enc.tok_l,
+        text_encoder_2=enc.clip_g,
+        tokenizer_2=enc.tok_g,
+        text_encoder_3=enc.t5,
+        tokenizer_3=enc.tok_t5,
+    )
     with torch.no_grad():
-        ref = pipe("a blue square", guidance_scale=2.5, num_inference_steps=3, height=32, width=32,
-                   latents=sample.noise_like((1, 16, 4, 4), 7), output_type="pt").images
+        ref = pipe(
+            "a blue square",
+            guidance_scale=2.5,
+            num_inference_steps=3,
+            height=32,
+            width=32,
+            latents=sample.noise_like((1, 16, 4, 4), 7),
+            output_type="pt",
+        ).images
     from PIL import Image
+
     ours = torch.tensor(list(Image.open(out).get_flattened_data()), dtype=torch.float32)
     ref = (ref[0].permute(1, 2, 0).reshape(-1, 3) * 255).round()
     assert ours.shape == ref.shape and ref.std() > 10  # a non-trivial image

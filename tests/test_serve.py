@@ -1,6 +1,7 @@
 """sample.py --serve: the slider page of a tiny finished run, driven over HTTP, and in a real browser (headless
 Chromium from Debian's packages, which .ci/run installs), talking the DevTools protocol over a pipe (no extra
 package): it loads the page, clicks the slider, and the image changes."""
+
 import base64
 import io
 import json
@@ -18,9 +19,33 @@ import torch
 import sample
 import train
 
-TINY = ["--backbone", "sd35", "--tiny", "--pretrain-steps", "3", "--pretrain-batch", "8", "--prompts-per-step", "2",
-        "--prefs-per-prompt", "2", "--group-size", "2", "--sample-steps", "2", "--eval-points", "3",
-        "--eval-prompts", "2", "--lora-rank", "4", "--lora-alpha", "8", "--batch", "4"]
+TINY = [
+    "--backbone",
+    "sd35",
+    "--tiny",
+    "--pretrain-steps",
+    "3",
+    "--pretrain-batch",
+    "8",
+    "--prompts-per-step",
+    "2",
+    "--prefs-per-prompt",
+    "2",
+    "--group-size",
+    "2",
+    "--sample-steps",
+    "2",
+    "--eval-points",
+    "3",
+    "--eval-prompts",
+    "2",
+    "--lora-rank",
+    "4",
+    "--lora-alpha",
+    "8",
+    "--batch",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +83,7 @@ def test_serve_over_http(server):
     assert info["step"] == 2 and isinstance(info["hypervolume"], float) and info["pref_dim"] == 2
     with urllib.request.urlopen(url + "/", timeout=10) as r:
         page = r.read().decode()
-    assert "<input id=\"prompt\"" in page and '"tiny_photo"' in page and "__INFO__" not in page
+    assert '<input id="prompt"' in page and '"tiny_photo"' in page and "__INFO__" not in page
     # two w: two different images; the same w again comes from the cache, byte for byte
     a = post(url, dict(prompt="a red circle", seed=3, pref=[1.0, 0.0]))
     b = post(url, dict(prompt="a red circle", seed=3, pref=[0.0, 1.0]))
@@ -67,24 +92,28 @@ def test_serve_over_http(server):
     again = post(url, dict(prompt="a red circle", seed=3, pref=[1.0, 0.0]))
     assert again[0] == 200 and again[2]["X-Cache"] == "hit" and again[1] == a[1]
     # what sample.py draws for the same prompt, seed and w
-    from PIL import Image
     import numpy as np
+    from PIL import Image
+
     ours = np.asarray(Image.open(io.BytesIO(a[1])))
     cond, _ = slider.pipe.conditions(["a red circle"])
-    x = slider.pipe.generate(cond, None, [1.0, 0.0], slider.args.steps, 3, 32, 32, 1.0, slider.args.solver,
-                             slider.args.shift)[0]
+    x = slider.pipe.generate(
+        cond, None, [1.0, 0.0], slider.args.steps, 3, 32, 32, 1.0, slider.args.solver, slider.args.shift
+    )[0]
     assert np.abs(ours.astype(int) - np.asarray(sample.to_pil(x)).astype(int)).max() == 0
     # the last request wins: an older request of the same page is dropped, not sampled
     assert post(url, dict(prompt="a blue ring", seed=1, pref=[0.5, 0.5], client="c", seq=5))[0] == 200
     assert post(url, dict(prompt="a blue ring", seed=1, pref=[0.4, 0.6], client="c", seq=3))[0] == 409
     # bad requests: a clear 4xx each, and the server stays up
-    bad = [(dict(prompt="a red circle", pref=[0.7, 0.7]), 400, "simplex"),
-           (dict(prompt="a red circle", pref=[-0.5, 1.5]), 400, "simplex"),
-           (dict(prompt="a red circle", pref=[1.0]), 400, "list of 2"),
-           (dict(prompt="  ", pref=[1.0, 0.0]), 400, "prompt"),
-           (dict(prompt="a red circle", pref=[1.0, 0.0], seed="x"), 400, "seed"),
-           (dict(prompt="a red circle", pref=[1.0, 0.0], source="not a data url"), 400, "data URL"),
-           (None, 400, "JSON object")]
+    bad = [
+        (dict(prompt="a red circle", pref=[0.7, 0.7]), 400, "simplex"),
+        (dict(prompt="a red circle", pref=[-0.5, 1.5]), 400, "simplex"),
+        (dict(prompt="a red circle", pref=[1.0]), 400, "list of 2"),
+        (dict(prompt="  ", pref=[1.0, 0.0]), 400, "prompt"),
+        (dict(prompt="a red circle", pref=[1.0, 0.0], seed="x"), 400, "seed"),
+        (dict(prompt="a red circle", pref=[1.0, 0.0], source="not a data url"), 400, "data URL"),
+        (None, 400, "JSON object"),
+    ]
     for body, code, msg in bad:
         status, out, _ = post(url, body)
         assert status == code and msg in json.loads(out)["error"], (body, out)
@@ -104,17 +133,33 @@ class DevTools:
 
     def __init__(self, chromium, profile):
         import fcntl
+
         r_in, w_in = os.pipe()
         r_out, w_out = os.pipe()
         # the child's ends moved above 10 first, so putting them on 3 and 4 cannot overwrite one with the other;
         # pass_fds keeps 3 and 4 open through exec (the preexec_fn runs before the other fds are closed)
         a, b = fcntl.fcntl(r_in, fcntl.F_DUPFD, 10), fcntl.fcntl(w_out, fcntl.F_DUPFD, 10)
         self.proc = subprocess.Popen(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--remote-debugging-pipe", "--window-size=1000,900", "about:blank"],
-            pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=lambda: (os.dup2(a, 3), os.dup2(b, 4)))
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--remote-debugging-pipe",
+                "--window-size=1000,900",
+                "about:blank",
+            ],
+            pass_fds=(3, 4),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=lambda: (os.dup2(a, 3), os.dup2(b, 4)),
+        )
         for fd in (r_in, w_out, a, b):
             os.close(fd)
         self.w, self.r, self.buf, self.id = os.fdopen(w_in, "wb"), os.fdopen(r_out, "rb"), b"", 0
@@ -149,7 +194,9 @@ def browser_page(dt, url):
     dt.send("Page.navigate", s, url=url)
 
     def js(expr):
-        return dt.send("Runtime.evaluate", s, expression=expr, returnByValue=True, awaitPromise=True)["result"].get("value")
+        return dt.send("Runtime.evaluate", s, expression=expr, returnByValue=True, awaitPromise=True)["result"].get(
+            "value"
+        )
 
     def wait(expr, what, timeout=60):
         t0 = time.time()
@@ -160,6 +207,7 @@ def browser_page(dt, url):
             time.sleep(0.1)
         status = js("document.getElementById('status') && document.getElementById('status').textContent")
         raise AssertionError(f"timed out waiting for {what}; the page says: {status}")
+
     return s, js, wait
 
 
@@ -175,10 +223,12 @@ def test_serve_in_a_browser(server, tmp_path):
     try:
         s, js, wait = browser_page(dt, url + "/")
 
-        pixels = ("(() => {const i = document.getElementById('img'); if (!i.complete || !i.naturalWidth) return null;"
-                  " const c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;"
-                  " const x = c.getContext('2d'); x.drawImage(i, 0, 0);"
-                  " return Array.from(x.getImageData(0, 0, c.width, c.height).data).join(',');})()")
+        pixels = (
+            "(() => {const i = document.getElementById('img'); if (!i.complete || !i.naturalWidth) return null;"
+            " const c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;"
+            " const x = c.getContext('2d'); x.drawImage(i, 0, 0);"
+            " return Array.from(x.getImageData(0, 0, c.width, c.height).data).join(',');})()"
+        )
         first_src = wait("document.getElementById('img').src", "the first image")
         first = wait(pixels, "the first image's pixels")
         assert "tiny_photo" in js("document.body.innerText") and "step 2" in js("document.body.innerText")
@@ -203,9 +253,22 @@ def test_serve_in_a_browser(server, tmp_path):
 
 
 def test_serve_an_editing_run(tmp_path):
-    # the editing backbone: the page asks for a source; an uploaded image is the Kontext reference, a broken one is a 400
-    train.main(["--backbone", "flux-kontext", "--tiny", *TINY[3:], "--steps", "1", "--out", str(tmp_path / "run"),
-                "--cache", str(tmp_path / "cache")])
+    # the editing backbone: the page asks for a source; an uploaded image is the Kontext reference, a broken one is a
+    # 400
+    train.main(
+        [
+            "--backbone",
+            "flux-kontext",
+            "--tiny",
+            *TINY[3:],
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--cache",
+            str(tmp_path / "cache"),
+        ]
+    )
     args = sample.cli().parse_args(["--run", str(tmp_path / "run"), "--serve", "--port", "0"])
     pipe, backbone, spec, objectives, _ = sample.prepare(args)
     slider = sample.Slider(pipe, args, sample.run_info(pipe, backbone, spec, objectives, args))
@@ -222,6 +285,7 @@ def test_serve_an_editing_run(tmp_path):
         status, png, headers = post(url, dict(prompt="make it blue", seed=0, pref=[0.5, 0.5], source=source))
         assert status == 200 and png[:4] == b"\x89PNG" and headers["X-Cache"] == "miss"
         from PIL import Image
+
         assert Image.open(io.BytesIO(png)).size == (32, 32)
         broken = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
         status, out, _ = post(url, dict(prompt="make it blue", seed=0, pref=[0.5, 0.5], source=broken))
@@ -236,6 +300,7 @@ def test_serve_an_editing_run(tmp_path):
 def raw(port, request, timeout=10):
     # bytes over a plain socket (lying headers that urllib would not send) -> the status code, or None if closed
     import socket
+
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(request)
         data = b""
@@ -296,7 +361,9 @@ def test_a_tampered_adapter_cannot_script_the_page(server, tmp_path):
     # objective names come from the adapter file's metadata: one that tries to close the <script> and one that tries
     # markup are shown as text in a real browser, and run nothing
     from safetensors.torch import save_file
+
     import model
+
     _, _, run = server
     shutil.copytree(run, tmp_path / "run")
     path = tmp_path / "run" / "adapters.safetensors"

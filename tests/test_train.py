@@ -1,5 +1,6 @@
 """train.py: the method's math against hand computations and closed forms, the tiny run end to end,
 exact resume, and clear errors on bad input."""
+
 import json
 import os
 import socket
@@ -26,15 +27,22 @@ def test_nft_loss_hand_computation():
     xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
     got = train.nft_loss(v, v_old, x0, xt, t, p, beta, clip)
     for i in range(2):  # SPEC §1.6 written out element by element
-        vn, vo, x, xti, ti = v[i].flatten().tolist(), v_old[i].flatten().tolist(), x0[i].flatten().tolist(), \
-            xt[i].flatten().tolist(), t[i].item()
+        vn, vo, x, xti, ti = (
+            v[i].flatten().tolist(),
+            v_old[i].flatten().tolist(),
+            x0[i].flatten().tolist(),
+            xt[i].flatten().tolist(),
+            t[i].item(),
+        )
         vp = [beta * a + (1 - beta) * b for a, b in zip(vn, vo)]
         vm = [(1 + beta) * b - beta * a for a, b in zip(vn, vo)]
-        def l(vv):
+
+        def loss_of(vv):
             err = [xi - ti * vvi - x0i for xi, vvi, x0i in zip(xti, vv, x)]
             w = max(sum(abs(e) for e in err) / 4, 1e-5)
             return sum(e * e for e in err) / 4 / w
-        want = clip * (p[i].item() * l(vp) / beta + (1 - p[i].item()) * l(vm) / beta)
+
+        want = clip * (p[i].item() * loss_of(vp) / beta + (1 - p[i].item()) * loss_of(vm) / beta)
         assert got[i].item() == pytest.approx(want, rel=1e-5)
 
 
@@ -108,9 +116,33 @@ def test_pref_grid():
     assert len({tuple(w) for w in g3}) == 21
 
 
-TINY = ["--backbone", "sd35", "--tiny", "--pretrain-steps", "3", "--pretrain-batch", "8", "--prompts-per-step", "2",
-        "--prefs-per-prompt", "2", "--group-size", "2", "--sample-steps", "2", "--eval-points", "3",
-        "--eval-prompts", "2", "--lora-rank", "4", "--lora-alpha", "8", "--batch", "4"]
+TINY = [
+    "--backbone",
+    "sd35",
+    "--tiny",
+    "--pretrain-steps",
+    "3",
+    "--pretrain-batch",
+    "8",
+    "--prompts-per-step",
+    "2",
+    "--prefs-per-prompt",
+    "2",
+    "--group-size",
+    "2",
+    "--sample-steps",
+    "2",
+    "--eval-points",
+    "3",
+    "--eval-prompts",
+    "2",
+    "--lora-rank",
+    "4",
+    "--lora-alpha",
+    "8",
+    "--batch",
+    "4",
+]
 
 
 def run(tmp_path, *extra, name="run"):
@@ -120,8 +152,15 @@ def run(tmp_path, *extra, name="run"):
 def test_tiny_run_end_to_end(tmp_path):
     res = run(tmp_path, "--steps", "2")
     out = tmp_path / "run"
-    for f in ("eval.json", "pareto.png", "slider.png", "config.json", "log.txt", "checkpoint.safetensors",
-              "adapters.safetensors"):
+    for f in (
+        "eval.json",
+        "pareto.png",
+        "slider.png",
+        "config.json",
+        "log.txt",
+        "checkpoint.safetensors",
+        "adapters.safetensors",
+    ):
         assert (out / f).is_file(), f
     ev = json.loads((out / "eval.json").read_text())
     assert ev["objectives"] == ["tiny_photo", "tiny_sketch"] and len(ev["sweep"]) == 3
@@ -158,10 +197,15 @@ def test_baselines_are_what_they_say(tmp_path):
     b = run(tmp_path, "--steps", "2", "--fixed-pref", "0,1", name="sketch")
     rs = run(tmp_path, "--method", "soups", "--soup", f"{tmp_path / 'photo'},{tmp_path / 'sketch'}", name="soups")
     assert rs["method"] == "RewardedSoups" and [s["pref"] for s in rs["sweep"]] == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
-    assert rs["sweep"][0]["rewards"] == a["sweep"][0]["rewards"] and rs["sweep"][-1]["rewards"] == b["sweep"][0]["rewards"]
+    assert (
+        rs["sweep"][0]["rewards"] == a["sweep"][0]["rewards"] and rs["sweep"][-1]["rewards"] == b["sweep"][0]["rewards"]
+    )
     assert rs["sweep"][0]["heldout"] == a["sweep"][0]["heldout"]
     assert not (tmp_path / "soups" / "checkpoint.safetensors").exists()  # nothing trained
-    sa, sb = load_file(tmp_path / "photo" / "adapters.safetensors"), load_file(tmp_path / "sketch" / "adapters.safetensors")
+    sa, sb = (
+        load_file(tmp_path / "photo" / "adapters.safetensors"),
+        load_file(tmp_path / "sketch" / "adapters.safetensors"),
+    )
     mix = train.soup(sa, sb, 0.25)
     assert mix.keys() == sa.keys() and all(torch.equal(mix[k], 0.25 * sa[k] + 0.75 * sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sb[k]) for k in sa)
@@ -185,19 +229,25 @@ def test_tiny_captions_carry_style_words(tmp_path):
     setup = train.sd35_tiny_setup(cfg, 2, "cpu")
     assert list(setup.rewrites) == [", photo", ", mixed", ", sketch"]
     for w, c in setup.rewrites.values():
-        assert c["context"].shape == setup.cond["context"].shape and not torch.equal(c["context"], setup.cond["context"])
+        assert c["context"].shape == setup.cond["context"].shape and not torch.equal(
+            c["context"], setup.cond["context"]
+        )
     assert not torch.equal(setup.rewrites[", photo"][1]["pooled"], setup.rewrites[", sketch"][1]["pooled"])
 
 
 def test_sample_run_matches_slider_png(tmp_path):
     # sample.py --run rebuilds a finished tiny run (cached base, tiny text encoders, EMA adapter, the run's steps /
     # solver / shift / size) and draws the same picture as the run's slider.png for the same prompt, noise and w
-    import sample
     from PIL import Image
+
+    import sample
+
     res = run(tmp_path, "--steps", "2")
     d = tmp_path / "run"
     prompt = res["eval_prompts"][0]
-    sample.main(["--run", str(d), "--prompt", prompt, "--pref", "1,0", "--seed", "1234", "--out", str(tmp_path / "a.png")])
+    sample.main(
+        ["--run", str(d), "--prompt", prompt, "--pref", "1,0", "--seed", "1234", "--out", str(tmp_path / "a.png")]
+    )
     ours = torch.tensor(list(Image.open(tmp_path / "a.png").get_flattened_data()), dtype=torch.float32)
     grid = Image.open(d / "slider.png").convert("RGB")  # rows: eval prompts, columns: w; tiles 96 px = 3 x 32 px
     rows, cols = min(6, len(res["eval_prompts"])), len(res["sweep"])
@@ -207,7 +257,9 @@ def test_sample_run_matches_slider_png(tmp_path):
     theirs = torch.tensor(list(tile.get_flattened_data()), dtype=torch.float32)
     assert ours.shape == theirs.shape and theirs.std() > 5
     assert (ours - theirs).abs().max() <= 1  # equal up to 8-bit rounding (batch of 2 in the run vs 1 here)
-    sample.main(["--run", str(d), "--prompt", prompt, "--sweep", "3", "--seed", "1234", "--out", str(tmp_path / "s.png")])
+    sample.main(
+        ["--run", str(d), "--prompt", prompt, "--sweep", "3", "--seed", "1234", "--out", str(tmp_path / "s.png")]
+    )
     assert Image.open(tmp_path / "s.png").width == 3 * 160
     # the adapter knows its objective count and backbone: a wrong one is refused with both named
     with pytest.raises(SystemExit) as e:
@@ -230,49 +282,66 @@ def test_resume_equals_straight(tmp_path):
     assert all(torch.equal(first[k], a[f"ema.{k}"]) for k in first)  # the saved adapters are the final EMA
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["--fixed-pref", "0.5,0.3,0.2"], "has 3 weights but there are 2 objectives"),
-    (["--fixed-pref", "0.7,0.7"], "not on the simplex"),
-    (["--rewards", "tiny_photo,nope"], "unknown reward"),
-    (["--rewards", "tiny_photo"], "at least two objectives"),
-    (["--method", "fixed"], "needs its weights: --fixed-pref"),
-    (["--method", "flowmulti", "--fixed-pref", "0.5,0.5"], "--method flowmulti takes none"),
-    (["--method", "soups"], "needs --soup runA,runB"),
-    (["--soup", "a,b"], "--soup is for --method soups only"),
-    (["--method", "soups", "--soup", "nowhere,nothere"], "each with adapters.safetensors (none in nowhere, nothere)"),
-    (["--method", "prompt", "--rewards", "tiny_photo,tiny_sketch,tiny_prompt"], "along two objectives"),
-    (["--method", "dpo"], "--method 'dpo': choose one of"),
-    (["--heldout", "tiny_nope"], "unknown reward"),
-    (["--heldout", "temporal_flicker"], "score videos; --backbone sd35 makes images"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--fixed-pref", "0.5,0.3,0.2"], "has 3 weights but there are 2 objectives"),
+        (["--fixed-pref", "0.7,0.7"], "not on the simplex"),
+        (["--rewards", "tiny_photo,nope"], "unknown reward"),
+        (["--rewards", "tiny_photo"], "at least two objectives"),
+        (["--method", "fixed"], "needs its weights: --fixed-pref"),
+        (["--method", "flowmulti", "--fixed-pref", "0.5,0.5"], "--method flowmulti takes none"),
+        (["--method", "soups"], "needs --soup runA,runB"),
+        (["--soup", "a,b"], "--soup is for --method soups only"),
+        (
+            ["--method", "soups", "--soup", "nowhere,nothere"],
+            "each with adapters.safetensors (none in nowhere, nothere)",
+        ),
+        (["--method", "prompt", "--rewards", "tiny_photo,tiny_sketch,tiny_prompt"], "along two objectives"),
+        (["--method", "dpo"], "--method 'dpo': choose one of"),
+        (["--heldout", "tiny_nope"], "unknown reward"),
+        (["--heldout", "temporal_flicker"], "score videos; --backbone sd35 makes images"),
+    ],
+)
 def test_bad_input_clear_errors(tmp_path, capsys, args, msg):
     with pytest.raises(SystemExit) as e:
         run(tmp_path, "--steps", "1", *args)
     assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["--tiny", "--size", "18"], "--size 18: the tiny ltx2 needs a multiple of 4"),
-    (["--frames", "10"], "LTX-2 needs 8k+1 frames"),
-    (["--size", "500"], "--size 500: ltx2 needs a multiple of 32"),
-    (["--no-vae"], "missing vae/ (Lightricks' combined file: sample.py with --text-encoders)"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--tiny", "--size", "18"], "--size 18: the tiny ltx2 needs a multiple of 4"),
+        (["--frames", "10"], "LTX-2 needs 8k+1 frames"),
+        (["--size", "500"], "--size 500: ltx2 needs a multiple of 32"),
+        (["--no-vae"], "missing vae/ (Lightricks' combined file: sample.py with --text-encoders)"),
+    ],
+)
 def test_ltx2_clip_size_refused_before_loading(tmp_path, capsys, args, msg):
     # the full-size weights here are a folder of empty parts: the clip is refused before anything would load
     (tmp_path / "p.txt").write_text("a red circle\n")
     for d in ("text_encoder", "tokenizer") + (() if "--no-vae" in args else ("vae",)):
         (tmp_path / d).mkdir()
     args = [a for a in args if a != "--no-vae"]
-    full = [] if "--tiny" in args else ["--weights", str(tmp_path), "--prompts", str(tmp_path / "p.txt"), "--device",
-                                        "cpu"]
+    full = (
+        []
+        if "--tiny" in args
+        else ["--weights", str(tmp_path), "--prompts", str(tmp_path / "p.txt"), "--device", "cpu"]
+    )
     with pytest.raises(SystemExit) as e:
         train.main(["--backbone", "ltx2", *full, *args, "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
 def test_missing_weights_is_a_message_not_a_traceback(tmp_path):
-    p = subprocess.run([sys.executable, "train.py", "--backbone", "sd35", "--out", str(tmp_path / "x")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "train.py", "--backbone", "sd35", "--out", str(tmp_path / "x")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "no base weights" in p.stderr and "--tiny" in p.stderr
 
@@ -286,9 +355,28 @@ def test_two_processes_equal_one(tmp_path):
     with socket.socket() as s:  # a free port: two test runs at once must not collide
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                        "127.0.0.1", "--master_port", port, "train.py", *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            "train.py",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("tiny base: pretrained, cached in") == 1 and len(os.listdir(tmp_path / "cache")) == 1
     train.main(args + ["--out", str(tmp_path / "one")])
@@ -302,7 +390,7 @@ def test_two_processes_equal_one(tmp_path):
             assert (one[k] - two[k]).abs().max().item() <= 5e-5, k
     ema = load_file(tmp_path / "one" / "adapters.safetensors")
     lora = [k for k in one if k.startswith("policy.") and ".lora_B" in k]
-    assert lora and any((one[k] != ema[k[len("policy."):]]).any() for k in lora)  # the updates moved the weights
+    assert lora and any((one[k] != ema[k[len("policy.") :]]).any() for k in lora)  # the updates moved the weights
     assert json.loads((tmp_path / "two" / "eval.json").read_text())["sweep"]
 
 
@@ -311,11 +399,45 @@ def test_full_size_path_on_a_tiny_diffusers_folder(tmp_path):
     # the VAE), on a CPU with a tiny random SD3.5 folder standing in for the released weights
     repo = tmp_path / "repo"
     sd35_repo(repo)
-    res = train.main(["--backbone", "sd35", "--weights", str(repo), "--prompts", str(repo / "prompts.txt"),
-                      "--device", "cpu", "--dtype", "fp32", "--rewards", "tiny_photo,tiny_sketch", "--size", "32",
-                      "--steps", "2", "--prompts-per-step", "2", "--prefs-per-prompt", "2", "--group-size", "2",
-                      "--sample-steps", "2", "--eval-points", "3", "--eval-prompts", "2", "--lora-rank", "2",
-                      "--batch", "4", "--grad-ckpt", "--out", str(tmp_path / "run")])
+    res = train.main(
+        [
+            "--backbone",
+            "sd35",
+            "--weights",
+            str(repo),
+            "--prompts",
+            str(repo / "prompts.txt"),
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--rewards",
+            "tiny_photo,tiny_sketch",
+            "--size",
+            "32",
+            "--steps",
+            "2",
+            "--prompts-per-step",
+            "2",
+            "--prefs-per-prompt",
+            "2",
+            "--group-size",
+            "2",
+            "--sample-steps",
+            "2",
+            "--eval-points",
+            "3",
+            "--eval-prompts",
+            "2",
+            "--lora-rank",
+            "2",
+            "--batch",
+            "4",
+            "--grad-ckpt",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert len(res["sweep"]) == 3 and res["eval_prompts"] == ["a red circle", "a blue square"]
     assert (tmp_path / "run" / "slider.png").is_file()
     with pytest.raises(SystemExit):
@@ -325,10 +447,24 @@ def test_full_size_path_on_a_tiny_diffusers_folder(tmp_path):
 def test_flux_kontext_tiny_run_and_sample_run(tmp_path):
     # the editing backbone through the same loop: source images as Kontext reference tokens and as the rewards'
     # meta["source"]; sample.py --run rebuilds it and puts the source first in the strip
-    import sample
     from PIL import Image
-    res = train.main(["--backbone", "flux-kontext", "--tiny", *TINY[3:], "--steps", "1", "--out", str(tmp_path / "run"),
-                      "--cache", str(tmp_path / "cache")])
+
+    import sample
+
+    res = train.main(
+        [
+            "--backbone",
+            "flux-kontext",
+            "--tiny",
+            *TINY[3:],
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--cache",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert res["objectives"] == ["tiny_preserve", "tiny_adhere"] and len(res["sweep"]) == 3
     assert all(torch.isfinite(torch.tensor(s["rewards"])).all() for s in res["sweep"])
     grid = Image.open(tmp_path / "run" / "slider.png")
@@ -336,12 +472,26 @@ def test_flux_kontext_tiny_run_and_sample_run(tmp_path):
     src = tmp_path / "src.png"
     sample.to_pil(torch.rand(3, 32, 32)).save(src)
     out = tmp_path / "strip.png"
-    sample.main(["--run", str(tmp_path / "run"), "--image", str(src), "--prompt", "make it blue", "--sweep", "3",
-                 "--out", str(out)])
+    sample.main(
+        [
+            "--run",
+            str(tmp_path / "run"),
+            "--image",
+            str(src),
+            "--prompt",
+            "make it blue",
+            "--sweep",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     strip = Image.open(out)
     assert strip.width == 4 * 160  # 32 px tiles enlarged 5x: the source, then 3 values of w
     band = strip.height - 160
-    first = torch.tensor(list(strip.crop((0, band, 160, band + 160)).resize((32, 32), Image.NEAREST).get_flattened_data()))
+    first = torch.tensor(
+        list(strip.crop((0, band, 160, band + 160)).resize((32, 32), Image.NEAREST).get_flattened_data())
+    )
     assert (first.float() - torch.tensor(list(Image.open(src).get_flattened_data())).float()).abs().max() <= 1
 
 
@@ -358,7 +508,9 @@ def test_edit_set_errors(tmp_path, capsys):
     with pytest.raises(train.RunError, match="x.png has no instruction file x.txt"):
         train.read_edits(str(tmp_path / "f"))
     with pytest.raises(SystemExit) as e:
-        train.main(["--backbone", "flux-kontext", "--weights", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "o")])
+        train.main(
+            ["--backbone", "flux-kontext", "--weights", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "o")]
+        )
     assert e.value.code == 2 and "--edits ''" in capsys.readouterr().err
 
 
@@ -366,9 +518,20 @@ def test_baselines_benchmark_runs(tmp_path, monkeypatch, capsys):
     # benchmarks/baselines.py end to end on the tiny flags: every method, the table, the goals, the picture; a
     # second call reads the finished runs instead of training again
     import runpy
+
     flags = [a for a in TINY if a not in ("--backbone", "sd35", "--tiny")]
-    argv = ["baselines.py", "--seeds", "0", "--steps", "1", "--out", str(tmp_path / "b"), "--cache",
-            str(tmp_path / "cache"), *flags]
+    argv = [
+        "baselines.py",
+        "--seeds",
+        "0",
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "b"),
+        "--cache",
+        str(tmp_path / "cache"),
+        *flags,
+    ]
     for _ in range(2):
         monkeypatch.setattr(sys, "argv", argv)
         runpy.run_path(os.path.join(ROOT, "benchmarks", "baselines.py"), run_name="__main__")
@@ -387,8 +550,9 @@ def test_baselines_benchmark_runs(tmp_path, monkeypatch, capsys):
 def test_nft_loss_covers_audio_only_when_asked():
     # LTX-2's packed x0 = [video | audio]; Setup.nft_part (cfg.nft_audio False) restricts the NFT loss to the video:
     # changing the audio half of x0 then changes no loss, and with nft_audio it does
-    import sample
     from types import SimpleNamespace
+
+    import sample
 
     class Net(torch.nn.Module):  # (video, audio) -> (video, audio) velocities, one adapter weight each
         def __init__(self):
@@ -428,8 +592,25 @@ def test_ltx2_tiny_run(tmp_path):
     # the audio + video backbone through the same loop: video and audio packed in one x0, the image rewards scored
     # per frame, the slider picture's rows are time
     from PIL import Image
-    res = train.main(["--backbone", "ltx2", "--tiny", *TINY[3:], "--frames", "3", "--size", "16", "--steps", "1",
-                      "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache")])
+
+    res = train.main(
+        [
+            "--backbone",
+            "ltx2",
+            "--tiny",
+            *TINY[3:],
+            "--frames",
+            "3",
+            "--size",
+            "16",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--cache",
+            str(tmp_path / "cache"),
+        ]
+    )
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["frames"] == 3 and cfg["nft_audio"] is False
     assert res["objectives"] == ["tiny_photo", "tiny_sketch"] and len(res["sweep"]) == 3
@@ -439,7 +620,18 @@ def test_ltx2_tiny_run(tmp_path):
     base = [f for f in os.listdir(tmp_path / "cache") if f.startswith("tiny_ltx2")]
     assert len(base) == 1 and model.load_transformer(tmp_path / "cache" / base[0]).cfg.in_channels == 48
     import sample  # the run folder rebuilds the pipeline: a 3-frame clip per w, side by side in one animation
-    sample.main(["--run", str(tmp_path / "run"), "--prompt", "a red circle", "--sweep", "3",
-                 "--out", str(tmp_path / "strip.webp")])
+
+    sample.main(
+        [
+            "--run",
+            str(tmp_path / "run"),
+            "--prompt",
+            "a red circle",
+            "--sweep",
+            "3",
+            "--out",
+            str(tmp_path / "strip.webp"),
+        ]
+    )
     strip = Image.open(tmp_path / "strip.webp")
     assert strip.n_frames == 3 and strip.width >= 3 * 16

@@ -17,27 +17,58 @@ TINY = {  # name: (block_out_channels, layers_per_block)
     "3-level": ((16, 32, 32), 2),  # a level with no width change: no nin_shortcut there
 }
 SD35_VAE_CONFIG = dict(  # stabilityai/stable-diffusion-3.5-medium vae/config.json
-    in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
-    norm_num_groups=32, act_fn="silu", down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
-    use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=16,
+    norm_num_groups=32,
+    act_fn="silu",
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=1024,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    force_upcast=True,
+)
 
 
 def diffusers_config(channels, layers):
     n = len(channels)
-    return dict(block_out_channels=channels, layers_per_block=layers, latent_channels=16, norm_num_groups=8,
-                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                use_quant_conv=False, use_post_quant_conv=False, scaling_factor=SD3[0], shift_factor=SD3[1])
+    return dict(
+        block_out_channels=channels,
+        layers_per_block=layers,
+        latent_channels=16,
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=SD3[0],
+        shift_factor=SD3[1],
+    )
 
 
 def to_original(sd, levels):
     """The test's own inverse of diffusers' convert_ldm_vae_checkpoint, written as string rules (the code under
     test parses keys instead), so the two are independent."""
-    rules = [("conv_norm_out", "norm_out"), ("mid_block.resnets.0", "mid.block_1"),
-             ("mid_block.resnets.1", "mid.block_2"),
-             ("mid_block.attentions.0", "mid.attn_1"), ("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"),
-             ("to_v", "v"), ("to_out.0", "proj_out"), ("conv_shortcut", "nin_shortcut"),
-             ("downsamplers.0", "downsample"), ("upsamplers.0", "upsample"), (".resnets.", ".block.")]
+    rules = [
+        ("conv_norm_out", "norm_out"),
+        ("mid_block.resnets.0", "mid.block_1"),
+        ("mid_block.resnets.1", "mid.block_2"),
+        ("mid_block.attentions.0", "mid.attn_1"),
+        ("group_norm", "norm"),
+        ("to_q", "q"),
+        ("to_k", "k"),
+        ("to_v", "v"),
+        ("to_out.0", "proj_out"),
+        ("conv_shortcut", "nin_shortcut"),
+        ("downsamplers.0", "downsample"),
+        ("upsamplers.0", "upsample"),
+        (".resnets.", ".block."),
+    ]
     out = {}
     for key, t in sd.items():
         for a, b in rules:
@@ -68,14 +99,22 @@ def tiny(request, tmp_path_factory):
     bundle["model.diffusion_model.x_embedder.proj.weight"] = torch.zeros(4, 16, 2, 2)  # must be ignored
     bundle["text_encoders.clip_l.logit_scale"] = torch.zeros(())
     save_file(bundle, tmp / "sd3.safetensors")
-    return dict(ref=ref, channels=channels, original=original, folder=tmp / "repo" / "vae", root=tmp / "repo",
-                single=tmp / "sd3.safetensors", tmp=tmp)
+    return dict(
+        ref=ref,
+        channels=channels,
+        original=original,
+        folder=tmp / "repo" / "vae",
+        root=tmp / "repo",
+        single=tmp / "sd3.safetensors",
+        tmp=tmp,
+    )
 
 
 def test_original_file_converts_back_exactly(tiny):
     ref_sd = tiny["ref"].state_dict()
-    back = convert_ldm_vae_checkpoint({"first_stage_model." + k: t for k, t in tiny["original"].items()},
-                                      dict(tiny["ref"].config))
+    back = convert_ldm_vae_checkpoint(
+        {"first_stage_model." + k: t for k, t in tiny["original"].items()}, dict(tiny["ref"].config)
+    )
     assert back.keys() == ref_sd.keys()
     assert all(torch.equal(back[k], ref_sd[k]) for k in ref_sd)
     ours = vae_from_diffusers(ref_sd, len(tiny["channels"]))  # the code's own mapping agrees with the test's
@@ -119,17 +158,22 @@ def test_sample_matches_diffusers_posterior(tiny):
 def test_constants_and_dtype(tiny):
     flux = load_vae(tiny["single"], groups=8, **VAE_FLUX)  # a single file has no config: the caller says which
     assert (flux.scaling, flux.shift) == (0.3611, 0.1159)
-    with pytest.raises(ValueError, match=r"sd3.safetensors: a single-file VAE has no latent scaling/shift.*"
-                                         r"VAE_SD3.*VAE_FLUX"):
+    with pytest.raises(
+        ValueError,
+        match=r"sd3.safetensors: a single-file VAE has no latent scaling/shift.*"
+        r"VAE_SD3.*VAE_FLUX",
+    ):
         load_vae(tiny["single"], groups=8)  # never SD3's constants by default
     with pytest.raises(ValueError, match="no latent scaling/shift"):
         load_vae(tiny["single"], groups=8, scaling=VAE_FLUX["scaling"])
     config = json.loads((tiny["folder"] / "config.json").read_text())
     (tiny["tmp"] / "flux_vae").mkdir(exist_ok=True)
-    (tiny["tmp"] / "flux_vae" / "config.json").write_text(json.dumps(dict(config, scaling_factor=0.3611,
-                                                                          shift_factor=0.1159)))
+    (tiny["tmp"] / "flux_vae" / "config.json").write_text(
+        json.dumps(dict(config, scaling_factor=0.3611, shift_factor=0.1159))
+    )
     (tiny["tmp"] / "flux_vae" / "diffusion_pytorch_model.safetensors").write_bytes(
-        (tiny["folder"] / "diffusion_pytorch_model.safetensors").read_bytes())
+        (tiny["folder"] / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
     from_config = load_vae(tiny["tmp"] / "flux_vae", dtype=torch.bfloat16)
     assert (from_config.scaling, from_config.shift) == (0.3611, 0.1159)
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in from_config.parameters())

@@ -162,7 +162,8 @@ def chunk_names(*names):
 
 
 class SliderProjector(nn.Module):
-    # The shared slider vector m(w) (SPEC §1.2; Kontinuous Kontext's SliderProjector with num_freqs=1).
+    # The shared slider vector m(w) (the released T2I code's slider conditioning,
+    # SD3Transformer2DModelWithConditioning; Kontinuous Kontext's SliderProjector with num_freqs=1).
     def __init__(self, pref_dim, dim, pe_dim=768, layers=4):
         super().__init__()
         self.pe = Linear(2 * pref_dim, pe_dim)
@@ -702,7 +703,7 @@ class SD3Block(nn.Module):
     def pre_attention(self, x, c):
         # -> (q, k, v) of the joint attention, the modulated input of attn2, and the modulation chunks.
         n = 2 if self.pre_only else (9 if self.dual else 6)
-        mod = chunks(self.adaLN_modulation(c), SD3_MOD[:n])  # Stability order (notes/backbones.md §4.1)
+        mod = chunks(self.adaLN_modulation(c), SD3_MOD[:n])  # Stability order (mmditx.py DismantledBlock)
         h = kernels.modulate(x, mod.shift_msa, mod.scale_msa, 1e-6)
         q, k, v = self.attn.qkv_heads(h)
         h2 = kernels.modulate(x, mod.shift_msa2, mod.scale_msa2, 1e-6) if self.dual else None
@@ -1314,7 +1315,8 @@ def flux_config_from_state(sd, meta=None):
 
 def flux_module_map(cfg):
     """{our module: diffusers module, or a tuple of them for a fused tensor (concatenated along the output)} for
-    every weight-holding module (notes/backbones.md §2.4; diffusers single_file_utils.py:2294-2488). Our qk norms
+    every weight-holding module (diffusers single_file_utils.py:2294-2488,
+    convert_flux_transformer_checkpoint_to_diffusers). Our qk norms
     (`*_norm`, tensor `scale`) are diffusers' RMSNorms (tensor `weight`)."""
     e = "time_text_embed."
     m = {
@@ -1410,7 +1412,7 @@ def flux_lora_to_diffusers(net):
 
 
 # ----------------------------------------------------------------------------------------------------
-# LTX-2 (Lightricks, the 19B audio + video DiT; notes/backbones.md §3). Lightricks ltx-core model/transformer/*.py;
+# LTX-2 (Lightricks, the 19B audio + video DiT; HF Lightricks/LTX-2). Lightricks ltx-core model/transformer/*.py;
 # diffusers transformer_ltx2.py (0.42.1, line numbers below). Module names are the original checkpoint keys
 # (`model.diffusion_model.` stripped); a diffusers folder goes through ltx2_key, a pure rename.
 
@@ -1790,7 +1792,7 @@ LTX2_RENAMES_BACK = {d: o for o, d in LTX2_RENAMES.items()}
 assert len(LTX2_RENAMES_BACK) == len(LTX2_RENAMES) and not set(LTX2_RENAMES) & set(LTX2_RENAMES_BACK)
 
 # the combined file's other components (after `model.diffusion_model.` is stripped, or beside it): text connectors,
-# Gemma feature projection, video VAE, audio VAE, vocoder (notes/backbones.md §3.4)
+# Gemma feature projection, video VAE, audio VAE, vocoder (diffusers single_file_utils.py:4151-4221)
 LTX2_BUNDLED = (
     "video_embeddings_connector.",
     "audio_embeddings_connector.",
@@ -2013,7 +2015,8 @@ def ltx2_file_metadata(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------
-# LTX-2 text connectors (notes/backbones.md §3.6): Gemma-3's 49 stacked hidden states -> the two text contexts the DiT
+# LTX-2 text connectors (diffusers pipelines/ltx2/connectors.py): Gemma-3's 49 stacked hidden states -> the two text
+# contexts the DiT
 # cross-attends to. Lightricks ltx-core text_encoders/gemma (feature extractor + Embeddings1DConnector); diffusers
 # pipelines/ltx2/connectors.py (0.42.1, line numbers below). Module names are the combined file's keys
 # (`model.diffusion_model.` stripped where present); a diffusers `connectors/` folder goes through ltx2_connector_key.
@@ -2630,7 +2633,8 @@ def load_vae(path, dtype=torch.float32, device="cpu", scaling=None, shift=None, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# LTX-2 video VAE (notes/backbones.md §3.5): video [B, 3, 8k+1, H, W] <-> latents [B, 128, k+1, H/32, W/32]. Lightricks
+# LTX-2 video VAE (diffusers autoencoder_kl_ltx2.py): video [B, 3, 8k+1, H, W] <-> latents [B, 128, k+1, H/32, W/32].
+# Lightricks
 # ltx-core model/video_vae; diffusers autoencoder_kl_ltx2.py (0.42.1, line numbers below). Module names are the
 # combined file's `vae.*` keys: encoder and decoder are flat lists of stages (resnet groups, resamplers, the mid group)
 # as in ltx-core; a diffusers `vae/` folder goes through ltx2_vae_from_diffusers. Norms are parameter-free per-pixel
@@ -2980,7 +2984,8 @@ def load_ltx2_vae(sd, cfg, what, dtype, device, scaling=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# LTX-2 audio VAE and vocoder (notes/backbones.md §3.5): stereo log-mel [B, 2, 4A-3, 64] <-> latents [B, 8, A, 16]
+# LTX-2 audio VAE and vocoder (diffusers autoencoder_kl_ltx2_audio.py, pipelines/ltx2/vocoder.py): stereo log-mel
+# [B, 2, 4A-3, 64] <-> latents [B, 8, A, 16]
 # (25 latent frames/s), and mel -> 24 kHz stereo waveform. Lightricks ltx-core model/audio_vae; diffusers
 # models/autoencoders/autoencoder_kl_ltx2_audio.py and pipelines/ltx2/vocoder.py (0.42.1, line numbers below). Module
 # names are the combined file's `audio_vae.*` and `vocoder.*` keys; diffusers renames only the statistics

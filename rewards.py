@@ -34,7 +34,7 @@ def _sources(images, meta):  # stack meta[i]["source"] -> [B,3,H,W] like images
     return src
 
 
-# --- offline rewards (no weights): notes/rewards.md §1.5
+# --- offline rewards (no weights)
 
 
 def _sqrt0(v, eps=1e-8):
@@ -115,8 +115,8 @@ def ssim(images, prompts, meta):
 
 # --- the tiny world
 # `python train.py --backbone sd35 --tiny` pretrains a tiny pixel-space model on this world and then slides
-# between its two styles, mirroring the paper's photorealism <-> sketch pair (notes/paper.md §4.1).
-# Each prompt "a {color} {shape}" is drawn in two styles, and in every pixel blend between them:
+# between its two styles, mirroring the paper's photorealism <-> sketch pair (the paper's text-to-image experiment,
+# arXiv 2604.20816). Each prompt "a {color} {shape}" is drawn in two styles, and in every pixel blend between them:
 #   photo  (s = 0) - a filled, shaded shape over a textured, muted, noisy background: colour everywhere;
 #   sketch (s = 1) - a thin dark gray outline of the same shape on near-white paper;
 #   mixed  (0 < s < 1) - (1 - s) photo + s sketch of the same scene, a photo fading into its drawing.
@@ -349,8 +349,8 @@ def tiny_prompt(images, prompts, meta):
 
 # --- the tiny editing world
 # The editing counterpart of the tiny world, for FLUX.1 Kontext's source preservation <-> instruction adherence
-# (notes/paper.md §4.2). A source is a photo of one shape (tiny_world's photo style, its background kept muted
-# and its lighting soft so the object stands out in chroma: the rewards below find it in the source); an
+# (the paper's editing experiment). A source is a photo of one shape (tiny_world's photo style, its background kept
+# muted and its lighting soft so the object stands out in chroma: the rewards below find it in the source); an
 # instruction asks for one change; the target is the same scene with only that change:
 #   colour - "make it blue": the object repainted, same shading and noise;
 #   shape  - "make it a square": same colour, centre, radius and lighting, another outline;
@@ -586,7 +586,7 @@ def tiny_adhere(images, prompts, meta):
     return (d0 - _edit_distance(images, ref)) / (d0 - d1).clamp_min(0.05)
 
 
-# --- model-based rewards, through transformers only: notes/rewards.md §1.2 and §1.6
+# --- model-based rewards, through transformers only
 # Each load_<name>(path_or_hub_id=None, device, dtype, ...) loads once (lazily: only when asked for) and returns
 # a reward fn. Preprocessing is done on tensors (resize, crop, normalise in torch), so a batch goes through in
 # one call and, with differentiable=True, gradients reach the images (ReFL/DRaFT-style use); otherwise no-grad.
@@ -689,7 +689,7 @@ def load_pickscore(
 
 
 def load_pickscore_photo(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, **kw):
-    # the paper's photorealism reward: PickScore of the prompt behind a "photorealistic ..." prefix (paper §4.1)
+    # the paper's photorealism reward: PickScore of the prompt behind a "photorealistic ..." prefix (its T2I code)
     return load_pickscore(path_or_hub_id, device, dtype, prefix=PHOTO_PREFIX, **kw)
 
 
@@ -808,8 +808,8 @@ def load_dino_sim(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, diffe
 
 # --- VLM judge: Qwen2.5-VL reads a rubric and the image; the score is the expected digit of its answer.
 # ParetoSlider's reward server asks Qwen2.5-VL-7B for one digit 0-5 (temperature 0, max_tokens 1) and takes
-# Σ k·p(k)/5 over the top-20 first-token log-probs renormalised over the digits (notes/paper.md §4.1). We do
-# the same with one forward pass and the exact probabilities of all six digits: no generation, no parsing,
+# Σ k·p(k)/5 over the top-20 first-token log-probs renormalised over the digits (the released T2I code's VLM reward).
+# We do the same with one forward pass and the exact probabilities of all six digits: no generation, no parsing,
 # nothing that can fail into a silent zero. The rubric wording is ours, after the paper's description.
 
 SKETCH_RUBRIC = (
@@ -830,7 +830,7 @@ PHOTO_RUBRIC = (
 )
 
 
-# The editing pair (notes/paper.md §4.2): ParetoSlider's multi_reward_server.py asks Qwen2.5-VL-7B, with its
+# The editing pair (the paper's editing experiment): ParetoSlider's multi_reward_server.py asks Qwen2.5-VL-7B, with its
 # SCORE_LOGIT template (reward_server/prompt_template.py: "Here are two images: the original and the edited
 # version", the reference first, the edit second, a 0-5 digit), once with the requirement "Ignore the
 # instruction! Score only if the output is exactly the same as the reference image!" (preservation) and once
@@ -972,8 +972,8 @@ def load_vlm_edit(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, **kw)
 # --- video objectives
 # A video backbone (LTX-2) hands its rewards video [B,T,3,H,W] in [0,1], frames along dim 1, with the same prompts
 # and meta; a video reward returns [B] like any other and carries `.video = True`. The paper's video sliders are
-# photorealistic <-> animation and photorealistic <-> sketch (notes/paper.md §4.3; how it scored videos is not
-# published). Three ways to score a video: an image reward averaged over a few frames (per_frame: what
+# photorealistic <-> animation and photorealistic <-> sketch (the project page's video sliders; how it scored videos is
+# not published). Three ways to score a video: an image reward averaged over a few frames (per_frame: what
 # get_reward(..., video=True) does to every image reward, so train.py calls each objective the same way), a VLM
 # judge that sees several frames at once in one image (frame_grid), and one that needs no weights and looks
 # only at time (temporal_flicker).
@@ -1081,7 +1081,7 @@ def temporal_flicker(video, prompts, meta, radius=3, block=4, scale=0.05, size=6
 temporal_flicker.video = True
 
 
-# The paper's photorealistic <-> animation slider shows Pixar-like clips (cat_pixar.mp4, notes/paper.md §4.3); its
+# The paper's photorealistic <-> animation slider shows Pixar-like clips (cat_pixar.mp4 on the project page); its
 # reward server has an "animation" style judge next to the sketch one (§4.1). Same form as SKETCH_RUBRIC; the
 # wording is ours.
 ANIMATION_RUBRIC = (

@@ -148,7 +148,8 @@ def denoise(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# SD3.5 text encoders (notes/backbones.md §1.5): CLIP-L and OpenCLIP-bigG penultimate states, zero-padded to the
+# SD3.5 text encoders (diffusers pipeline_stable_diffusion_3.py encode_prompt): CLIP-L and OpenCLIP-bigG penultimate
+# states, zero-padded to the
 # T5 width, followed by the T5-XXL states on the token axis; pooled = both projected CLIP embeddings.
 
 
@@ -207,7 +208,7 @@ def tiny_text_encoders(
     vocab: list[str], seed: int = 0, clip_dims=(32, 32), t5_dim: int = 64, clip_len: int = 8, t5_len: int = 8
 ) -> TextEncoders:
     # The same three transformers classes with tiny random configs and an offline word-level tokenizer, for the
-    # CPU default (SPEC §4). Fixed seed -> identical weights on every run, without touching the global RNG.
+    # CPU default (train.py --tiny). Fixed seed -> identical weights on every run, without touching the global RNG.
     from transformers import CLIPTextModelWithProjection
 
     assert sum(clip_dims) <= t5_dim, "the CLIP states are zero-padded to the T5 width"
@@ -323,8 +324,8 @@ def encode_prompts(enc: TextEncoders, prompts: list[str], t5_len: int | None = N
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# FLUX text encoders (notes/backbones.md §2.6): T5-XXL last hidden states (512 tokens, padded, no attention mask)
-# as the context, CLIP-L's un-projected pooler output as the pooled vector.
+# FLUX text encoders (diffusers pipeline_flux_kontext.py): T5-XXL last hidden states (512 tokens, padded, no attention
+# mask) as the context, CLIP-L's un-projected pooler output as the pooled vector.
 
 
 @dataclass
@@ -400,7 +401,7 @@ def encode_flux_prompts(enc: FluxTextEncoders, prompts: list[str]):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# LTX-2 text encoder (notes/backbones.md §3.6): Gemma-3 over the prompt left-padded to 1024 tokens, all its hidden
+# LTX-2 text encoder (diffusers pipeline_ltx2.py): Gemma-3 over the prompt left-padded to 1024 tokens, all its hidden
 # states stacked ([B, L, C, layers + 1]), then model.LTX2TextConnectors (per-layer norm, aggregate projection, the two
 # connectors) -> the DiT's context and context_audio (pipeline_ltx2.py:303-372 _get_gemma_prompt_embeds).
 

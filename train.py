@@ -8,7 +8,8 @@
     python train.py --backbone sd35 --weights <diffusers folder> --rewards pickscore_photo,vlm_sketch
     torchrun --nproc_per_node 8 train.py ...                        # same script, N GPUs
 
-One epoch (SPEC §1): draw prompts and K preferences w per prompt; sample G images per (prompt, w) group
+One epoch (the paper, arXiv 2604.20816, and its released SD3.5 code, train_pareto_nft_sd3.py): draw prompts and K
+preferences w per prompt; sample G images per (prompt, w) group
 with the old policy and a deterministic ODE solver; score every image with every reward; normalise each
 reward inside its group; turn advantages into optimality probabilities p_m and mix them with the sample's
 own w (p = sum_m w_m p_m, exactly the w-weighted sum of M per-reward losses); one DiffusionNFT update
@@ -113,7 +114,7 @@ CHOICES = dict(
     device=("", "cuda", "cpu"),
     method=("slider", "fixed", "flowmulti", "prompt", "soups"),
 )
-# METHODS: the paper's method and its baselines (notes/paper.md §5.1), one loop. Which train, and their eval.json names:
+# METHODS: the paper's method and its baselines (its comparisons), one loop. Which train, and their eval.json names:
 #   slider    ParetoSlider: one model with the w input, late scalarisation (per-reward advantages mixed by w)
 #   fixed     FixedWeight: early scalarisation sum_m w_m r_m at one --fixed-pref, no w input; one run per w
 #   flowmulti FlowMulti: the summed rewards, no w input, evaluated at 1/3, 2/3 and the end of training. (Group

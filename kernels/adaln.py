@@ -1,6 +1,6 @@
 """adaLN modulate: LayerNorm or RMSNorm without affine, then norm(x) * (1 + scale) + shift.
 
-x [B, T, D]; shift, scale [B, D], one vector per sample (timestep + pooled text + preference, SPEC §1)
+x [B, T, D]; shift, scale [B, D], one vector per sample (timestep + pooled text + preference)
 broadcast over the T tokens, or [B, T, D], one per token (LTX-2 with a timestep per token: conditioning frames
 at σ = 0). Memory-bound: the floor is one read and one write of x (+ one read of each per-token tensor).
 """

@@ -4,7 +4,8 @@
   gated_residual_modulate(x, gate, y, shift, scale)   (h, modulate(h, shift, scale)) with h = gated_residual(...)
 
 x, y [B, T, D]; gate, shift, scale [B, D] per sample or [B, T, D] per token (LTX-2); m [B, D] is the slider
-vector m(ω) shared by all blocks (SPEC §1: added after the image-stream MLP residual, x + gate_mlp * (mlp_out + m)),
+vector m(ω) shared by all blocks (ParetoSlider: added after the image-stream MLP residual,
+x + gate_mlp * (mlp_out + m)),
 on the tokens start..end-1 of m_range = (start, end) only when given (FLUX single-stream blocks carry the text
 tokens and then the image tokens in one sequence; the slider touches the image tokens).
 In a joint block the attention residual is followed by the MLP's norm-modulate. Fused, the forward moves 4

@@ -238,7 +238,7 @@ def test_full_size_on_meta():
     assert ours_shapes == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     n = sum(p.numel() for p in net.parameters())
     assert n == 11_901_408_320 == sum(p.numel() for p in ref.parameters())
-    assert len(net.state_dict()) == 780 and len(ref.state_dict()) == 1160  # notes/backbones.md §2.4
+    assert len(net.state_dict()) == 780 and len(ref.state_dict()) == 1160  # diffusers single_file_utils.py:2294-2488
 
 
 def test_load_errors(tiny, tmp_path):

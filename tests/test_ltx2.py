@@ -274,7 +274,7 @@ def test_full_size_on_meta():
     assert ours_shapes == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     n = sum(p.numel() for p in net.parameters())
     assert n == 18_876_174_592 == sum(p.numel() for p in ref.parameters())
-    assert len(net.state_dict()) == 3510  # notes/backbones.md §3.4
+    assert len(net.state_dict()) == 3510  # diffusers single_file_utils.py:4151-4221
     meta = {
         "config": json.dumps(
             {

@@ -14,7 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import SD3Transformer2DModel  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers  # noqa: E402
 
-TINY = {  # notes/backbones.md §5 (medium style: MMDiT-X dual attention + qk RMSNorm; large style)
+TINY = {  # (medium style: MMDiT-X dual attention + qk RMSNorm; large style)
     "medium": dict(
         sample_size=32,
         patch_size=2,

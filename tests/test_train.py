@@ -26,7 +26,7 @@ def test_nft_loss_hand_computation():
     t, p = torch.tensor([0.3, 0.8]), torch.tensor([0.9, 0.2])
     xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
     got = train.nft_loss(v, v_old, x0, xt, t, p, beta, clip)
-    for i in range(2):  # SPEC §1.6 written out element by element
+    for i in range(2):  # the NFT loss written out element by element
         vn, vo, x, xti, ti = (
             v[i].flatten().tolist(),
             v_old[i].flatten().tolist(),

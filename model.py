@@ -161,6 +161,17 @@ def chunk_names(*names):
     return names
 
 
+# The one modulation vocabulary, in the order every backbone's adaLN output is laid out: (shift, scale, gate) of the
+# attention, of the MLP, of MMDiT-X's second attention. SD3.5 blocks take 2, 6 or 9 chunks (last context block,
+# plain, dual attention: Stability mmditx.py DismantledBlock), FLUX 6 (double) or 3 (single: BFL layers.py
+# Modulation), LTX-2 6 per stream (ltx-core BasicAVTransformerBlock).
+MOD = chunk_names(
+    "shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp", "shift_msa2", "scale_msa2", "gate_msa2"
+)
+# LTX-2's audio <-> video tables, scale first (transformer_ltx2.py:735-809): the a2v and v2a modulations, the gate
+AV_MOD = chunk_names("a2v_scale", "a2v_shift", "v2a_scale", "v2a_shift", "gate")
+
+
 class SliderProjector(nn.Module):
     # The shared slider vector m(w) (the released T2I code's slider conditioning,
     # SD3Transformer2DModelWithConditioning; Kontinuous Kontext's SliderProjector with num_freqs=1).
@@ -404,15 +415,22 @@ def _plain(v):  # JSON-comparable form of a config value (tuples read back as li
 def export_lora_diffusers(net, path):
     """Write the LoRA in the file format diffusers' `pipe.load_lora_weights(path)` reads
     (pytorch_lora_weights.safetensors; rank and alpha in the `lora_adapter_metadata` header), under the
-    backbone's diffusers names. The preference modules have no diffusers counterpart and are not in this file."""
-    sd, targets = BACKBONES[net.name].lora_to_diffusers(net)
+    backbone's diffusers module names (`transformer.<module>.lora_A/B.weight`, a fused projection split into its parts;
+    targets are full module names: a bare `proj_out` would also match FLUX's final projection). The preference modules
+    have no diffusers counterpart and are not in this file."""
+    names, out = BACKBONES[net.name].lora_names, {}
+    for name, m in net.named_modules():
+        if isinstance(m, Linear) and m.lora_A is not None:
+            for (A, B), dn in zip(split_lora(m), names(net.cfg, name), strict=True):
+                out[f"transformer.{dn}.lora_A.weight"], out[f"transformer.{dn}.lora_B.weight"] = A, B
+    targets = sorted({k[len("transformer.") : -len(".lora_A.weight")] for k in out if "lora_A" in k})
     lc = net.lora_config
-    meta = {
-        "lora_adapter_metadata": json.dumps(
-            {"transformer.r": lc["rank"], "transformer.lora_alpha": lc["alpha"], "transformer.target_modules": targets}
-        )
+    adapter = {
+        "transformer.r": lc["rank"],
+        "transformer.lora_alpha": lc["alpha"],
+        "transformer.target_modules": targets,
     }
-    atomic_save({k: v.float().cpu() for k, v in sd.items()}, path, meta)
+    atomic_save({k: v.float().cpu() for k, v in out.items()}, path, {"lora_adapter_metadata": json.dumps(adapter)})
 
 
 def split_lora(m):
@@ -663,11 +681,6 @@ SD3_PRESETS = {
 }
 
 
-SD3_MOD = chunk_names(
-    "shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp", "shift_msa2", "scale_msa2", "gate_msa2"
-)  # chunks of a block's adaLN output: 2 (last context block), 6, or 9 (MMDiT-X dual attention)
-
-
 class SD3Attention(nn.Module):
     # keys: qkv [3D, D] (fused q|k|v), ln_q/ln_k [head_dim], proj [D, D] (absent when pre_only)
     def __init__(self, dim, heads, qk_norm, pre_only=False):
@@ -703,7 +716,7 @@ class SD3Block(nn.Module):
     def pre_attention(self, x, c):
         # -> (q, k, v) of the joint attention, the modulated input of attn2, and the modulation chunks.
         n = 2 if self.pre_only else (9 if self.dual else 6)
-        mod = chunks(self.adaLN_modulation(c), SD3_MOD[:n])  # Stability order (mmditx.py DismantledBlock)
+        mod = chunks(self.adaLN_modulation(c), MOD[:n])
         h = kernels.modulate(x, mod.shift_msa, mod.scale_msa, 1e-6)
         q, k, v = self.attn.qkv_heads(h)
         h2 = kernels.modulate(x, mod.shift_msa2, mod.scale_msa2, 1e-6) if self.dual else None
@@ -957,39 +970,12 @@ def sd3_from_diffusers(sd, depth):
     return out
 
 
-def sd3_to_diffusers(sd, depth):
-    """Inverse of sd3_from_diffusers (for tests and for exporting a merged model to diffusers)."""
-    fwd, out = sd3_key_map(depth), {}
-    for k, v in sd.items():
-        stem, _, leaf = k.rpartition(".")
-        if k == "pos_embed":
-            out["pos_embed.pos_embed"] = v
-        elif stem in fwd:
-            out[f"{fwd[stem]}.{leaf}"] = _swap_halves(v) if _swapped(k, depth) else v
-        else:
-            i, rest = stem.split(".", 2)[1], stem.split(".", 2)[2]
-            for n, t in zip(SD3_QKV[rest], v.chunk(3)):
-                out[f"transformer_blocks.{i}.{n}.{leaf}"] = t
-    return out
-
-
-def sd3_lora_to_diffusers(net):
-    """Our LoRA tensors -> diffusers/peft names (`transformer.<module>.lora_A/B.weight`), splitting the
-    fused qkv adapters into their q/k/v pairs. Returns (state dict, diffusers target module names)."""
-    fwd, out, targets = sd3_key_map(net.cfg.depth), {}, set()
-    for name, m in net.named_modules():
-        if not isinstance(m, Linear) or m.lora_A is None:
-            continue
-        pairs = split_lora(m)
-        if len(pairs) == 3:
-            i, rest = name.split(".", 2)[1], name.split(".", 2)[2]
-            dnames = [f"transformer_blocks.{i}.{n}" for n in SD3_QKV[rest]]
-        else:
-            dnames = [fwd[name]]
-        for (A, B), dn in zip(pairs, dnames):
-            out[f"transformer.{dn}.lora_A.weight"], out[f"transformer.{dn}.lora_B.weight"] = A, B
-            targets.add(dn.split(".", 2)[2])
-    return out, sorted(targets)
+def sd3_lora_names(cfg, name):
+    # our adapted module -> its diffusers module(s), one per adapter chunk: a fused qkv splits into q, k, v
+    if name.endswith("qkv"):
+        i, rest = name.split(".", 2)[1:]
+        return [f"transformer_blocks.{i}.{n}" for n in SD3_QKV[rest]]
+    return [sd3_key_map(cfg.depth)[name]]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1024,8 +1010,6 @@ FLUX_PRESETS = {
         depth=2, depth_single=2, hidden=64, heads=2, in_channels=48, context_dim=64, pooled_dim=64, axes_dim=(4, 14, 14)
     ),
 }
-
-FLUX_MOD = chunk_names("shift", "scale", "gate", "shift_mlp", "scale_mlp", "gate_mlp")  # double: all 6; single: first 3
 
 
 def flux_pack(x):
@@ -1063,13 +1047,13 @@ class MLPEmbedder(nn.Module):
 
 
 class Modulation(nn.Module):
-    # BFL Modulation (layers.py:113): lin(SiLU(vec)) [B, n*D] -> its n named [B, D] chunks (FLUX_MOD order)
+    # BFL Modulation (layers.py:113): lin(SiLU(vec)) [B, n*D] -> its n named [B, D] chunks (MOD's first n)
     def __init__(self, dim, n):
         super().__init__()
         self.lin = Linear(dim, n * dim)
 
     def forward(self, vec):
-        return chunks(self.lin(F.silu(vec)), FLUX_MOD[: self.lin.out_features // self.lin.in_features])
+        return chunks(self.lin(F.silu(vec)), MOD[: self.lin.out_features // self.lin.in_features])
 
 
 class RMSScale(nn.Module):
@@ -1120,14 +1104,18 @@ class DoubleStreamBlock(nn.Module):
     @staticmethod
     def stream_out(x, o, mod, attn, mlp, m=None):
         # x += gate * proj(o); x += gate_mlp * (mlp(LN(x) * (1 + scale_mlp) + shift_mlp) + m)
-        x, h = kernels.gated_residual_modulate(x, mod.gate, attn.proj(o), mod.shift_mlp, mod.scale_mlp, 1e-6)
+        x, h = kernels.gated_residual_modulate(x, mod.gate_msa, attn.proj(o), mod.shift_mlp, mod.scale_mlp, 1e-6)
         return kernels.gated_residual(x, mod.gate_mlp, mlp(h), m)
 
     def forward(self, txt, img, vec, cos, sin, m=None):
         L = txt.shape[1]  # cos, sin cover [text, image] in that order
         tmod, imod = self.txt_mod(vec), self.img_mod(vec)
-        qt, kt, vt = self.txt_attn.qkv_heads(kernels.modulate(txt, tmod.shift, tmod.scale, 1e-6), cos[:L], sin[:L])
-        qi, ki, vi = self.img_attn.qkv_heads(kernels.modulate(img, imod.shift, imod.scale, 1e-6), cos[L:], sin[L:])
+        qt, kt, vt = self.txt_attn.qkv_heads(
+            kernels.modulate(txt, tmod.shift_msa, tmod.scale_msa, 1e-6), cos[:L], sin[:L]
+        )
+        qi, ki, vi = self.img_attn.qkv_heads(
+            kernels.modulate(img, imod.shift_msa, imod.scale_msa, 1e-6), cos[L:], sin[L:]
+        )
         o = attention(*(torch.cat(heads_first(a, b), 2) for a, b in ((qt, qi), (kt, ki), (vt, vi))))
         txt = fp16_clip(self.stream_out(txt, o[:, :L], tmod, self.txt_attn, self.txt_mlp))
         return txt, self.stream_out(img, o[:, L:], imod, self.img_attn, self.img_mlp, m)
@@ -1147,12 +1135,12 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x, vec, cos, sin, m=None, m_range=None):
         mod = self.modulation(vec)
-        h = kernels.modulate(x, mod.shift, mod.scale, 1e-6)
+        h = kernels.modulate(x, mod.shift_msa, mod.scale_msa, 1e-6)
         qkv, mlp = self.linear1(h).split([3 * self.hidden, self.mlp_hidden], -1)
         q, k, v = rearrange(qkv, "b l (three h d) -> three b l h d", three=3, h=self.heads)
         o = attention(*heads_first(*self.norm(q, k, cos, sin), v))
         y = self.linear2(torch.cat([o, F.gelu(mlp, approximate="tanh")], -1))
-        return fp16_clip(kernels.gated_residual(x, mod.gate, y, m, m_range))  # m on the image tokens m_range only
+        return fp16_clip(kernels.gated_residual(x, mod.gate_msa, y, m, m_range))  # m on the image tokens m_range only
 
 
 def fp16_clip(x):
@@ -1386,29 +1374,10 @@ def flux_from_diffusers(sd, cfg):
     return out
 
 
-def flux_to_diffusers(sd, cfg):
-    """Inverse of flux_from_diffusers (tests, export): fused tensors split as q, k, v (| mlp-in) along the output."""
-    out, D = {}, cfg.hidden
-    for ours, theirs, swap in _flux_tensors(cfg):
-        if ours in sd:
-            t = _swap_halves(sd[ours]) if swap else sd[ours]
-            parts = t.split([D, D, D, t.shape[0] - 3 * D][: len(theirs)]) if len(theirs) > 1 else (t,)
-            out.update(zip(theirs, parts))
-    return out
-
-
-def flux_lora_to_diffusers(net):
-    """Our LoRA tensors -> diffusers/peft names (`transformer.<module>.lora_A/B.weight`): fused qkv and linear1
-    adapters split into their to_q / to_k / to_v (/ proj_mlp) pairs, linear2 -> proj_out. Targets are full module
-    names: a bare `proj_out` would also match the final projection."""
-    fmap, out, targets = flux_module_map(net.cfg), {}, []
-    for name, m in net.named_modules():
-        if isinstance(m, Linear) and m.lora_A is not None:
-            d = fmap[name]
-            for (A, B), dn in zip(split_lora(m), d if isinstance(d, tuple) else (d,)):
-                out[f"transformer.{dn}.lora_A.weight"], out[f"transformer.{dn}.lora_B.weight"] = A, B
-                targets.append(dn)
-    return out, sorted(targets)
+def flux_lora_names(cfg, name):
+    # our adapted module -> its diffusers module(s): fused qkv and linear1 split into to_q / to_k / to_v (/ proj_mlp)
+    d = flux_module_map(cfg)[name]
+    return list(d) if isinstance(d, tuple) else [d]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1467,10 +1436,6 @@ LTX2_PRESETS = {
 # [B, n*D] of both streams, the a2v / v2a scale-shifts and gates; the four RoPE tables (cos, sin)
 LTX2Mod = namedtuple("LTX2Mod", "video audio ca_video ca_audio gate_video gate_audio")
 LTX2Tables = namedtuple("LTX2Tables", "video audio ca_video ca_audio")
-LTX2_MOD = chunk_names(
-    "shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp"
-)  # block tables, both streams
-LTX2_AV_MOD = chunk_names("a2v_scale", "a2v_shift", "v2a_scale", "v2a_shift")  # rows 0-3 of the a2v tables: scale first
 
 
 def ltx2_video_positions(F, h, w, fps, cfg, device=None):
@@ -1597,6 +1562,11 @@ class AdaLNSingle(nn.Module):
         return self.linear(F.silu(emb)), emb
 
 
+def rms_modulate(x, shift, scale):
+    # RMSNorm(x) * (1 + scale) + shift: LTX-2's adaptive norm (no affine)
+    return kernels.modulate(x, shift, scale, 1e-6, rms=True)
+
+
 class LTX2Block(nn.Module):
     """ltx-core BasicAVTransformerBlock (diffusers LTX2VideoTransformerBlock.forward, transformer_ltx2.py:597-811):
     per stream self-attention, text cross-attention, then audio-to-video and video-to-audio attention, then the
@@ -1614,41 +1584,43 @@ class LTX2Block(nn.Module):
         self.audio_to_video_attn = LTX2Attention(D, cfg.audio_heads, ahd, Da, interleaved=il)  # q video, k/v audio
         self.video_to_audio_attn = LTX2Attention(Da, cfg.audio_heads, ahd, D, interleaved=il)  # q audio, k/v video
         self.ff, self.audio_ff = FeedForward(D), FeedForward(Da)
-        self.scale_shift_table = nn.Parameter(torch.randn(6, D) / D**0.5)  # LTX2_MOD
+        self.scale_shift_table = nn.Parameter(torch.randn(6, D) / D**0.5)  # MOD[:6]
         self.audio_scale_shift_table = nn.Parameter(torch.randn(6, Da) / Da**0.5)
-        self.scale_shift_table_a2v_ca_video = nn.Parameter(torch.randn(5, D) / D**0.5)  # LTX2_AV_MOD, then the gate
+        self.scale_shift_table_a2v_ca_video = nn.Parameter(torch.randn(5, D) / D**0.5)  # AV_MOD
         self.scale_shift_table_a2v_ca_audio = nn.Parameter(torch.randn(5, Da) / Da**0.5)
 
     def forward(self, x, a, ctx, actx, mask, mod, rope, m=None):
         # x [B, Tv, D], a [B, Ta, Da]; ctx, actx the projected text; mod: the global modulations [B, n*D] (forward);
         # rope: the four (cos, sin) tables. Global modulation + per-block table, then chunks (l.569-577).
-        v = chunks(mod.video + self.scale_shift_table.flatten(), LTX2_MOD)
-        s = chunks(mod.audio + self.audio_scale_shift_table.flatten(), LTX2_MOD)
-        tv, ta = self.scale_shift_table_a2v_ca_video, self.scale_shift_table_a2v_ca_audio
-        cv = chunks(mod.ca_video + tv[:4].flatten(), LTX2_AV_MOD)
-        ca = chunks(mod.ca_audio + ta[:4].flatten(), LTX2_AV_MOD)
-        mv = lambda shift, scale: kernels.modulate(x, shift, scale, 1e-6, rms=True)  # RMSNorm(x) * (1 + scale) + shift
-        ma = lambda shift, scale: kernels.modulate(a, shift, scale, 1e-6, rms=True)
+        v = chunks(mod.video + self.scale_shift_table.flatten(), MOD[:6])
+        s = chunks(mod.audio + self.audio_scale_shift_table.flatten(), MOD[:6])
+        tv = chunks(self.scale_shift_table_a2v_ca_video.flatten(), AV_MOD)  # this block's a2v / v2a rows
+        ta = chunks(self.scale_shift_table_a2v_ca_audio.flatten(), AV_MOD)
+        cv, ca = chunks(mod.ca_video, AV_MOD[:4]), chunks(mod.ca_audio, AV_MOD[:4])  # the global ones
         # 1. self-attention (l.609-658)
-        x = kernels.gated_residual(x, v.gate_msa, self.attn1(mv(v.shift_msa, v.scale_msa), rope=rope.video))
-        a = kernels.gated_residual(a, s.gate_msa, self.audio_attn1(ma(s.shift_msa, s.scale_msa), rope=rope.audio))
+        x = kernels.gated_residual(
+            x, v.gate_msa, self.attn1(rms_modulate(x, v.shift_msa, v.scale_msa), rope=rope.video)
+        )
+        a = kernels.gated_residual(
+            a, s.gate_msa, self.audio_attn1(rms_modulate(a, s.shift_msa, s.scale_msa), rope=rope.audio)
+        )
         # 2. text cross-attention: plain RMSNorm, no modulation, no gate, no RoPE in 2.0 (l.697-733)
         x = x + self.attn2(F.rms_norm(x, x.shape[-1:], eps=1e-6), ctx, mask=mask)
         a = a + self.audio_attn2(F.rms_norm(a, a.shape[-1:], eps=1e-6), actx, mask=mask)
-        # 3. a2v and v2a, both from the states before either update (l.735-796); time-only RoPE on both sides
-        y_a2v = self.audio_to_video_attn(
-            mv(cv.a2v_shift, cv.a2v_scale), ma(ca.a2v_shift, ca.a2v_scale), rope=rope.ca_video, k_rope=rope.ca_audio
-        )
-        y_v2a = self.video_to_audio_attn(
-            ma(ca.v2a_shift, ca.v2a_scale), mv(cv.v2a_shift, cv.v2a_scale), rope=rope.ca_audio, k_rope=rope.ca_video
-        )
+        # 3. a2v and v2a, both from the states after step 2 (l.735-796); time-only RoPE on both sides
+        xa = rms_modulate(x, cv.a2v_shift + tv.a2v_shift, cv.a2v_scale + tv.a2v_scale)  # video, queries of a2v
+        ax = rms_modulate(a, ca.a2v_shift + ta.a2v_shift, ca.a2v_scale + ta.a2v_scale)  # audio, keys of a2v
+        y_a2v = self.audio_to_video_attn(xa, ax, rope=rope.ca_video, k_rope=rope.ca_audio)
+        av = rms_modulate(a, ca.v2a_shift + ta.v2a_shift, ca.v2a_scale + ta.v2a_scale)  # audio, queries of v2a
+        va = rms_modulate(x, cv.v2a_shift + tv.v2a_shift, cv.v2a_scale + tv.v2a_scale)  # video, keys of v2a
+        y_v2a = self.video_to_audio_attn(av, va, rope=rope.ca_audio, k_rope=rope.ca_video)
         # 4. the step-3 residuals fused with the feed-forward's norm and modulation (l.798-809)
         x, h = kernels.gated_residual_modulate(
-            x, mod.gate_video + tv[4], y_a2v, v.shift_mlp, v.scale_mlp, 1e-6, rms=True
+            x, mod.gate_video + tv.gate, y_a2v, v.shift_mlp, v.scale_mlp, 1e-6, rms=True
         )
         x = kernels.gated_residual(x, v.gate_mlp, self.ff(h), m)  # m: slider vector (video stream only)
         a, h = kernels.gated_residual_modulate(
-            a, mod.gate_audio + ta[4], y_v2a, s.shift_mlp, s.scale_mlp, 1e-6, rms=True
+            a, mod.gate_audio + ta.gate, y_v2a, s.shift_mlp, s.scale_mlp, 1e-6, rms=True
         )
         return x, kernels.gated_residual(a, s.gate_mlp, self.audio_ff(h))
 
@@ -1814,22 +1786,6 @@ def ltx2_key(key, to_diffusers=True):
 def ltx2_from_diffusers(sd, cfg=None):
     # diffusers LTX2VideoTransformer3DModel state dict -> original keys (unknown keys surface in the strict check)
     return {ltx2_key(k, to_diffusers=False): v for k, v in sd.items()}
-
-
-def ltx2_to_diffusers(sd, cfg=None):
-    return {ltx2_key(k): v for k, v in sd.items()}
-
-
-def ltx2_lora_to_diffusers(net):
-    # our LoRA tensors -> diffusers/peft names; every adapted projection is a plain (unfused) Linear
-    out, targets = {}, set()
-    for name, m in net.named_modules():
-        if isinstance(m, Linear) and m.lora_A is not None:
-            ((A, B),) = split_lora(m)
-            dn = ltx2_key(name)
-            out[f"transformer.{dn}.lora_A.weight"], out[f"transformer.{dn}.lora_B.weight"] = A, B
-            targets.add(dn.split(".", 2)[2])
-    return out, sorted(targets)
 
 
 # diffusers LTX2VideoTransformer3DModel options this code implements only at one value (LTX-2.3 / 2.5 features)
@@ -3452,9 +3408,11 @@ def load_ltx2_audio(path, dtype=torch.float32, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The load table: one row per backbone. load_transformer finds a diffusers folder's row by its config's
-# _class_name and an original single file's by a key only that backbone has; the row says how to read the
-# config and map the keys; `build` does the rest the same way for all.
+# The table of backbones: one row each, the only place that lists them. load_transformer finds a diffusers folder's
+# row by its config's _class_name and an original single file's by a key only that backbone has; the row says how to
+# read the config and map the keys, and holds the facts the other layers read (sample.py's LOADERS and train.py's
+# BACKBONES are keyed alike, tests/test_contract.py checks it): the geometry of its latents, whether it makes
+# videos, edits a source image, takes guidance as an input.
 
 
 @dataclass(frozen=True)
@@ -3465,8 +3423,17 @@ class BackboneSpec:
     config_from_diffusers: callable  # config.json dict -> cfg (refusing unsupported options)
     config_from_state: callable  # (original state dict, file metadata) -> cfg, read off the tensor shapes
     from_diffusers: callable  # (diffusers state dict, cfg) -> original keys (unconsumed keys kept, to be reported)
-    lora_to_diffusers: callable  # net -> (diffusers LoRA state dict, target module names)
+    lora_names: callable  # (cfg, our adapted module) -> its diffusers module(s), one per adapter chunk
+    config: type  # its config dataclass; config() is the release's
+    presets: dict  # config name -> the config's fields (the releases, the tiny nets)
+    tiny: str  # the presets' entry for the CPU default's net
+    tokens: callable  # cfg -> (latent cells per token side, the largest token grid side or None)
+    vae: tuple  # the release VAE's compression: (frames per latent frame, pixels per latent cell side)
     bundled: tuple = ()  # key prefixes of other components in the same single file, skipped by name
+    video: bool = False  # makes clips (latent frames 1 + (frames - 1) / vae[0])
+    editing: bool = False  # takes a source image as conditioning (Kontext's reference tokens)
+    distilled: bool = False  # guidance is an input of the network (one forward per step), not classifier-free
+    guidance: float = 1.0  # sample.py's default --guidance (1: no CFG; a distilled model: its trained input)
 
 
 BACKBONES = {
@@ -3477,7 +3444,12 @@ BACKBONES = {
         sd3_config_from_diffusers,
         sd3_config_from_state,
         lambda sd, cfg: sd3_from_diffusers(sd, cfg.depth),
-        sd3_lora_to_diffusers,
+        sd3_lora_names,
+        SD3Config,
+        SD3_PRESETS,
+        "sd35-tiny",
+        tokens=lambda cfg: (cfg.patch, cfg.pos_embed_max),
+        vae=(1, 8),
     ),
     "flux-kontext": BackboneSpec(
         FluxTransformer,
@@ -3486,7 +3458,15 @@ BACKBONES = {
         flux_config_from_diffusers,
         flux_config_from_state,
         flux_from_diffusers,
-        flux_lora_to_diffusers,
+        flux_lora_names,
+        FluxConfig,
+        FLUX_PRESETS,
+        "flux-tiny",
+        tokens=lambda cfg: (2, None),  # 2 x 2 latent cells packed per token
+        vae=(1, 8),
+        editing=True,
+        distilled=True,
+        guidance=2.5,
     ),
     "ltx2": BackboneSpec(
         LTX2Transformer,
@@ -3495,7 +3475,24 @@ BACKBONES = {
         ltx2_config_from_diffusers,
         ltx2_config_from_state,
         ltx2_from_diffusers,
-        ltx2_lora_to_diffusers,
-        LTX2_BUNDLED,
+        lambda cfg, name: [ltx2_key(name)],  # unfused projections: a pure rename
+        LTX2Config,
+        LTX2_PRESETS,
+        "ltx2-tiny",
+        tokens=lambda cfg: (1, None),
+        vae=LTX2Config().vae_scale_factors[:2],
+        bundled=LTX2_BUNDLED,
+        video=True,
     ),
 }
+
+
+def geometry(backbone, tiny=False, pixels=1):
+    """-> (the multiple an image side must be, the largest side or None), from the backbone's row: pixels per latent
+    cell (the release VAE's, or `pixels` for a tiny pixel-space net) x latent cells per token, up to the token grid's
+    largest side where the net has one (SD3's positional table)."""
+    spec = BACKBONES[backbone]
+    cfg = spec.config(**(spec.presets[spec.tiny] if tiny else {}))
+    cells, largest = spec.tokens(cfg)
+    side = (pixels if tiny else spec.vae[1]) * cells
+    return side, side * largest if largest else None

@@ -1148,8 +1148,14 @@ def load_image(src, size=None, what=None):
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
 
 
-LOADERS = {"sd35": load_sd35, "flux-kontext": load_flux, "ltx2": load_ltx2}  # --backbone -> loader(spec, dtype,
-#                                                                              device, lora) -> Pipeline
+# sample.py's row per backbone, keyed as model.BACKBONES (tests/test_contract.py checks it): its loader
+# (spec, dtype, device, lora) -> Pipeline, the flags only that loader reads, and the sampling defaults where they differ
+# from the images' (LTX2Pipeline: 30 steps, 121 frames at 24 fps; 512 px, its stage-1 height)
+LOADERS = {
+    "sd35": dict(load=load_sd35, flags={"--no-t5": "SD3.5's T5 encoder"}),
+    "flux-kontext": dict(load=load_flux, flags={"--vae": "FLUX's single-file VAE"}),
+    "ltx2": dict(load=load_ltx2, defaults=dict(steps=30, size=512, frames=121, fps=24.0, out="out.webp")),
+}
 
 
 def cli():
@@ -1263,41 +1269,31 @@ def main(argv=None):
         sys.exit(2)
 
 
-GUIDANCE = {"sd35": 1.0, "flux-kontext": 2.5, "ltx2": 1.0}  # default --guidance: CFG off; Kontext's distilled input
-DISTILLED = {"flux-kontext"}  # guidance is an input of the net: a run's --guidance is what it trained with
-EDITING = {"flux-kontext"}  # the backbones that edit a source image (--image)
-# video backbones: their defaults (LTX2Pipeline: 30 steps, 121 frames at 24 fps; 512 px, its stage-1 height)
-VIDEO = {"ltx2": dict(steps=30, size=512, frames=121, fps=24.0, out="out.webp")}
-# flags that only some backbones use: flag -> (the backbones, what it is for)
-ONLY = {
-    "--no-t5": ({"sd35"}, "SD3.5's T5 encoder"),
-    "--vae": ({"flux-kontext"}, "FLUX's single-file VAE"),
-    "--image": (EDITING, "a source to edit"),
-    "--frames": (set(VIDEO), "videos"),
-    "--fps": (set(VIDEO), "videos"),
-    "--audio": (set(VIDEO), "videos"),
-}
+def spec_of(backbone):
+    return model_module().BACKBONES[backbone]
 
 
-def geometry(backbone, tiny=False, pixels=1):
-    """-> (the multiple an image side must be, the largest side or None): the VAE's compression x the transformer's
-    patch
-    (FLUX packs 2 x 2 latent cells into a token), from model.py's configs; a tiny run works in pixel space, with
-    `pixels` x `pixels` pixels per latent cell instead of a VAE (the tiny SD3.5: up to its positional table)."""
+def model_module():
     import model
 
-    if backbone == "sd35":
-        cfg = model.SD3Config(**(model.SD3_PRESETS["sd35-tiny"] if tiny else {}))
-        cell = pixels if tiny else 8
-        return cell * cfg.patch, cell * cfg.patch * cfg.pos_embed_max
-    if backbone == "flux-kontext":
-        return (pixels if tiny else 8) * 2, None
-    return pixels if tiny else model.LTX2Config().vae_scale_factors[1], None
+    return model
+
+
+def not_used(backbone):
+    # the flags this backbone would ignore -> what they are for
+    spec, own = spec_of(backbone), LOADERS[backbone].get("flags", {})
+    other = {f: w for row in LOADERS.values() for f, w in row.get("flags", {}).items() if f not in own}
+    if not spec.editing:
+        other["--image"] = "a source to edit"
+    if not spec.video:
+        other.update({f: "videos" for f in ("--frames", "--fps", "--audio")})
+    return other
 
 
 def spec_geometry(backbone, spec):
-    # geometry() of a loader spec: a tiny run's spec names its tiny text encoders and its pixels per latent cell
-    return geometry(backbone, "tiny_text_encoders" in spec or "tiny_text_encoder" in spec, spec.get("pixels", 1))
+    # model.geometry of a loader spec: a tiny run's spec names its tiny text encoders and its pixels per latent cell
+    tiny = "tiny_text_encoders" in spec or "tiny_text_encoder" in spec
+    return model_module().geometry(backbone, tiny, spec.get("pixels", 1))
 
 
 def run_settings(args):
@@ -1335,7 +1331,7 @@ def run_settings(args):
             spec,
             args.lora,
             None,
-            dict(defaults, guidance=GUIDANCE[backbone], **VIDEO.get(backbone, {})),
+            dict(defaults, guidance=spec_of(backbone).guidance, **LOADERS[backbone].get("defaults", {})),
             origin,
         )
     given = [f for f, v in (("--backbone", args.backbone), ("--vae", args.vae)) if v is not None]
@@ -1368,11 +1364,11 @@ def run_settings(args):
         spec = dict(spec, text_encoders=args.text_encoders)
     if args.no_t5:
         spec = dict(spec, t5=False)
-    defaults.update(guidance=GUIDANCE.get(backbone, 1.0), **VIDEO.get(backbone, {}))
+    defaults.update(guidance=spec_of(backbone).guidance, **LOADERS[backbone].get("defaults", {}))
     keys = [("steps", "sample_steps"), ("solver", "solver"), ("shift", "shift"), ("size", "size")]
-    if backbone in VIDEO:
+    if spec_of(backbone).video:
         keys += [("frames", "frames")]
-    if backbone in DISTILLED:  # the run's guidance is the net's input it trained with (never CFG)
+    if spec_of(backbone).distilled:  # the run's guidance is the net's input it trained with (never CFG)
         keys += [("guidance", "guidance")]
     missing = [f"{c} (--{k})" for k, c in keys if c not in cfg and getattr(args, k) is None]
     if missing:
@@ -1409,26 +1405,20 @@ def check_values(args, backbone, spec, origin):
         bad("size", f"at most {largest} for this model (its positional table)")
     if args.sweep is not None and not 2 <= args.sweep <= 64:
         bad("sweep", "needs N from 2 to 64")
-    if backbone in VIDEO:
+    if spec_of(backbone).video:
         if not (integer(args.frames) and args.frames >= 1):
             bad("frames", "must be an integer >= 1")
         if not positive(args.fps):
             bad("fps", "must be a finite number > 0")
-    not_for = [
-        f
-        for f, (where, what) in ONLY.items()
-        if backbone not in where and getattr(args, f[2:].replace("-", "_")) not in (None, False)
-    ]
-    if not_for:
-        f = not_for[0]
-        raise UsageError(
-            f"{f} is for {ONLY[f][1]}; {'--run ' + args.run + ' is' if args.run else 'backbone'} "
-            f"{backbone!r} does not use it"
-        )
-    if args.negative_prompt and (backbone in DISTILLED or args.guidance <= 1.0):
+    for f, what in not_used(backbone).items():
+        if getattr(args, f[2:].replace("-", "_")) not in (None, False):
+            where = f"--run {args.run} is" if args.run else "backbone"
+            raise UsageError(f"{f} is for {what}; {where} {backbone!r} does not use it")
+    distilled = spec_of(backbone).distilled
+    if args.negative_prompt and (distilled or args.guidance <= 1.0):
         raise UsageError(
             "--negative-prompt is the unconditional half of classifier-free guidance: it needs --guidance "
-            "> 1" + (f" (and {backbone!r} is guidance-distilled: no CFG)" if backbone in DISTILLED else "")
+            "> 1" + (f" (and {backbone!r} is guidance-distilled: no CFG)" if distilled else "")
         )
 
 
@@ -1447,7 +1437,7 @@ def run(args):
     if prefs[0] is not None and len(prefs[0]) != m:
         raise UsageError(f"ω has {len(prefs[0])} entries but the model was trained with {m} objectives")
     cond, uncond = pipe.conditions([args.prompt], args.guidance, args.negative_prompt)  # the encoders leave the GPU
-    if backbone in VIDEO:
+    if spec_of(backbone).video:
         return write_videos(pipe, args, cond, uncond, prefs, objectives)
     width = height = args.size
     source = None
@@ -1515,16 +1505,15 @@ def write_videos(pipe, args, cond, uncond, prefs, objectives):
     print(f"wrote {', '.join(written)} ({len(frames)} frames at {args.fps:g} fps{names})")
 
 
-def check_video_args(args, spec):
-    # LTX-2's clip, before anything loads (the side: check_values): the release VAE compresses time 8x; the tiny
-    # pixel-space net takes any frame count
+def check_video_args(args, backbone, spec):
+    # a clip, before anything loads (its side: check_values): the release VAE compresses time; the tiny net in pixel
+    # space takes any frame count
+    ft = spec_of(backbone).vae[0]
     if spec.get("pixels"):
         if args.audio:
             raise UsageError("--audio: the tiny LTX-2 has no audio VAE or vocoder (its audio latent is a toy signal)")
-    elif (args.frames - 1) % 8:
-        raise UsageError(
-            f"--frames {args.frames}: LTX-2 needs 8k+1 frames (its VAE compresses time 8x), e.g. 9, 25, 121"
-        )
+    elif (args.frames - 1) % ft:
+        raise UsageError(f"--frames {args.frames}: {backbone} needs {ft}k+1 frames (its VAE compresses time {ft}x)")
     if not args.serve and not args.out.lower().endswith((".webp", ".gif")):
         raise UsageError(f"--out {args.out}: a video is written as an animated .webp or .gif")
 
@@ -1555,8 +1544,8 @@ def prepare(args):
     prefs = [parse_pref(args.pref)] if args.pref else [None]
     if args.sweep:
         prefs = [[1 - i / (args.sweep - 1), i / (args.sweep - 1)] for i in range(args.sweep)]
-    if backbone in VIDEO:
-        check_video_args(args, spec)
+    if spec_of(backbone).video:
+        check_video_args(args, backbone, spec)
         spec = dict(spec, fps=args.fps, audio=args.audio)
     elif not args.serve and not image_format(args.out):
         raise UsageError(f"--out {args.out}: not an image file name PIL knows (use .png, .jpg or .webp)")
@@ -1575,7 +1564,7 @@ def prepare(args):
             raise UsageError(f"--image {args.image}: no such file")
         args.source = open_image(args.image, f"--image {args.image}")
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
-    pipe = LOADERS[backbone](spec, dtype, args.device, lora)
+    pipe = LOADERS[backbone]["load"](spec, dtype, args.device, lora)
     if args.compile:
         pipe.net.compile_blocks()
     m = pipe.net.cfg.pref_dim
@@ -1842,7 +1831,7 @@ def run_info(pipe, backbone, spec, objectives, args):
         objectives=objectives or [],
         pref_dim=pipe.net.cfg.pref_dim,
         editing=pipe.to_latent is not None,
-        video=backbone in VIDEO,
+        video=spec_of(backbone).video,
         run=args.run or args.weights,
         step=None,
         hypervolume=None,
@@ -1921,7 +1910,7 @@ const client = Math.random().toString(36).slice(2); let seq = 0, source = null, 
 document.getElementById("run").textContent = `run ${INFO.run} · ${INFO.backbone}` +
   ` · objectives ${names.join(" ↔ ")}` +
   ` · step ${INFO.step ?? "?"} · hypervolume ${INFO.hypervolume == null ? "?" : INFO.hypervolume.toFixed(4)}`;
-document.getElementById("prompt").value = INFO.backbone === "flux-kontext" ? "make it blue" : "a red circle";
+document.getElementById("prompt").value = INFO.editing ? "make it blue" : "a red circle";
 if (INFO.editing) document.getElementById("upload").hidden = false;
 const box = document.getElementById("sliders");
 // elements built node by node, every text from the run through textContent: a name can never become markup

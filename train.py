@@ -227,7 +227,7 @@ def parse_config(argv=None):
     objectives(cfg)  # rewards, --fixed-pref and --ref-point checked now, not after the models load
     if not cfg.tiny:
         check_full_size(cfg)
-    if BACKBONES[cfg.backbone].get("video"):
+    if model.BACKBONES[cfg.backbone].video:
         check_clip(cfg)
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         die(f"--out {cfg.out}: a file, not a folder")
@@ -238,24 +238,24 @@ def parse_config(argv=None):
 
 def not_for(cfg, args):
     # flags given that this backbone / mode would ignore: refused, naming the flag and what makes it meaningless
-    b = BACKBONES[cfg.backbone]
+    spec = model.BACKBONES[cfg.backbone]
     rules = [
-        ("frames", not b.get("video"), f"--backbone {cfg.backbone} makes images"),
-        ("nft_audio", not b.get("video"), f"--backbone {cfg.backbone} has no audio"),
+        ("frames", not spec.video, f"--backbone {cfg.backbone} makes images"),
+        ("nft_audio", not spec.video, f"--backbone {cfg.backbone} has no audio"),
         (
             "guidance",
-            cfg.backbone not in sample.DISTILLED,
+            not model.BACKBONES[cfg.backbone].distilled,
             f"--backbone {cfg.backbone} is not guidance-distilled (train.py samples without CFG)",
         ),
         ("weights", cfg.tiny, "--tiny builds and pretrains its own base"),
         (
             "prompts",
-            cfg.tiny or b["data"] != "prompts",
+            cfg.tiny or spec.editing,
             "--tiny draws its prompts from its world" if cfg.tiny else f"--backbone {cfg.backbone} edits: --edits",
         ),
         (
             "edits",
-            cfg.tiny or b["data"] != "edits",
+            cfg.tiny or not spec.editing,
             "--tiny draws its edits from its world" if cfg.tiny else f"--backbone {cfg.backbone} takes --prompts",
         ),
     ]
@@ -266,7 +266,7 @@ def not_for(cfg, args):
 
 def check_size(cfg):
     # the image side by the backbone's own geometry (sample.geometry: the VAE or the tiny net's pixels, the patch)
-    multiple, largest = sample.geometry(cfg.backbone, cfg.tiny, BACKBONES[cfg.backbone]["pixels"])
+    multiple, largest = model.geometry(cfg.backbone, cfg.tiny, BACKBONES[cfg.backbone]["pixels"])
     if cfg.size % multiple or (largest and cfg.size > largest):
         where = "the tiny " if cfg.tiny else ""
         die(
@@ -384,7 +384,7 @@ def objectives(cfg):
     if unknown:
         die(f"unknown reward(s) {unknown}; valid: {', '.join(sorted(R.REWARDS))}")
     videos = sorted(set(names + heldout) & R.VIDEO)
-    if videos and not BACKBONES[cfg.backbone].get("video"):
+    if videos and not model.BACKBONES[cfg.backbone].video:
         die(f"reward(s) {videos} score videos; --backbone {cfg.backbone} makes images")
     M, fixed = len(names), None
     if cfg.fixed_pref:  # the same parsing and simplex check as sample.py's --pref
@@ -846,7 +846,7 @@ def flux_setup(cfg, M, device):
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     pairs = read_edits(cfg.edits)
     spec = dict(weights=os.path.abspath(cfg.weights))
-    pipe = sample.LOADERS["flux-kontext"](spec, dtype, device)
+    pipe = sample.LOADERS["flux-kontext"]["load"](spec, dtype, device)
     images = torch.cat([sample.load_image(p, (cfg.size, cfg.size), f"--edits {cfg.edits}: {p}") for p, _ in pairs])
     texts = [t for _, t in pairs]
 
@@ -983,7 +983,7 @@ def ltx2_setup(cfg, M, device):
     enc = None  # Gemma freed (not copied back) before the transformer loads
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-    pipe = sample.LOADERS["ltx2"](dict(spec, no_text_encoder=True), dtype, device)
+    pipe = sample.LOADERS["ltx2"]["load"](dict(spec, no_text_encoder=True), dtype, device)
     shape = pipe.x0_shape(cfg.size, cfg.size, cfg.frames)
     pack, unpack = pipe.packing(cfg.size, cfg.size, frames=cfg.frames)
     n_video = math.prod(unpack(torch.zeros(1, *shape))[0].shape[1:])
@@ -1007,9 +1007,9 @@ def ltx2_setup(cfg, M, device):
 def check_clip(cfg):
     # a video backbone's frame count, before anything loads (its side: check_size): the release VAE compresses time
     # (8k+1 frames); the tiny net in pixel space takes any count
-    ft = model.LTX2Config().vae_scale_factors[0]
+    ft = model.BACKBONES[cfg.backbone].vae[0]
     if not cfg.tiny and (cfg.frames - 1) % ft:
-        die(f"--frames {cfg.frames}: LTX-2 needs {ft}k+1 frames (its VAE compresses {ft}x in time), e.g. --frames 49")
+        die(f"--frames {cfg.frames}: {cfg.backbone} needs {ft}k+1 frames (its VAE compresses {ft}x in time)")
 
 
 def check_full_size(cfg):
@@ -1033,16 +1033,14 @@ def check_full_size(cfg):
             "--tiny "
             "(--device cpu forces the full-size path on a CPU, for small test models)"
         )
-    if BACKBONES[cfg.backbone].get("video"):  # train.py reads LTX-2 as a folder: Gemma and the VAE are in it
-        missing = [d for d in ("vae", "text_encoder", "tokenizer") if not os.path.isdir(os.path.join(cfg.weights, d))]
-        if missing:
-            die(
-                f"--weights {cfg.weights}: train.py takes LTX-2 as a diffusers folder (transformer/, vae/, "
-                "connectors/, "
-                f"text_encoder/, tokenizer/); missing {', '.join(m + '/' for m in missing)} (Lightricks' combined "
-                "file: sample.py with --text-encoders)"
-            )
-    if BACKBONES[cfg.backbone]["data"] == "edits":
+    folders = BACKBONES[cfg.backbone].get("folders", ())  # the parts train.py reads from a diffusers folder
+    missing = [d + "/" for d in folders if not os.path.isdir(os.path.join(cfg.weights, d))]
+    if missing:
+        die(
+            f"--weights {cfg.weights}: train.py takes {cfg.backbone} as a diffusers folder with "
+            f"{', '.join(d + '/' for d in folders)}; missing {', '.join(missing)} (a single file: sample.py reads it)"
+        )
+    if model.BACKBONES[cfg.backbone].editing:
         if not cfg.edits or not os.path.exists(cfg.edits):
             die(
                 f'--edits {cfg.edits!r}: give the edit set, a JSONL of {{"image": path, "prompt": text}} per line '
@@ -1065,7 +1063,7 @@ def sd35_setup(cfg, M, device):
     once to encode all prompts, the VAE decodes x0 for the rewards."""
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     spec = dict(weights=os.path.abspath(cfg.weights))
-    pipe = sample.LOADERS["sd35"](spec, dtype, device)
+    pipe = sample.LOADERS["sd35"]["load"](spec, dtype, device)
     prompts = read_prompts(cfg.prompts)
     with pipe.encoding():  # the text encoders on the GPU for this line only: the prompts' embeddings are cached
         cond = encode_all(lambda sl: pipe.encode(prompts[sl]), len(prompts), 16)
@@ -1515,7 +1513,7 @@ def train(cfg):
     print0(json.dumps(header, indent=1), log=log)
     if is_rank0():
         model.atomic_json(asdict(cfg), os.path.join(cfg.out, "config.json"))
-    video = BACKBONES[cfg.backbone].get("video", False)  # image rewards then score 4 frames each (R.per_frame)
+    video = model.BACKBONES[cfg.backbone].video  # image rewards then score 4 frames each (R.per_frame)
     reward_fns = [R.get_reward(n, device=device, video=video) for n in names + heldout]  # held-out: evaluation only
 
     # --- model: base + preference modules (not for FixedWeight) + LoRA; only the adapters train
@@ -1688,7 +1686,6 @@ BACKBONES = {
     "sd35": dict(
         setup=sd35_setup,
         tiny_setup=sd35_tiny_setup,
-        data="prompts",
         example="stabilityai/stable-diffusion-3.5-medium",
         pixels=1,  # the tiny net's pixels per latent cell (pixel space: its patch makes the tokens)
         preset=dict(
@@ -1731,7 +1728,6 @@ BACKBONES = {
     "flux-kontext": dict(
         setup=flux_setup,
         tiny_setup=flux_tiny_setup,
-        data="edits",
         example="black-forest-labs/FLUX.1-Kontext-dev",
         pixels=2,  # the tiny net's latent: the image 2x2 space-to-depth'ed
         preset=dict(
@@ -1769,9 +1765,8 @@ BACKBONES = {
     "ltx2": dict(
         setup=ltx2_setup,
         tiny_setup=ltx2_tiny_setup,
-        data="prompts",
-        video=True,
         example="Lightricks/LTX-2",
+        folders=("vae", "text_encoder", "tokenizer"),  # ltx2_setup reads Gemma-3 and the VAE from the folder
         pixels=4,  # the tiny net's video latent: each frame 4x4 space-to-depth'ed
         # 512^2 x 49 frames (2 s at 24 fps): the memory plan's default (README); 20 Euler steps per rollout
         preset=dict(

@@ -18,6 +18,8 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import FluxTransformer2DModel  # noqa: E402
 from diffusers.loaders import single_file_utils  # noqa: E402
 
+from tiny_repos import flux_to_diffusers  # noqa: E402
+
 # head dim 32 with BFL's axis proportions, so a BFL-format file (no config) reads back the same RoPE axes
 TINY = dict(
     patch_size=1,
@@ -153,7 +155,7 @@ def test_bfl_single_file(tiny):
     assert not any(k.startswith("<diffusers>") for k in orig)
     back = bfl_converter(cfg.hidden)({k: v.clone() for k, v in orig.items()})
     assert back.keys() == dsd.keys() and all(torch.equal(back[k], dsd[k]) for k in dsd)
-    mine = model.flux_to_diffusers(orig, cfg)
+    mine = flux_to_diffusers(orig, cfg)
     assert mine.keys() == dsd.keys() and all(torch.equal(mine[k], dsd[k]) for k in dsd)
     assert model.flux_config_from_state(orig) == cfg
     # BFL's flux1-kontext-dev.safetensors has bare keys; some repacks add model.diffusion_model. (+ a VAE)
@@ -220,7 +222,7 @@ def test_slider_reaches_image_tokens_only():
     cos, sin = model.flux_rope(torch.cat([torch.zeros(L, 3), model.flux_ids(0, 4, 5)]), net.cfg.axes_dim, 10000)
     with torch.no_grad():
         a, b = blk(joint, vec, cos, sin), blk(joint, vec, cos, sin, m, (L, L + 20))
-        gate = blk.modulation(vec).gate
+        gate = blk.modulation(vec).gate_msa
     assert torch.equal(a[:, :L], b[:, :L])
     torch.testing.assert_close(b[:, L:] - a[:, L:], (gate * m)[:, None].expand(-1, 20, -1), atol=1e-5, rtol=1e-5)
 
@@ -234,7 +236,7 @@ def test_full_size_on_meta():
     with torch.device("meta"):
         net = model.FluxTransformer(cfg)
     assert model.flux_config_from_state(net.state_dict()) == cfg
-    ours_shapes = {k: tuple(v.shape) for k, v in model.flux_to_diffusers(net.state_dict(), cfg).items()}
+    ours_shapes = {k: tuple(v.shape) for k, v in flux_to_diffusers(net.state_dict(), cfg).items()}
     assert ours_shapes == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     n = sum(p.numel() for p in net.parameters())
     assert n == 11_901_408_320 == sum(p.numel() for p in ref.parameters())

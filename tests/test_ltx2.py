@@ -25,6 +25,8 @@ from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors  # noqa: E402
 from diffusers.pipelines.ltx2.pipeline_ltx2 import LTX2Pipeline  # noqa: E402
 from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder  # noqa: E402
 
+from tiny_repos import ltx2_to_diffusers  # noqa: E402
+
 # equal head counts (2 x 16 video, 2 x 8 audio): the video RoPE's 3 x 5 frequencies leave one padding slot; audio
 # tokens of 16 features = 8 latent channels x 2 mel bins
 TINY = dict(
@@ -196,7 +198,7 @@ def test_combined_single_file(tiny):
     orig = model.ltx2_from_diffusers(dsd)  # our keys ARE ltx-core's
     back = convert_ltx2_transformer_to_diffusers({f"model.diffusion_model.{k}": v for k, v in orig.items()})
     assert back.keys() == dsd.keys() and all(torch.equal(back[k], dsd[k]) for k in dsd)
-    assert model.ltx2_to_diffusers(orig).keys() == dsd.keys()
+    assert ltx2_to_diffusers(orig).keys() == dsd.keys()
     net = model.load_transformer(combined_file(tiny["ref"], tiny["root"] / "ltx-2-tiny.safetensors"))
     assert net.cfg == model.load_transformer(str(tiny["repo"])).cfg
     assert not any("connector" in k or "vae" in k for k in net.state_dict())
@@ -270,7 +272,7 @@ def test_full_size_on_meta():
     assert cfg == model.LTX2Config(**model.LTX2_PRESETS["ltx2-19b"])
     with torch.device("meta"):
         net = model.LTX2Transformer(cfg)
-    ours_shapes = {k: tuple(v.shape) for k, v in model.ltx2_to_diffusers(net.state_dict()).items()}
+    ours_shapes = {k: tuple(v.shape) for k, v in ltx2_to_diffusers(net.state_dict()).items()}
     assert ours_shapes == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     n = sum(p.numel() for p in net.parameters())
     assert n == 18_876_174_592 == sum(p.numel() for p in ref.parameters())

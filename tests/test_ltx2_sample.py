@@ -420,7 +420,7 @@ def test_cli_tiny_run_sweep_strip(run_dir, tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--frames", "10"], "--frames 10: LTX-2 needs 8k+1 frames"),
+        (["--frames", "10"], "--frames 10: ltx2 needs 8k+1 frames"),
         (["--size", "48"], "--size 48: ltx2 needs a positive multiple of 32"),
         (["--out", "clip.png"], "a video is written as an animated .webp or .gif"),
         (["--fps", "0"], "--fps 0.0: must be a finite number > 0"),

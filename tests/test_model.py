@@ -14,6 +14,8 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import SD3Transformer2DModel  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers  # noqa: E402
 
+from tiny_repos import sd3_to_diffusers  # noqa: E402
+
 TINY = {  # (medium style: MMDiT-X dual attention + qk RMSNorm; large style)
     "medium": dict(
         sample_size=32,
@@ -103,7 +105,7 @@ def test_original_single_file(style, tmp_path):
     assert not any(k.startswith("<diffusers>") for k in orig)
     back = convert_sd3_transformer_checkpoint_to_diffusers({k: v.clone() for k, v in orig.items()})
     assert back.keys() == dsd.keys() and all(torch.equal(back[k], dsd[k]) for k in dsd)
-    assert model.sd3_to_diffusers(orig, TINY[style]["num_layers"]).keys() == dsd.keys()
+    assert sd3_to_diffusers(orig, TINY[style]["num_layers"]).keys() == dsd.keys()
     # a Stability-style file: prefixed transformer plus a bundled VAE / text-encoder tensor
     bundle = {f"model.diffusion_model.{k}": v for k, v in orig.items()}
     bundle["first_stage_model.decoder.conv_in.weight"] = torch.zeros(3)
@@ -190,7 +192,7 @@ def test_full_size_on_meta(style, params):
     assert cfg == model.SD3Config(**model.SD3_PRESETS[f"sd35-{style}"])
     with torch.device("meta"):
         net = model.SD3Transformer(cfg)
-    ours = {k: tuple(v.shape) for k, v in model.sd3_to_diffusers(net.state_dict(), cfg.depth).items()}
+    ours = {k: tuple(v.shape) for k, v in sd3_to_diffusers(net.state_dict(), cfg.depth).items()}
     theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert ours == theirs
     n = sum(p.numel() for p in net.parameters())

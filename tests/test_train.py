@@ -313,7 +313,7 @@ def test_bad_input_clear_errors(tmp_path, capsys, args, msg):
     "args,msg",
     [
         (["--tiny", "--size", "18"], "--size 18: the tiny ltx2 needs a multiple of 4"),
-        (["--frames", "10"], "LTX-2 needs 8k+1 frames"),
+        (["--frames", "10"], "ltx2 needs 8k+1 frames"),
         (["--size", "500"], "--size 500: ltx2 needs a multiple of 32"),
         (["--no-vae"], "missing vae/ (Lightricks' combined file: sample.py with --text-encoders)"),
     ],

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
+import model
 import rewards as R
 import sample
 
@@ -235,3 +236,38 @@ def ltx2_repo(root):
     save_parts(root, dict(parts, text_encoder=gemma, tokenizer=tok))
     (root / "prompts.txt").write_text("a red circle\na blue ring\n")
     return SimpleNamespace(root=root, gemma=gemma, tok=tok, **parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# our (original) keys -> diffusers': the inverse of each backbone's from_diffusers mapping, to build folders and compare
+
+
+def sd3_to_diffusers(sd, depth):
+    """Inverse of model.sd3_from_diffusers."""
+    fwd, out = model.sd3_key_map(depth), {}
+    for k, v in sd.items():
+        stem, _, leaf = k.rpartition(".")
+        if k == "pos_embed":
+            out["pos_embed.pos_embed"] = v
+        elif stem in fwd:
+            out[f"{fwd[stem]}.{leaf}"] = model._swap_halves(v) if model._swapped(k, depth) else v
+        else:
+            i, rest = stem.split(".", 2)[1], stem.split(".", 2)[2]
+            for n, t in zip(model.SD3_QKV[rest], v.chunk(3)):
+                out[f"transformer_blocks.{i}.{n}.{leaf}"] = t
+    return out
+
+
+def flux_to_diffusers(sd, cfg):
+    """Inverse of model.flux_from_diffusers: fused tensors split as q, k, v (| mlp-in) along the output."""
+    out, D = {}, cfg.hidden
+    for ours, theirs, swap in model._flux_tensors(cfg):
+        if ours in sd:
+            t = model._swap_halves(sd[ours]) if swap else sd[ours]
+            parts = t.split([D, D, D, t.shape[0] - 3 * D][: len(theirs)]) if len(theirs) > 1 else (t,)
+            out.update(zip(theirs, parts))
+    return out
+
+
+def ltx2_to_diffusers(sd, cfg=None):
+    return {model.ltx2_key(k): v for k, v in sd.items()}

@@ -417,6 +417,9 @@ class LTX2TextEncoder:
         self.gemma.to(device), self.connectors.to(device)
         return self
 
+    def __call__(self, prompts):
+        return encode_ltx2_prompts(self, prompts)
+
 
 def tiny_ltx2_text_encoder(
     vocab: list[str], seed: int = 0, dim: int = 64, layers: int = 2, max_len: int = 8, registers: int = 8
@@ -1154,7 +1157,12 @@ def load_image(src, size=None, what=None):
 LOADERS = {
     "sd35": dict(load=load_sd35, flags={"--no-t5": "SD3.5's T5 encoder"}),
     "flux-kontext": dict(load=load_flux, flags={"--vae": "FLUX's single-file VAE"}),
-    "ltx2": dict(load=load_ltx2, defaults=dict(steps=30, size=512, frames=121, fps=24.0, out="out.webp")),
+    # text: train.py loads, uses and frees Gemma-3 alone before the transformer (together they do not fit 80 GB)
+    "ltx2": dict(
+        load=load_ltx2,
+        text=lambda spec, device, dtype: ltx2_text_encoder(spec, device, dtype),
+        defaults=dict(steps=30, size=512, frames=121, fps=24.0, out="out.webp"),
+    ),
 }
 
 

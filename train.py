@@ -185,7 +185,7 @@ def die(msg):
 
 
 def parse_config(argv=None):
-    """Config defaults < the backbone's preset < its tiny preset (with --tiny) < the command line; a resumed run
+    """Config defaults < the backbone's preset (its tiny one with --tiny) < the command line; a resumed run
     takes its saved config. Everything that can be checked without loading a model is checked here."""
     # one flag per Config field; its help text is the field's comment above
     helps = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M))
@@ -203,7 +203,7 @@ def parse_config(argv=None):
         b = args.get("backbone", Config.backbone)
         if b not in BACKBONES:
             die(f"unknown backbone {b!r}; available: {', '.join(BACKBONES)}")
-        cfg = Config(**{**BACKBONES[b]["preset"], **(BACKBONES[b]["tiny"] if args.get("tiny") else {}), **args})
+        cfg = Config(**{**preset(b, args.get("tiny", False)), **args})
     for name, ok in CHOICES.items():
         if getattr(cfg, name) not in ok:
             die(f"--{name} {getattr(cfg, name)!r}: choose one of {[v for v in ok if v]}")
@@ -361,15 +361,15 @@ def complete_saved(d, path, saved):
     b = saved.get("backbone", Config.backbone)
     if b not in BACKBONES:
         die(f"--resume {d}: {path} names backbone {b!r}; available: {', '.join(BACKBONES)}")
-    preset = {**BACKBONES[b]["preset"], **(BACKBONES[b]["tiny"] if saved.get("tiny") else {})}
+    given = preset(b, saved.get("tiny", False))
     lacking = [
         k
         for k in types
-        if k not in saved and k not in preset and k not in RESUMABLE + ("out",) and k not in ("backbone", "tiny")
+        if k not in saved and k not in given and k not in RESUMABLE + ("out",) and k not in ("backbone", "tiny")
     ]
     if lacking:
         die(f"--resume {d}: {path} lacks {', '.join(lacking)} (hand-edited?), which the run's preset does not give")
-    return {**{k: v for k, v in preset.items() if k in types}, **saved}
+    return {**{k: v for k, v in given.items() if k in types}, **saved}
 
 
 def objectives(cfg):
@@ -832,45 +832,6 @@ def read_edits(path):
     return pairs
 
 
-def encode_all(encode, n, chunk):
-    # the full-size setups' conditioning of n items, once: encode(slice) -> {keyword: [k, ...]} on the GPU, `chunk`
-    # items at a time, kept on the CPU -> {keyword: [n, ...]}
-    parts = [{k: v.cpu() for k, v in encode(slice(i, i + chunk)).items()} for i in range(0, n, chunk)]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-def flux_setup(cfg, M, device):
-    """Full-size FLUX.1 Kontext through sample.py's loader: every source resized to one training resolution
-    (cfg.size x cfg.size, so items batch) and VAE-encoded once (the reference latent), every instruction
-    encoded once (T5 + CLIP-L, then the encoders leave the GPU); guidance cfg.guidance."""
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    pairs = read_edits(cfg.edits)
-    spec = dict(weights=os.path.abspath(cfg.weights))
-    pipe = sample.LOADERS["flux-kontext"]["load"](spec, dtype, device)
-    images = torch.cat([sample.load_image(p, (cfg.size, cfg.size), f"--edits {cfg.edits}: {p}") for p, _ in pairs])
-    texts = [t for _, t in pairs]
-
-    def encode(sl):
-        with torch.no_grad():
-            return dict(pipe.encode(texts[sl]), ref=pipe.to_latent(images[sl].to(device)))
-
-    with pipe.encoding():  # T5 and CLIP on the GPU for these lines only
-        cond = encode_all(encode, len(pairs), 8)
-    cond["guidance"] = torch.full((len(pairs),), cfg.guidance)
-    h = cfg.size // 8
-    return Setup(
-        pipe.net,
-        texts,
-        cond,
-        [{"source": im} for im in images],
-        list(range(min(cfg.eval_prompts, len(pairs)))),
-        (pipe.net.cfg.in_channels // 4, h, h),
-        pipe.decode,
-        spec,
-        schedule=lambda steps: sample.get_flux_schedule(steps, (h // 2) ** 2),
-    )
-
-
 def tiny_captions(enc_fn, prompts):
     """The tiny worlds' captions: item i's conditioning, and per style word the conditioning of "…, word" with the
     trade-off the word stands for (the prompt-rewriting baseline). enc_fn: prompts -> {keyword: [n, ...]}."""
@@ -970,38 +931,62 @@ def ltx2_tiny_setup(cfg, M, device):
     return setup
 
 
-def ltx2_setup(cfg, M, device):
-    """Full-size LTX-2 through sample.py's loader: prompts encoded once, by Gemma-3 + connectors alone, which are
-    freed before the transformer loads (Gemma-3-12B beside the 19B transformer and the rewards would not fit one
-    80 GB GPU: README "Memory plan"); x0 = video latent (cfg.frames frames at cfg.size^2) and audio latent of the same
-    duration, packed; the VAE decodes the video for the rewards; the release's token-count-shifted schedule."""
+def full_setup(cfg, M, device):
+    """Any backbone at full size, through sample.py's loader: the items (prompts; editing: an instruction and a source
+    image, resized to cfg.size), their conditioning encoded once and kept on the CPU (the text encoders visit the GPU
+    for that alone; a row with "text", LTX-2's Gemma-3, is loaded, used and freed before the transformer loads: the
+    README's memory plan), the source's latent (the reference) encoded once, the VAE to decode x0 for the rewards."""
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    spec = dict(weights=os.path.abspath(cfg.weights))
-    prompts = read_prompts(cfg.prompts)
-    enc = sample.ltx2_text_encoder(spec, device, dtype).to(device)  # loaded on the CPU, moved to encode
-    cond = encode_all(lambda sl: sample.encode_ltx2_prompts(enc, prompts[sl]), len(prompts), 4)
-    enc = None  # Gemma freed (not copied back) before the transformer loads
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-    pipe = sample.LOADERS["ltx2"]["load"](dict(spec, no_text_encoder=True), dtype, device)
-    shape = pipe.x0_shape(cfg.size, cfg.size, cfg.frames)
-    pack, unpack = pipe.packing(cfg.size, cfg.size, frames=cfg.frames)
-    n_video = math.prod(unpack(torch.zeros(1, *shape))[0].shape[1:])
+    facts, row = model.BACKBONES[cfg.backbone], sample.LOADERS[cfg.backbone]
+    spec, images = dict(weights=os.path.abspath(cfg.weights)), None
+    if facts.editing:
+        pairs = read_edits(cfg.edits)
+        images = torch.cat([sample.load_image(p, (cfg.size, cfg.size), f"--edits {cfg.edits}: {p}") for p, _ in pairs])
+        texts = [t for _, t in pairs]
+    else:
+        texts = read_prompts(cfg.prompts)
+    if "text" in row:
+        enc = row["text"](spec, device, dtype).to(device)
+        cond = encode_all(lambda sl: enc(texts[sl]), len(texts))
+        enc = None  # freed (not copied back) before the transformer loads
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        pipe = row["load"](dict(spec, no_text_encoder=True), dtype, device)
+    else:
+        pipe = row["load"](spec, dtype, device)
+        with pipe.encoding(), torch.no_grad():
+            cond = encode_all(lambda sl: pipe.encode(texts[sl]), len(texts))
+    if images is not None:
+        with torch.no_grad():
+            cond["ref"] = encode_all(lambda sl: dict(ref=pipe.to_latent(images[sl].to(device))), len(texts))["ref"]
+    if facts.distilled:
+        cond["guidance"] = torch.full((len(texts),), cfg.guidance)
+    clip = dict(frames=cfg.frames) if facts.video else {}
+    shape = pipe.x0_shape(cfg.size, cfg.size, **clip)
+    pack, unpack = pipe.packing(cfg.size, cfg.size, **clip) if pipe.packing else (None, None)
+    n_video = math.prod(unpack(torch.zeros(1, *shape))[0].shape[1:]) if unpack else None
+    meta = [{"source": im} for im in images] if images is not None else [{} for _ in texts]
     return Setup(
         pipe.net,
-        prompts,
+        texts,
         cond,
-        [{} for _ in prompts],
-        list(range(min(cfg.eval_prompts, len(prompts)))),
+        meta,
+        list(range(min(cfg.eval_prompts, len(texts)))),
         shape,
         pipe.decode,
         spec,
-        schedule=lambda steps: pipe.schedule(steps, cfg.shift, shape),
+        schedule=(lambda steps: pipe.schedule(steps, cfg.shift, shape)) if pipe.schedule else None,
         pack=pack,
         unpack=unpack,
-        video=True,
-        nft_part=None if cfg.nft_audio else lambda x: x[:, :n_video],
+        video=facts.video,
+        nft_part=None if cfg.nft_audio or not n_video else lambda x: x[:, :n_video],
     )
+
+
+def encode_all(encode, n, chunk=8):
+    # items 0..n-1 -> {keyword: [n, ...]}: encode(slice) on the GPU, `chunk` items at a time, kept on the CPU
+    parts = [{k: v.cpu() for k, v in encode(slice(i, i + chunk)).items()} for i in range(0, n, chunk)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def check_clip(cfg):
@@ -1056,28 +1041,6 @@ def check_full_size(cfg):
 def read_prompts(path):
     with open(path) as fh:
         return [ln.strip() for ln in fh if ln.strip()]
-
-
-def sd35_setup(cfg, M, device):
-    """Full-size SD3.5 through sample.py's loader: base weights in bf16, text encoders (kept on the CPU) visit the GPU
-    once to encode all prompts, the VAE decodes x0 for the rewards."""
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    spec = dict(weights=os.path.abspath(cfg.weights))
-    pipe = sample.LOADERS["sd35"]["load"](spec, dtype, device)
-    prompts = read_prompts(cfg.prompts)
-    with pipe.encoding():  # the text encoders on the GPU for this line only: the prompts' embeddings are cached
-        cond = encode_all(lambda sl: pipe.encode(prompts[sl]), len(prompts), 16)
-    h = cfg.size // 8
-    return Setup(
-        pipe.net,
-        prompts,
-        cond,
-        [{} for _ in prompts],
-        list(range(min(cfg.eval_prompts, len(prompts)))),
-        (pipe.net.cfg.in_channels, h, h),
-        pipe.decode,
-        spec,
-    )
 
 
 def is_rank0():
@@ -1392,91 +1355,57 @@ def evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, dev
     return result
 
 
-def w_colour(w1):  # w1 = 1 red ... 0 blue
-    return int(255 * w1), 60, int(255 * (1 - w1))
-
-
 def plot_front(path, res):
-    """A run's front: objective m vs n for every pair (then the held-out pair, if scored), points coloured by w1
-    and joined in order, the base model as a black cross."""
-    panels = []
+    """A run's front (matplotlib: path .png and .pdf): objective m vs n for every pair, then the held-out pair if
+    scored; the slider's points coloured by w1 (a colour bar) and joined in sweep order, the base model a black x."""
+    panels, slider = [], res["method"] == "ParetoSlider"
     for key, names in (("rewards", res["objectives"]), ("heldout", res.get("heldout_objectives") or [])):
-        if not names:
-            continue
-        pts = [s[key] for s in res["sweep"]]
-        labels = [f"{s['pref'][0]:.1f}" if res["method"] == "ParetoSlider" else s["label"] for s in res["sweep"]]
-        series = [
-            dict(
-                points=pts, colours=[w_colour(s["pref"][0]) for s in res["sweep"]], labels=labels, join=len(names) == 2
-            )
-        ]
-        base = res["base"][key]
+        labels = None if slider else [s["label"] for s in res["sweep"]]
+        series = dict(points=[s[key] for s in res["sweep"]], w=[s["pref"][0] for s in res["sweep"]], labels=labels)
+        pairs = [(a, b) for a in range(len(names)) for b in range(a + 1, len(names))]
         panels += [
-            (
-                names[a],
-                names[b],
-                [dict(s, points=[(p[a], p[b]) for p in s["points"]]) for s in series],
-                (base[a], base[b]),
-            )
-            for a in range(len(names))
-            for b in range(a + 1, len(names))
+            (names[a], names[b], [dict(series, join=len(names) == 2)], res["base"][key], (a, b)) for a, b in pairs
         ]
-    title = f"{res['method']}  hypervolume {res['hypervolume']:.4f} (ref {res['ref_point']})"
+    title = f"{res['method']}: hypervolume {res['hypervolume']:.4f} (ref {res['ref_point']})"
     if "heldout_hypervolume" in res:
-        title += f"; held-out {res['heldout_hypervolume']:.4f}"
+        title += f", held-out {res['heldout_hypervolume']:.4f}"
     draw_panels(path, title, panels)
 
 
-def draw_panels(path, title, panels, legend=()):
-    """Scatter panels, PIL only (no plotting dependency). panels: [(x name, y name, series, base (x, y) or None)];
-    a series: dict(points [(x, y)], colours [rgb per point] or colour, labels [str per point] or None, join bool).
-    legend: [(text, rgb)], drawn under the title. benchmarks/baselines.py draws every method's front with this."""
-    from PIL import Image, ImageDraw
+def draw_panels(path, title, panels):
+    """Scatter panels with matplotlib, written as `path` (PNG) and beside it as a PDF (vector, for papers).
+    panels: [(x name, y name, series, base point or None, (x, y) coordinates of the points)]; a series:
+    dict(points, and w [w1 per point: coloured by it, with a colour bar] or color, labels or None, join, name).
+    benchmarks/baselines.py draws every method's front with this."""
+    import matplotlib
 
-    S, pad = 420, 60
-    top = 56 if legend else 30
-    img = Image.new("RGB", (S * len(panels), S + top), "white")
-    d = ImageDraw.Draw(img)
-    d.text((8, 6), title, fill="black")
-    x = 8
-    for text, rgb in legend:  # one row under the title
-        d.rectangle([x, 26, x + 8, 34], fill=rgb)
-        d.text((x + 12, 24), text, fill="black")
-        x += 12 + int(d.textlength(text)) + 16
-    for k, (xname, yname, series, base) in enumerate(panels):
-        x0, y0 = k * S + pad, top
-        xs = [p[0] for s in series for p in s["points"]] + ([base[0]] if base else [])
-        ys = [p[1] for s in series for p in s["points"]] + ([base[1]] if base else [])
-        lo_x, hi_x, lo_y, hi_y = min(xs), max(xs), min(ys), max(ys)
-        sx, sy = (hi_x - lo_x) * 0.1 + 1e-6, (hi_y - lo_y) * 0.1 + 1e-6
-        lo_x, hi_x, lo_y, hi_y = lo_x - sx, hi_x + sx, lo_y - sy, hi_y + sy
-        W = S - pad - 20
-        X = lambda v: x0 + (v - lo_x) / (hi_x - lo_x) * W
-        Y = lambda v: y0 + W - (v - lo_y) / (hi_y - lo_y) * W
-        d.rectangle([x0, y0, x0 + W, y0 + W], outline="black")
-        for i in range(5):
-            v, u = lo_x + (hi_x - lo_x) * i / 4, lo_y + (hi_y - lo_y) * i / 4
-            d.text((X(v) - 12, y0 + W + 4), f"{v:.3f}", fill="gray")
-            d.text((x0 - 44, Y(u) - 5), f"{u:.3f}", fill="gray")
-        d.text((x0 + W / 2 - 30, y0 + W + 18), xname, fill="black")
-        d.text((x0 - 55, y0 - 16), yname, fill="black")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    for ax, (xname, yname, series, base, (a, b)) in zip(axes[0], panels):
         for s in series:
-            xy = [(X(a), Y(b)) for a, b in s["points"]]
-            colours = s.get("colours") or [s["colour"]] * len(xy)
-            if s.get("join") and len(xy) > 1:
-                d.line(
-                    xy, fill=tuple((c + 255) // 2 for c in colours[0]) if "colour" in s else (150, 150, 150), width=1
-                )
-            for j, (px, py) in enumerate(xy):
-                d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colours[j])
-                if s.get("labels"):
-                    d.text((px + 5, py - 12), s["labels"][j], fill=colours[j])
-        if base:
-            bx, by = X(base[0]), Y(base[1])
-            d.line([bx - 6, by - 6, bx + 6, by + 6], fill="black", width=2)
-            d.line([bx - 6, by + 6, bx + 6, by - 6], fill="black", width=2)
-            d.text((bx + 8, by), "base", fill="black")
-    model.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+            xs, ys = [p[a] for p in s["points"]], [p[b] for p in s["points"]]
+            if s.get("join") and len(xs) > 1:
+                ax.plot(xs, ys, color=s.get("color", "0.7"), lw=1, zorder=1)
+            kw = dict(c=s["w"], cmap="coolwarm_r", vmin=0, vmax=1) if "w" in s else dict(color=s["color"])
+            dots = ax.scatter(xs, ys, s=22, zorder=2, label=s.get("name"), **kw)
+            for x, y, text in zip(xs, ys, s.get("labels") or []):
+                ax.annotate(text, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6)
+        if "w" in series[0]:
+            fig.colorbar(dots, ax=ax, label="$\\omega_1$")
+        if base is not None:
+            ax.scatter([base[a]], [base[b]], marker="x", color="k", s=50, zorder=3)
+            ax.annotate("base", (base[a], base[b]), xytext=(5, -3), textcoords="offset points", fontsize=7)
+        ax.set(xlabel=xname, ylabel=yname)
+        ax.grid(alpha=0.3)
+    if any(s.get("name") for s in panels[0][2]):
+        axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    for f, fmt in ((path, "png"), (os.path.splitext(path)[0] + ".pdf", "pdf")):
+        model.atomic_write(f, lambda tmp: fig.savefig(tmp, format=fmt, dpi=150))
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1679,133 +1608,71 @@ def train(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The backbone table: --backbone -> its full-size setup, its tiny setup, its presets (literal overrides of the
-# Config defaults; with --tiny the tiny preset goes on top). The only place that names a backbone.
+# train.py's row per backbone, keyed as model.BACKBONES (the facts are there): its full-size and tiny setups and its
+# presets. The only place in train.py that names a backbone.
 
+# Presets are the Config fields that differ from its defaults (which are the tiny defaults'): `preset` at full size,
+# `tiny` with --tiny. Full size shares FULL: bf16 with gradient checkpointing, 300 epochs of 4 prompts x 3 w x 8.
+FULL = dict(steps=300, prompts_per_step=4, group_size=8, size=512, dtype="bf16", grad_ckpt=True, eval_prompts=8)
 BACKBONES = {
     "sd35": dict(
-        setup=sd35_setup,
+        setup=full_setup,
         tiny_setup=sd35_tiny_setup,
         example="stabilityai/stable-diffusion-3.5-medium",
         pixels=1,  # the tiny net's pixels per latent cell (pixel space: its patch makes the tokens)
-        preset=dict(
-            out="runs/sd35",
-            rewards="pickscore_photo,vlm_sketch",
-            steps=300,
-            prompts_per_step=4,
-            group_size=8,
-            sample_steps=25,
-            shift=3.0,
-            size=512,
-            batch=8,
-            dtype="bf16",
-            grad_ckpt=True,
-            eval_points=11,
-            eval_prompts=8,
-        ),
+        preset=dict(FULL, out="runs/sd35", rewards="pickscore_photo,vlm_sketch", sample_steps=25, shift=3.0, batch=8),
         # kl_beta 0.1 on the tiny world (the paper: 1e-4): along its one-dimensional trade-off the two per-reward
         # advantages are mirror images inside a group, so the late-scalarised push has the sign of w1 - w2 whatever
         # the front's shape, and with a weak KL every w past ~0.6 ends at the same extreme; the pull to the base
         # makes the end point grow with |w1 - w2| (seed 0: Spearman 0.92 / 0.93 -> 0.96 / 0.97, README)
-        tiny=dict(
-            out="runs/tiny",
-            rewards="tiny_photo,tiny_sketch",
-            heldout="tiny_photo_heldout,tiny_sketch_heldout",
-            kl_beta=0.1,
-            steps=30,
-            prompts_per_step=4,
-            group_size=6,
-            sample_steps=8,
-            shift=1.0,
-            size=32,
-            batch=64,
-            dtype="fp32",
-            grad_ckpt=False,
-            eval_points=11,
-            eval_prompts=12,
-        ),
+        tiny=dict(out="runs/tiny", heldout="tiny_photo_heldout,tiny_sketch_heldout", kl_beta=0.1),
     ),
     "flux-kontext": dict(
-        setup=flux_setup,
+        setup=full_setup,
         tiny_setup=flux_tiny_setup,
         example="black-forest-labs/FLUX.1-Kontext-dev",
         pixels=2,  # the tiny net's latent: the image 2x2 space-to-depth'ed
-        preset=dict(
-            out="runs/flux-kontext",
-            rewards="dino_sim,vlm_edit",
-            steps=300,
-            prompts_per_step=4,
-            group_size=8,
-            sample_steps=28,
-            size=512,
-            batch=4,
-            dtype="bf16",
-            grad_ckpt=True,
-            guidance=2.5,
-            eval_points=11,
-            eval_prompts=8,
-        ),
-        tiny=dict(
-            out="runs/flux-kontext-tiny",
-            rewards="tiny_preserve,tiny_adhere",
-            steps=30,
-            prompts_per_step=4,
-            group_size=6,
-            sample_steps=8,
-            shift=1.0,
-            size=32,
-            batch=64,
-            dtype="fp32",
-            grad_ckpt=False,
-            guidance=1.0,
-            eval_points=11,
-            eval_prompts=12,
-        ),
+        preset=dict(FULL, out="runs/flux-kontext", rewards="dino_sim,vlm_edit", sample_steps=28, batch=4),
+        tiny=dict(out="runs/flux-kontext-tiny", rewards="tiny_preserve,tiny_adhere", guidance=1.0),
     ),
     "ltx2": dict(
-        setup=ltx2_setup,
+        setup=full_setup,
         tiny_setup=ltx2_tiny_setup,
         example="Lightricks/LTX-2",
-        folders=("vae", "text_encoder", "tokenizer"),  # ltx2_setup reads Gemma-3 and the VAE from the folder
+        folders=("vae", "text_encoder", "tokenizer"),  # full_setup reads Gemma-3 and the VAE from the folder
         pixels=4,  # the tiny net's video latent: each frame 4x4 space-to-depth'ed
         # 512^2 x 49 frames (2 s at 24 fps): the memory plan's default (README); 20 Euler steps per rollout
         preset=dict(
+            FULL,
             out="runs/ltx2",
             rewards="pickscore_photo,vlm_animation",
-            steps=300,
             prompts_per_step=2,
             prefs_per_prompt=2,
             group_size=4,
             sample_steps=20,
             solver="euler",
-            size=512,
             frames=49,
             batch=1,
-            dtype="bf16",
-            grad_ckpt=True,
             eval_points=7,
             eval_prompts=4,
-        ),
+        ),  # fmt: skip
         tiny=dict(
             out="runs/ltx2-tiny",
-            rewards="tiny_photo,tiny_sketch",
             heldout="tiny_photo_heldout,tiny_sketch_heldout",
             kl_beta=0.1,
-            steps=30,
-            prompts_per_step=4,
-            group_size=6,
-            sample_steps=8,
-            shift=1.0,
+            prefs_per_prompt=2,
+            solver="euler",
             size=16,
             frames=6,
             batch=72,
-            dtype="fp32",
-            grad_ckpt=False,
-            eval_points=11,
-            eval_prompts=12,
-        ),
+        ),  # fmt: skip
     ),
 }
+
+
+def preset(backbone, tiny):
+    # the Config fields a backbone's run starts from (its --tiny preset, or its full-size one)
+    return BACKBONES[backbone]["tiny" if tiny else "preset"]
 
 
 if __name__ == "__main__":

@@ -176,25 +176,16 @@ def main():
     # --- one picture: every method's front on the first seed, training rewards and held-out scorers
     panels = []
     for sl, pair in ((slice(0, 2), objectives[:2]), (slice(len(objectives), len(objectives) + 2), heldout[:2])):
-        if len(pair) < 2:
-            continue
-        series = [
-            dict(
-                points=[tuple(v[2][sl]) for v in summary["methods"][t]["points"][0]],
-                colour=COLOURS[t],
-                join=t in ("ParetoSlider", "RewardedSoups", "FlowMulti"),
-            )
-            for t in summary["methods"]
-        ]
-        panels.append((pair[0], pair[1], series, None))
-    legend = [(t, COLOURS[t]) for t in summary["methods"]]
-    train.draw_panels(
-        os.path.join(out, "fronts.png"),
-        f"{args.backbone} tiny world, seed {seeds[0]}: every method's "
-        "front (left: training rewards; right: held-out scorers)",
-        panels,
-        legend,
+        if len(pair) == 2:
+            joined = ("ParetoSlider", "RewardedSoups", "FlowMulti")
+            points = {t: [tuple(v[2][sl]) for v in m["points"][0]] for t, m in summary["methods"].items()}
+            color = {t: tuple(c / 255 for c in COLOURS[t]) for t in points}
+            series = [dict(points=p, name=t, color=color[t], join=t in joined) for t, p in points.items()]
+            panels.append((pair[0], pair[1], series, None, (0, 1)))
+    title = (
+        f"{args.backbone} tiny world, seed {seeds[0]}: every method's front (left: training rewards; right: held-out)"
     )
+    train.draw_panels(os.path.join(out, "fronts.png"), title, panels)
     model.atomic_json(dict(summary, table=lines), os.path.join(out, "summary.json"))
     print(f"wrote {out}/summary.json and {out}/fronts.png")
 

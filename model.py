@@ -850,19 +850,10 @@ def sd3_config_from_state(sd, meta=None):
 
 def sd3_config_from_diffusers(c):
     known = {
-        "num_layers",
-        "attention_head_dim",
-        "num_attention_heads",
-        "patch_size",
-        "in_channels",
-        "out_channels",
-        "joint_attention_dim",
-        "caption_projection_dim",
-        "pooled_projection_dim",
-        "pos_embed_max_size",
-        "qk_norm",
-        "dual_attention_layers",
-        "sample_size",
+        *(
+            "num_layers attention_head_dim num_attention_heads patch_size in_channels out_channels joint_attention_dim "
+            "caption_projection_dim pooled_projection_dim pos_embed_max_size qk_norm dual_attention_layers sample_size"
+        ).split(),
     }
     extra = sorted(k for k in c if not k.startswith("_") and k not in known)
     if extra:
@@ -1237,17 +1228,10 @@ class FluxTransformer(Backbone):
 
 def flux_config_from_diffusers(c):
     known = {
-        "patch_size",
-        "in_channels",
-        "out_channels",
-        "num_layers",
-        "num_single_layers",
-        "attention_head_dim",
-        "num_attention_heads",
-        "joint_attention_dim",
-        "pooled_projection_dim",
-        "guidance_embeds",
-        "axes_dims_rope",
+        *(
+            "patch_size in_channels out_channels num_layers num_single_layers attention_head_dim num_attention_heads "
+            "joint_attention_dim pooled_projection_dim guidance_embeds axes_dims_rope"
+        ).split(),
     }
     extra = sorted(k for k in c if not k.startswith("_") and k not in known)
     if extra:
@@ -1418,6 +1402,7 @@ class LTX2Config:
 LTX2_PRESETS = {
     "ltx2-19b": dict(),  # LTX-2 [dev] 2.0 (ltx-2-19b-dev.safetensors; diffusers Lightricks/LTX-2 transformer/)
     # tests and a CPU default: 4 heads of 16 (video) and of 8 (audio); audio latent [B, 8, A, 2]
+    # fmt: off
     "ltx2-tiny": dict(
         depth=2,
         hidden=64,
@@ -1430,6 +1415,7 @@ LTX2_PRESETS = {
         cross_attention_dim=64,
         audio_cross_attention_dim=32,
     ),
+    # fmt: on
 }
 
 # what LTX2Transformer.forward hands every block (namedtuples: torch.compile traces them): the global modulations
@@ -1765,13 +1751,9 @@ assert len(LTX2_RENAMES_BACK) == len(LTX2_RENAMES) and not set(LTX2_RENAMES) & s
 
 # the combined file's other components (after `model.diffusion_model.` is stripped, or beside it): text connectors,
 # Gemma feature projection, video VAE, audio VAE, vocoder (diffusers single_file_utils.py:4151-4221)
-LTX2_BUNDLED = (
-    "video_embeddings_connector.",
-    "audio_embeddings_connector.",
-    "text_embedding_projection.",
-    "vae.",
-    "audio_vae.",
-    "vocoder.",
+LTX2_BUNDLED = tuple(
+    "video_embeddings_connector. audio_embeddings_connector. text_embedding_projection. vae. audio_vae. "
+    "vocoder.".split()
 )
 
 
@@ -1789,58 +1771,26 @@ def ltx2_from_diffusers(sd, cfg=None):
 
 
 # diffusers LTX2VideoTransformer3DModel options this code implements only at one value (LTX-2.3 / 2.5 features)
-LTX2_DIFFUSERS_FIXED = dict(
-    patch_size=1,
-    patch_size_t=1,
-    audio_patch_size=1,
-    audio_patch_size_t=1,
-    gated_attn=False,
-    cross_attn_mod=False,
-    audio_gated_attn=False,
-    audio_cross_attn_mod=False,
-    activation_fn="gelu-approximate",
-    qk_norm="rms_norm_across_heads",
-    norm_elementwise_affine=False,
-    norm_eps=1e-6,
-    attention_bias=True,
-    attention_out_bias=True,
-    use_prompt_embeddings=True,
-    perturbed_attn=False,
-    ff_bias=True,
-    audio_ff_bias=True,
-    use_keyframes_abs_pos_embedding=False,
-)
+# fmt: off
+LTX2_DIFFUSERS_FIXED = dict(patch_size=1, patch_size_t=1, audio_patch_size=1, audio_patch_size_t=1, gated_attn=False,
+                            cross_attn_mod=False, audio_gated_attn=False, audio_cross_attn_mod=False,
+                            activation_fn="gelu-approximate", qk_norm="rms_norm_across_heads",
+                            norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True,
+                            attention_out_bias=True, use_prompt_embeddings=True, perturbed_attn=False, ff_bias=True,
+                            audio_ff_bias=True, use_keyframes_abs_pos_embedding=False)
+# fmt: on
 
 
 def ltx2_config_from_diffusers(c):
     known = {
-        "in_channels",
-        "out_channels",
-        "num_attention_heads",
-        "attention_head_dim",
-        "cross_attention_dim",
-        "vae_scale_factors",
-        "pos_embed_max_pos",
-        "base_height",
-        "base_width",
-        "audio_in_channels",
-        "audio_out_channels",
-        "audio_num_attention_heads",
-        "audio_attention_head_dim",
-        "audio_cross_attention_dim",
-        "audio_scale_factor",
-        "audio_pos_embed_max_pos",
-        "audio_sampling_rate",
-        "audio_hop_length",
-        "num_layers",
-        "caption_channels",
-        "rope_theta",
-        "rope_double_precision",
-        "causal_offset",
-        "timestep_scale_multiplier",
-        "cross_attn_timestep_scale_multiplier",
-        "rope_type",
-        "use_prompt_adaln_single",
+        *(
+            "in_channels out_channels num_attention_heads attention_head_dim cross_attention_dim vae_scale_factors "
+            "pos_embed_max_pos base_height base_width audio_in_channels audio_out_channels audio_num_attention_heads "
+            "audio_attention_head_dim audio_cross_attention_dim audio_scale_factor audio_pos_embed_max_pos "
+            "audio_sampling_rate audio_hop_length num_layers caption_channels rope_theta rope_double_precision "
+            "causal_offset timestep_scale_multiplier cross_attn_timestep_scale_multiplier rope_type "
+            "use_prompt_adaln_single"
+        ).split(),
         *LTX2_DIFFUSERS_FIXED,
     }  # use_prompt_adaln_single acts only with cross_attn_mod
     extra = sorted(k for k in c if not k.startswith("_") and k not in known)
@@ -2139,14 +2089,10 @@ LTX2_CONNECTOR_FIXED = dict(
 
 def ltx2_connector_config_from_diffusers(c):
     known = {
-        "caption_channels",
-        "text_proj_in_factor",
-        "connector_rope_base_seq_len",
-        "rope_theta",
-        "rope_double_precision",
-        "rope_type",
-        "video_hidden_dim",
-        "audio_hidden_dim",
+        *(
+            "caption_channels text_proj_in_factor connector_rope_base_seq_len rope_theta rope_double_precision "
+            "rope_type video_hidden_dim audio_hidden_dim"
+        ).split(),
         *LTX2_CONNECTOR_FIXED,
         *(
             f"{s}_connector_{k}"
@@ -2516,13 +2462,10 @@ def _vae_config_from_shapes(sd, file):
 
 # what load_vae skips unread in a combined file: other components of Stability's and of Lightricks' bundles
 VAE_BUNDLED = (
-    "model.diffusion_model.",
-    "text_encoders.",
-    "conditioner.",
-    "cond_stage_model.",
-    "audio_vae.",
-    "vocoder.",
-    "text_embedding_projection.",
+    *(
+        "model.diffusion_model. text_encoders. conditioner. cond_stage_model. audio_vae. vocoder. "
+        "text_embedding_projection."
+    ).split(),
 )
 LTX2_VAE_SIGNATURE = "per_channel_statistics.mean-of-means"  # after `vae.`; the 16-channel VAE has no statistics
 

@@ -128,50 +128,16 @@ METHOD_NAMES = dict(
 )
 TRAINS = ("slider", "fixed", "flowmulti")
 # numeric flags: the smallest (and largest) value that makes sense; group_size 1 would give zero advantages
-AT_LEAST = dict(
-    steps=1,
-    prompts_per_step=1,
-    prefs_per_prompt=1,
-    group_size=2,
-    sample_steps=1,
-    size=8,
-    frames=2,
-    batch=1,
-    lora_rank=1,
-    ckpt_every=1,
-    pretrain_steps=1,
-    pretrain_batch=1,
-    eval_points=2,
-    eval_prompts=1,
-    kl_beta=0.0,
-    weight_decay=0.0,
-    ema=0.0,
-)
-POSITIVE = (
-    "lr",
-    "lora_alpha",
-    "grad_clip",
-    "adv_clip",
-    "shift",
-    "pretrain_lr",
-    "beta",
-    "timestep_fraction",
-    "guidance",
-)
+# fmt: off
+AT_LEAST = dict(steps=1, prompts_per_step=1, prefs_per_prompt=1, group_size=2, sample_steps=1, size=8, frames=2,
+                batch=1, lora_rank=1, ckpt_every=1, pretrain_steps=1, pretrain_batch=1, eval_points=2, eval_prompts=1,
+                kl_beta=0.0, weight_decay=0.0, ema=0.0)
+# fmt: on
+POSITIVE = tuple("lr lora_alpha grad_clip adv_clip shift pretrain_lr beta timestep_fraction guidance".split())
 AT_MOST = dict(beta=1.0, timestep_fraction=1.0, ema=0.999999)
 # what --resume may change: how far to train, where to run, what to evaluate; everything else is the method
-RESUMABLE = (
-    "steps",
-    "resume",
-    "kernels",
-    "device",
-    "eval_points",
-    "eval_prompts",
-    "ref_point",
-    "ckpt_every",
-    "batch",
-    "cache",
-    "compile",
+RESUMABLE = tuple(
+    "steps resume kernels device eval_points eval_prompts ref_point ckpt_every batch cache compile".split()
 )
 
 
@@ -1327,16 +1293,8 @@ def evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, dev
     base, _ = run(None, None, None, "evaluation of the base model")
     W = torch.tensor([s["pref"] for s in sweep])
     hv, rho = front_stats(W, torch.tensor([s["rewards"] for s in sweep]), ref_point)
-    result = dict(
-        objectives=names,
-        sweep=sweep,
-        hypervolume=hv,
-        ref_point=ref_point,
-        base=base,
-        spearman=rho,
-        eval_prompts=prompts,
-        method=METHOD_NAMES[cfg.method],
-    )
+    result = dict(objectives=names, sweep=sweep, hypervolume=hv, ref_point=ref_point, base=base, spearman=rho)
+    result |= dict(eval_prompts=prompts, method=METHOD_NAMES[cfg.method])
     if heldout:  # the held-out front, reference point 0 (every tiny scorer is in [0, 1])
         # held-out scorer m judges objective m: Spearman pairs them by position
         hv_h, rho_h = front_stats(W, torch.tensor([s["heldout"] for s in sweep]), [0.0] * len(heldout))
@@ -1642,6 +1600,7 @@ BACKBONES = {
         folders=("vae", "text_encoder", "tokenizer"),  # full_setup reads Gemma-3 and the VAE from the folder
         pixels=4,  # the tiny net's video latent: each frame 4x4 space-to-depth'ed
         # 512^2 x 49 frames (2 s at 24 fps): the memory plan's default (README); 20 Euler steps per rollout
+        # fmt: off
         preset=dict(
             FULL,
             out="runs/ltx2",
@@ -1655,7 +1614,7 @@ BACKBONES = {
             batch=1,
             eval_points=7,
             eval_prompts=4,
-        ),  # fmt: skip
+        ),
         tiny=dict(
             out="runs/ltx2-tiny",
             heldout="tiny_photo_heldout,tiny_sketch_heldout",
@@ -1665,7 +1624,8 @@ BACKBONES = {
             size=16,
             frames=6,
             batch=72,
-        ),  # fmt: skip
+        ),
+        # fmt: on
     ),
 }
 

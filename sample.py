@@ -12,6 +12,7 @@ import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -574,46 +575,6 @@ def decode(vae, x0):
 
 
 @torch.no_grad()
-def generate(
-    net,
-    vae,
-    cond,
-    uncond,
-    pref,
-    steps: int,
-    seed: int,
-    size: int,
-    guidance: float = 1.0,
-    solver: str = "euler",
-    shift: float = 3.0,
-    progress: bool = False,
-) -> torch.Tensor:
-    # -> images [B,3,size,size] in [0,1] from an SD3-style net (latents at size/8 with the VAE, pixels without)
-    return Pipeline(net, vae, None, None).generate(
-        cond, uncond, pref, steps, seed, size, size, guidance, solver, shift, progress
-    )
-
-
-def sample_images(
-    net,
-    vae,
-    enc,
-    prompts,
-    pref,
-    steps: int,
-    seed: int,
-    size: int,
-    guidance: float = 1.0,
-    solver: str = "euler",
-    shift: float = 3.0,
-    negative_prompt: str = "",
-    progress: bool = False,
-):
-    # the one-call form that train.py's evaluation reuses
-    cond, uncond = prompt_conditions(lambda ps: sd3_cond(enc, ps), prompts, guidance, negative_prompt)
-    return generate(net, vae, cond, uncond, pref, steps, seed, size, guidance, solver, shift, progress)
-
-
 def to_pil(img):  # [3,H,W] in [0,1] -> PIL image
     from PIL import Image
 
@@ -1677,6 +1638,7 @@ class Slider:
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PAGE = Path(__file__).with_name("serve.html")  # the slider page: HTML and its script; __INFO__ becomes the run's JSON
 
 
 def page_json(obj):
@@ -1752,7 +1714,8 @@ def make_server(slider, host="127.0.0.1", port=7860, timeout=30.0):
             if reason:
                 return self.send(403, {"error": reason})
             if self.path in ("/", "/index.html"):
-                page = PAGE.replace("__INFO__", page_json({k: v for k, v in slider.info.items() if k != "spec"}))
+                info = {k: v for k, v in slider.info.items() if k != "spec"}
+                page = PAGE.read_text().replace("__INFO__", page_json(info))
                 return self.send(
                     200,
                     page.encode(),
@@ -1889,96 +1852,6 @@ def serve(args):
         pass
     finally:
         server.server_close()
-
-
-PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>ParetoSlider</title>
-<style>
- body{font:14px system-ui,sans-serif;margin:24px;max-width:980px;color:#222}
- .row{display:flex;gap:16px;align-items:center;margin:8px 0;flex-wrap:wrap}
- input[type=text]{width:320px} input[type=range]{width:360px}
- #img{width:320px;height:320px;image-rendering:pixelated;border:1px solid #ccc;background:#f4f4f4}
- #strip img{width:96px;height:96px;image-rendering:pixelated;border:1px solid #ddd;cursor:pointer}
- #strip{display:flex;gap:6px;flex-wrap:wrap} .muted{color:#777} .err{color:#b00}
-</style></head><body>
-<h2>ParetoSlider</h2>
-<div id="run" class="muted"></div>
-<div class="row"><label>prompt <input id="prompt" type="text"></label>
- <label>seed <input id="seed" type="number" value="0" min="0" style="width:80px"></label>
- <span id="upload" hidden><label>source image <input id="source" type="file" accept="image/*"></label></span></div>
-<div id="sliders"></div>
-<div class="row"><img id="img" alt="the image at this ω">
- <div><div id="w"></div><div id="status" class="muted"></div></div></div>
-<h3>the sweep (same prompt and seed)</h3><div id="strip"></div>
-<script>
-const INFO = __INFO__;
-const M = INFO.pref_dim;
-const names = INFO.objectives.length ? INFO.objectives : [...Array(M).keys()].map(i => "objective " + (i + 1));
-const client = Math.random().toString(36).slice(2); let seq = 0, source = null, w = M ? Array(M).fill(1 / M) : [];
-document.getElementById("run").textContent = `run ${INFO.run} · ${INFO.backbone}` +
-  ` · objectives ${names.join(" ↔ ")}` +
-  ` · step ${INFO.step ?? "?"} · hypervolume ${INFO.hypervolume == null ? "?" : INFO.hypervolume.toFixed(4)}`;
-document.getElementById("prompt").value = INFO.editing ? "make it blue" : "a red circle";
-if (INFO.editing) document.getElementById("upload").hidden = false;
-const box = document.getElementById("sliders");
-// elements built node by node, every text from the run through textContent: a name can never become markup
-function el(tag, attrs, text) { const e = document.createElement(tag); Object.assign(e, attrs || {});
-  if (text !== undefined) e.textContent = text; return e; }
-function row(...kids) {
-  const r = el("div", {className: "row"}); kids.forEach(k => r.appendChild(k)); box.appendChild(r); }
-const range = (i, v) => el("input", {id: "s" + i, type: "range", min: 0, max: 1000, value: v});
-if (M === 2) {  // one slider: w = (1 - t, t)
-  row(el("b", {}, names[0]), range(0, 500), el("b", {}, names[1]));
-  document.getElementById("s0").oninput = e => { const t = e.target.value / 1000; w = [1 - t, t]; render(); };
-} else if (M > 2) {  // M sliders kept on the simplex: moving one rescales the others
-  names.forEach((n, i) => row(range(i, Math.round(1000 / M)), el("span", {}, n)));
-  names.forEach((_, i) => document.getElementById("s" + i).oninput = e => {
-    const v = e.target.value / 1000, rest = w.reduce((a, b, j) => j === i ? a : a + b, 0);
-    w = w.map((x, j) => j === i ? v : rest > 0 ? x * (1 - v) / rest : (1 - v) / (M - 1));
-    w.forEach((x, j) => { if (j !== i) document.getElementById("s" + j).value = Math.round(1000 * x); });
-    render(); });
-}
-function status(t, err) {
-  const s = document.getElementById("status"); s.textContent = t; s.className = err ? "err" : "muted"; }
-async function fetchImage(pref, mine) {
-  const body = {prompt: document.getElementById("prompt").value, seed: +document.getElementById("seed").value,
-                pref: M ? pref : null, source, client, seq: mine};
-  const r = await fetch("/render", {method: "POST", headers: {"Content-Type": "application/json"},
-                                    body: JSON.stringify(body)});
-  if (r.status === 409) return null;  // superseded by a newer request: drop it
-  if (!r.ok) throw new Error((await r.json()).error);
-  return {url: URL.createObjectURL(await r.blob()), cache: r.headers.get("X-Cache"), ms: r.headers.get("X-Render-Ms")};
-}
-async function render() {
-  const mine = ++seq;
-  document.getElementById("w").textContent = M ? "ω = (" + w.map(x => x.toFixed(2)).join(", ") + ")" : "";
-  try {
-    const out = await fetchImage(w.slice(), mine);
-    if (!out || mine !== seq) return;  // a newer request is on its way
-    document.getElementById("img").src = out.url;
-    status(`${out.cache === "hit" ? "from the cache" : "sampled"} in ${(+out.ms).toFixed(0)} ms`);
-  } catch (e) { status(e.message, true); }
-}
-async function strip() {  // the sweep for this prompt and seed (cached on the server once drawn)
-  const el = document.getElementById("strip"); el.replaceChildren();
-  if (M !== 2) return;
-  for (let i = 0; i < 7; i++) {
-    const t = i / 6, img = document.createElement("img"); img.title = `ω = (${(1 - t).toFixed(2)}, ${t.toFixed(2)})`;
-    img.onclick = () => { document.getElementById("s0").value = Math.round(1000 * t); w = [1 - t, t]; render(); };
-    el.appendChild(img);
-    try { const out = await fetchImage([1 - t, t], null); if (out) img.src = out.url; }
-    catch (e) { status(e.message, true); return; }
-  }
-}
-function refresh() { render().then(strip); }
-document.getElementById("prompt").onchange = refresh;
-document.getElementById("seed").onchange = refresh;
-document.getElementById("source").onchange = e => {
-  const f = e.target.files[0]; if (!f) return;
-  const rd = new FileReader(); rd.onload = () => { source = rd.result; refresh(); }; rd.readAsDataURL(f); };
-if (!INFO.editing) refresh(); else status("upload a source image to edit");
-</script></body></html>
-"""
 
 
 if __name__ == "__main__":

@@ -1318,6 +1318,8 @@ def plot_front(path, res):
     scored; the slider's points coloured by w1 (a colour bar) and joined in sweep order, the base model a black x."""
     panels, slider = [], res["method"] == "ParetoSlider"
     for key, names in (("rewards", res["objectives"]), ("heldout", res.get("heldout_objectives") or [])):
+        if not names:  # no held-out scorers (FLUX's tiny world, full size): no held-out panel
+            continue
         labels = None if slider else [s["label"] for s in res["sweep"]]
         series = dict(points=[s[key] for s in res["sweep"]], w=[s["pref"][0] for s in res["sweep"]], labels=labels)
         pairs = [(a, b) for a in range(len(names)) for b in range(a + 1, len(names))]

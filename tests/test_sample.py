@@ -322,11 +322,14 @@ def adapter(repo, tmp_path_factory):
     return net.eval(), str(path)
 
 
-def test_sample_images_pixel_space(repo, adapter):
+def test_pipeline_pixel_space(repo, adapter):
     net, enc = adapter[0], sample.load_text_encoders(str(repo[0]))
-    run = lambda pref, seed, **kw: sample.sample_images(
-        net, None, enc, PROMPTS[:2], pref, steps=3, seed=seed, size=16, **kw
-    )
+    pipe = sample.Pipeline(net, None, enc, lambda ps: sample.sd3_cond(enc, ps))
+
+    def run(pref, seed, guidance=1.0, solver="euler"):
+        cond, uncond = pipe.conditions(PROMPTS[:2], guidance)
+        return pipe.generate(cond, uncond, pref, 3, seed, 16, 16, guidance, solver)
+
     img = run([0.3, 0.7], 0)
     assert img.shape == (2, 3, 16, 16) and img.min() >= 0 and img.max() <= 1
     assert torch.equal(img, run([0.3, 0.7], 0))
@@ -349,7 +352,7 @@ def test_generate_decodes_latents_with_the_vae():
             return torch.sigmoid(torch.nn.functional.interpolate(z[:, :3], scale_factor=8))
 
     vae, (_, cond) = VAE(1, 1), standin_inputs(b=2)
-    img = sample.generate(Net(1, 1), vae, cond, None, None, steps=3, seed=0, size=48)
+    img = sample.Pipeline(Net(1, 1), vae).generate(cond, None, None, 3, 0, 48, 48)
     assert vae.seen == [(2, 16, 6, 6)] and img.shape == (2, 3, 48, 48)
 
 

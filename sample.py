@@ -1127,95 +1127,56 @@ LOADERS = {
 }
 
 
+# sample.py's flags: (flag, type or action or choices, help); the run's settings fill the ones left unset (run_settings)
+FLAGS = [
+    ("--run", str, "a train.py run folder: its adapter, base model, text encoders and sampling settings (steps, "
+     "solver, shift, size; flags given here override them)"),
+    ("--backbone", sorted(LOADERS), "model family (with --weights; default sd35)"),
+    ("--weights", str, "diffusers repo folder (transformer/, vae/, text encoders) or an original single .safetensors"),
+    ("--text-encoders", str, "diffusers folder or hub id with text_encoder{,_2,_3}/ and tokenizer{,_2,_3}/; ltx2: a "
+     "diffusers LTX-2 folder or a Gemma-3 folder (default: --weights when it is a folder)"),
+    ("--no-t5", "store_true", "skip T5-XXL (zeros instead, as diffusers does)"),
+    ("--lora", str, "adapter .safetensors (LoRA + preference modules) written by train.py"),
+    ("--prompt", str, "text prompt (not with --serve: the page asks for it)"),
+    ("--negative-prompt", str, "unconditional prompt for CFG (with --guidance > 1; default empty)"),
+    ("--pref", str, "ω: w1 for two objectives (ω = (w1, 1-w1)) or a full vector like 0.2,0.3,0.5"),
+    ("--sweep", int, "N >= 2: one strip of N images, ω = (1-i/(N-1), i/(N-1))"),
+    ("--steps", int, "ODE steps (default 28; a run's sample_steps)"),
+    ("--solver", ["euler", "dpm2"], "ODE solver (default euler; a run's solver)"),
+    ("--shift", float, "schedule time shift (default 3.0 for SD3.5; a run's shift)"),
+    ("--guidance", float, "SD3.5: classifier-free guidance scale (default 1 = off); FLUX: the distilled guidance "
+     "input (default 2.5, one forward per step)"),
+    ("--image", str, "editing backbones: the source image to edit; resized to the nearest Kontext resolution (a tiny "
+     "run: to its size)"),
+    ("--vae", str, "FLUX with a single-file --weights: BFL's ae.safetensors"),
+    ("--seed", int, "noise seed, in [0, 2^31) (default 0; the same seed gives the same noise on every device)"),
+    ("--size", int, "image side in pixels (the backbone's multiple; default 1024, LTX-2 512; a run's size)"),
+    ("--frames", int, "video backbones: frames per clip (8k+1; default 121; a run's frames)"),
+    ("--fps", float, "video backbones: frames per second, an input of the net and the playback rate (default 24)"),
+    ("--audio", "store_true", "ltx2: decode the sound too (audio VAE + vocoder) and write a WAV beside the video"),
+    ("--dtype", ["fp32", "bf16", "fp16"], "the base model's dtype (default: bf16 on a GPU, fp32 on a CPU; adapters "
+     "stay fp32, cast at use; fp16 clips FLUX's activations as diffusers does)"),
+    ("--compile", "store_true", "torch.compile each repeated block (regional; the first image pays the compile time)"),
+    ("--device", str, "torch device (default: cuda where available)"),
+    ("--out", str, "output image (default out.png); a video: an animated .webp or .gif (default out.webp), plus an "
+     ".mp4 beside it where PyAV is installed"),
+    ("--kernels", ["triton", "torch"], "fused Triton kernels or the PyTorch references (default: Triton on a GPU)"),
+    ("--serve", "store_true", "a local page with the slider: drag ω, watch the image move"),
+    ("--port", int, "--serve: the port (default 7860; 0: any free one)"),
+    ("--host", str, "--serve: the address to bind (default 127.0.0.1: this machine only; no authentication)"),
+]  # fmt: skip
+
+
 def cli():
     ap = argparse.ArgumentParser(description="Sample images from a ParetoSlider model at one ω or a sweep of ω.")
-    ap.add_argument(
-        "--run",
-        help="a train.py run folder: its adapter, base model, text encoders and sampling "
-        "settings (steps, solver, shift, size; flags given here override them)",
-    )
-    ap.add_argument("--backbone", choices=sorted(LOADERS), help="model family (with --weights; default sd35)")
-    ap.add_argument(
-        "--weights",
-        help="diffusers repo folder (transformer/, vae/, text encoders) or an original single .safetensors file",
-    )
-    ap.add_argument(
-        "--text-encoders",
-        help="diffusers folder or hub id with text_encoder{,_2,_3}/ and tokenizer{,_2,_3}/"
-        "; ltx2: a diffusers LTX-2 folder or a Gemma-3 folder (default: --weights when it is a folder)",
-    )
-    ap.add_argument("--no-t5", action="store_true", help="skip T5-XXL (zeros instead, as diffusers does)")
-    ap.add_argument("--lora", help="adapter .safetensors (LoRA + preference modules) written by train.py")
-    ap.add_argument("--prompt", help="text prompt (not with --serve: the page asks for it)")
-    ap.add_argument("--negative-prompt", help="unconditional prompt for CFG (with --guidance > 1; default empty)")
-    ap.add_argument("--pref", help="ω: w1 for two objectives (ω = (w1, 1-w1)) or a full vector like 0.2,0.3,0.5")
-    ap.add_argument("--sweep", type=int, help="N >= 2: one strip of N images, ω = (1-i/(N-1), i/(N-1))")
-    ap.add_argument("--steps", type=int, help="ODE steps (default 28; a run's sample_steps)")
-    ap.add_argument("--solver", choices=["euler", "dpm2"], help="ODE solver (default euler; a run's solver)")
-    ap.add_argument("--shift", type=float, help="schedule time shift (default 3.0 for SD3.5; a run's shift)")
-    ap.add_argument(
-        "--guidance",
-        type=float,
-        help="SD3.5: classifier-free guidance scale (default 1 = off); FLUX: "
-        "the distilled guidance input (default 2.5, one forward per step)",
-    )
-    ap.add_argument(
-        "--image",
-        help="editing backbones (flux-kontext): the source image to edit; resized to the nearest "
-        "Kontext resolution (a tiny run: to its size)",
-    )
-    ap.add_argument("--vae", help="FLUX with a single-file --weights: BFL's ae.safetensors")
-    ap.add_argument(
-        "--seed",
-        type=int,
-        help="noise seed, in [0, 2^31) (default 0; the same seed gives the same noise on every device)",
-    )
-    ap.add_argument(
-        "--size",
-        type=int,
-        help="image side in pixels (multiple of 16; default 1024, LTX-2 512 (a multiple of 32); a run's size)",
-    )
-    ap.add_argument(
-        "--frames", type=int, help="video backbones (ltx2): frames per clip (8k+1; default 121; a run's frames)"
-    )
-    ap.add_argument(
-        "--fps",
-        type=float,
-        help="video backbones: frames per second, an input of the net and the playback rate (default 24)",
-    )
-    ap.add_argument(
-        "--audio",
-        action="store_true",
-        help="ltx2: decode the sound too (audio VAE + vocoder) and write a WAV beside the video",
-    )
-    ap.add_argument(
-        "--dtype",
-        choices=["fp32", "bf16", "fp16"],
-        help="the base model's dtype (default: bf16 on a GPU, "
-        "fp32 on a CPU; adapters stay fp32, cast at use; fp16 clips FLUX's activations as diffusers does)",
-    )
-    ap.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile each repeated block of the transformer (regional; the first image pays the compile time)",
-    )
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    ap.add_argument(
-        "--out",
-        help="output image (default out.png); a video: an animated .webp or .gif (default "
-        "out.webp), plus an .mp4 beside it where PyAV is installed",
-    )
-    ap.add_argument(
-        "--kernels",
-        choices=["triton", "torch"],
-        help="fused Triton kernels or the PyTorch references (default: Triton on a GPU)",
-    )
-    ap.add_argument("--serve", action="store_true", help="a local page with the slider: drag ω, watch the image move")
-    ap.add_argument("--port", type=int, help="--serve: the port (default 7860; 0: any free one)")
-    ap.add_argument(
-        "--host",
-        help="--serve: the address to bind (default 127.0.0.1: this machine only; the page has no authentication)",
-    )
+    for flag, kind, text in FLAGS:
+        if kind == "store_true":
+            ap.add_argument(flag, action=kind, help=text)
+        elif isinstance(kind, list):
+            ap.add_argument(flag, choices=kind, help=text)
+        else:
+            ap.add_argument(flag, type=kind, help=text)
+    ap.set_defaults(device="cuda" if torch.cuda.is_available() else "cpu")
     return ap
 
 

@@ -950,25 +950,8 @@ def load_ltx2(spec, dtype=torch.float32, device="cpu", lora=None):
     frames); decode gives videos [B, T, 3, H, W] in [0, 1]."""
     import model
 
-    weights, fps = spec["weights"], float(spec.get("fps", 24.0))
-    tiny = bool(spec.get("pixels"))
-    if spec.get("audio") and tiny:
-        raise ValueError("the tiny LTX-2 has no audio VAE or vocoder (its audio latent is a toy signal)")
-    if not tiny:  # the video VAE is part of the weights: refuse before the 19B transformer loads
-        has_vae = (
-            os.path.isdir(os.path.join(weights, "vae"))
-            if os.path.isdir(weights)
-            else bool(model.read_safetensors(weights, keep=lambda k: k == "vae." + model.LTX2_VAE_SIGNATURE)[0])
-        )
-        if not has_vae:
-            raise UsageError(
-                f"--weights {weights}: no LTX-2 video VAE there (a diffusers folder with vae/, or "
-                "Lightricks' combined file with vae.*)"
-            )
-        if not spec.get("no_text_encoder") and not spec.get("text_encoders") and not os.path.isdir(weights):
-            raise UsageError(
-                "--weights is a single file: pass --text-encoders (a diffusers LTX-2 folder, or a Gemma-3 folder)"
-            )
+    weights, fps, tiny = spec["weights"], float(spec.get("fps", 24.0)), bool(spec.get("pixels"))
+    check_ltx2_spec(spec, tiny)
     net = load_net(weights, lora, dtype, device)
     c = net.cfg
     audio_latent = lambda A: (c.audio_channels, A, c.audio_in_channels // c.audio_channels)  # [8, A, 16]
@@ -976,7 +959,7 @@ def load_ltx2(spec, dtype=torch.float32, device="cpu", lora=None):
         f = spec["pixels"]
         shapes = lambda h, w, frames: ((c.in_channels, frames, h // f, w // f), audio_latent(frames))
         to_video = lambda z: latent_to_frames(z, f)
-        enc = tiny_ltx2_text_encoder(**spec["tiny_text_encoder"])
+        vae, enc = None, tiny_ltx2_text_encoder(**spec["tiny_text_encoder"])
     else:
         ft, fs, _ = c.vae_scale_factors  # 8, 32 (the VAE's compression: frames 8k+1 -> k+1 latent frames)
 
@@ -994,56 +977,81 @@ def load_ltx2(spec, dtype=torch.float32, device="cpu", lora=None):
         vae = model.load_vae(weights, dtype=dtype, device=device)  # a folder's vae/ or the combined file's vae.*
         to_video = lambda z: vae.decode(z.to(next(vae.parameters()).dtype)).float().transpose(1, 2)
         enc = None if spec.get("no_text_encoder") else ltx2_text_encoder(spec, device, dtype)
-
-    # The loop and decode see only the packed length n; the layouts made so far are kept by n, so that decode and
-    # the schedule find the video and audio latent shapes of an x0 (one clip size per pipeline in practice).
-    layouts = {}
-
-    def layout(h, w, frames=None):
-        if frames is None:
-            raise ValueError("LTX-2 makes videos: give the frame count (frames=)")
-        parts = shapes(h, w, frames)
-        n = sum(math.prod(p) for p in parts)
-        if layouts.setdefault(n, parts) != parts:
-            raise ValueError(
-                f"LTX-2: clips of {layouts[n]} and {parts} both pack to {n} numbers; use one pipeline per clip size"
-            )
-        return parts
-
-    def parts_of(n):
-        if n not in layouts:
-            raise ValueError(
-                f"LTX-2: no clip size of this pipeline packs to {n} numbers (x0_shape(height, width, "
-                "frames) makes the layout)"
-            )
-        return layouts[n]
-
-    unpack = lambda x0: ltx2_packing(*parts_of(x0.shape[1]))[1](x0)
+    clips = ClipLayouts(shapes)
+    unpack = lambda x0: ltx2_packing(*clips.of(x0.shape[1]))[1](x0)
     audio = None
     if spec.get("audio"):  # mel spectrogram [B, 2, 4A-3, 64] -> waveform [B, 2, 240 (4A-3)] at 24 kHz
         audio_vae, vocoder = model.load_ltx2_audio(weights, dtype=dtype, device=device)
         audio = lambda x0: (vocoder(audio_vae.decode(unpack(x0)[1].to(dtype))).float(), vocoder.cfg.sample_rate)
-    schedule = (
-        None if tiny else lambda steps, shift, shape: ltx2_schedule(steps, math.prod(parts_of(shape[0])[0][1:]))
-    )  # F*h*w tokens
-
-    def encode(prompts):
-        if enc is None:
-            raise ValueError("this LTX-2 pipeline was loaded without its text encoder (no_text_encoder)")
-        return encode_ltx2_prompts(enc, prompts)
-
+    tokens = lambda shape: math.prod(clips.of(shape[0])[0][1:])  # F*h*w video tokens set the schedule's shift
     return Pipeline(
         net,
-        None if tiny else vae,
+        vae,
         enc,
-        encode,
-        latent=lambda h, w, frames=None: (sum(math.prod(p) for p in layout(h, w, frames)),),
-        schedule=schedule,
+        enc or no_text_encoder,
+        latent=lambda h, w, frames=None: (sum(math.prod(p) for p in clips(h, w, frames)),),
+        schedule=None if tiny else lambda steps, shift, shape: ltx2_schedule(steps, tokens(shape)),
         from_latent=lambda x0: to_video(unpack(x0)[0]),
-        packing=lambda h, w, frames=None: ltx2_packing(*layout(h, w, frames)),
+        packing=lambda h, w, frames=None: ltx2_packing(*clips(h, w, frames)),
         net_kwargs=dict(fps=fps),
         audio=audio,
     )
+
+
+def check_ltx2_spec(spec, tiny):
+    # before the 19B transformer loads: the video VAE must be in the weights, Gemma reachable
+    import model
+
+    weights = spec["weights"]
+    if spec.get("audio") and tiny:
+        raise ValueError("the tiny LTX-2 has no audio VAE or vocoder (its audio latent is a toy signal)")
+    if tiny:
+        return
+    if os.path.isdir(weights):
+        has_vae = os.path.isdir(os.path.join(weights, "vae"))
+    else:
+        has_vae = bool(model.read_safetensors(weights, keep=lambda k: k == "vae." + model.LTX2_VAE_SIGNATURE)[0])
+    if not has_vae:
+        raise UsageError(
+            f"--weights {weights}: no LTX-2 video VAE there (a diffusers folder with vae/, or Lightricks' "
+            "combined file with vae.*)"
+        )
+    if not spec.get("no_text_encoder") and not spec.get("text_encoders") and not os.path.isdir(weights):
+        raise UsageError(
+            "--weights is a single file: pass --text-encoders (a diffusers LTX-2 folder, or a Gemma-3 folder)"
+        )
+
+
+def no_text_encoder(prompts):
+    raise ValueError("this LTX-2 pipeline was loaded without its text encoder (no_text_encoder)")
+
+
+class ClipLayouts:
+    """A video backbone's x0 packs its video and audio latents into one vector: the loop and decode see only its
+    length n. shapes(h, w, frames) -> the latents' shapes; the layouts made so far are kept by n, so that decode and the
+    schedule find them back from an x0 (one clip size per pipeline in practice)."""
+
+    def __init__(self, shapes):
+        self.shapes, self.known = shapes, {}
+
+    def __call__(self, h, w, frames=None):
+        if frames is None:
+            raise ValueError("LTX-2 makes videos: give the frame count (frames=)")
+        parts = self.shapes(h, w, frames)
+        n = sum(math.prod(p) for p in parts)
+        if self.known.setdefault(n, parts) != parts:
+            raise ValueError(
+                f"LTX-2: clips of {self.known[n]} and {parts} both pack to {n} numbers; use one pipeline per clip size"
+            )
+        return parts
+
+    def of(self, n):
+        if n not in self.known:
+            raise ValueError(
+                f"LTX-2: no clip size of this pipeline packs to {n} numbers (x0_shape(height, width, "
+                "frames) makes the layout)"
+            )
+        return self.known[n]
 
 
 # Kontext was trained at these ~1 MP (width, height) sizes; a reference image goes to the one nearest its aspect

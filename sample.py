@@ -6,12 +6,16 @@
 #   python sample.py --backbone sd35 --weights PATH --prompt "a cat" --sweep 5 --lora adapter.safetensors
 #   python sample.py --backbone ltx2 --weights PATH --prompt "a cat" --pref 0.3 --frames 121 --audio --out clip.webp
 import argparse
+import base64
+import binascii
 import json
 import math
 import os
 import sys
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import torch
@@ -1640,128 +1644,125 @@ def allowed_host(host_header, bound, port):
 
 
 def make_server(slider, host="127.0.0.1", port=7860, timeout=30.0):
-    """A ThreadingHTTPServer for the page: GET / (the page), GET /info (the run, JSON), POST /render ({prompt,
-    seed, pref, source: data URL, client, seq} -> image/png; 409 when stale). Never raises out of a request. Trusts no
-    request: a foreign Host or Origin is 403, a body that is not JSON 415, a client slower than `timeout` seconds per
-    read loses its connection, errors are sentences (the details go to this process's stderr)."""
-    import base64
-    import traceback
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    """A ThreadingHTTPServer for the page (PageHandler) around `slider`; a client slower than `timeout` seconds per
+    read loses its connection."""
+    from http.server import ThreadingHTTPServer
 
-    class Handler(BaseHTTPRequestHandler):
-        def setup(self):
-            self.timeout = timeout  # StreamRequestHandler sets it on the socket: a stalled read ends the handler
-            super().setup()
-
-        def log_message(self, fmt, *a):  # quiet: one line per render is printed by do_POST
-            pass
-
-        def foreign(self):
-            # -> a reason to refuse this request (403), or None: the Host names this server, an Origin is this page's
-            bound, port = self.server.server_address[:2]
-            if not allowed_host(self.headers.get("Host"), bound, port):
-                return f"Host {self.headers.get('Host')!r} is not this server"
-            origin = self.headers.get("Origin")
-            if origin is not None and origin != f"http://{self.headers.get('Host')}":
-                return f"requests from {origin!r} are refused (another site)"
-            return None
-
-        def send(self, code, body, ctype="application/json", headers=()):
-            body = body if isinstance(body, bytes) else json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            for k, v in headers:
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self):
-            reason = self.foreign()
-            if reason:
-                return self.send(403, {"error": reason})
-            if self.path in ("/", "/index.html"):
-                info = {k: v for k, v in slider.info.items() if k != "spec"}
-                page = PAGE.read_text().replace("__INFO__", page_json(info))
-                return self.send(
-                    200,
-                    page.encode(),
-                    "text/html; charset=utf-8",
-                    [  # never inside another site's frame
-                        ("X-Frame-Options", "DENY"),
-                        ("Content-Security-Policy", "frame-ancestors 'none'"),
-                    ],
-                )
-            if self.path == "/info":
-                return self.send(200, {k: v for k, v in slider.info.items() if k != "spec"})
-            self.send(404, {"error": "no such page (the slider is at /)"})
-
-        def do_POST(self):
-            import time
-
-            reason = self.foreign()
-            if reason:
-                return self.send(403, {"error": reason})
-            if self.path != "/render":
-                return self.send(404, {"error": "no such endpoint (the page posts to /render)"})
-            if (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
-                self.close_connection = True
-                return self.send(415, {"error": "the request body must be JSON (Content-Type: application/json)"})
-            try:
-                n = int(self.headers.get("Content-Length", ""))
-                if n < 0:
-                    raise ValueError
-            except ValueError:
-                self.close_connection = True
-                return self.send(400, {"error": "a request needs a Content-Length of 0 or more bytes"})
-            if n > MAX_UPLOAD:
-                if n <= 4 * MAX_UPLOAD:  # read it away, so the client hears the answer instead of a broken pipe
-                    left = n
-                    while left > 0:
-                        left -= len(self.rfile.read(min(1 << 16, left)) or b"x" * left)  # (EOF: stop)
-                self.close_connection = True
-                return self.send(413, {"error": f"request of {n} bytes; at most {MAX_UPLOAD} (a smaller image)"})
-            try:
-                body = self.rfile.read(n)
-                if len(body) != n:
-                    raise UsageError(f"the body ended after {len(body)} of its {n} bytes")
-                req = json.loads(body or b"null")
-                if not isinstance(req, dict):
-                    raise ValueError("not a JSON object")
-                src = req.get("source")
-                if src is not None:
-                    if not isinstance(src, str) or "," not in src:
-                        raise UsageError("source must be a data URL (data:image/png;base64,...)")
-                    src = base64.b64decode(src.split(",", 1)[1], validate=True)
-                seed = req.get("seed", 0)
-                if not isinstance(seed, int) or not 0 <= seed < 2**31:
-                    raise UsageError("seed must be an integer in [0, 2^31)")
-                t0 = time.perf_counter()
-                out = slider.render(req.get("prompt"), seed, req.get("pref"), src, req.get("client"), req.get("seq"))
-            except UsageError as e:
-                return self.send(400, {"error": str(e)})
-            except (ValueError, TypeError, base64.binascii.Error):
-                return self.send(
-                    400, {"error": "the request is not the JSON object the page sends ({prompt, seed, pref, source})"}
-                )
-            except TimeoutError:
-                self.close_connection = True
-                return self.send(408, {"error": "the request body did not arrive in time"})
-            except Exception:  # never take the server down with a request; the details are for the server's log
-                traceback.print_exc()
-                return self.send(500, {"error": "the model failed on this request (the server's log has the details)"})
-            if out is None:
-                return self.send(409, {"error": "stale: a newer request from this page superseded it"})
-            png, cache = out
-            ms = 1000 * (time.perf_counter() - t0)
-            print(f"render {req.get('prompt')!r} seed {seed} ω {req.get('pref')}: {cache}, {ms:.0f} ms", flush=True)
-            self.send(200, png, slider.mime, [("X-Cache", cache), ("X-Render-Ms", f"{ms:.1f}")])
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    server = ThreadingHTTPServer((host, port), PageHandler)
+    server.daemon_threads, server.slider, server.request_timeout = True, slider, timeout
     return server
+
+
+class PageHandler(BaseHTTPRequestHandler):
+    """GET / (the page), GET /info (the run, JSON), POST /render ({prompt, seed, pref, source: data URL, client, seq}
+    -> the image; 409 when stale). Never raises out of a request. Trusts no request: a foreign Host or Origin is 403, a
+    body that is not JSON 415, errors are sentences (the details go to this process's stderr)."""
+
+    def setup(self):
+        self.timeout = self.server.request_timeout  # set on the socket: a stalled read ends the handler
+        super().setup()
+
+    def log_message(self, fmt, *a):  # quiet: one line per render is printed by do_POST
+        pass
+
+    def foreign(self):
+        # -> a reason to refuse this request (403), or None: the Host names this server, an Origin is this page's
+        bound, port = self.server.server_address[:2]
+        if not allowed_host(self.headers.get("Host"), bound, port):
+            return f"Host {self.headers.get('Host')!r} is not this server"
+        origin = self.headers.get("Origin")
+        if origin is not None and origin != f"http://{self.headers.get('Host')}":
+            return f"requests from {origin!r} are refused (another site)"
+        return None
+
+    def send(self, code, body, ctype="application/json", headers=()):
+        body = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(code)
+        for k, v in [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Cache-Control", "no-store"),
+                     ("X-Content-Type-Options", "nosniff"), *headers]:  # fmt: skip
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        info = {k: v for k, v in self.server.slider.info.items() if k != "spec"}
+        if reason := self.foreign():
+            return self.send(403, {"error": reason})
+        if self.path in ("/", "/index.html"):  # never inside another site's frame
+            frames = [("X-Frame-Options", "DENY"), ("Content-Security-Policy", "frame-ancestors 'none'")]
+            page = PAGE.read_text().replace("__INFO__", page_json(info))
+            return self.send(200, page.encode(), "text/html; charset=utf-8", frames)
+        if self.path == "/info":
+            return self.send(200, info)
+        self.send(404, {"error": "no such page (the slider is at /)"})
+
+    def do_POST(self):
+        if reason := self.foreign():
+            return self.send(403, {"error": reason})
+        if self.path != "/render":
+            return self.send(404, {"error": "no such endpoint (the page posts to /render)"})
+        if (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
+            self.close_connection = True
+            return self.send(415, {"error": "the request body must be JSON (Content-Type: application/json)"})
+        n = self.headers.get("Content-Length", "")
+        if not n.isdigit():
+            self.close_connection = True
+            return self.send(400, {"error": "a request needs a Content-Length of 0 or more bytes"})
+        if int(n) > MAX_UPLOAD:
+            if int(n) <= 4 * MAX_UPLOAD:  # read it away, so the client hears the answer instead of a broken pipe
+                left = int(n)
+                while left > 0:
+                    left -= len(self.rfile.read(min(1 << 16, left)) or b"x" * left)  # (EOF: stop)
+            self.close_connection = True
+            return self.send(413, {"error": f"request of {n} bytes; at most {MAX_UPLOAD} (a smaller image)"})
+        try:
+            code, body, headers = self.render(int(n))
+        except TimeoutError:
+            self.close_connection = True
+            code, body, headers = 408, {"error": "the request body did not arrive in time"}, ()
+        self.send(code, body, self.server.slider.mime if code == 200 else "application/json", headers)
+
+    def render(self, n):
+        # -> (status, body, headers) of a render request of n bytes
+        import time
+
+        try:
+            body = self.rfile.read(n)
+            if len(body) != n:
+                raise UsageError(f"the body ended after {len(body)} of its {n} bytes")
+            req = json.loads(body or b"null")
+            if not isinstance(req, dict):
+                raise ValueError("not a JSON object")
+            src = req.get("source")
+            if src is not None:
+                if not isinstance(src, str) or "," not in src:
+                    raise UsageError("source must be a data URL (data:image/png;base64,...)")
+                src = base64.b64decode(src.split(",", 1)[1], validate=True)
+            seed = req.get("seed", 0)
+            if not isinstance(seed, int) or not 0 <= seed < 2**31:
+                raise UsageError("seed must be an integer in [0, 2^31)")
+            t0 = time.perf_counter()
+            out = self.server.slider.render(req.get("prompt"), seed, req.get("pref"), src, req.get("client"),
+                                            req.get("seq"))  # fmt: skip
+        except UsageError as e:
+            return 400, {"error": str(e)}, ()
+        except (ValueError, TypeError, binascii.Error):
+            return (
+                400,
+                {"error": "the request is not the JSON object the page sends ({prompt, seed, pref, source})"},
+                (),
+            )
+        except TimeoutError:
+            raise
+        except Exception:  # never take the server down with a request; the details are for the server's log
+            traceback.print_exc()
+            return 500, {"error": "the model failed on this request (the server's log has the details)"}, ()
+        if out is None:
+            return 409, {"error": "stale: a newer request from this page superseded it"}, ()
+        image, cache = out
+        ms = 1000 * (time.perf_counter() - t0)
+        print(f"render {req.get('prompt')!r} seed {seed} ω {req.get('pref')}: {cache}, {ms:.0f} ms", flush=True)
+        return 200, image, [("X-Cache", cache), ("X-Render-Ms", f"{ms:.1f}")]
 
 
 def run_info(pipe, backbone, spec, objectives, args):

@@ -1386,36 +1386,11 @@ def train(cfg):
     names, fixed, ref_point, heldout = objectives(cfg)
     M = len(names)
     rank, world, device = compute_init(cfg.device)
-    if cfg.kernels:
-        try:
-            kernels.set_backend(cfg.kernels)
-        except RuntimeError as e:
-            die(str(e))
-    torch.manual_seed(cfg.seed + rank)  # rank-local draws only; the loop's draws come from `gen`, shared
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    if is_rank0():
-        os.makedirs(cfg.out, exist_ok=True)
-        for folder in (cfg.out, cfg.cache):  # temporaries of writes that were killed (kill -9): never a finished file
-            model.sweep_temporaries(folder)
-    log = os.path.join(cfg.out, "log.txt")
-    header = run_header(cfg)
-    print0(json.dumps(header, indent=1), log=log)
-    if is_rank0():
-        model.atomic_json(asdict(cfg), os.path.join(cfg.out, "config.json"))
-    video = model.BACKBONES[cfg.backbone].video  # image rewards then score 4 frames each (R.per_frame)
-    reward_fns = [R.get_reward(n, device=device, video=video) for n in names + heldout]  # held-out: evaluation only
+    log, reward_fns = open_run(cfg, names + heldout, device)  # held-out scorers: evaluation only
 
     # --- model: base + preference modules (not for FixedWeight) + LoRA; only the adapters train
     setup = BACKBONES[cfg.backbone]["tiny_setup" if cfg.tiny else "setup"](cfg, M, device)
-    net = setup.net.to(dtype)  # the frozen base in the run dtype; the adapters added next are fp32 (model.py)
-    torch.manual_seed(cfg.seed)  # adapter init identical on every rank
-    if cfg.method == "slider":  # the baselines have no w input
-        model.add_preference(net, M)
-    model.add_lora(net, cfg.lora_rank, cfg.lora_alpha)
-    net.grad_ckpt = cfg.grad_ckpt
-    if cfg.compile:
-        net.compile_blocks()
-    params = model.adapter_state(net)
+    net, params = adapted(cfg, setup, M)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     old = {n: p.detach().clone() for n, p in params.items()}  # sampling policy theta_old
     ema = {n: p.detach().clone() for n, p in params.items()}
@@ -1424,8 +1399,7 @@ def train(cfg):
     start = load_checkpoint(ckpt, params, old, ema, opt, gen) if cfg.resume and os.path.isfile(ckpt) else 0
     if cfg.resume:
         print0(
-            f"resumed {cfg.out} at step {start}" if start else f"{cfg.out}: no checkpoint yet, starting at step 0",
-            log=log,
+            f"resumed {cfg.out} at step {start}" if start else f"{cfg.out}: no checkpoint yet, starting at 0", log=log
         )
     last = start  # the step of the newest checkpoint
 
@@ -1433,7 +1407,6 @@ def train(cfg):
     N = P * K * G
     mine = torch.arange(rank, N, world)  # this rank's share of the global batch
     sigmas = schedule(cfg, setup)
-    T = max(1, int(cfg.timestep_fraction * cfg.sample_steps))
     steps = cfg.steps if cfg.method in TRAINS else 0  # prompt rewriting and soups only evaluate
     bar = tqdm(range(start, steps), desc=METHOD_NAMES[cfg.method], disable=not is_rank0(), initial=start, total=steps)
     for step in bar:
@@ -1442,27 +1415,18 @@ def train(cfg):
         pidx = torch.randint(len(setup.prompts), (P,), generator=gen)
         group_pref = fixed.expand(P * K, M) if fixed is not None else sample_preferences(P * K, M, gen)
         groups = torch.arange(N) // G  # (prompt, w) group of each sample; prompt = group // K
-        pref = group_pref[groups]
-        items = pidx[groups // K]  # the item (prompt) of each sample
+        pref, items = group_pref[groups], pidx[groups // K]  # the w and the item (prompt) of each sample
         noise = torch.randn(N, *setup.x0_shape, generator=gen)
-        my_items = items[mine]
-        cond = lookup(setup, my_items, device)
+        cond = lookup(setup, items[mine], device)
         my_pref = None if fixed is not None else pref[mine].to(device)  # w, x0 and sigma stay fp32 (the net casts)
         with torch.no_grad(), policy(net, old):
             x0 = rollout(net, setup, noise[mine].to(device), cond, my_pref, sigmas, cfg)
 
         # --- rewards: every image, every objective; gathered so groups may span ranks
         r = torch.zeros(N, M)
-        r[mine] = score(
-            reward_fns[:M],
-            names,
-            setup.decode,
-            x0,
-            [setup.prompts[i] for i in my_items.tolist()],
-            [setup.meta[i] for i in my_items.tolist()],
-            cfg.batch,
-            f"step {step + 1}",
-        )[0]
+        mine_items = items[mine].tolist()
+        prompts, meta = [setup.prompts[i] for i in mine_items], [setup.meta[i] for i in mine_items]
+        r[mine] = score(reward_fns[:M], names, setup.decode, x0, prompts, meta, cfg.batch, f"step {step + 1}")[0]
         r = all_sum(r.to(device)).cpu()
 
         # --- advantages: per reward, inside each (prompt, w) group; mixed with the sample's own w
@@ -1471,43 +1435,17 @@ def train(cfg):
         else:
             p = (pref * optimality(group_advantages(r, groups), cfg.adv_clip)).sum(1)
 
-        # --- policy update: DiffusionNFT on the sampler's timesteps (the rollout's very sigmas, fp32), shuffled per
-        # sample, fresh noise; work = (timestep j, micro-batch) pairs. First, without a graph, the old policy's
-        # velocities (its adapter state swapped in once for all of them) and the base model's (adapters off);
-        # then the current policy with a graph, micro-batch by micro-batch
-        order = torch.rand(N, cfg.sample_steps, generator=gen).argsort(1)[:, :T]
-        eps = [torch.randn(N, *setup.x0_shape, generator=gen)[mine] for _ in range(T)]  # every rank draws all N
-        work = [(j, mb) for j in range(T) for mb in torch.arange(len(mine)).split(cfg.batch)]
-        inputs = lambda j, mb: nft_inputs(
-            x0[mb],
-            eps[j][mb].to(device),
-            sigmas[order[mine[mb], j]].to(device),
-            {k: v[mb] for k, v in cond.items()},
-            None if my_pref is None else my_pref[mb],
-        )
-        v_ref = [None] * len(work)
-        with torch.no_grad():
-            with policy(net, old):
-                v_old = [velocity(net, setup, *inputs(j, mb)) for j, mb in work]
-            if cfg.kl_beta > 0:
-                with policy(net, None):
-                    v_ref = [velocity(net, setup, *inputs(j, mb)[:3]) for j, mb in work]
-        stats = torch.zeros(2, device=device)  # summed policy loss, summed KL
-        for (j, mb), vo, vr in zip(work, v_old, v_ref):
-            loss_i, kl_i = update_losses(net, setup, x0[mb], *inputs(j, mb), vo, vr, p[mine[mb]].to(device), cfg)
-            ((loss_i + cfg.kl_beta * kl_i).sum() / (N * T)).backward()
-            stats += torch.stack([loss_i.detach().sum(), kl_i.detach().sum()])
-        del v_old, v_ref
+        # --- policy update: DiffusionNFT on the sampler's timesteps, one optimizer step
+        stats = nft_update(net, old, setup, x0, cond, my_pref, p[mine].to(device), (mine, N), sigmas, gen, cfg)
         for prm in params.values():  # sum over ranks: every rank then holds the 1-process gradient
             if prm.grad is not None:
                 all_sum(prm.grad)
         gnorm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
         if not (torch.isfinite(stats).all() and torch.isfinite(gnorm)):  # stop before the step writes NaN weights
             raise RunError(
-                f"step {step + 1}: non-finite loss or gradient (loss {stats[0].item()}, kl "
-                f"{stats[1].item()}, grad norm {gnorm.item()}); stopped before the optimizer step, so no "
-                f"weight changed: {cfg.out} is intact at its last checkpoint (step {last}), resumable "
-                f"with --resume {cfg.out}"
+                f"step {step + 1}: non-finite loss or gradient (loss {stats[0].item()}, kl {stats[1].item()}, grad "
+                f"norm {gnorm.item()}); stopped before the optimizer step, so no weight changed: {cfg.out} is intact "
+                f"at its last checkpoint (step {last}), resumable with --resume {cfg.out}"
             )
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -1520,51 +1458,99 @@ def train(cfg):
                 ema[n].lerp_(prm.detach(), 1 - e)
 
         # --- log / checkpoint
-        stats = all_sum(stats).cpu() / (N * T)
-        msg = (
-            f"step {step + 1}/{cfg.steps} | "
-            + " ".join(f"{nm} {v:.4f}" for nm, v in zip(names, r.mean(0).tolist()))
-            + f" | loss {stats[0]:.4f} kl {stats[1]:.2e} gnorm {gnorm:.3f} | {time.time() - t0:.1f}s"
-        )
-        print0(msg, log=log, bar=bar)
+        stats = all_sum(stats).cpu()
+        rewards = " ".join(f"{nm} {v:.4f}" for nm, v in zip(names, r.mean(0).tolist()))
+        tail = f"loss {stats[0]:.4f} kl {stats[1]:.2e} gnorm {gnorm:.3f} | {time.time() - t0:.1f}s"
+        print0(f"step {step + 1}/{cfg.steps} | {rewards} | {tail}", log=log, bar=bar)
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             last = step + 1
+        extra = {"pipeline": json.dumps(setup.pipeline)}
         if is_rank0() and last == step + 1:
             save_checkpoint(ckpt, step + 1, params, old, ema, opt, gen, cfg)
-            model.save_adapters(
-                net,
-                os.path.join(cfg.out, "adapters.safetensors"),
-                ema,
-                names,
-                extra={"pipeline": json.dumps(setup.pipeline)},
-            )
+            model.save_adapters(net, os.path.join(cfg.out, "adapters.safetensors"), ema, names, extra=extra)
         snapshot = snapshots(cfg).get(step + 1) if cfg.method == "flowmulti" else None  # one of its three checkpoints
         if is_rank0() and snapshot:
-            model.save_adapters(net, snapshot, ema, names, extra={"pipeline": json.dumps(setup.pipeline)})
+            model.save_adapters(net, snapshot, ema, names, extra=extra)
 
     # --- evaluation: the sweep over w with the EMA weights
     result = None
     if is_rank0():
         points = eval_points(cfg, net, ema, setup, names, fixed)
         result = evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, device)
-        print0(
-            f"eval: hypervolume {result['hypervolume']:.4f}; wrote {cfg.out}/eval.json, pareto.png, slider.png", log=log
-        )
+        print0(f"eval: hypervolume {result['hypervolume']:.4f}; wrote {cfg.out}/eval.json, pareto.png/pdf, slider.png",
+               log=log)  # fmt: skip
         for s in result["sweep"]:
-            print0(
-                f"  {s['label']:<18}"
-                + "  ".join(
-                    f"{nm} {m:.4f}±{sd:.4f}"
-                    for nm, m, sd in zip(
-                        names + heldout, s["rewards"] + s.get("heldout", []), s["std"] + s.get("heldout_std", [])
-                    )
-                ),
-                log=log,
-            )
+            scores = zip(names + heldout, s["rewards"] + s.get("heldout", []), s["std"] + s.get("heldout_std", []))
+            print0(f"  {s['label']:<18}" + "  ".join(f"{nm} {m:.4f}±{sd:.4f}" for nm, m, sd in scores), log=log)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def open_run(cfg, reward_names, device):
+    # the kernels, the run folder (stale temporaries swept), the log with the run's header, config.json, the rewards
+    if cfg.kernels:
+        try:
+            kernels.set_backend(cfg.kernels)
+        except RuntimeError as e:
+            die(str(e))
+    torch.manual_seed(cfg.seed + (dist.get_rank() if dist.is_initialized() else 0))  # rank-local draws only
+    if is_rank0():
+        os.makedirs(cfg.out, exist_ok=True)
+        for folder in (cfg.out, cfg.cache):  # temporaries of writes that were killed (kill -9): never a finished file
+            model.sweep_temporaries(folder)
+    log = os.path.join(cfg.out, "log.txt")
+    print0(json.dumps(run_header(cfg), indent=1), log=log)
+    if is_rank0():
+        model.atomic_json(asdict(cfg), os.path.join(cfg.out, "config.json"))
+    video = model.BACKBONES[cfg.backbone].video  # image rewards then score 4 frames each (R.per_frame)
+    return log, [R.get_reward(n, device=device, video=video) for n in reward_names]
+
+
+def adapted(cfg, setup, M):
+    # the base in the run dtype, then (the seed fixed: the same init on every rank) the preference modules (not for
+    # the baselines: they have no w input) and LoRA, fp32 masters; -> (net, its trainable tensors by name)
+    net = setup.net.to(torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+    torch.manual_seed(cfg.seed)
+    if cfg.method == "slider":
+        model.add_preference(net, M)
+    model.add_lora(net, cfg.lora_rank, cfg.lora_alpha)
+    net.grad_ckpt = cfg.grad_ckpt
+    if cfg.compile:
+        net.compile_blocks()
+    return net, model.adapter_state(net)
+
+
+def nft_update(net, old, setup, x0, cond, pref, p, share, sigmas, gen, cfg):
+    """The gradients of one DiffusionNFT update (arXiv 2509.16117), accumulated in the adapters; -> [loss, KL], means
+    over the global batch. On the sampler's timesteps (the rollout's very sigmas, fp32), shuffled per sample, fresh
+    noise; work = (timestep j, micro-batch) pairs. First, without a graph, the old policy's velocities (its adapter
+    state swapped in once for all of them) and the base model's (adapters off); then the current policy with a graph.
+    share = (this rank's sample indices, the global batch size N): every rank draws the whole batch's noise."""
+    mine, N = share
+    T, device = max(1, int(cfg.timestep_fraction * cfg.sample_steps)), x0.device
+    order = torch.rand(N, cfg.sample_steps, generator=gen).argsort(1)[:, :T]
+    eps = [torch.randn(N, *setup.x0_shape, generator=gen)[mine] for _ in range(T)]
+    work = [(j, mb) for j in range(T) for mb in torch.arange(len(mine)).split(cfg.batch)]
+
+    def inputs(j, mb):  # the net's inputs at (timestep j, micro-batch mb), recomputed in each pass (cheap)
+        t, c = sigmas[order[mine[mb], j]].to(device), {k: v[mb] for k, v in cond.items()}
+        return nft_inputs(x0[mb], eps[j][mb].to(device), t, c, None if pref is None else pref[mb])
+
+    v_ref = [None] * len(work)
+    with torch.no_grad():
+        with policy(net, old):
+            v_old = [velocity(net, setup, *inputs(j, mb)) for j, mb in work]
+        if cfg.kl_beta > 0:
+            with policy(net, None):
+                v_ref = [velocity(net, setup, *inputs(j, mb)[:3]) for j, mb in work]
+    stats = torch.zeros(2, device=device)  # summed policy loss, summed KL
+    for (j, mb), vo, vr in zip(work, v_old, v_ref):
+        loss_i, kl_i = update_losses(net, setup, x0[mb], *inputs(j, mb), vo, vr, p[mb], cfg)
+        ((loss_i + cfg.kl_beta * kl_i).sum() / (N * T)).backward()
+        stats += torch.stack([loss_i.detach().sum(), kl_i.detach().sum()])
+    return stats / (N * T)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -315,7 +315,7 @@ def test_bad_input_clear_errors(tmp_path, capsys, args, msg):
         (["--tiny", "--size", "18"], "--size 18: the tiny ltx2 needs a multiple of 4"),
         (["--frames", "10"], "ltx2 needs 8k+1 frames"),
         (["--size", "500"], "--size 500: ltx2 needs a multiple of 32"),
-        (["--no-vae"], "missing vae/ (Lightricks' combined file: sample.py with --text-encoders)"),
+        (["--no-vae"], "missing vae/ (a single file: sample.py reads it)"),
     ],
 )
 def test_ltx2_clip_size_refused_before_loading(tmp_path, capsys, args, msg):

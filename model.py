@@ -504,6 +504,17 @@ def read_safetensors(path, keep=None):
         raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
 
 
+def safetensors_names(path):
+    """-> (the tensor names, the header metadata) of a .safetensors file, without reading a tensor."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such checkpoint file: {path}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return list(f.keys()), f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
+
+
 def read_safetensors_meta(path):
     """Only the header metadata of a .safetensors file (no tensor is read)."""
     if not os.path.isfile(path):
@@ -616,25 +627,21 @@ def load_transformer(path, pref_dim=0, dtype=torch.float32, device="cpu"):
         cfg = spec.config_from_diffusers(config)
         sd = spec.from_diffusers(sd, cfg)
     elif os.path.isfile(path):
-        sd, meta = read_safetensors(path)
-        if any(k.startswith("model.diffusion_model.") for k in sd):
-            sd = {
-                k[len("model.diffusion_model.") :]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")
-            }
-        else:  # bare keys: drop bundled VAE / text encoders
-            sd = {k: v for k, v in sd.items() if not k.startswith(BUNDLED)}
-        spec = next((b for b in BACKBONES.values() if b.signature in sd), None)
+        # which tensors are the transformer's, from the names alone; then only those are read (a combined file holds
+        # the VAEs, the vocoder and the text connectors beside it: tens of GB never materialised)
+        names, meta = safetensors_names(path)
+        dm = "model.diffusion_model."
+        prefix = dm if any(k.startswith(dm) for k in names) else ""
+        names = [k[len(prefix) :] for k in names if k.startswith(prefix) and (prefix or not k.startswith(BUNDLED))]
+        spec = next((b for b in BACKBONES.values() if b.signature in names), None)
         if spec is None:
-            own = (
-                f"; {file_kind(meta)}"
-                if meta.get("format") or "step" in meta or "lora_adapter_metadata" in meta
-                else ""
-            )
+            mine = meta.get("format") or "step" in meta or "lora_adapter_metadata" in meta
             raise ValueError(
                 f"{path}: not a recognised base checkpoint (none of the signature keys "
-                f"{', '.join(b.signature for b in BACKBONES.values())}){own}"
+                f"{', '.join(b.signature for b in BACKBONES.values())})" + (f"; {file_kind(meta)}" if mine else "")
             )
-        sd = {k: v for k, v in sd.items() if not k.startswith(spec.bundled)}  # e.g. LTX-2's text connectors
+        wanted = {prefix + k for k in names if not k.startswith(spec.bundled)}  # e.g. LTX-2's text connectors out
+        sd = {k[len(prefix) :]: v for k, v in read_safetensors(path, keep=wanted.__contains__)[0].items()}
         cfg = spec.config_from_state(sd, meta)
     else:
         raise FileNotFoundError(f"no such checkpoint: {path}")

@@ -1174,6 +1174,8 @@ FLAGS = [
      ".mp4 beside it where PyAV is installed"),
     ("--kernels", ["triton", "torch"], "fused Triton kernels or the PyTorch references (default: Triton on a GPU)"),
     ("--serve", "store_true", "a local page with the slider: drag ω, watch the image move"),
+    ("--export-diffusers", str, "write the adapter's LoRA to this file as diffusers' pipe.load_lora_weights reads it "
+     "(the preference modules, the slider itself, need this code: they are not in that file)"),
     ("--port", int, "--serve: the port (default 7860; 0: any free one)"),
     ("--host", str, "--serve: the address to bind (default 127.0.0.1: this machine only; no authentication)"),
 ]  # fmt: skip
@@ -1199,7 +1201,7 @@ def main(argv=None):
             import kernels
 
             kernels.set_backend(args.kernels)
-        serve(args) if args.serve else run(args)
+        export(args) if args.export_diffusers else serve(args) if args.serve else run(args)
     except OSError as e:  # reading weights, images, run folders: the file and the reason, in one line
         print(
             f"sample.py: error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"sample.py: error: {e}",
@@ -1362,6 +1364,24 @@ def check_values(args, backbone, spec, origin):
             "--negative-prompt is the unconditional half of classifier-free guidance: it needs --guidance "
             "> 1" + (f" (and {backbone!r} is guidance-distilled: no CFG)" if distilled else "")
         )
+
+
+def export(args):
+    # --export-diffusers FILE: the adapter's LoRA in diffusers' format, for a run or --weights + --lora
+    import model
+
+    given = [f for f in ("prompt", "pref", "sweep", "image", "serve") if getattr(args, f)]
+    if given:
+        raise UsageError(f"--export-diffusers writes a file and samples nothing: drop --{given[0]}")
+    backbone, spec, lora, objectives, _, _ = run_settings(args)
+    if not lora:
+        raise UsageError("--export-diffusers needs an adapter: --run DIR or --lora FILE")
+    net = load_net(spec["weights"], lora, torch.float32, "cpu")
+    write_file(args.export_diffusers, lambda tmp: model.export_lora_diffusers(net, tmp))
+    print(
+        f"wrote {args.export_diffusers}: the {backbone} LoRA for pipe.load_lora_weights (diffusers); the preference "
+        f"modules{' for ' + ' / '.join(objectives) if objectives else ''} are not in it: the slider needs sample.py"
+    )
 
 
 def run(args):

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import kernels
@@ -199,7 +200,34 @@ def test_combined_single_file(tiny):
     back = convert_ltx2_transformer_to_diffusers({f"model.diffusion_model.{k}": v for k, v in orig.items()})
     assert back.keys() == dsd.keys() and all(torch.equal(back[k], dsd[k]) for k in dsd)
     assert ltx2_to_diffusers(orig).keys() == dsd.keys()
-    net = model.load_transformer(combined_file(tiny["ref"], tiny["root"] / "ltx-2-tiny.safetensors"))
+    read = []  # the tensors materialised: the transformer's only, never the VAEs', vocoder's or connectors'
+
+    class Spy:
+        def __init__(self, *a, **k):
+            self.f = safe_open(*a, **k)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *a):
+            return self.f.__exit__(*a)
+
+        def get_tensor(self, k):
+            read.append(k)
+            return self.f.get_tensor(k)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    path = combined_file(tiny["ref"], tiny["root"] / "ltx-2-tiny.safetensors")
+    model.safe_open, real = Spy, model.safe_open
+    try:
+        net = model.load_transformer(path)
+    finally:
+        model.safe_open = real
+    assert len(read) == len(net.state_dict()) and not any(k.startswith(("vae.", "audio_vae.", "vocoder.")) or
+                                                          "connector" in k for k in read)  # fmt: skip
     assert net.cfg == model.load_transformer(str(tiny["repo"])).cfg
     assert not any("connector" in k or "vae" in k for k in net.state_dict())
     check_parity(net, tiny["ref"], tiny["inp"], "combined file")

@@ -1,5 +1,6 @@
 # sample.py against independent oracles: diffusers' schedulers and SD3 pipeline (test-only dependency) and
 # closed-form ODE solutions. CPU, tiny sizes.
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import model  # noqa: E402
 import sample  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
@@ -515,3 +517,19 @@ def test_end_to_end_matches_diffusers_sd3_pipeline(repo, tmp_path):
     ref = (ref[0].permute(1, 2, 0).reshape(-1, 3) * 255).round()
     assert ours.shape == ref.shape and ref.std() > 10  # a non-trivial image
     assert (ours - ref).abs().max() <= 1  # equal up to 8-bit rounding
+
+
+def test_export_diffusers_cli(repo, adapter, tmp_path, capsys):
+    # the adapter's LoRA as diffusers loads it, from the command line: the same tensors and header as the library call
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora.safetensors"
+    sample.main(["--weights", str(repo[0]), "--lora", adapter[1], "--export-diffusers", str(out)])
+    assert "not in it: the slider needs sample.py" in capsys.readouterr().out
+    model.export_lora_diffusers(adapter[0], str(tmp_path / "direct.safetensors"))
+    a, b = load_file(out), load_file(tmp_path / "direct.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and any("lora_A" in k for k in a)
+    meta = model.read_safetensors_meta(str(out))
+    assert json.loads(meta["lora_adapter_metadata"])["transformer.r"] == adapter[0].lora_config["rank"]
+    with pytest.raises(SystemExit):
+        sample.main(["--weights", str(repo[0]), "--lora", adapter[1], "--export-diffusers", str(out), "--pref", "0.5"])

@@ -492,38 +492,32 @@ def atomic_json(obj, path):
     atomic_write(path, write)
 
 
+def open_safetensors(path, read):
+    """read(safe_open handle) on a .safetensors file: lazily, only what `read` asks for is read. Errors name it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such checkpoint file: {path}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return read(f)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
+
+
 def read_safetensors(path, keep=None):
-    """Read one .safetensors file -> (state dict, metadata). keep(name) -> bool: read only those tensors (one component
-    of a combined file, without loading the other 40 GB). Errors name the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such checkpoint file: {path}")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}, f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
+    """-> (state dict, metadata). keep(name) -> bool: read only those tensors (one component of a combined file,
+    without loading the other 40 GB)."""
+    return open_safetensors(path, lambda f: ({k: f.get_tensor(k) for k in f.keys() if not keep or keep(k)}, header(f)))
 
 
-def safetensors_names(path):
-    """-> (the tensor names, the header metadata) of a .safetensors file, without reading a tensor."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such checkpoint file: {path}")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return list(f.keys()), f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
+def safetensors_names(path):  # -> (the tensor names, the header metadata), without reading a tensor
+    return open_safetensors(path, lambda f: (list(f.keys()), header(f)))
 
 
-def read_safetensors_meta(path):
-    """Only the header metadata of a .safetensors file (no tensor is read)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
+def read_safetensors_meta(path):  # only the header metadata (no tensor is read)
+    return open_safetensors(path, header)
+
+
+header = lambda f: f.metadata() or {}  # a safe_open handle's metadata (None when the file has none)
 
 
 def read_json(path):
@@ -855,16 +849,24 @@ def sd3_config_from_state(sd, meta=None):
     )
 
 
-def sd3_config_from_diffusers(c):
-    known = {
-        *(
-            "num_layers attention_head_dim num_attention_heads patch_size in_channels out_channels joint_attention_dim "
-            "caption_projection_dim pooled_projection_dim pos_embed_max_size qk_norm dual_attention_layers sample_size"
-        ).split(),
-    }
-    extra = sorted(k for k in c if not k.startswith("_") and k not in known)
+def check_options(c, cls, known, fixed=(), bad=()):
+    """A diffusers config.json `c` of class `cls`: refused in one line when it has an option not in `known` (names,
+    space-separated) nor in `fixed` ({option: the one value implemented here}), or a fixed option set otherwise (or
+    a reason in `bad`): a model we would load wrongly (diffusers' later features) never loads."""
+    extra = sorted(k for k in c if not k.startswith("_") and k not in {*known.split(), *dict(fixed)})
     if extra:
-        raise ValueError(f"unsupported SD3Transformer2DModel config options: {extra}")
+        raise ValueError(f"unsupported {cls} config options: {extra}")
+    bad = [f"{k}={c[k]!r} (only {v!r})" for k, v in dict(fixed).items() if k in c and c[k] != v] + list(bad)
+    if bad:
+        raise ValueError(f"unsupported {cls} options: " + ", ".join(bad))
+
+
+def sd3_config_from_diffusers(c):
+    known = (
+        "num_layers attention_head_dim num_attention_heads patch_size in_channels out_channels joint_attention_dim "
+        "caption_projection_dim pooled_projection_dim pos_embed_max_size qk_norm dual_attention_layers sample_size"
+    )
+    check_options(c, "SD3Transformer2DModel", known)
     if c.get("qk_norm") not in (None, "rms_norm"):
         raise ValueError(f"unsupported qk_norm {c['qk_norm']!r} (supported: None, 'rms_norm')")
     D = c["num_attention_heads"] * c["attention_head_dim"]
@@ -1234,15 +1236,11 @@ class FluxTransformer(Backbone):
 
 
 def flux_config_from_diffusers(c):
-    known = {
-        *(
-            "patch_size in_channels out_channels num_layers num_single_layers attention_head_dim num_attention_heads "
-            "joint_attention_dim pooled_projection_dim guidance_embeds axes_dims_rope"
-        ).split(),
-    }
-    extra = sorted(k for k in c if not k.startswith("_") and k not in known)
-    if extra:
-        raise ValueError(f"unsupported FluxTransformer2DModel config options: {extra}")
+    known = (
+        "patch_size in_channels out_channels num_layers num_single_layers attention_head_dim num_attention_heads "
+        "joint_attention_dim pooled_projection_dim guidance_embeds axes_dims_rope"
+    )
+    check_options(c, "FluxTransformer2DModel", known)
     if c.get("patch_size", 1) != 1:
         raise ValueError(f"unsupported patch_size {c['patch_size']} (FLUX packs 2x2 outside the model: patch_size 1)")
     cin = c.get("in_channels", 64)
@@ -1789,23 +1787,14 @@ LTX2_DIFFUSERS_FIXED = dict(patch_size=1, patch_size_t=1, audio_patch_size=1, au
 
 
 def ltx2_config_from_diffusers(c):
-    known = {
-        *(
-            "in_channels out_channels num_attention_heads attention_head_dim cross_attention_dim vae_scale_factors "
-            "pos_embed_max_pos base_height base_width audio_in_channels audio_out_channels audio_num_attention_heads "
-            "audio_attention_head_dim audio_cross_attention_dim audio_scale_factor audio_pos_embed_max_pos "
-            "audio_sampling_rate audio_hop_length num_layers caption_channels rope_theta rope_double_precision "
-            "causal_offset timestep_scale_multiplier cross_attn_timestep_scale_multiplier rope_type "
-            "use_prompt_adaln_single"
-        ).split(),
-        *LTX2_DIFFUSERS_FIXED,
-    }  # use_prompt_adaln_single acts only with cross_attn_mod
-    extra = sorted(k for k in c if not k.startswith("_") and k not in known)
-    if extra:
-        raise ValueError(f"unsupported LTX2VideoTransformer3DModel config options: {extra}")
-    bad = [f"{k}={c[k]!r} (only {v!r})" for k, v in LTX2_DIFFUSERS_FIXED.items() if k in c and c[k] != v]
-    if bad:
-        raise ValueError("unsupported LTX2VideoTransformer3DModel options (LTX-2.3/2.5 features?): " + ", ".join(bad))
+    known = (  # use_prompt_adaln_single acts only with cross_attn_mod (a fixed option: LTX-2.3/2.5's features)
+        "in_channels out_channels num_attention_heads attention_head_dim cross_attention_dim vae_scale_factors "
+        "pos_embed_max_pos base_height base_width audio_in_channels audio_out_channels audio_num_attention_heads "
+        "audio_attention_head_dim audio_cross_attention_dim audio_scale_factor audio_pos_embed_max_pos "
+        "audio_sampling_rate audio_hop_length num_layers caption_channels rope_theta rope_double_precision "
+        "causal_offset timestep_scale_multiplier cross_attn_timestep_scale_multiplier rope_type use_prompt_adaln_single"
+    )
+    check_options(c, "LTX2VideoTransformer3DModel", known, LTX2_DIFFUSERS_FIXED)
     for ours, theirs in (("in_channels", "out_channels"), ("audio_in_channels", "audio_out_channels")):
         if c.get(theirs) not in (None, c.get(ours, 128)):
             raise ValueError(
@@ -2095,29 +2084,17 @@ LTX2_CONNECTOR_FIXED = dict(
 
 
 def ltx2_connector_config_from_diffusers(c):
-    known = {
-        *(
-            "caption_channels text_proj_in_factor connector_rope_base_seq_len rope_theta rope_double_precision "
-            "rope_type video_hidden_dim audio_hidden_dim"
-        ).split(),
-        *LTX2_CONNECTOR_FIXED,
-        *(
-            f"{s}_connector_{k}"
-            for s in ("video", "audio")
-            for k in ("num_attention_heads", "attention_head_dim", "num_layers", "num_learnable_registers")
-        ),
-    }
-    extra = sorted(k for k in c if not k.startswith("_") and k not in known)
-    if extra:
-        raise ValueError(f"unsupported LTX2TextConnectors config options: {extra}")
-    bad = [f"{k}={c[k]!r} (only {v!r})" for k, v in LTX2_CONNECTOR_FIXED.items() if k in c and c[k] != v]
-    bad += [
-        f"{s}_connector_num_learnable_registers=None (only a count: the masked connector is not implemented)"
-        for s in ("video", "audio")
-        if f"{s}_connector_num_learnable_registers" in c and c[f"{s}_connector_num_learnable_registers"] is None
+    known = "caption_channels text_proj_in_factor connector_rope_base_seq_len rope_theta rope_double_precision "
+    known += "rope_type video_hidden_dim audio_hidden_dim"
+    each = ("num_attention_heads", "attention_head_dim", "num_layers", "num_learnable_registers")
+    known += "".join(f" {s}_connector_{k}" for s in ("video", "audio") for k in each)
+    registers = [f"{s}_connector_num_learnable_registers" for s in ("video", "audio")]
+    bad = [
+        f"{k}=None (only a count: the masked connector is not implemented)"
+        for k in registers
+        if k in c and c[k] is None
     ]
-    if bad:
-        raise ValueError("unsupported LTX2TextConnectors options: " + ", ".join(bad))
+    check_options(c, "LTX2TextConnectors", known, LTX2_CONNECTOR_FIXED, bad)
     g = lambda s, k, d: c.get(f"{s}_connector_{k}", d)
     return LTX2ConnectorConfig(
         caption_channels=c.get("caption_channels", 3840),

@@ -1246,18 +1246,11 @@ def run_settings(args):
     import model
 
     # dtype: bf16 on a GPU, fp32 on a CPU (what the base is stored and computes in; the adapters stay fp32 masters)
-    defaults = dict(
-        steps=28,
-        solver="euler",
-        shift=3.0,
-        size=1024,
-        out="out.png",
-        seed=0,
-        negative_prompt="",
-        port=7860,
-        host="127.0.0.1",
-        dtype="bf16" if torch.device(args.device).type == "cuda" else "fp32",
-    )
+    gpu = torch.device(args.device).type == "cuda"
+    # fmt: off
+    defaults = dict(steps=28, solver="euler", shift=3.0, size=1024, out="out.png", seed=0, negative_prompt="",
+                    port=7860, host="127.0.0.1", dtype="bf16" if gpu else "fp32")
+    # fmt: on
     origin = {}
     if not args.run:
         if not args.weights:
@@ -1270,14 +1263,8 @@ def run_settings(args):
             raise UsageError(f"--vae {args.vae}: no such file")
         backbone = args.backbone or "sd35"
         spec = dict(weights=args.weights, text_encoders=args.text_encoders, t5=not args.no_t5, vae=args.vae)
-        return (
-            backbone,
-            spec,
-            args.lora,
-            None,
-            dict(defaults, guidance=spec_of(backbone).guidance, **LOADERS[backbone].get("defaults", {})),
-            origin,
-        )
+        defaults.update(guidance=spec_of(backbone).guidance, **LOADERS[backbone].get("defaults", {}))
+        return backbone, spec, args.lora, None, defaults, origin
     given = [f for f, v in (("--backbone", args.backbone), ("--vae", args.vae)) if v is not None]
     if given:
         raise UsageError(

@@ -1094,11 +1094,12 @@ def update_losses(net, setup, x0, xt, t, cond, pref, v_old, v_ref, p, cfg):
     return loss, kl
 
 
-def score(reward_fns, names, decode, x0, prompts, meta, batch, where):
-    """Decode x0 and score every image with every reward, in micro-batches (a 512^2 VAE decode is
-    memory-hungry). -> rewards [B, M] on the CPU, and the first micro-batch of images (for pictures).
+def score(reward_fns, names, x0, setup, items, batch, where):
+    """Decode x0 (of the setup's items, indices) and score every image with every reward, in micro-batches (a 512^2
+    VAE decode is memory-hungry). -> rewards [B, M] on the CPU, and the first micro-batch of images (for pictures).
     Every reward must return a finite float tensor of shape [B]: anything else stops the run here, before it
     can reach an advantage, a gradient or a checkpoint."""
+    decode, prompts, meta = setup.decode, [setup.prompts[i] for i in items], [setup.meta[i] for i in items]
     rows, first = [], None
     for i in range(0, len(x0), batch):
         images, ps, ms = decode(x0[i : i + batch]), prompts[i : i + batch], meta[i : i + batch]
@@ -1280,7 +1281,7 @@ def evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, dev
         pref = None if w_in is None else torch.tensor(w_in, device=device).expand(E, M)
         with policy(net, state):
             x0 = rollout(net, setup, noise, lookup(setup, items, device, cond), pref, sigmas, cfg)
-        r, images = score(reward_fns, all_names, setup.decode, x0, prompts, meta, cfg.batch, where)
+        r, images = score(reward_fns, all_names, x0, setup, setup.eval_items, cfg.batch, where)
         m, sd = r.mean(0).tolist(), r.std(0, unbiased=False).tolist()
         out = dict(rewards=m[:M], std=sd[:M])
         return (out | dict(heldout=m[M:], heldout_std=sd[M:]) if heldout else out), images
@@ -1392,15 +1393,12 @@ def train(cfg):
     setup = BACKBONES[cfg.backbone]["tiny_setup" if cfg.tiny else "setup"](cfg, M, device)
     net, params = adapted(cfg, setup, M)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    old = {n: p.detach().clone() for n, p in params.items()}  # sampling policy theta_old
-    ema = {n: p.detach().clone() for n, p in params.items()}
+    old, ema = ({n: p.detach().clone() for n, p in params.items()} for _ in range(2))  # sampling policy, EMA
     gen = torch.Generator().manual_seed(cfg.seed)
     ckpt = os.path.join(cfg.out, "checkpoint.safetensors")
     start = load_checkpoint(ckpt, params, old, ema, opt, gen) if cfg.resume and os.path.isfile(ckpt) else 0
     if cfg.resume:
-        print0(
-            f"resumed {cfg.out} at step {start}" if start else f"{cfg.out}: no checkpoint yet, starting at 0", log=log
-        )
+        print0(f"resumed {cfg.out} at step {start}" if start else f"{cfg.out}: no checkpoint yet, from 0", log=log)
     last = start  # the step of the newest checkpoint
 
     P, K, G = cfg.prompts_per_step, cfg.prefs_per_prompt, cfg.group_size  # FixedWeight: same budget, one w
@@ -1412,11 +1410,7 @@ def train(cfg):
     for step in bar:
         t0 = time.time()
         # --- rollout: P prompts x K preferences x G samples, from the old policy, deterministic ODE
-        pidx = torch.randint(len(setup.prompts), (P,), generator=gen)
-        group_pref = fixed.expand(P * K, M) if fixed is not None else sample_preferences(P * K, M, gen)
-        groups = torch.arange(N) // G  # (prompt, w) group of each sample; prompt = group // K
-        pref, items = group_pref[groups], pidx[groups // K]  # the w and the item (prompt) of each sample
-        noise = torch.randn(N, *setup.x0_shape, generator=gen)
+        groups, pref, items, noise = draw(setup, fixed, P, K, G, M, gen)
         cond = lookup(setup, items[mine], device)
         my_pref = None if fixed is not None else pref[mine].to(device)  # w, x0 and sigma stay fp32 (the net casts)
         with torch.no_grad(), policy(net, old):
@@ -1424,9 +1418,7 @@ def train(cfg):
 
         # --- rewards: every image, every objective; gathered so groups may span ranks
         r = torch.zeros(N, M)
-        mine_items = items[mine].tolist()
-        prompts, meta = [setup.prompts[i] for i in mine_items], [setup.meta[i] for i in mine_items]
-        r[mine] = score(reward_fns[:M], names, setup.decode, x0, prompts, meta, cfg.batch, f"step {step + 1}")[0]
+        r[mine] = score(reward_fns[:M], names, x0, setup, items[mine].tolist(), cfg.batch, f"step {step + 1}")[0]
         r = all_sum(r.to(device)).cpu()
 
         # --- advantages: per reward, inside each (prompt, w) group; mixed with the sample's own w
@@ -1437,55 +1429,50 @@ def train(cfg):
 
         # --- policy update: DiffusionNFT on the sampler's timesteps, one optimizer step
         stats = nft_update(net, old, setup, x0, cond, my_pref, p[mine].to(device), (mine, N), sigmas, gen, cfg)
-        for prm in params.values():  # sum over ranks: every rank then holds the 1-process gradient
-            if prm.grad is not None:
-                all_sum(prm.grad)
         gnorm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
-        if not (torch.isfinite(stats).all() and torch.isfinite(gnorm)):  # stop before the step writes NaN weights
-            raise RunError(
-                f"step {step + 1}: non-finite loss or gradient (loss {stats[0].item()}, kl {stats[1].item()}, grad "
-                f"norm {gnorm.item()}); stopped before the optimizer step, so no weight changed: {cfg.out} is intact "
-                f"at its last checkpoint (step {last}), resumable with --resume {cfg.out}"
-            )
+        check_finite(stats, gnorm, step, last, cfg)  # before the step writes NaN weights
         opt.step()
         opt.zero_grad(set_to_none=True)
 
         # --- old policy and EMA: theta_old <- d theta_old + (1-d) theta, d = min(0.001 step, 0.5)
-        d, e = min(0.001 * step, 0.5), min((1 + step) / (10 + step), cfg.ema)
         with torch.no_grad():
             for n, prm in params.items():
-                old[n].lerp_(prm.detach(), 1 - d)
-                ema[n].lerp_(prm.detach(), 1 - e)
+                old[n].lerp_(prm.detach(), 1 - min(0.001 * step, 0.5))
+                ema[n].lerp_(prm.detach(), 1 - min((1 + step) / (10 + step), cfg.ema))
 
         # --- log / checkpoint
-        stats = all_sum(stats).cpu()
-        rewards = " ".join(f"{nm} {v:.4f}" for nm, v in zip(names, r.mean(0).tolist()))
+        stats, rewards = all_sum(stats).cpu(), " ".join(f"{nm} {v:.4f}" for nm, v in zip(names, r.mean(0).tolist()))
         tail = f"loss {stats[0]:.4f} kl {stats[1]:.2e} gnorm {gnorm:.3f} | {time.time() - t0:.1f}s"
         print0(f"step {step + 1}/{cfg.steps} | {rewards} | {tail}", log=log, bar=bar)
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             last = step + 1
-        extra = {"pipeline": json.dumps(setup.pipeline)}
-        if is_rank0() and last == step + 1:
-            save_checkpoint(ckpt, step + 1, params, old, ema, opt, gen, cfg)
-            model.save_adapters(net, os.path.join(cfg.out, "adapters.safetensors"), ema, names, extra=extra)
+            if is_rank0():
+                save_checkpoint(ckpt, step + 1, params, old, ema, opt, gen, cfg)
+                model.save_adapters(net, os.path.join(cfg.out, "adapters.safetensors"), ema, names,
+                                    extra={"pipeline": json.dumps(setup.pipeline)})  # fmt: skip
         snapshot = snapshots(cfg).get(step + 1) if cfg.method == "flowmulti" else None  # one of its three checkpoints
         if is_rank0() and snapshot:
-            model.save_adapters(net, snapshot, ema, names, extra=extra)
+            model.save_adapters(net, snapshot, ema, names, extra={"pipeline": json.dumps(setup.pipeline)})
 
     # --- evaluation: the sweep over w with the EMA weights
     result = None
     if is_rank0():
         points = eval_points(cfg, net, ema, setup, names, fixed)
-        result = evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, device)
-        print0(f"eval: hypervolume {result['hypervolume']:.4f}; wrote {cfg.out}/eval.json, pareto.png/pdf, slider.png",
-               log=log)  # fmt: skip
-        for s in result["sweep"]:
-            scores = zip(names + heldout, s["rewards"] + s.get("heldout", []), s["std"] + s.get("heldout_std", []))
-            print0(f"  {s['label']:<18}" + "  ".join(f"{nm} {m:.4f}±{sd:.4f}" for nm, m, sd in scores), log=log)
+        report(cfg, result := evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, device), log)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def report(cfg, result, log):
+    # the evaluation in the log: the hypervolume, then each point's mean ± spread per objective (held-out included)
+    names = result["objectives"] + result.get("heldout_objectives", [])
+    print0(f"eval: hypervolume {result['hypervolume']:.4f}; wrote {cfg.out}/eval.json, pareto.png/pdf, slider.png",
+           log=log)  # fmt: skip
+    for s in result["sweep"]:
+        scores = zip(names, s["rewards"] + s.get("heldout", []), s["std"] + s.get("heldout_std", []))
+        print0(f"  {s['label']:<18}" + "  ".join(f"{nm} {m:.4f}±{sd:.4f}" for nm, m, sd in scores), log=log)
 
 
 def open_run(cfg, reward_names, device):
@@ -1550,7 +1537,26 @@ def nft_update(net, old, setup, x0, cond, pref, p, share, sigmas, gen, cfg):
         loss_i, kl_i = update_losses(net, setup, x0[mb], *inputs(j, mb), vo, vr, p[mb], cfg)
         ((loss_i + cfg.kl_beta * kl_i).sum() / (N * T)).backward()
         stats += torch.stack([loss_i.detach().sum(), kl_i.detach().sum()])
+    for prm in model.adapter_state(net).values():  # summed over ranks: every rank holds the 1-process gradient
+        if prm.grad is not None:
+            all_sum(prm.grad)
     return stats / (N * T)
+
+
+def check_finite(stats, gnorm, step, last, cfg):
+    if not (torch.isfinite(stats).all() and torch.isfinite(gnorm)):
+        raise RunError(f"step {step + 1}: non-finite loss or gradient (loss, kl {stats.tolist()}, grad norm "
+                       f"{gnorm.item()}); stopped before the optimizer step, so no weight changed: {cfg.out} is intact "
+                       f"at its last checkpoint (step {last}), resumable with --resume {cfg.out}")  # fmt: skip
+
+
+def draw(setup, fixed, P, K, G, M, gen):
+    """One epoch's batch: P items (prompts) x K preferences x G samples, from the shared generator -> (each sample's
+    (item, w) group [N], w [N, M], item [N], noise [N, *x0_shape]); FixedWeight / FlowMulti: their one w."""
+    pidx = torch.randint(len(setup.prompts), (P,), generator=gen)
+    group_pref = fixed.expand(P * K, M) if fixed is not None else sample_preferences(P * K, M, gen)
+    groups = torch.arange(P * K * G) // G  # (prompt, w) group of each sample; prompt = group // K
+    return groups, group_pref[groups], pidx[groups // K], torch.randn(P * K * G, *setup.x0_shape, generator=gen)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -65,6 +65,57 @@ def fmt(vals, digits=3):  # mean +- sd over seeds (just the mean for one seed)
     return f"{m:.{digits}f}" + (f" ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else "")
 
 
+def goals(summary, seeds, M, heldout):
+    """The goals of issue 11, per seed (ParetoSlider vs FixedWeight), printed: -> [{seed, goal, met}]"""
+    checks = []
+    if {"ParetoSlider", "FixedWeight"} <= set(summary["methods"]):
+        for s in seeds:
+            sl, fw = summary["methods"]["ParetoSlider"], summary["methods"]["FixedWeight"]
+            i = seeds.index(s)
+            rho = [sl["spearman"][m][i] for m in range(M)]
+            checks.append(
+                (
+                    s,
+                    f"Spearman(w_m, r_m) >= 0.95 for every objective: {[round(r, 3) for r in rho]}",
+                    all(r is not None and r >= 0.95 for r in rho),
+                )
+            )
+            slider_at = {tuple(round(x, 4) for x in w): v for _, w, v in sl["points"][i]}
+            gaps = []
+            for _, w, v in fw["points"][i]:
+                mine = slider_at.get(tuple(round(x, 4) for x in w))
+                if mine is not None:
+                    gaps.append(sum(a * b for a, b in zip(w, mine)) - sum(a * b for a, b in zip(w, v)))
+            checks.append(
+                (
+                    s,
+                    "at each FixedWeight w, slider's sum w_m r_m >= FixedWeight's - 0.02: gaps "
+                    f"{[round(g, 3) for g in gaps]}",
+                    len(gaps) == len(FIXED) and min(gaps) >= -0.02,
+                )
+            )
+            for key in ("hypervolume", "heldout_hypervolume")[: 1 + bool(heldout)]:
+                a, b = sl[key][i], fw[key][i]
+                checks.append((s, f"{key}: slider {a:.4f} >= FixedWeight union {b:.4f}", a >= b))
+    for s, text, ok in checks:
+        print(f"seed {s}: {'MET    ' if ok else 'NOT MET'} {text}")
+    return [dict(seed=s, goal=text, met=ok) for s, text, ok in checks]
+
+
+def picture(summary, objectives, heldout, backbone, seed, out):
+    """Every method's front on the first seed, training rewards and held-out scorers: out/fronts.png (and .pdf)"""
+    panels = []
+    for sl, pair in ((slice(0, 2), objectives[:2]), (slice(len(objectives), len(objectives) + 2), heldout[:2])):
+        if len(pair) == 2:
+            joined = ("ParetoSlider", "RewardedSoups", "FlowMulti")
+            points = {t: [tuple(v[2][sl]) for v in m["points"][0]] for t, m in summary["methods"].items()}
+            color = {t: tuple(c / 255 for c in COLOURS[t]) for t in points}
+            series = [dict(points=p, name=t, color=color[t], join=t in joined) for t, p in points.items()]
+            panels.append((pair[0], pair[1], series, None, (0, 1)))
+    title = f"{backbone} tiny world, seed {seed}: every method's front (left: training rewards; right: held-out)"
+    train.draw_panels(os.path.join(out, "fronts.png"), title, panels)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="sd35", help="sd35 (photo <-> sketch) or flux-kontext (preserve <-> adhere)")
@@ -137,55 +188,10 @@ def main():
         )
     print("\n".join(lines))
 
-    # --- the goals of issue 11, per seed (ParetoSlider vs FixedWeight)
-    checks = []
-    if "slider" in first and "fixed" in first:
-        for s in seeds:
-            sl, fw = summary["methods"]["ParetoSlider"], summary["methods"]["FixedWeight"]
-            i = seeds.index(s)
-            rho = [sl["spearman"][m][i] for m in range(len(objectives))]
-            checks.append(
-                (
-                    s,
-                    f"Spearman(w_m, r_m) >= 0.95 for every objective: {[round(r, 3) for r in rho]}",
-                    all(r is not None and r >= 0.95 for r in rho),
-                )
-            )
-            slider_at = {tuple(round(x, 4) for x in w): v for _, w, v in sl["points"][i]}
-            gaps = []
-            for _, w, v in fw["points"][i]:
-                mine = slider_at.get(tuple(round(x, 4) for x in w))
-                if mine is not None:
-                    gaps.append(sum(a * b for a, b in zip(w, mine)) - sum(a * b for a, b in zip(w, v)))
-            checks.append(
-                (
-                    s,
-                    "at each FixedWeight w, slider's sum w_m r_m >= FixedWeight's - 0.02: gaps "
-                    f"{[round(g, 3) for g in gaps]}",
-                    len(gaps) == len(FIXED) and min(gaps) >= -0.02,
-                )
-            )
-            for key in ("hypervolume", "heldout_hypervolume")[: 1 + bool(heldout)]:
-                a, b = sl[key][i], fw[key][i]
-                checks.append((s, f"{key}: slider {a:.4f} >= FixedWeight union {b:.4f}", a >= b))
-    for s, text, ok in checks:
-        print(f"seed {s}: {'MET    ' if ok else 'NOT MET'} {text}")
-    summary["goals"] = [dict(seed=s, goal=text, met=ok) for s, text, ok in checks]
+    summary["goals"] = goals(summary, seeds, len(objectives), heldout)
     print(f"wall time {time.time() - t0:.0f} s for {len(seeds)} seed(s)")
 
-    # --- one picture: every method's front on the first seed, training rewards and held-out scorers
-    panels = []
-    for sl, pair in ((slice(0, 2), objectives[:2]), (slice(len(objectives), len(objectives) + 2), heldout[:2])):
-        if len(pair) == 2:
-            joined = ("ParetoSlider", "RewardedSoups", "FlowMulti")
-            points = {t: [tuple(v[2][sl]) for v in m["points"][0]] for t, m in summary["methods"].items()}
-            color = {t: tuple(c / 255 for c in COLOURS[t]) for t in points}
-            series = [dict(points=p, name=t, color=color[t], join=t in joined) for t, p in points.items()]
-            panels.append((pair[0], pair[1], series, None, (0, 1)))
-    title = (
-        f"{args.backbone} tiny world, seed {seeds[0]}: every method's front (left: training rewards; right: held-out)"
-    )
-    train.draw_panels(os.path.join(out, "fronts.png"), title, panels)
+    picture(summary, objectives, heldout, args.backbone, seeds[0], out)
     model.atomic_json(dict(summary, table=lines), os.path.join(out, "summary.json"))
     print(f"wrote {out}/summary.json and {out}/fronts.png")
 

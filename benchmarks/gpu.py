@@ -240,89 +240,63 @@ TRAIN_AGREEMENT = 0.05  # bf16 rollouts through either kernel set differ by roun
 STEP = re.compile(r"^step (\d+)/\d+ \| .* \| loss (\S+) kl (\S+) gnorm (\S+) \| (\S+)s$")
 
 
+def train_flags(name, device, backend, smoke, out):
+    """train.py's flags for two bf16 steps of `name` on `device` with the `backend` kernels (full width at 512 px)"""
+    few = "--steps 2 --prompts-per-step 2 --prefs-per-prompt 1 --group-size 2 --sample-steps 4 --batch 2"
+    few += " --eval-points 2 --eval-prompts 1 --grad-ckpt --rewards tiny_photo,tiny_sketch"
+    return [
+        *("--backbone", name, "--tiny", "--device", device.type, "--dtype", "bf16", "--kernels", backend),
+        *few.split(),
+        *("--lora-rank", "4" if smoke else "32", "--size", "16" if smoke else "512", "--out", out),
+    ]
+
+
+def train_result(out):
+    """Step 1's loss, KL and grad norm, step 2's time, the checkpoint's adapter dtypes: from a finished run `out`"""
+    steps = [STEP.match(line.strip()) for line in open(os.path.join(out, "log.txt"))]
+    steps = [m for m in steps if m]
+    ck = model.read_safetensors(os.path.join(out, "checkpoint.safetensors"))[0]
+    masters = {v.dtype for k, v in ck.items() if k != "rng.train"}
+    return dict(
+        loss=float(steps[0][2]),
+        kl=float(steps[0][3]),
+        gnorm=float(steps[0][4]),
+        step2_s=float(steps[1][5]),
+        adapters=",".join(sorted(str(d)[6:] for d in masters)),
+    )
+
+
 def train_steps(device, report, smoke):
     rows = []
     for kind in ("sd35", "flux-kontext", "ltx2"):
-        name = f"gpu-{kind}"  # registered in train.py's table for this process only
-        train.BACKBONES[name] = dict(
-            train.BACKBONES[kind],
-            tiny_setup=synthetic_setup(kind, smoke),
-            tiny=dict(train.BACKBONES[kind]["tiny"], out="", heldout=""),
-        )
-        # the interpreter runs Triton kernels ~100x slower than the references: the CPU smoke compares the two
-        # backends on the SD3.5 step only (the same code path as the others')
-        for backend in ("torch", "triton") if not smoke or kind == "sd35" else ("torch",):
-            if report.left() < 30:
-                rows.append(dict(backbone=kind, kernels=backend, result="skipped (time budget)"))
-                continue
-            out = os.path.join(report.out, f"train-{kind}-{backend}")
-            if os.path.isdir(out):
-                import shutil
+        row = train.BACKBONES[kind]  # its tiny world swapped for full-width synthetic data, in this process only
+        tiny = dict(row["tiny"], out="", heldout="")
+        train.BACKBONES[kind] = dict(row, tiny_setup=synthetic_setup(kind, smoke), tiny=tiny)
+        try:
+            # the interpreter runs Triton kernels ~100x slower than the references: the CPU smoke compares the two
+            # backends on the SD3.5 step only (the same code path as the others')
+            for backend in ("torch", "triton") if not smoke or kind == "sd35" else ("torch",):
+                if report.left() < 30:
+                    rows.append(dict(backbone=kind, kernels=backend, result="skipped (time budget)"))
+                    continue
+                out = os.path.join(report.out, f"train-{kind}-{backend}")
+                if os.path.isdir(out):
+                    import shutil
 
-                shutil.rmtree(out)
-            peak_reset(device)
-            t0 = time.time()
-            try:
-                train.main(
-                    [
-                        "--backbone",
-                        name,
-                        "--tiny",
-                        "--device",
-                        device.type,
-                        "--dtype",
-                        "bf16",
-                        "--kernels",
-                        backend,
-                        "--rewards",
-                        "tiny_photo,tiny_sketch",
-                        "--steps",
-                        "2",
-                        "--prompts-per-step",
-                        "2",
-                        "--prefs-per-prompt",
-                        "1",
-                        "--group-size",
-                        "2",
-                        "--sample-steps",
-                        "4",
-                        "--batch",
-                        "2",
-                        "--eval-points",
-                        "2",
-                        "--eval-prompts",
-                        "1",
-                        "--lora-rank",
-                        "4" if smoke else "32",
-                        "--grad-ckpt",
-                        "--size",
-                        "16" if smoke else "512",
-                        "--out",
-                        out,
-                    ]
-                )
-            except BaseException as e:  # noqa: BLE001 (SystemExit too: train.main's one-line errors) the next run goes on
-                report.failed += 1
-                rows.append(dict(backbone=kind, kernels=backend, result=f"FAIL: {type(e).__name__}: {e}"[:300]))
+                    shutil.rmtree(out)
                 peak_reset(device)
-                continue
-            steps = [STEP.match(line.strip()) for line in open(os.path.join(out, "log.txt"))]
-            steps = [m for m in steps if m]
-            ck = model.read_safetensors(os.path.join(out, "checkpoint.safetensors"))[0]
-            masters = {v.dtype for k, v in ck.items() if k != "rng.train"}
-            rows.append(
-                dict(
-                    backbone=kind,
-                    kernels=backend,
-                    loss=float(steps[0][2]),
-                    kl=float(steps[0][3]),
-                    gnorm=float(steps[0][4]),
-                    step2_s=float(steps[1][5]),
-                    run_s=time.time() - t0,
-                    peak_gib=peak_gib(device),
-                    adapters=",".join(sorted(str(d)[6:] for d in masters)),
-                )
-            )
+                t0 = time.time()
+                try:
+                    train.main(train_flags(kind, device, backend, smoke, out))
+                except BaseException as e:  # noqa: BLE001 (SystemExit too: train.main's one-line errors) the next run goes on
+                    report.failed += 1
+                    rows.append(dict(backbone=kind, kernels=backend, result=f"FAIL: {type(e).__name__}: {e}"[:300]))
+                    peak_reset(device)
+                    continue
+                run_s, peak = time.time() - t0, peak_gib(device)
+                rows.append(dict(backbone=kind, kernels=backend, **train_result(out), run_s=run_s, peak_gib=peak))
+        finally:
+            train.BACKBONES[kind] = row
     notes = [
         "Step 1's loss, KL and grad norm with the PyTorch references and with the Triton kernels (same seed and "
         "weights; bf16 rounding differs, so they agree to a few digits, not bit for bit); step 2's time is warm "

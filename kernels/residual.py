@@ -150,43 +150,11 @@ def _residual_fwd(
 
 
 @triton.jit
-def _residual_bwd(
-    H,
-    Y,
-    GATE,
-    M,
-    SCALE,
-    DH,
-    DXMOD,
-    DY,
-    DX,
-    DGATE,
-    DM,
-    DSCALE,
-    PARTIAL,
-    T,
-    D,
-    s_gate_b,
-    s_gate_t,
-    s_m_b,
-    s_m_t,
-    s_scale_b,
-    s_scale_t,
-    m_start,
-    m_end,
-    rows,
-    eps,
-    HAS_M: tl.constexpr,
-    HAS_DH: tl.constexpr,
-    MODULATE: tl.constexpr,
-    RMS: tl.constexpr,
-    TOK_GATE: tl.constexpr,
-    TOK_M: tl.constexpr,
-    TOK_SHIFT: tl.constexpr,
-    TOK_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+def _residual_bwd(H, Y, GATE, M, SCALE, DH, DXMOD, DY, DX, DGATE, DM, DSCALE, PARTIAL, T, D, s_gate_b,
+                  s_gate_t, s_m_b, s_m_t, s_scale_b, s_scale_t, m_start, m_end, rows, eps,
+                  HAS_M: tl.constexpr, HAS_DH: tl.constexpr, MODULATE: tl.constexpr, RMS: tl.constexpr,
+                  TOK_GATE: tl.constexpr, TOK_M: tl.constexpr, TOK_SHIFT: tl.constexpr,
+                  TOK_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     # dh = dL/dh (from the residual stream) + the norm backward of dL/dx_mod; then dx = dh, dy = gate * dh.
     # PARTIAL [B, chunks, 4, D]: this program's token sums for the [B, D] conditioning: dh * (y + m) -> dgate,
     # dh on m's tokens -> dm (the host multiplies by a [B, D] gate), dx_mod -> dshift, dx_mod * xhat -> dscale.

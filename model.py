@@ -667,19 +667,9 @@ SD3_PRESETS = {
     "sd35-medium": dict(depth=24, hidden=1536, heads=24, pos_embed_max=384, dual_attention_layers=tuple(range(13))),
     "sd35-large": dict(depth=38, hidden=2432, heads=38, pos_embed_max=192),
     # CPU default: pixel space 32x32 RGB, patch 4 -> 64 tokens; MMDiT-X style (dual attention, qk norm)
-    "sd35-tiny": dict(
-        depth=4,
-        hidden=128,
-        heads=4,
-        patch=4,
-        in_channels=3,
-        out_channels=3,
-        context_dim=64,
-        pooled_dim=64,
-        pos_embed_max=8,
-        dual_attention_layers=(0, 1),
-    ),
-}
+    "sd35-tiny": dict(depth=4, hidden=128, heads=4, patch=4, in_channels=3, out_channels=3, context_dim=64,
+                      pooled_dim=64, pos_embed_max=8, dual_attention_layers=(0, 1)),
+}  # fmt: skip
 
 
 class SD3Attention(nn.Module):
@@ -858,7 +848,7 @@ def check_options(c, cls, known, fixed=(), bad=()):
         raise ValueError(f"unsupported {cls} config options: {extra}")
     bad = [f"{k}={c[k]!r} (only {v!r})" for k, v in dict(fixed).items() if k in c and c[k] != v] + list(bad)
     if bad:
-        raise ValueError(f"unsupported {cls} options: " + ", ".join(bad))
+        raise ValueError(f"unsupported {cls} options (a later release's features?): " + ", ".join(bad))
 
 
 def sd3_config_from_diffusers(c):
@@ -1407,21 +1397,9 @@ class LTX2Config:
 LTX2_PRESETS = {
     "ltx2-19b": dict(),  # LTX-2 [dev] 2.0 (ltx-2-19b-dev.safetensors; diffusers Lightricks/LTX-2 transformer/)
     # tests and a CPU default: 4 heads of 16 (video) and of 8 (audio); audio latent [B, 8, A, 2]
-    # fmt: off
-    "ltx2-tiny": dict(
-        depth=2,
-        hidden=64,
-        heads=4,
-        audio_hidden=32,
-        audio_heads=4,
-        in_channels=16,
-        audio_in_channels=16,
-        caption_channels=64,
-        cross_attention_dim=64,
-        audio_cross_attention_dim=32,
-    ),
-    # fmt: on
-}
+    "ltx2-tiny": dict(depth=2, hidden=64, heads=4, audio_hidden=32, audio_heads=4, in_channels=16, audio_in_channels=16,
+                      caption_channels=64, cross_attention_dim=64, audio_cross_attention_dim=32),
+}  # fmt: skip
 
 # what LTX2Transformer.forward hands every block (namedtuples: torch.compile traces them): the global modulations
 # [B, n*D] of both streams, the a2v / v2a scale-shifts and gates; the four RoPE tables (cos, sin)
@@ -1918,10 +1896,10 @@ def ltx2_file_metadata(cfg):
 
 # ----------------------------------------------------------------------------------------------------
 # LTX-2 text connectors (diffusers pipelines/ltx2/connectors.py): Gemma-3's 49 stacked hidden states -> the two text
-# contexts the DiT
-# cross-attends to. Lightricks ltx-core text_encoders/gemma (feature extractor + Embeddings1DConnector); diffusers
-# pipelines/ltx2/connectors.py (0.42.1, line numbers below). Module names are the combined file's keys
-# (`model.diffusion_model.` stripped where present); a diffusers `connectors/` folder goes through ltx2_connector_key.
+# contexts the DiT cross-attends to. Lightricks ltx-core text_encoders/gemma (feature extractor +
+# Embeddings1DConnector); diffusers pipelines/ltx2/connectors.py (0.42.1, line numbers below). Module names are the
+# combined file's keys (`model.diffusion_model.` stripped where present); a diffusers `connectors/` folder goes through
+# ltx2_connector_key.
 
 
 @dataclass
@@ -2088,25 +2066,17 @@ def ltx2_connector_config_from_diffusers(c):
     known += "rope_type video_hidden_dim audio_hidden_dim"
     each = ("num_attention_heads", "attention_head_dim", "num_layers", "num_learnable_registers")
     known += "".join(f" {s}_connector_{k}" for s in ("video", "audio") for k in each)
-    registers = [f"{s}_connector_num_learnable_registers" for s in ("video", "audio")]
-    bad = [
-        f"{k}=None (only a count: the masked connector is not implemented)"
-        for k in registers
-        if k in c and c[k] is None
-    ]
+    keys = [f"{s}_connector_num_learnable_registers" for s in ("video", "audio")]
+    bad = [f"{k}=None (only a count: the masked connector is not implemented)" for k in keys if k in c and c[k] is None]
     check_options(c, "LTX2TextConnectors", known, LTX2_CONNECTOR_FIXED, bad)
-    g = lambda s, k, d: c.get(f"{s}_connector_{k}", d)
+    defaults = dict(heads=("num_attention_heads", 30), head_dim=("attention_head_dim", 128), depth=("num_layers", 2))
+    defaults["registers"] = ("num_learnable_registers", 128)  # the video and the audio connector alike:
+    each = lambda s: {ours: c.get(f"{s}_connector_{k}", d) for ours, (k, d) in defaults.items()}
     return LTX2ConnectorConfig(
         caption_channels=c.get("caption_channels", 3840),
         text_layers=c.get("text_proj_in_factor", 49),
-        heads=g("video", "num_attention_heads", 30),
-        head_dim=g("video", "attention_head_dim", 128),
-        depth=g("video", "num_layers", 2),
-        registers=g("video", "num_learnable_registers", 128),
-        audio_heads=g("audio", "num_attention_heads", 30),
-        audio_head_dim=g("audio", "attention_head_dim", 128),
-        audio_depth=g("audio", "num_layers", 2),
-        audio_registers=g("audio", "num_learnable_registers", 128),
+        **each("video"),
+        **{f"audio_{k}": v for k, v in each("audio").items()},
         rope_type=c.get("rope_type", "interleaved"),
         rope_theta=float(c.get("rope_theta", 1e4)),
         rope_double_precision=bool(c.get("rope_double_precision", True)),
@@ -2517,11 +2487,10 @@ def load_vae(path, dtype=torch.float32, device="cpu", scaling=None, shift=None, 
 
 # ----------------------------------------------------------------------------------------------------
 # LTX-2 video VAE (diffusers autoencoder_kl_ltx2.py): video [B, 3, 8k+1, H, W] <-> latents [B, 128, k+1, H/32, W/32].
-# Lightricks
-# ltx-core model/video_vae; diffusers autoencoder_kl_ltx2.py (0.42.1, line numbers below). Module names are the
-# combined file's `vae.*` keys: encoder and decoder are flat lists of stages (resnet groups, resamplers, the mid group)
-# as in ltx-core; a diffusers `vae/` folder goes through ltx2_vae_from_diffusers. Norms are parameter-free per-pixel
-# RMS norms; every conv is 3x3x3 with its time padding done by repeating edge frames.
+# Lightricks ltx-core model/video_vae; diffusers autoencoder_kl_ltx2.py (0.42.1, line numbers below). Module names are
+# the combined file's `vae.*` keys: encoder and decoder are flat lists of stages (resnet groups, resamplers, the mid
+# group) as in ltx-core; a diffusers `vae/` folder goes through ltx2_vae_from_diffusers. Norms are parameter-free
+# per-pixel RMS norms; every conv is 3x3x3 with its time padding done by repeating edge frames.
 
 LTX2_STRIDES = {"spatial": (1, 2, 2), "temporal": (2, 1, 1), "spatiotemporal": (2, 2, 2)}  # (time, height, width)
 

@@ -458,6 +458,14 @@ def tiny_edit_world(n, size=32, seed=0):
     return torch.cat(sources), instructions, torch.cat(targets)
 
 
+# the code each tiny world's pictures come from: train.py hashes it into its cached base's name (a change re-pretrains)
+WORLD_CODE = dict(
+    image=(tiny_world, _render, _shape_distance, style_word),
+    video=(tiny_video_world, _render, _shape_distance, style_word),
+    edit=(tiny_edit_world, _edit_scenes, _edit_grid, _paint, _outline, _shape_distance),
+)
+
+
 def _parse_edits(prompts):  # -> kind [B] (0 colour, 1 shape, 2 style), index [B] into COLORS / SHAPES (0 for style)
     parsed = []
     for p in prompts:

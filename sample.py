@@ -154,8 +154,8 @@ def denoise(
 
 # ----------------------------------------------------------------------------------------------------------------
 # SD3.5 text encoders (diffusers pipeline_stable_diffusion_3.py encode_prompt): CLIP-L and OpenCLIP-bigG penultimate
-# states, zero-padded to the
-# T5 width, followed by the T5-XXL states on the token axis; pooled = both projected CLIP embeddings.
+# states, zero-padded to the T5 width, followed by the T5-XXL states on the token axis; pooled = both projected CLIP
+# embeddings.
 
 
 @dataclass
@@ -176,6 +176,25 @@ class TextEncoders:
         return self
 
 
+def text_part(path, sub, cls, dtype, device, optional=False):
+    """cls (a transformers model or AutoTokenizer) from the subfolder `sub` of a diffusers folder or hub id; None
+    when an optional part's folder is missing. Errors name the part and where it was looked for."""
+    from transformers import AutoTokenizer
+
+    local = os.path.isdir(path)
+    if local and not os.path.isdir(os.path.join(path, sub)):
+        if optional:
+            return None
+        raise FileNotFoundError(f"text encoders: {os.path.join(path, sub)} is missing")
+    try:
+        if cls is AutoTokenizer:
+            return cls.from_pretrained(path, subfolder=sub)
+        return cls.from_pretrained(path, subfolder=sub, dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as e:
+        where = "folder" if local else "hub id (is the hub reachable? download the repo and pass its folder)"
+        raise RuntimeError(f"text encoders: cannot load {sub} from {where} {path!r}: {e}") from e
+
+
 def load_text_encoders(path: str, device="cpu", dtype=torch.float32, t5: bool = True) -> TextEncoders:
     # `path`: a diffusers SD3.5 repo folder (text_encoder/, text_encoder_2/, text_encoder_3/, tokenizer*/) or a hub id
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
@@ -184,19 +203,7 @@ def load_text_encoders(path: str, device="cpu", dtype=torch.float32, t5: bool = 
     if not local and (os.path.exists(path) or path.count("/") != 1):
         raise FileNotFoundError(f"text encoders: {path!r} is neither a diffusers folder nor a hub id (owner/name)")
 
-    def part(cls, sub, optional=False):
-        if local and not os.path.isdir(os.path.join(path, sub)):
-            if optional:
-                return None
-            raise FileNotFoundError(f"text encoders: {os.path.join(path, sub)} is missing")
-        try:
-            if cls is AutoTokenizer:
-                return cls.from_pretrained(path, subfolder=sub)
-            return cls.from_pretrained(path, subfolder=sub, dtype=dtype).to(device).eval()
-        except (OSError, ValueError) as e:
-            where = "folder" if local else "hub id (is the hub reachable? download the repo and pass its folder)"
-            raise RuntimeError(f"text encoders: cannot load {sub} from {where} {path!r}: {e}") from e
-
+    part = lambda cls, sub, optional=False: text_part(path, sub, cls, dtype, device, optional)
     t5 = part(T5EncoderModel, "text_encoder_3", optional=True) if t5 else None  # optional, as in diffusers
     return TextEncoders(
         part(CLIPTextModelWithProjection, "text_encoder"),
@@ -223,21 +230,19 @@ def tiny_text_encoders(
         clip_l, clip_g = (_tiny_clip(CLIPTextModelWithProjection, ids, d, clip_len) for d in clip_dims)
         t5 = _tiny_t5(ids, t5_dim)
     clip_tok = _tiny_tokenizer(ids, "<|startoftext|> $A <|endoftext|>", clip_len)
-    return TextEncoders(
-        clip_l,
-        clip_tok,
-        clip_g,
-        clip_tok,
-        t5,
-        _tiny_tokenizer(ids, "$A <|endoftext|>", t5_len),
-        context_dim=t5_dim,
-        t5_len=t5_len,
-    )
+    t5_tok = _tiny_tokenizer(ids, "$A <|endoftext|>", t5_len)
+    return TextEncoders(clip_l, clip_tok, clip_g, clip_tok, t5, t5_tok, context_dim=t5_dim, t5_len=t5_len)
 
 
 def _tiny_vocab(vocab):
     specials = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]  # eos must not be id 2: modeling_clip.py:551
     return {t: i for i, t in enumerate(specials + sorted(set(w.lower() for w in vocab) - set(specials)))}
+
+
+def _tiny_sizes(ids, dim):  # a tiny CLIP's or Gemma's vocabulary, widths and special tokens (_tiny_vocab's ids)
+    return dict(
+        vocab_size=len(ids), hidden_size=dim, intermediate_size=2 * dim, pad_token_id=0, bos_token_id=2, eos_token_id=3
+    )
 
 
 def _tiny_tokenizer(ids, template, max_len):
@@ -251,50 +256,26 @@ def _tiny_tokenizer(ids, template, max_len):
         single=template,
         special_tokens=[("<|startoftext|>", ids["<|startoftext|>"]), ("<|endoftext|>", ids["<|endoftext|>"])],
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        model_max_length=max_len,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-    )
+    specials = dict(pad_token="<pad>", unk_token="<unk>", bos_token="<|startoftext|>", eos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_len, **specials)
 
 
 def _tiny_clip(cls, ids, dim, max_len):  # CLIPTextModel(WithProjection), 2 layers
     from transformers import CLIPTextConfig
 
-    return cls(
-        CLIPTextConfig(
-            vocab_size=len(ids),
-            hidden_size=dim,
-            intermediate_size=2 * dim,
-            projection_dim=dim,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=max_len,
-            pad_token_id=0,
-            bos_token_id=2,
-            eos_token_id=3,
-        )
-    ).eval()
+    heads = dict(num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_len)
+    return cls(CLIPTextConfig(**_tiny_sizes(ids, dim), **heads, projection_dim=dim)).eval()
 
 
 def _tiny_t5(ids, dim):
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(
-        T5Config(
-            vocab_size=len(ids),
-            d_model=dim,
-            d_kv=dim // 2,
-            d_ff=2 * dim,
-            num_layers=2,
-            num_heads=2,
-            pad_token_id=0,
-            eos_token_id=3,
-        )
-    ).eval()
+    sizes = dict(vocab_size=len(ids), d_model=dim, d_kv=dim // 2, d_ff=2 * dim, num_layers=2, num_heads=2)
+    return T5EncoderModel(T5Config(**sizes, pad_token_id=0, eos_token_id=3)).eval()
+
+
+def tokens(tok, prompts, max_len):  # every prompt padded (or cut) to max_len tokens, as the pipelines do
+    return tok(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
 
 
 @torch.no_grad()
@@ -305,23 +286,14 @@ def encode_prompts(enc: TextEncoders, prompts: list[str], t5_len: int | None = N
     device, dtype = enc.clip_l.device, enc.clip_l.dtype
     states, pooled = [], []
     for tok, model in ((enc.tok_l, enc.clip_l), (enc.tok_g, enc.clip_g)):
-        ids = tok(
-            prompts, padding="max_length", max_length=enc.tok_l.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
+        ids = tokens(tok, prompts, enc.tok_l.model_max_length).input_ids
         out = model(ids.to(device), output_hidden_states=True)
         states.append(out.hidden_states[-2].to(dtype))  # penultimate layer, no final LayerNorm
         pooled.append(out.text_embeds)  # projected pooled embedding
     if enc.t5 is None:
         t5 = torch.zeros(len(prompts), t5_len, enc.context_dim, device=device, dtype=dtype)
     else:
-        ids = enc.tok_t5(
-            prompts,
-            padding="max_length",
-            max_length=t5_len,
-            truncation=True,
-            add_special_tokens=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = tokens(enc.tok_t5, prompts, t5_len).input_ids
         t5 = enc.t5(ids.to(enc.t5.device))[0].to(device)
     clip = torch.cat(states, dim=-1)
     clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # [B, 77, D_L + D_G] -> [B, 77, 4096]
@@ -356,13 +328,7 @@ def load_flux_text_encoders(path: str, device="cpu", dtype=torch.float32) -> Flu
             "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)"
         )
 
-    def part(cls, sub):
-        if not os.path.isdir(os.path.join(path, sub)):
-            raise FileNotFoundError(f"text encoders: {os.path.join(path, sub)} is missing")
-        if cls is AutoTokenizer:
-            return cls.from_pretrained(path, subfolder=sub)
-        return cls.from_pretrained(path, subfolder=sub, dtype=dtype).to(device).eval()
-
+    part = lambda cls, sub: text_part(path, sub, cls, dtype, device)
     return FluxTextEncoders(
         part(CLIPTextModel, "text_encoder"),
         part(AutoTokenizer, "tokenizer"),
@@ -394,13 +360,9 @@ def tiny_flux_text_encoders(
 def encode_flux_prompts(enc: FluxTextEncoders, prompts: list[str]):
     # pipeline_flux_kontext.py _get_t5_prompt_embeds / _get_clip_prompt_embeds -> context [B, t5_len, D_t5],
     # pooled [B, D_clip]
-    ids = enc.tok_clip(
-        prompts, padding="max_length", max_length=enc.tok_clip.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+    ids = tokens(enc.tok_clip, prompts, enc.tok_clip.model_max_length).input_ids
     pooled = enc.clip(ids.to(enc.clip.device), output_hidden_states=False).pooler_output
-    ids = enc.tok_t5(
-        prompts, padding="max_length", max_length=enc.t5_len, truncation=True, return_tensors="pt"
-    ).input_ids
+    ids = tokens(enc.tok_t5, prompts, enc.t5_len).input_ids
     context = enc.t5(ids.to(enc.t5.device), output_hidden_states=False)[0]
     return context.to(pooled.device), pooled
 
@@ -438,36 +400,12 @@ def tiny_ltx2_text_encoder(
     ids = _tiny_vocab(vocab)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        gemma = Gemma3TextModel(
-            Gemma3TextConfig(
-                vocab_size=len(ids),
-                hidden_size=dim,
-                intermediate_size=2 * dim,
-                num_hidden_layers=layers,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                head_dim=dim // 2,
-                max_position_embeddings=max_len,
-                sliding_window=max_len,
-                pad_token_id=0,
-                bos_token_id=2,
-                eos_token_id=3,
-            )
-        ).eval()
-        connectors = model.LTX2TextConnectors(
-            model.LTX2ConnectorConfig(
-                caption_channels=dim,
-                text_layers=layers + 1,
-                heads=4,
-                head_dim=dim // 4,
-                depth=1,
-                registers=registers,
-                audio_heads=4,
-                audio_head_dim=dim // 4,
-                audio_depth=1,
-                audio_registers=registers,
-            )
-        ).eval()
+        heads = dict(num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=dim // 2)
+        window = dict(max_position_embeddings=max_len, sliding_window=max_len)
+        gemma = Gemma3TextModel(Gemma3TextConfig(**_tiny_sizes(ids, dim), **heads, **window)).eval()
+        video = dict(heads=4, head_dim=dim // 4, depth=1, registers=registers)  # the audio connector: the same
+        cfg = model.LTX2ConnectorConfig(dim, layers + 1, **video, **{f"audio_{k}": v for k, v in video.items()})
+        connectors = model.LTX2TextConnectors(cfg).eval()
     tok = _tiny_tokenizer(ids, "<|startoftext|> $A", max_len)
     tok.padding_side = "left"
     return LTX2TextEncoder(gemma, tok, connectors, max_len)
@@ -531,14 +469,7 @@ def encode_ltx2_prompts(enc: LTX2TextEncoder, prompts: list[str]) -> dict:
     # fill the padding, so their mask is all ones, and the DiT's text attention runs unmasked (a mask, even of ones,
     # would keep SDPA off its FlashAttention kernel)
     enc.tok.padding_side = "left"
-    t = enc.tok(
-        [p.strip() for p in prompts],
-        padding="max_length",
-        max_length=enc.max_len,
-        truncation=True,
-        add_special_tokens=True,
-        return_tensors="pt",
-    )
+    t = tokens(enc.tok, [p.strip() for p in prompts], enc.max_len)
     dev = next(enc.gemma.parameters()).device
     mask = t.attention_mask.to(dev)
     hidden = enc.gemma(input_ids=t.input_ids.to(dev), attention_mask=mask, output_hidden_states=True).hidden_states
@@ -761,11 +692,8 @@ class Pipeline:
     def x0_shape(self, height, width, frames=None):
         if self.latent:
             return self.latent(height, width, **({} if frames is None else dict(frames=frames)))
-        return (
-            (self.net.cfg.in_channels, height // 8, width // 8)
-            if self.vae is not None
-            else (self.net.cfg.in_channels, height, width)
-        )
+        f = 8 if self.vae is not None else 1  # SD3's VAE, or a pixel-space net
+        return (self.net.cfg.in_channels, height // f, width // f)
 
     @torch.no_grad()
     def generate(
@@ -808,6 +736,14 @@ class Pipeline:
         x0 = denoise(step, x, sigmas, cond, pref, guidance, uncond, solver, progress)
         return self.decode(x0) if decode else x0
 
+    def with_flags(self, args, cond, uncond, pref, size=None, seed=None, **kw):
+        """generate with sample.py's settings (args: steps, seed, guidance, solver, shift, frames); size: (height,
+        width), default args.size square"""
+        height, width = size or (args.size, args.size)
+        seed = args.seed if seed is None else seed
+        a = (args.steps, seed, height, width, args.guidance, args.solver, args.shift)
+        return self.generate(cond, uncond, pref, *a, frames=args.frames, **kw)
+
 
 def load_net(weights, lora, dtype, device):
     import model
@@ -834,15 +770,8 @@ def load_sd35(spec, dtype=torch.float32, device="cpu", lora=None):
         vae = model.load_vae(os.path.join(weights, "vae"), dtype=dtype, device=device)  # constants from config.json
     elif net.cfg.in_channels != 3:  # a Stability single file bundles the VAE (first_stage_model.*), no constants
         vae = model.load_vae(weights, dtype=dtype, device=device, **model.VAE_SD3)
-    enc = text_encoders(
-        spec,
-        tiny_text_encoders,
-        load_text_encoders,
-        device,
-        dtype,
-        "a diffusers SD3.5 folder or hub id",
-        t5=spec.get("t5", True),
-    )
+    what = "a diffusers SD3.5 folder or hub id"
+    enc = text_encoders(spec, tiny_text_encoders, load_text_encoders, device, dtype, what, t5=spec.get("t5", True))
     return Pipeline(net, vae, enc, lambda prompts: sd3_cond(enc, prompts))
 
 
@@ -919,9 +848,7 @@ def depth_to_space(x0, f=2):  # the inverse, clamped to [0,1]
     return ((F.pixel_shuffle(x0.float(), f) + 1) / 2).clamp(0, 1)
 
 
-def frames_to_latent(
-    video, f=4
-):  # video [B,T,3,H,W] in [0,1] -> the tiny LTX-2's video x0 [B,3f^2,T,H/f,W/f] in [-1,1]
+def frames_to_latent(video, f=4):  # video [B,T,3,H,W] in [0,1] -> the tiny LTX-2's x0 [B,3f^2,T,H/f,W/f] in [-1,1]
     return space_to_depth(video, f).transpose(1, 2)  # pixel_unshuffle takes any leading dims: per frame
 
 
@@ -931,15 +858,8 @@ def latent_to_frames(z, f=4):  # the inverse, clamped to [0,1]: [B,3f^2,T,h,w] -
 
 def ltx2_text_encoder(spec, device, dtype):
     # Gemma-3 + the connectors of a full-size spec: from its text_encoders folder, or its weights folder
-    return text_encoders(
-        spec,
-        None,
-        load_ltx2_text_encoder,
-        device,
-        dtype,
-        "a diffusers LTX-2 folder, or a Gemma-3 folder",
-        connectors=spec["weights"],
-    )
+    what = "a diffusers LTX-2 folder, or a Gemma-3 folder"
+    return text_encoders(spec, None, load_ltx2_text_encoder, device, dtype, what, connectors=spec["weights"])
 
 
 def load_ltx2(spec, dtype=torch.float32, device="cpu", lora=None):
@@ -987,14 +907,14 @@ def load_ltx2(spec, dtype=torch.float32, device="cpu", lora=None):
     if spec.get("audio"):  # mel spectrogram [B, 2, 4A-3, 64] -> waveform [B, 2, 240 (4A-3)] at 24 kHz
         audio_vae, vocoder = model.load_ltx2_audio(weights, dtype=dtype, device=device)
         audio = lambda x0: (vocoder(audio_vae.decode(unpack(x0)[1].to(dtype))).float(), vocoder.cfg.sample_rate)
-    tokens = lambda shape: math.prod(clips.of(shape[0])[0][1:])  # F*h*w video tokens set the schedule's shift
+    video_tokens = lambda shape: math.prod(clips.of(shape[0])[0][1:])  # F*h*w tokens set the schedule's shift
     return Pipeline(
         net,
         vae,
         enc,
         enc or no_text_encoder,
         latent=lambda h, w, frames=None: (sum(math.prod(p) for p in clips(h, w, frames)),),
-        schedule=None if tiny else lambda steps, shift, shape: ltx2_schedule(steps, tokens(shape)),
+        schedule=None if tiny else lambda steps, shift, shape: ltx2_schedule(steps, video_tokens(shape)),
         from_latent=lambda x0: to_video(unpack(x0)[0]),
         packing=lambda h, w, frames=None: ltx2_packing(*clips(h, w, frames)),
         net_kwargs=dict(fps=fps),
@@ -1395,12 +1315,7 @@ def run(args):
         source = load_image(args.source, (width, height))
         cond["ref"] = pipe.to_latent(source.to(args.device))
 
-    images = [
-        pipe.generate(
-            cond, uncond, p, args.steps, args.seed, height, width, args.guidance, args.solver, args.shift, progress=True
-        )[0]
-        for p in prefs
-    ]
+    images = [pipe.with_flags(args, cond, uncond, p, (height, width), progress=True)[0] for p in prefs]
     if args.sweep:
         names = f"  ({objectives[0]} → {objectives[1]})" if objectives else ""
         labels = [pref_label(p) for p in prefs]
@@ -1416,24 +1331,7 @@ def run(args):
 def write_videos(pipe, args, cond, uncond, prefs, objectives):
     # one clip per ω -> the animated image (--sweep: every frame holds the N clips side by side, labelled with ω),
     # an .mp4 beside it where PyAV is installed and, with --audio, each clip's sound as a WAV beside it
-    x0s = [
-        pipe.generate(
-            cond,
-            uncond,
-            p,
-            args.steps,
-            args.seed,
-            args.size,
-            args.size,
-            args.guidance,
-            args.solver,
-            args.shift,
-            progress=True,
-            frames=args.frames,
-            decode=False,
-        )
-        for p in prefs
-    ]
+    x0s = [pipe.with_flags(args, cond, uncond, p, progress=True, decode=False) for p in prefs]
     clips = [pipe.decode(x0)[0] for x0 in x0s]  # [T, 3, H, W] each
     frames = clips[0]
     if args.sweep:
@@ -1446,11 +1344,8 @@ def write_videos(pipe, args, cond, uncond, prefs, objectives):
             wav, rate = pipe.audio(x0)
             written.append(f"{stem}.wav" if len(x0s) == 1 else f"{stem}_{i}.wav")  # _i: the i-th ω of the sweep
             save_wav(wav[0], written[-1], rate)
-    names = (
-        f", {len(prefs)} values of ω" + (f" ({objectives[0]} → {objectives[1]})" if objectives else "")
-        if args.sweep
-        else ""
-    )
+    names = (f" ({objectives[0]} → {objectives[1]})" if objectives else "") if args.sweep else ""
+    names = f", {len(prefs)} values of ω{names}" if args.sweep else ""
     print(f"wrote {', '.join(written)} ({len(frames)} frames at {args.fps:g} fps{names})")
 
 
@@ -1602,9 +1497,7 @@ class Slider:
                 width, height = source_size(upload.size, a.size, self.info["spec"])
                 img = load_image(upload, (width, height))
                 cond["ref"] = self.pipe.to_latent(img.to(a.device))
-            x = self.pipe.generate(
-                cond, uncond, w, a.steps, key[1], height, width, a.guidance, a.solver, a.shift, frames=a.frames
-            )[0]
+            x = self.pipe.with_flags(a, cond, uncond, w, (height, width), seed=key[1])[0]
             buf = io.BytesIO()
             if self.info["video"]:  # a clip [T,3,H,W]: the page's <img> plays an animated WebP
                 save_animation([to_pil(f) for f in x], buf, a.fps, format="WEBP")
@@ -1774,19 +1667,9 @@ class PageHandler(BaseHTTPRequestHandler):
 
 def run_info(pipe, backbone, spec, objectives, args):
     # what the page says about the run it serves: backbone, objectives, step, hypervolume (from the run folder)
-    info = dict(
-        backbone=backbone,
-        objectives=objectives or [],
-        pref_dim=pipe.net.cfg.pref_dim,
-        editing=pipe.to_latent is not None,
-        video=spec_of(backbone).video,
-        run=args.run or args.weights,
-        step=None,
-        hypervolume=None,
-        size=args.size,
-        steps=args.steps,
-        spec=spec,
-    )
+    info = dict(backbone=backbone, objectives=objectives or [], pref_dim=pipe.net.cfg.pref_dim, spec=spec)
+    info.update(editing=pipe.to_latent is not None, video=spec_of(backbone).video, run=args.run or args.weights)
+    info.update(size=args.size, steps=args.steps, step=None, hypervolume=None)
     if args.run:
         import model
 

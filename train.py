@@ -582,6 +582,14 @@ def expand(t, x):  # [B] -> [B, 1, ..., 1], broadcasting over x's latent dims (a
     return t.view(-1, *[1] * (x.ndim - 1))
 
 
+def caption_setup(cfg, prompts, cond, x0_shape, decode, rewrites, video=False):
+    """A tiny world of captions (no source images): item i is prompts[i]; a fixed spread of them is evaluated."""
+    eval_items = [(7 * i) % len(prompts) for i in range(cfg.eval_prompts)]
+    return Setup(
+        None, prompts, cond, [{} for _ in prompts], eval_items, x0_shape, decode, {}, rewrites=rewrites, video=video
+    )
+
+
 def sd35_tiny_setup(cfg, M, device):
     """The tiny world's prompts "a {color} {shape}", encoded once by tiny text encoders (fixed seed, offline vocab).
     Half of the pretraining captions also name the image's style ("a red circle, sketch"; R.style_word), so the base
@@ -590,17 +598,7 @@ def sd35_tiny_setup(cfg, M, device):
     tiny_enc = dict(vocab=["a", ","] + R.COLORS + R.SHAPES + list(R.STYLE_WORDS), seed=0)
     enc = sample.tiny_text_encoders(**tiny_enc)
     cond, styled, rewrites = tiny_captions(lambda ps: sample.sd3_cond(enc, ps), prompts)
-    setup = Setup(
-        None,
-        prompts,
-        cond,
-        [{} for _ in prompts],
-        [(7 * i) % len(prompts) for i in range(cfg.eval_prompts)],
-        (3, cfg.size, cfg.size),
-        lambda x0: sample.decode(None, x0),
-        {},
-        rewrites=rewrites,
-    )
+    setup = caption_setup(cfg, prompts, cond, (3, cfg.size, cfg.size), lambda x0: sample.decode(None, x0), rewrites)
 
     def world():  # x0 in [-1, 1] and the conditioning of each image (its caption), for flow matching
         n = min(cfg.pretrain_steps * cfg.pretrain_batch, 20000)
@@ -608,19 +606,7 @@ def sd35_tiny_setup(cfg, M, device):
         return images * 2 - 1, captioned_world(cfg, cond, styled, prompts, world_prompts, styles)
 
     mcfg = model.SD3Config(**model.SD3_PRESETS["sd35-tiny"])
-    key = cache_key(
-        "tiny_sd35",
-        cfg,
-        asdict(mcfg),
-        tiny_enc,
-        prompts,
-        R.tiny_world,
-        R._render,
-        R._shape_distance,
-        R.style_word,
-        world,
-        captioned_world,
-    )
+    key = cache_key("tiny_sd35", cfg, asdict(mcfg), tiny_enc, prompts, *R.WORLD_CODE["image"], world, captioned_world)
     path = pretrain_tiny(cfg, setup, lambda: model.SD3Transformer(mcfg), world, key, device)
     setup.pipeline = dict(weights=os.path.abspath(path), tiny_text_encoders=tiny_enc)
     return setup
@@ -745,20 +731,7 @@ def flux_tiny_setup(cfg, M, device):
         return sample.space_to_depth(alpha * tgt + (1 - alpha) * src), conditioning(src, txt)
 
     mcfg = model.FluxConfig(**model.FLUX_PRESETS["flux-tiny"])
-    key = cache_key(
-        "tiny_flux",
-        cfg,
-        asdict(mcfg),
-        spec,
-        cfg.guidance,
-        R.tiny_edit_world,
-        R._edit_scenes,
-        R._edit_grid,
-        R._paint,
-        R._outline,
-        R._shape_distance,
-        world,
-    )
+    key = cache_key("tiny_flux", cfg, asdict(mcfg), spec, cfg.guidance, *R.WORLD_CODE["edit"], world)
     path = pretrain_tiny(cfg, setup, lambda: model.FluxTransformer(mcfg), world, key, device)
     setup.pipeline = dict(spec, weights=os.path.abspath(path))
     return setup
@@ -849,21 +822,10 @@ def ltx2_tiny_setup(cfg, M, device):
     audio_shape = (mcfg.audio_channels, T, mcfg.audio_in_channels // mcfg.audio_channels)
     pack, unpack = sample.ltx2_packing(video_shape, audio_shape)
     n_video = math.prod(video_shape)
-    setup = Setup(
-        None,
-        prompts,
-        cond,
-        [{} for _ in prompts],
-        [(7 * i) % len(prompts) for i in range(cfg.eval_prompts)],
-        (n_video + math.prod(audio_shape),),
-        lambda x0: sample.latent_to_frames(unpack(x0)[0], f),
-        {},
-        pack=pack,
-        unpack=unpack,
-        rewrites=rewrites,
-        video=True,
-        nft_part=None if cfg.nft_audio else lambda x: x[:, :n_video],
-    )
+    decode = lambda x0: sample.latent_to_frames(unpack(x0)[0], f)
+    setup = caption_setup(cfg, prompts, cond, (n_video + math.prod(audio_shape),), decode, rewrites, video=True)
+    setup.pack, setup.unpack = pack, unpack
+    setup.nft_part = None if cfg.nft_audio else lambda x: x[:, :n_video]
 
     def sound(xy):  # the shape's centre per frame [n, T, 2] -> audio latent [n, 8, T, 2]: channel c hears
         k = torch.arange(1, audio_shape[0] + 1).view(1, -1, 1) * math.pi  # x and y at frequency c + 1
@@ -876,19 +838,7 @@ def ltx2_tiny_setup(cfg, M, device):
         return x0, captioned_world(cfg, cond, styled, prompts, world_prompts, styles)
 
     key = cache_key(
-        "tiny_ltx2",
-        cfg,
-        T,
-        asdict(mcfg),
-        spec,
-        prompts,
-        R.tiny_video_world,
-        R._render,
-        R._shape_distance,
-        R.style_word,
-        world,
-        sound,
-        captioned_world,
+        "tiny_ltx2", cfg, T, asdict(mcfg), spec, prompts, *R.WORLD_CODE["video"], world, sound, captioned_world
     )
     path = pretrain_tiny(
         cfg, setup, lambda: model.LTX2Transformer(mcfg), world, key, device, metadata=model.ltx2_file_metadata(mcfg)
@@ -1594,7 +1544,6 @@ BACKBONES = {
         folders=("vae", "text_encoder", "tokenizer"),  # full_setup reads Gemma-3 and the VAE from the folder
         pixels=4,  # the tiny net's video latent: each frame 4x4 space-to-depth'ed
         # 512^2 x 49 frames (2 s at 24 fps): the memory plan's default (README); 20 Euler steps per rollout
-        # fmt: off
         preset=dict(
             FULL,
             out="runs/ltx2",
@@ -1619,7 +1568,6 @@ BACKBONES = {
             frames=6,
             batch=72,
         ),
-        # fmt: on
     ),
 }
 

@@ -29,6 +29,7 @@ Precision (the one policy; train.py and sample.py follow it, tests/test_bf16.py 
 """
 
 import json
+import logging
 import math
 import os
 from collections import namedtuple
@@ -40,8 +41,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import kernels
+
+# torchao (--quantize; transformers imports it whenever it is installed) logs at import the kernels it has no library
+# for on this machine, and torch a deprecation of how it registers them: neither is ours to show
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 # ----------------------------------------------------------------------------------------------------
 # Shared primitives
@@ -306,6 +313,18 @@ def add_lora(net, rank=32, alpha=64, targets=None):
     return names
 
 
+def quantize_int8(net, device=None):
+    """The frozen base's Linear weights in int8, weight-only, one scale per output channel (torchao's
+    Int8WeightOnlyConfig: F.linear on such a weight dequantizes inside its matmul), about half a bf16 base's bytes.
+    LoRA (a Linear's lora_A / lora_B, not its weight) and the preference modules are left as they are, fp32 masters
+    on top. device: each Linear moves there as it is quantized (a base read on the CPU reaches the GPU at int8 size)."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    frozen = lambda m, name: isinstance(m, nn.Linear) and not name.split(".")[0].startswith("pref_")
+    quantize_(net, Int8WeightOnlyConfig(), filter_fn=frozen, device=device)
+    return net.to(device) if device is not None else net
+
+
 def set_trainable(net):
     for n, p in net.named_parameters():
         p.requires_grad_(is_adapter_param(n))
@@ -503,10 +522,59 @@ def open_safetensors(path, read):
         raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
 
 
-def read_safetensors(path, keep=None):
+def read_safetensors(path, keep=None, lazy=False):
     """-> (state dict, metadata). keep(name) -> bool: read only those tensors (one component of a combined file,
-    without loading the other 40 GB)."""
+    without loading the other 40 GB). lazy: Lazy tensors instead, nothing read yet (FSDP's sharded loading)."""
+    if lazy:
+        open_safetensors(path, header)  # the errors, named
+        f = safe_open(path, framework="pt", device="cpu")  # kept open by the Lazy tensors that read from it
+        return {k: Lazy.of(f, k) for k in f.keys() if not keep or keep(k)}, header(f)
     return open_safetensors(path, lambda f: ({k: f.get_tensor(k) for k in f.keys() if not keep or keep(k)}, header(f)))
+
+
+class Lazy:
+    """A checkpoint tensor not read yet: rows of named tensors in .safetensors files, concatenated along dim 0, so
+    that the conversions from diffusers (q, k, v fused into one qkv; two halves swapped) run on it unchanged
+    (torch.cat and .chunk along dim 0 work as on a tensor). read(a, b) reads rows a..b alone, through safe_open's
+    slices: an FSDP rank reads its shard of each parameter (dim 0, as fully_shard splits it), never the whole file.
+    Lazy.bytes_read counts what every read materialised."""
+
+    bytes_read = 0
+
+    def __init__(self, parts, shape):
+        self.parts, self.shape = parts, torch.Size(shape)  # parts: [(safe_open handle, tensor name, row, end row)]
+
+    @staticmethod
+    def of(f, name):  # one tensor of an open file; a 0-dim one (no rows to split) is read at once
+        shape = f.get_slice(name).get_shape()
+        return Lazy([(f, name, 0, shape[0])], shape) if shape else f.get_tensor(name)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        ts, dim = args[0], (kwargs or {}).get("dim", args[1] if len(args) > 1 else 0)
+        if func is not torch.cat or dim != 0 or not all(isinstance(t, Lazy) for t in ts):
+            return NotImplemented
+        return Lazy([p for t in ts for p in t.parts], (sum(t.shape[0] for t in ts), *ts[0].shape[1:]))
+
+    def chunk(self, n, dim=0):
+        assert dim == 0, "a Lazy tensor splits along its rows only"
+        step = -(-self.shape[0] // n)
+        return [self.rows(a, min(a + step, self.shape[0])) for a in range(0, self.shape[0], step)]
+
+    def rows(self, a, b):  # rows a..b, still not read
+        parts, at = [], 0
+        for f, name, lo, hi in self.parts:
+            s, e = max(lo, lo + a - at), min(hi, lo + b - at)
+            if s < e:
+                parts.append((f, name, s, e))
+            at += hi - lo
+        return Lazy(parts or [(*self.parts[0][:2], 0, 0)], (b - a, *self.shape[1:]))  # (no rows: an empty slice)
+
+    def read(self, a=0, b=None):
+        """Rows a..b (default: all) as a tensor, reading those rows and nothing else."""
+        out = [f.get_slice(name)[s:e] for f, name, s, e in self.rows(a, self.shape[0] if b is None else b).parts]
+        Lazy.bytes_read += sum(t.numel() * t.element_size() for t in out)
+        return torch.cat(out) if len(out) > 1 else out[0]
 
 
 def safetensors_names(path):  # -> (the tensor names, the header metadata), without reading a tensor
@@ -520,6 +588,47 @@ def read_safetensors_meta(path):  # only the header metadata (no tensor is read)
 header = lambda f: f.metadata() or {}  # a safe_open handle's metadata (None when the file has none)
 
 
+def full(t):
+    """t whole: gathered where it is an FSDP2 shard (a DTensor; a collective, so every rank calls it), else t."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(p, value):
+    """A whole tensor as p holds it: p's shard of it where p is an FSDP2 DTensor (no communication: every rank has
+    the whole value), else the value."""
+    if not isinstance(p, DTensor):
+        return value
+    return distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
+
+
+def set_full(p, value):
+    """p.copy_(value) from a whole value, a tensor or a Lazy one; where p is an FSDP2 shard (dim 0 split as
+    torch.chunk splits it), only this rank's rows are read and copied into it."""
+    with torch.no_grad():
+        if isinstance(p, DTensor):
+            assert tuple(p.placements) == (Shard(0),), p.placements
+            n, W, r = p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank()
+            a, b = min(r * -(-n // W), n), min((r + 1) * -(-n // W), n)
+            p, value = p.to_local(), value.rows(a, b) if isinstance(value, Lazy) else value[a:b]
+        p.copy_(value.read() if isinstance(value, Lazy) else value)
+
+
+def materialise(net, device, shard=None):
+    """A net loaded with lazy=True (built on the meta device, its checkpoint's tensors in net.lazy, not read; adapters
+    perhaps added since): shard(net) (FSDP2's fully_shard per block, or None), then every tensor made on `device` and
+    filled, the checkpoint's from the file (a shard: this rank's rows alone), the others (adapters) as they were."""
+    live = {n: t.detach().clone() for n, t in net.state_dict().items() if t.device.type != "meta"}
+    net.to("meta")
+    if shard is not None:
+        shard(net)
+    net.to_empty(device=device)
+    values = {**net.lazy, **live}
+    for n, t in (*net.named_parameters(), *net.named_buffers()):
+        set_full(t, values[n])
+    del net.lazy
+    return net
+
+
 def read_json(path):
     try:
         with open(path) as f:
@@ -528,13 +637,13 @@ def read_json(path):
         raise ValueError(f"{path}: malformed JSON ({e})") from None
 
 
-def read_diffusers_folder(folder):
+def read_diffusers_folder(folder, lazy=False):
     """config.json + diffusion_pytorch_model(.safetensors | -0000x-of-0000n.safetensors + index)."""
     config = read_json(os.path.join(folder, "config.json"))
     single = os.path.join(folder, "diffusion_pytorch_model.safetensors")
     index = single + ".index.json"
     if os.path.isfile(single):
-        return config, read_safetensors(single)[0]
+        return config, read_safetensors(single, lazy=lazy)[0]
     if os.path.isfile(index):
         try:
             shards = sorted(set(read_json(index)["weight_map"].values()))
@@ -542,7 +651,7 @@ def read_diffusers_folder(folder):
             raise ValueError(f"{index}: no weight_map (not a diffusers shard index)") from None
         sd = {}
         for s in shards:
-            sd.update(read_safetensors(os.path.join(folder, s))[0])
+            sd.update(read_safetensors(os.path.join(folder, s), lazy=lazy)[0])
         return config, sd
     raise FileNotFoundError(f"{folder} has config.json but no diffusion_pytorch_model.safetensors[.index.json]")
 
@@ -586,10 +695,16 @@ def assign_checkpoint(make, sd, dtype=torch.float32, device="cpu", what="checkpo
     return net
 
 
-def build(cls, cfg, sd=None, dtype=torch.float32, device="cpu", what="checkpoint"):
+def build(cls, cfg, sd=None, dtype=torch.float32, device="cpu", what="checkpoint", lazy=False):
     """sd=None: random init (tests, tiny default). Otherwise assign the checkpoint to the base (assign_checkpoint),
-    then materialise the preference modules (in no base checkpoint)."""
-    if sd is None:  # the base in dtype, then the preference modules (fp32 masters): the same random draws as cls(cfg)
+    then materialise the preference modules (in no base checkpoint). lazy: sd's tensors are Lazy; the base stays on
+    the meta device, its checkpoint in net.lazy, until materialise (FSDP: each rank reads its shard)."""
+    if lazy:
+        with torch.device("meta"):
+            net = cls(replace(cfg, pref_dim=0)).to(dtype)
+        check_keys(net.state_dict(), sd, what)
+        net.lazy = sd
+    elif sd is None:  # the base in dtype, then the preference modules (fp32 masters): the same random draws as cls(cfg)
         with torch.device(device):
             net = cls(replace(cfg, pref_dim=0)).to(dtype)
     else:
@@ -597,10 +712,11 @@ def build(cls, cfg, sd=None, dtype=torch.float32, device="cpu", what="checkpoint
     return add_preference(net, cfg.pref_dim) if cfg.pref_dim else net
 
 
-def load_transformer(path, pref_dim=0, dtype=torch.float32, device="cpu"):
+def load_transformer(path, pref_dim=0, dtype=torch.float32, device="cpu", lazy=False):
     """Load a backbone from a diffusers folder (config.json + safetensors, sharded or not; or a repo
     root holding transformer/) or an original single .safetensors file. Backbone and config are
-    inferred (BACKBONES). pref_dim > 0 adds freshly initialised preference modules for that many objectives."""
+    inferred (BACKBONES). pref_dim > 0 adds freshly initialised preference modules for that many objectives.
+    lazy: no tensor read yet (build's lazy: for FSDP, materialise reads each rank's shard)."""
     path = os.fspath(path)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         if os.path.isdir(os.path.join(path, "transformer")):
@@ -610,7 +726,7 @@ def load_transformer(path, pref_dim=0, dtype=torch.float32, device="cpu"):
                 f"{path}: neither a diffusers model folder (config.json) nor a repo root with transformer/"
             )
     if os.path.isdir(path):
-        config, sd = read_diffusers_folder(path)
+        config, sd = read_diffusers_folder(path, lazy)
         name = config.get("_class_name")
         spec = next((b for b in BACKBONES.values() if b.diffusers_class == name), None)
         if spec is None:
@@ -635,11 +751,11 @@ def load_transformer(path, pref_dim=0, dtype=torch.float32, device="cpu"):
                 f"{', '.join(b.signature for b in BACKBONES.values())})" + (f"; {file_kind(meta)}" if mine else "")
             )
         wanted = {prefix + k for k in names if not k.startswith(spec.bundled)}  # e.g. LTX-2's text connectors out
-        sd = {k[len(prefix) :]: v for k, v in read_safetensors(path, keep=wanted.__contains__)[0].items()}
+        sd = {k[len(prefix) :]: v for k, v in read_safetensors(path, wanted.__contains__, lazy)[0].items()}
         cfg = spec.config_from_state(sd, meta)
     else:
         raise FileNotFoundError(f"no such checkpoint: {path}")
-    return build(spec.cls, replace(cfg, pref_dim=pref_dim), sd, dtype, device, what=str(path))
+    return build(spec.cls, replace(cfg, pref_dim=pref_dim), sd, dtype, device, str(path), lazy)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -624,8 +624,12 @@ def _load(cls, path, **kw):
         ) from e
 
 
+LOADED = []  # the models of the reward being loaded (get_reward gives them to it as fn.modules)
+
+
 def _model(cls, path, device, dtype):
-    return _load(cls, path, dtype=dtype).to(device).eval().requires_grad_(False)
+    LOADED.append(_load(cls, path, dtype=dtype).to(device).eval().requires_grad_(False))
+    return LOADED[-1]
 
 
 def _resize_crop(x, size, short=None):
@@ -783,6 +787,7 @@ def load_aesthetic(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, clip
     )
     head.load_state_dict(sd)  # strict: a wrong file fails here, naming the keys
     head = head.to(device).eval().requires_grad_(False)
+    LOADED.append(head)
     image_embed, _, model = _clip(clip, device, dtype)
     if model.config.projection_dim != dim:
         raise ValueError(f"aesthetic head takes {dim}-d embeddings, CLIP {clip!r} gives {model.config.projection_dim}")
@@ -1180,9 +1185,13 @@ def get_reward(name, device="cpu", video=False, **kw):
     if name in VIDEO and not video:
         raise ValueError(f"reward {name!r} scores videos; this backbone makes images")
     if name in MODEL:
+        LOADED.clear()
         fn = MODEL[name](device=device, **kw)
+        modules = list(LOADED)  # what a caller moves off the GPU between scorings (train.py --offload)
     else:
         if kw:
             raise ValueError(f"reward {name!r} takes no options, got {sorted(kw)}")
-        fn = OFFLINE[name]
-    return per_frame(fn) if video and not getattr(fn, "video", False) else fn
+        fn, modules = OFFLINE[name], []
+    fn = per_frame(fn) if video and not getattr(fn, "video", False) else fn
+    fn.modules = modules
+    return fn

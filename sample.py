@@ -379,9 +379,10 @@ class LTX2TextEncoder:
     tok: object  # its tokenizer, padding on the left (the connectors expect the tokens last)
     connectors: torch.nn.Module  # model.LTX2TextConnectors
     max_len: int = 1024  # tokens per prompt (diffusers max_sequence_length)
+    device: object = None  # where it encodes (None: where its parts are)
 
-    def to(self, device):
-        self.gemma.to(device), self.connectors.to(device)
+    def to(self, device):  # Gemma, then the connectors, visit `device` in turn: the GPU holds the larger, not the sum
+        self.device = device
         return self
 
     def __call__(self, prompts):
@@ -470,11 +471,14 @@ def encode_ltx2_prompts(enc: LTX2TextEncoder, prompts: list[str]) -> dict:
     # would keep SDPA off its FlashAttention kernel)
     enc.tok.padding_side = "left"
     t = tokens(enc.tok, [p.strip() for p in prompts], enc.max_len)
-    dev = next(enc.gemma.parameters()).device
-    mask = t.attention_mask.to(dev)
-    hidden = enc.gemma(input_ids=t.input_ids.to(dev), attention_mask=mask, output_hidden_states=True).hidden_states
-    q = next(enc.connectors.parameters())
-    context, context_audio, _ = enc.connectors(torch.stack(hidden, -1).to(q.device, q.dtype), mask.to(q.device))
+    with on_device(enc.gemma, enc.device or "cpu"):
+        dev = next(enc.gemma.parameters()).device
+        mask = t.attention_mask.to(dev)
+        out = enc.gemma(input_ids=t.input_ids.to(dev), attention_mask=mask, output_hidden_states=True)
+        hidden = torch.stack(out.hidden_states, -1)
+    with on_device(enc.connectors, enc.device or "cpu"):
+        q = next(enc.connectors.parameters())
+        context, context_audio, _ = enc.connectors(hidden.to(q.device, q.dtype), mask.to(q.device))
     return dict(context=context, context_audio=context_audio)
 
 
@@ -745,13 +749,14 @@ class Pipeline:
         return self.generate(cond, uncond, pref, *a, frames=args.frames, **kw)
 
 
-def load_net(weights, lora, dtype, device):
+def load_net(weights, lora, dtype, device, lazy=False):
+    # lazy (a spec's "lazy": train.py --fsdp): nothing read yet, each rank reads its shard later (model.materialise)
     import model
 
     pref_dim = 0
     if lora:  # the adapter records the config it was trained with (model.save_adapters), incl. the objective count
         pref_dim = model.read_adapter_meta(lora)["config"].get("pref_dim", 0)
-    net = model.load_transformer(weights, pref_dim=pref_dim, dtype=dtype, device=device)
+    net = model.load_transformer(weights, pref_dim=pref_dim, dtype=dtype, device=device, lazy=lazy)
     if lora:
         model.load_adapters(net, lora)
     return net.eval()
@@ -764,7 +769,7 @@ def load_sd35(spec, dtype=torch.float32, device="cpu", lora=None):
     import model
 
     weights = spec["weights"]
-    net = load_net(weights, lora, dtype, device)
+    net = load_net(weights, lora, dtype, device, spec.get("lazy", False))
     vae = None
     if os.path.isdir(weights) and os.path.exists(os.path.join(weights, "vae")):
         vae = model.load_vae(os.path.join(weights, "vae"), dtype=dtype, device=device)  # constants from config.json
@@ -772,13 +777,16 @@ def load_sd35(spec, dtype=torch.float32, device="cpu", lora=None):
         vae = model.load_vae(weights, dtype=dtype, device=device, **model.VAE_SD3)
     what = "a diffusers SD3.5 folder or hub id"
     enc = text_encoders(spec, tiny_text_encoders, load_text_encoders, device, dtype, what, t5=spec.get("t5", True))
-    return Pipeline(net, vae, enc, lambda prompts: sd3_cond(enc, prompts))
+    return Pipeline(net, vae, enc, (lambda prompts: sd3_cond(enc, prompts)) if enc else no_text_encoder)
 
 
 def text_encoders(spec, tiny, load, device, dtype, what, **kw):
     """The spec's tiny encoders (rebuilt from their vocabulary and seed), or loaded from a folder: on the CPU, in the
     net's dtype when the net is on a GPU (fp32 when it runs on the CPU). They visit the GPU only to encode
-    (Pipeline.encoding), so they never sit there beside the transformer while it samples or trains."""
+    (Pipeline.encoding), so they never sit there beside the transformer while it samples or trains. None with the
+    spec's "no_text_encoder" (its prompts were encoded before, or elsewhere)."""
+    if spec.get("no_text_encoder"):
+        return None
     if "tiny_text_encoders" in spec:
         return tiny(**spec["tiny_text_encoders"])
     te = spec.get("text_encoders") or (spec["weights"] if os.path.isdir(spec["weights"]) else None)
@@ -810,7 +818,7 @@ def load_flux(spec, dtype=torch.float32, device="cpu", lora=None):
     import model
 
     weights = spec["weights"]
-    net = load_net(weights, lora, dtype, device)
+    net = load_net(weights, lora, dtype, device, spec.get("lazy", False))
     C = net.cfg.in_channels // 4  # unpacked latent channels (16 for the released model)
     if spec.get("pixels"):
         f = spec["pixels"]
@@ -837,6 +845,7 @@ def load_flux(spec, dtype=torch.float32, device="cpu", lora=None):
         spec, tiny_flux_text_encoders, load_flux_text_encoders, device, dtype, "a FLUX diffusers folder"
     )
     encode = lambda prompts: dict(zip(("context", "pooled"), encode_flux_prompts(enc, prompts)))
+    encode = encode if enc else no_text_encoder
     return Pipeline(net, enc=enc, encode=encode, guidance_input=True, **pipe)
 
 
@@ -876,7 +885,7 @@ def load_ltx2(spec, dtype=torch.float32, device="cpu", lora=None):
 
     weights, fps, tiny = spec["weights"], float(spec.get("fps", 24.0)), bool(spec.get("pixels"))
     check_ltx2_spec(spec, tiny)
-    net = load_net(weights, lora, dtype, device)
+    net = load_net(weights, lora, dtype, device, spec.get("lazy", False))
     c = net.cfg
     audio_latent = lambda A: (c.audio_channels, A, c.audio_in_channels // c.audio_channels)  # [8, A, 16]
     if tiny:
@@ -947,7 +956,7 @@ def check_ltx2_spec(spec, tiny):
 
 
 def no_text_encoder(prompts):
-    raise ValueError("this LTX-2 pipeline was loaded without its text encoder (no_text_encoder)")
+    raise ValueError("this pipeline was loaded without its text encoders (no_text_encoder)")
 
 
 class ClipLayouts:

@@ -851,3 +851,15 @@ def test_vlm_grid_judges(tiny):
     per_frame = _check(R.get_reward("vlm_animation", video=True, **kw), video, prompts)  # 4 frames, one batch
     assert per_frame.shape == (3,) and (0 <= per_frame).all() and (per_frame <= 1).all()
     assert R.get_reward("vlm_animation", **kw).__name__ == "vlm_judge"  # on images: the plain judge
+
+
+def test_rewards_name_their_models(tiny):
+    # fn.modules: every model a reward loaded (train.py --offload moves them off the GPU between scorings), through
+    # the video wrapper too; an offline reward has none
+    pick = R.get_reward("pickscore_photo", path_or_hub_id=tiny["clip"], dtype=torch.float32)
+    dino = R.get_reward("dino_sim", path_or_hub_id=tiny["dino"], dtype=torch.float32, video=True)
+    for fn, cls in ((pick, "CLIPModel"), (dino, "Dinov2Model")):
+        assert [type(m).__name__ for m in fn.modules] == [cls]
+        owned = {id(p) for m in fn.modules for p in m.parameters()}
+        assert len(owned) > 10
+    assert R.get_reward("tiny_photo").modules == [] and R.get_reward("tiny_photo", video=True).modules == []

@@ -23,6 +23,7 @@ the base (kl_beta 0.1, see its preset in BACKBONES).
 
 import argparse
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
@@ -38,6 +39,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import kernels
@@ -105,6 +107,9 @@ class Config:
     dtype: str = "fp32"  # the frozen base's dtype: fp32 | bf16 (full size: bf16); the adapters train in fp32 always
     grad_ckpt: bool = False  # gradient checkpointing (full size)
     compile: bool = False  # torch.compile each repeated block (regional: compile time does not grow with depth)
+    fsdp: bool = False  # under torchrun: FSDP2 shards the base and the adapters over the ranks (default: replicated)
+    offload: bool = False  # each large part on the GPU only in its phase (transformer, VAE, rewards): see the README
+    quantize: str = ""  # int8: the frozen base's linear weights in int8, weight-only (torchao); adapters stay fp32
 
 
 CHOICES = dict(
@@ -113,6 +118,7 @@ CHOICES = dict(
     dtype=("fp32", "bf16"),
     device=("", "cuda", "cpu"),
     method=("slider", "fixed", "flowmulti", "prompt", "soups"),
+    quantize=("", "int8"),
 )
 # METHODS: the paper's method and its baselines (its comparisons), one loop. Which train, and their eval.json names:
 #   slider    ParetoSlider: one model with the w input, late scalarisation (per-reward advantages mixed by w)
@@ -137,8 +143,9 @@ POSITIVE = tuple("lr lora_alpha grad_clip adv_clip shift pretrain_lr beta timest
 AT_MOST = dict(beta=1.0, timestep_fraction=1.0, ema=0.999999)
 # what --resume may change: how far to train, where to run, what to evaluate; everything else is the method
 RESUMABLE = tuple(
-    "steps resume kernels device eval_points eval_prompts ref_point ckpt_every batch cache compile".split()
+    "steps resume kernels device eval_points eval_prompts ref_point ckpt_every batch cache compile fsdp offload".split()
 )
+WHERE = ("fsdp", "offload")  # where a run runs: on --resume as given now (a run trained sharded resumes in one process)
 
 
 class RunError(Exception):
@@ -195,6 +202,15 @@ def parse_config(argv=None):
         check_full_size(cfg)
     if model.BACKBONES[cfg.backbone].video:
         check_clip(cfg)
+    if cfg.fsdp and "WORLD_SIZE" not in os.environ:
+        die("--fsdp shards the model over torchrun's processes: torchrun --nproc_per_node N train.py ... --fsdp")
+    if cfg.fsdp and (cfg.compile or cfg.quantize):
+        die(f"--fsdp with {'--compile' if cfg.compile else '--quantize'}: not supported together yet (drop one)")
+    if cfg.quantize and importlib.util.find_spec("torchao") is None:
+        die(f"--quantize {cfg.quantize} needs torchao: pip install torchao")
+    if cfg.fsdp and (N := cfg.prompts_per_step * cfg.prefs_per_prompt * cfg.group_size) % int(os.environ["WORLD_SIZE"]):
+        die(f"--fsdp: the batch of {N} samples (prompts x prefs x group) must split evenly over the "
+            f"{os.environ['WORLD_SIZE']} ranks (each rank's forwards meet in every block's all-gather)")  # fmt: skip
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         die(f"--out {cfg.out}: a file, not a folder")
     if not cfg.resume and int(os.environ.get("RANK", "0")) == 0:
@@ -289,7 +305,7 @@ def resume_config(args):
             + ", ".join("--" + k for k in RESUMABLE[:1] + RESUMABLE[2:])
             + ")"
         )
-    cfg = Config(**{**saved, **{k: v for k, v in args.items() if k in RESUMABLE}})
+    cfg = Config(**{**saved, **{k: False for k in WHERE}, **{k: v for k, v in args.items() if k in RESUMABLE}})
     cfg.out = d
     ckpt = os.path.join(d, "checkpoint.safetensors")
     if os.path.isfile(ckpt):
@@ -505,6 +521,32 @@ def all_sum(t):
     return t
 
 
+def from_rank0(obj):
+    # rank 0's object (None on the others) on every rank
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard(net):
+    """FSDP2 (torch.distributed.fsdp.fully_shard): each repeated block its own unit, then the root (embedders, final
+    layer, preference modules). Every tensor is gathered in its own dtype (the bf16 base, the fp32 adapter masters:
+    the numbers of one process) and the gradients reduced in fp32, summed over ranks (the loss is already normalised
+    by the global batch). The adapter states of `policy` are exchanged in place in the shards: what FSDP gathers
+    before each block is always the policy in force."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    for blk in net.blocks():
+        fully_shard(blk, mp_policy=mp)
+    fully_shard(net, mp_policy=mp, reshard_after_forward=True)  # (the root too: `policy` swaps into the shards)
+    for m in net.modules():
+        if isinstance(m, FSDPModule):  # a plain sum (gloo has no pre-multiplied sum; NCCL does the same either way)
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+    return net
+
+
 def run_header(cfg):
     try:
         git = (
@@ -561,6 +603,52 @@ class Setup:
     rewrites: dict = None  # --method prompt: {caption suffix: (the w it stands for, conditioning of every item)}
     nft_part: callable = None  # x [B, *x0_shape] -> the part the NFT loss covers (LTX-2: the video unless nft_audio)
     video: bool = False  # decode gives videos [B, T, 3, H, W]: image rewards score 4 frames each (R.per_frame)
+    decoder: list = ()  # the modules decode runs (the VAE): --offload moves them
+    phases: object = None  # train() sets its Phases: where each large part is in each phase (--offload)
+
+
+class Phases:
+    """--offload: each large part on the GPU only in the phase that uses it, in host memory the rest of the time (pinned
+    where there is a GPU, one copy made once and reused, so a move is one fast copy): the transformer with its adapters
+    while it samples and trains ("net"), the VAE while it decodes ("vae"), the reward models while they score
+    ("rewards"). A phase's peak is then its own parts, not the sum of all (README "Memory"). Off, or on a CPU, nothing
+    moves; `log` records the phases either way. Under --fsdp the transformer's shards stay (1/N of it each)."""
+
+    def __init__(self, device, on, **parts):
+        self.device, self.on, self.parts, self.log, self.host = torch.device(device), on, parts, [], {}
+
+    def enter(self, name):
+        if self.log[-1:] == [name]:
+            return
+        self.log.append(name)
+        for part, modules in self.parts.items() if self.on else ():
+            where = self.device if part == name else torch.device("cpu")
+            for m in (m for mod in modules for m in mod.modules()):
+                if any(t.device != where for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))):
+                    move(m, where, self.host, pin=torch.cuda.is_available())
+
+
+def move(m, where, host, pin):
+    """Module m's own tensors to `where`. To the host: into one host copy per tensor, made once (pinned: `pin`) and
+    reused; a frozen tensor (no grad: the base, the VAE, the rewards) is not copied back, its host copy still holds it.
+    Tensor subclasses (torchao's int8 weights: no empty_like) move as nn.Module.to moves them, unpinned, both ways."""
+    if any(type(t.data) is not torch.Tensor for t in m.parameters(recurse=False)):
+        m._apply(lambda t: t.to(where), recurse=False)
+        return
+    for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
+        if where.type != "cpu":
+            t.data = t.data.to(where, non_blocking=pin)
+        elif id(t) in host and not t.requires_grad:
+            t.data = host[id(t)]
+        else:
+            if id(t) not in host:
+                host[id(t)] = torch.empty_like(t, device="cpu", pin_memory=pin)
+            t.data = host[id(t)].copy_(t.data, non_blocking=pin)
+
+
+def phase(setup, name):
+    if setup.phases is not None:
+        setup.phases.enter(name)
 
 
 def velocity(fn, setup, x, sigma, cond, pref=None):
@@ -861,17 +949,23 @@ def full_setup(cfg, M, device):
         texts = [t for _, t in pairs]
     else:
         texts = read_prompts(cfg.prompts)
-    if "text" in row:
+    # --fsdp: the transformer is read later, each rank its shard; rank 0 alone encodes and sends the conditioning
+    encodes, cond = is_rank0() or not cfg.fsdp, None
+    load = dict(spec, lazy=cfg.fsdp or bool(cfg.quantize), no_text_encoder="text" in row or not encodes)
+    if "text" in row and encodes:
         enc = row["text"](spec, device, dtype).to(device)
-        cond = encode_all(lambda sl: enc(texts[sl]), len(texts))
+        # one prompt at a time: Gemma-3's 49 hidden states, stacked, are 0.77 GB a prompt beside its 23.5 GB
+        cond = encode_all(lambda sl: enc(texts[sl]), len(texts), chunk=1)
         enc = None  # freed (not copied back) before the transformer loads
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-        pipe = row["load"](dict(spec, no_text_encoder=True), dtype, device)
-    else:
-        pipe = row["load"](spec, dtype, device)
-        with pipe.encoding(), torch.no_grad():
+    pipe = row["load"](load, dtype, device)
+    if cond is None and encodes:
+        with sample.on_device(pipe.enc, device), torch.no_grad():
             cond = encode_all(lambda sl: pipe.encode(texts[sl]), len(texts))
+    pipe.enc = pipe.encode = None  # the conditioning is cached: the text encoders' host memory is freed
+    if cfg.fsdp:
+        cond = from_rank0(cond)
     if images is not None:
         with torch.no_grad():
             cond["ref"] = encode_all(lambda sl: dict(ref=pipe.to_latent(images[sl].to(device))), len(texts))["ref"]
@@ -896,6 +990,7 @@ def full_setup(cfg, M, device):
         unpack=unpack,
         video=facts.video,
         nft_part=None if cfg.nft_audio or not n_video else lambda x: x[:, :n_video],
+        decoder=[pipe.vae] if pipe.vae is not None else [],
     )
 
 
@@ -1008,6 +1103,7 @@ def exchange(params, state):
 
 def rollout(net, setup, noise, cond, pref, sigmas, cfg):
     # deterministic ODE samples in micro-batches -> x0 [B, *x0_shape] in noise's dtype (fp32)
+    phase(setup, "net")
     out = []
     step = lambda x, s, pref=None, **c: velocity(net, setup, x, s, c, pref)
     for i in range(0, len(noise), cfg.batch):
@@ -1049,10 +1145,12 @@ def score(reward_fns, names, x0, setup, items, batch, where):
     VAE decode is memory-hungry). -> rewards [B, M] on the CPU, and the first micro-batch of images (for pictures).
     Every reward must return a finite float tensor of shape [B]: anything else stops the run here, before it
     can reach an advantage, a gradient or a checkpoint."""
-    decode, prompts, meta = setup.decode, [setup.prompts[i] for i in items], [setup.meta[i] for i in items]
-    rows, first = [], None
-    for i in range(0, len(x0), batch):
-        images, ps, ms = decode(x0[i : i + batch]), prompts[i : i + batch], meta[i : i + batch]
+    prompts, meta, rows = [setup.prompts[i] for i in items], [setup.meta[i] for i in items], []
+    phase(setup, "vae")  # every micro-batch decoded first (kept on the CPU), then scored: one phase each (--offload)
+    decoded = [setup.decode(x0[i : i + batch]).cpu() for i in range(0, len(x0), batch)]
+    phase(setup, "rewards")
+    for i, images in zip(range(0, len(x0), batch), decoded):
+        images, ps, ms = images.to(x0.device), prompts[i : i + batch], meta[i : i + batch]
         cols = []
         for fn, name in zip(reward_fns, names):
             try:
@@ -1070,8 +1168,7 @@ def score(reward_fns, names, x0, setup, items, batch, where):
                 raise RunError(f"{where}: reward {name} returned non-finite scores for {len(bad)} sample(s): {show}")
             cols.append(r.float().cpu())
         rows.append(torch.stack(cols, 1))
-        first = images.float().cpu() if first is None else first
-    return torch.cat(rows), first
+    return torch.cat(rows), decoded[0].float()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1079,17 +1176,27 @@ def score(reward_fns, names, x0, setup, items, batch, where):
 
 
 def save_checkpoint(path, step, params, old, ema, opt, gen, cfg):
+    """Called on every rank: FSDP's shards are gathered whole (the same file whatever the world size), rank 0 writes."""
     t = {f"policy.{n}": p.detach() for n, p in params.items()}
     t |= {f"old.{n}": v for n, v in old.items()} | {f"ema.{n}": v for n, v in ema.items()}
     for n, p in params.items():
         for k, v in opt.state.get(p, {}).items():
             t[f"opt.{n}.{k}"] = v
+    t = {k: model.full(v) for k, v in t.items()}
     bad = non_finite(t)
     if bad:  # never replace a good checkpoint by a poisoned one
         raise RunError(f"step {step}: non-finite values in {', '.join(bad[:3])}; not saving over {path}")
     t["rng.train"] = gen.get_state()
     meta = {"step": str(step), "config": json.dumps(asdict(cfg))}
-    model.atomic_save({k: v.contiguous().cpu() for k, v in t.items()}, path, meta)
+    if is_rank0():
+        model.atomic_save({k: v.contiguous().cpu() for k, v in t.items()}, path, meta)
+
+
+def write_adapters(net, path, state, names, setup):
+    # the adapter file of `state` (the EMA) with the base it belongs to; every rank gathers, rank 0 writes
+    state = {n: model.full(v) for n, v in state.items()}
+    if is_rank0():
+        model.save_adapters(net, path, state, names, extra={"pipeline": json.dumps(setup.pipeline)})
 
 
 def non_finite(tensors):
@@ -1106,13 +1213,11 @@ def load_checkpoint(path, params, old, ema, opt, gen):
             + (" …" if len(bad) > 3 else "")
             + ": this checkpoint cannot be resumed"
         )
-    with torch.no_grad():
-        for n, p in params.items():
-            if f"policy.{n}" not in sd:
-                raise ValueError(f"{path}: no tensor for trainable parameter {n} (different model or rewards?)")
-            p.copy_(sd[f"policy.{n}"])
-            old[n].copy_(sd[f"old.{n}"])
-            ema[n].copy_(sd[f"ema.{n}"])
+    for n, p in params.items():  # whole tensors: a run may resume on another world size, sharded or not
+        if f"policy.{n}" not in sd:
+            raise ValueError(f"{path}: no tensor for trainable parameter {n} (different model or rewards?)")
+        for t, key in ((p, "policy"), (old[n], "old"), (ema[n], "ema")):
+            model.set_full(t, sd[f"{key}.{n}"])
     # the optimizer's own loader: it moves each moment to its parameter's device and dtype and keeps AdamW's `step`
     # a CPU scalar (on the GPU it would cost a host sync per tensor per step)
     state = {}
@@ -1120,6 +1225,7 @@ def load_checkpoint(path, params, old, ema, opt, gen):
         st = {
             k.split(".")[-1]: v for k, v in sd.items() if k.startswith(f"opt.{n}.") and k.count(".") == n.count(".") + 2
         }
+        st = {k: v if k == "step" else model.like(params[n], v) for k, v in st.items()}
         if st:
             state[i] = st
     opt.load_state_dict(dict(opt.state_dict(), state=state))
@@ -1250,10 +1356,17 @@ def evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, dev
         # held-out scorer m judges objective m: Spearman pairs them by position
         hv_h, rho_h = front_stats(W, torch.tensor([s["heldout"] for s in sweep]), [0.0] * len(heldout))
         result |= dict(heldout_objectives=heldout, heldout_hypervolume=hv_h, heldout_spearman=rho_h)
+    if is_rank0():
+        write_eval(cfg, result, tiles, prompts, meta, setup)
+    return result
+
+
+def write_eval(cfg, result, tiles, prompts, meta, setup):
+    # eval.json, pareto.png / .pdf and slider.png: the images of the first prompts at every point
     model.atomic_json(result, os.path.join(cfg.out, "eval.json"))
     plot_front(os.path.join(cfg.out, "pareto.png"), result)
     rows = [[col[i] for col in tiles] for i in range(len(tiles[0]))]  # rows: eval prompts (same noise); columns: points
-    labels, row_labels = [s["label"] for s in sweep], [p[:18] for p in prompts[: len(rows)]]
+    labels, row_labels = [s["label"] for s in result["sweep"]], [p[:18] for p in prompts[: len(rows)]]
     if "source" in meta[0]:  # editing: the source image first
         rows, labels = [[meta[i]["source"]] + row for i, row in enumerate(rows)], ["source"] + labels
     if setup.video:  # videos [T, 3, H, W]: the first two prompts' frames, rows = time, columns = points
@@ -1261,7 +1374,6 @@ def evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, dev
         rows = [[v[t] for v in row] for row in rows[:2] for t in range(len(row[0]))]
     grid = sample.image_grid(rows, labels, row_labels, tile=96)
     model.atomic_write(os.path.join(cfg.out, "slider.png"), lambda tmp: grid.save(tmp, format="PNG"))
-    return result
 
 
 def plot_front(path, res):
@@ -1338,10 +1450,13 @@ def train(cfg):
     M = len(names)
     rank, world, device = compute_init(cfg.device)
     log, reward_fns = open_run(cfg, names + heldout, device)  # held-out scorers: evaluation only
+    phases = Phases(device, cfg.offload, rewards=[m for fn in reward_fns for m in fn.modules])
+    phases.enter("setup")  # --offload: the reward models leave the GPU to the text encoders and the transformer
 
     # --- model: base + preference modules (not for FixedWeight) + LoRA; only the adapters train
     setup = BACKBONES[cfg.backbone]["tiny_setup" if cfg.tiny else "setup"](cfg, M, device)
-    net, params = adapted(cfg, setup, M)
+    net, params = adapted(cfg, setup, M, device)
+    setup.phases, phases.parts["vae"], phases.parts["net"] = phases, list(setup.decoder), [] if cfg.fsdp else [net]
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     old, ema = ({n: p.detach().clone() for n, p in params.items()} for _ in range(2))  # sampling policy, EMA
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -1379,7 +1494,7 @@ def train(cfg):
 
         # --- policy update: DiffusionNFT on the sampler's timesteps, one optimizer step
         stats = nft_update(net, old, setup, x0, cond, my_pref, p[mine].to(device), (mine, N), sigmas, gen, cfg)
-        gnorm = torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
+        gnorm = model.full(torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip))
         check_finite(stats, gnorm, step, last, cfg)  # before the step writes NaN weights
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -1396,19 +1511,19 @@ def train(cfg):
         print0(f"step {step + 1}/{cfg.steps} | {rewards} | {tail}", log=log, bar=bar)
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             last = step + 1
-            if is_rank0():
-                save_checkpoint(ckpt, step + 1, params, old, ema, opt, gen, cfg)
-                model.save_adapters(net, os.path.join(cfg.out, "adapters.safetensors"), ema, names,
-                                    extra={"pipeline": json.dumps(setup.pipeline)})  # fmt: skip
+            save_checkpoint(ckpt, step + 1, params, old, ema, opt, gen, cfg)
+            write_adapters(net, os.path.join(cfg.out, "adapters.safetensors"), ema, names, setup)
         snapshot = snapshots(cfg).get(step + 1) if cfg.method == "flowmulti" else None  # one of its three checkpoints
-        if is_rank0() and snapshot:
-            model.save_adapters(net, snapshot, ema, names, extra={"pipeline": json.dumps(setup.pipeline)})
+        if snapshot:
+            write_adapters(net, snapshot, ema, names, setup)
 
     # --- evaluation: the sweep over w with the EMA weights
     result = None
-    if is_rank0():
+    if is_rank0() or cfg.fsdp:  # under FSDP every rank runs the sharded net's forwards; rank 0 writes
         points = eval_points(cfg, net, ema, setup, names, fixed)
-        report(cfg, result := evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, device), log)
+        result = evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, device)
+        if is_rank0():
+            report(cfg, result, log)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -1445,15 +1560,21 @@ def open_run(cfg, reward_names, device):
     return log, [R.get_reward(n, device=device, video=video) for n in reward_names]
 
 
-def adapted(cfg, setup, M):
+def adapted(cfg, setup, M, device):
     # the base in the run dtype, then (the seed fixed: the same init on every rank) the preference modules (not for
     # the baselines: they have no w input) and LoRA, fp32 masters; -> (net, its trainable tensors by name)
     net = setup.net.to(torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+    if cfg.quantize:  # a base not read yet (full size) is read on the CPU, then quantized one Linear at a time
+        net = model.quantize_int8(model.materialise(net, "cpu") if hasattr(net, "lazy") else net, device)
     torch.manual_seed(cfg.seed)
     if cfg.method == "slider":
         model.add_preference(net, M)
     model.add_lora(net, cfg.lora_rank, cfg.lora_alpha)
     net.grad_ckpt = cfg.grad_ckpt
+    if hasattr(net, "lazy"):  # a base not read yet (--fsdp at full size): each rank reads its shard of it
+        model.materialise(net, device, shard)
+    elif cfg.fsdp:
+        shard(net)
     if cfg.compile:
         net.compile_blocks()
     return net, model.adapter_state(net)
@@ -1470,6 +1591,7 @@ def nft_update(net, old, setup, x0, cond, pref, p, share, sigmas, gen, cfg):
     order = torch.rand(N, cfg.sample_steps, generator=gen).argsort(1)[:, :T]
     eps = [torch.randn(N, *setup.x0_shape, generator=gen)[mine] for _ in range(T)]
     work = [(j, mb) for j in range(T) for mb in torch.arange(len(mine)).split(cfg.batch)]
+    phase(setup, "net")
 
     def inputs(j, mb):  # the net's inputs at (timestep j, micro-batch mb), recomputed in each pass (cheap)
         t, c = sigmas[order[mine[mb], j]].to(device), {k: v[mb] for k, v in cond.items()}
@@ -1488,7 +1610,7 @@ def nft_update(net, old, setup, x0, cond, pref, p, share, sigmas, gen, cfg):
         ((loss_i + cfg.kl_beta * kl_i).sum() / (N * T)).backward()
         stats += torch.stack([loss_i.detach().sum(), kl_i.detach().sum()])
     for prm in model.adapter_state(net).values():  # summed over ranks: every rank holds the 1-process gradient
-        if prm.grad is not None:
+        if prm.grad is not None and not isinstance(prm.grad, DTensor):  # (FSDP's shards are summed already)
             all_sum(prm.grad)
     return stats / (N * T)
 

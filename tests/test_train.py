@@ -3,7 +3,6 @@ exact resume, and clear errors on bad input."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -346,54 +345,6 @@ def test_missing_weights_is_a_message_not_a_traceback(tmp_path):
     assert "no base weights" in p.stderr and "--tiny" in p.stderr
 
 
-def test_two_processes_equal_one(tmp_path):
-    # torchrun with 2 gloo processes on the same global batch: rollouts split across ranks, group statistics
-    # and gradients summed over ranks -> the same update as one process. The 2-process run comes first, on an empty
-    # cache: rank 0 pretrains the tiny base while rank 1 waits at the barrier, then both load it
-    args = TINY + ["--steps", "2", "--cache", str(tmp_path / "cache"), "--group-size", "3"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with socket.socket() as s:  # a free port: two test runs at once must not collide
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            port,
-            "train.py",
-            *args,
-            "--out",
-            str(tmp_path / "two"),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("tiny base: pretrained, cached in") == 1 and len(os.listdir(tmp_path / "cache")) == 1
-    train.main(args + ["--out", str(tmp_path / "one")])
-    one, two = (load_file(tmp_path / d / "checkpoint.safetensors") for d in ("one", "two"))
-    assert one.keys() == two.keys()
-    # Adam moves every weight by about lr = 3e-4 a step whatever the gradient's size, so where a gradient is ~0 the
-    # summation order (2 ranks vs 1; the CPU's kernels) decides the step: measured 1.1e-5 on pref_mlp.2 on one x86
-    # CPU, under 1e-5 on CI's. A DDP bug (gradients or group statistics per rank) moves weights by whole steps: lr / 6.
-    for k in one:
-        if k.startswith(("policy.", "old.", "ema.")):
-            assert (one[k] - two[k]).abs().max().item() <= 5e-5, k
-    ema = load_file(tmp_path / "one" / "adapters.safetensors")
-    lora = [k for k in one if k.startswith("policy.") and ".lora_B" in k]
-    assert lora and any((one[k] != ema[k[len("policy.") :]]).any() for k in lora)  # the updates moved the weights
-    assert json.loads((tmp_path / "two" / "eval.json").read_text())["sweep"]
-
-
 def test_full_size_path_on_a_tiny_diffusers_folder(tmp_path):
     # the --weights path end to end (load_transformer, load_vae, load_text_encoders, latent rollouts decoded by
     # the VAE), on a CPU with a tiny random SD3.5 folder standing in for the released weights
@@ -635,3 +586,47 @@ def test_ltx2_tiny_run(tmp_path):
     )
     strip = Image.open(tmp_path / "strip.webp")
     assert strip.n_frames == 3 and strip.width >= 3 * 16
+
+
+def test_offload_phases(tmp_path, monkeypatch):
+    # --offload: the loop enters one phase at a time (the transformer samples, the VAE decodes, the rewards score,
+    # the transformer trains), and the numbers are those of a run without it (on a CPU nothing moves; the phases are
+    # what moves on a GPU: tests/ cannot pin host memory without one)
+    made = []
+
+    class Recorded(train.Phases):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(train, "Phases", Recorded)
+    a = run(tmp_path, "--steps", "1", "--offload", name="offload")
+    b = run(tmp_path, "--steps", "1", name="plain")
+    assert made[0].on and not made[1].on and set(made[0].parts) == {"rewards", "vae", "net"}
+    step = ["net", "vae", "rewards", "net"]  # rollout, decode, score, update
+    points = (["net", "vae", "rewards"] * (len(a["sweep"]) + 1))[1:]  # the sweep and the base; "net" is on already
+    assert made[0].log == ["setup"] + step + points == made[1].log
+    assert a["hypervolume"] == b["hypervolume"] and a["sweep"] == b["sweep"]
+
+
+def test_offload_moves_keep_values():
+    # train.move, what --offload does to each module on the way to the host (here CPU to CPU, unpinned): a frozen
+    # tensor's host copy is made once, then reused without copying back (it cannot have changed); a trained tensor is
+    # copied back each time; torchao's int8 weights (a tensor subclass, which has no empty_like) move as
+    # nn.Module.to moves them
+    pytest.importorskip("torchao")
+    lin = torch.nn.Linear(8, 8)
+    lin.bias.requires_grad_(False)
+    host, cpu = {}, torch.device("cpu")
+    train.move(lin, cpu, host, pin=False)
+    assert set(host) == {id(lin.weight), id(lin.bias)} and lin.bias.data_ptr() == host[id(lin.bias)].data_ptr()
+    bias, weight = lin.bias.detach().clone(), torch.randn(8, 8)
+    lin.weight.data, lin.bias.data = weight.clone(), torch.zeros(8)  # as if changed on the GPU
+    train.move(lin, cpu, host, pin=False)
+    assert torch.equal(lin.weight, weight) and torch.equal(host[id(lin.weight)], weight)  # copied back
+    assert torch.equal(lin.bias, bias)  # frozen: its host copy, not the device's
+    q = model.quantize_int8(torch.nn.Sequential(torch.nn.Linear(16, 8)).to(torch.bfloat16))
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    y = q(x)
+    train.move(q[0], cpu, host, pin=False)
+    assert type(q[0].weight).__name__ == "Int8Tensor" and torch.equal(q(x), y)

@@ -17,7 +17,8 @@ Past --budget seconds the remaining items are skipped and marked so.
            fp32 adapters, --kernels torch vs triton on the same seed: loss, KL and grad norm of the first step side by
            side, the time of the second (warm) step, the peak memory
   memory   benchmarks/memory.py's plan (meta device, no GPU) next to the same steps on the GPU: the tracker's count
-           and torch.cuda.max_memory_allocated, full size (uninitialised weights)
+           and torch.cuda.max_memory_allocated, full size (uninitialised weights); --offload's host <-> GPU moves of
+           2 GiB (seconds, GB/s against the plan's assumed PCIe rate)
   bench    kernels/bench.py's table at the real shapes (eager vs Triton; the compile columns are the blocks section's)
   blocks   benchmarks/blocks.py with LoRA on, as training runs the blocks: eager / kernels / torch.compile / compile +
            kernels, and how many graph breaks the Triton custom ops cause under torch.compile (0 = they trace)
@@ -377,6 +378,8 @@ def memory_plan(device, report, smoke):
         rows.append(dict(setting=s["name"], phase="peak (plan)", plan_meta_gib=g(meta["peak"])))
         del real
         peak_reset(device)
+    if report.left() > 30:
+        rows += offload_moves(device, smoke)
     report.section(
         "memory",
         "memory.py's plan vs the GPU (GiB above the resident weights)",
@@ -387,6 +390,31 @@ def memory_plan(device, report, smoke):
             "torch.cuda.max_memory_allocated above the resident state for the same step (None off a GPU)."
         ],
     )
+
+
+def offload_moves(device, smoke):
+    """--offload's moves (train.Phases) of a frozen bf16 stack of Linears (2 GiB; toy on a CPU, where nothing moves):
+    out to the host the first time (pinned copies made and filled), in, out again (frozen: its host copy, no copy), in.
+    -> rows of GB and GB/s, against memory.py's assumed PCIE."""
+    width, depth = (256, 4) if smoke else (4096, 64)
+    stack = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(depth)])
+    stack = stack.to(device, torch.bfloat16).requires_grad_(False)
+    gb = sum(p.numel() * p.element_size() for p in stack.parameters()) / 1e9
+    phases, rows = train.Phases(device, True, net=[stack], other=[]), []
+    for what, phase in [
+        ("out, first (pins)", "other"),
+        ("in", "net"),
+        ("out (frozen: no copy)", "other"),
+        ("in", "net"),
+    ]:
+        peak_reset(device)
+        t0 = time.perf_counter()
+        phases.enter(phase)
+        peak_reset(device)  # (synchronizes)
+        dt = time.perf_counter() - t0
+        rows.append(dict(setting="offload move", phase=what, gb=gb, seconds=dt, gb_per_s=gb / dt if dt else None))
+    rows.append(dict(setting="offload move", phase="assumed by memory.py", gb_per_s=memory.PCIE / 1e9))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Memory plan (issue 12): what one GPU holds to post-train each backbone with LoRA, computed without weights.
 
-  python benchmarks/memory.py         meta device (no weights, no GPU; about 2 minutes on 2 CPU cores): the table
-                                      and a verdict per setting (DDP or FSDP2 on 80 GB H100s)
+  python benchmarks/memory.py         meta device (no weights, no GPU; about 2 minutes on 2 CPU cores): the parts,
+                                      then the peak per GPU for 1, 2, 4, 8 GPUs with train.py's --fsdp, --offload,
+                                      --quantize int8, and the goals (README "What you need")
+  python benchmarks/memory.py --json  the per-GPU rows as one JSON list ({"setting", "gpus", "peak_gib", ...})
   python benchmarks/memory.py --cuda  also run every step on the GPU (uninitialised bf16 weights) and print the
                                       tracker's peak next to torch.cuda.max_memory_allocated
 
@@ -15,9 +17,15 @@ behave like an H100: SDPA goes through FlashAttention's aten op (on meta, SDPA t
 L x L matrix), and kernels/ runs its torch references (the Triton kernels need a GPU; the references keep fp32
 intermediates, so the recomputed block's share is an upper bound). Not counted: the caching allocator's rounding and
 fragmentation, cuBLAS / NCCL workspaces, the reward models' activations.
+
+Per GPU (per_gpu): the measured parts put together phase by phase as train.py runs them (setup, rollout, decode,
+score, update, optimizer step), with or without --offload (a part on the GPU only in its phase), --fsdp over N GPUs
+(the transformer and its adapter state 1/N each, plus the block in use and the next, all-gathered) and --quantize int8
+(the base's Linear weights 1 byte a parameter plus a scale and zero point per row, torchao's Int8Tensor).
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -36,7 +44,20 @@ import model  # noqa: E402
 import train  # noqa: E402
 
 GiB = 2**30
-BUDGET = 76.0  # GiB of an 80 GB H100 (79.6 GiB total) left after the CUDA context, cuBLAS / NCCL workspaces, slack
+GPUS = (1, 2, 4, 8)
+# train.py's memory options (--fsdp with --quantize is refused)
+OPTIONS = ("", "--offload", "--fsdp", "--fsdp --offload", "--quantize int8", "--quantize int8 --offload")
+INT8_ROW = 5  # bytes per output row beside an int8 weight: torchao 0.18's Int8Tensor, an fp32 scale + int8 zero point
+PCIE = 25e9  # bytes/s between host and GPU assumed for --offload (pinned, PCIe 4.0 x16; an H100 SXM's 5.0 link: ~2x)
+# README's goals: (setting as the rows name it, GPUs, GiB per GPU)
+GOALS = [
+    ("sd35-medium 512² B8 --offload", 1, 24),
+    ("flux-kontext 512²+ref B4 --offload", 1, 40),
+    ("ltx2-19b 768x512x121f B1", 1, 72),
+    ("flux-kontext 512²+ref B4 --fsdp --offload", 4, 24),
+    ("ltx2-19b 768x512x121f B1 --fsdp --offload", 8, 24),
+    ("flux-kontext 512²+ref B4 --quantize int8 --offload", 1, 24),
+]
 
 # Frozen models beside the transformer, bf16: parameter counts of the released checkpoints (counted on the meta
 # device: transformers' classes from each config.json, model.py's VAEs and connectors as tests/ and README.md do).
@@ -148,6 +169,11 @@ def ltx2_inputs(cfg, B, frames, height, width, L, fps=24.0):
     )
 
 
+def t5_act(prompts, tokens, heads=64):
+    # T5's eager attention, one layer's scores and probabilities (bf16) for a chunk of prompts: its largest transient
+    return 2 * 2 * prompts * heads * tokens**2
+
+
 def settings(M=2):
     sd3, flux = model.SD3Config(**model.SD3_PRESETS["sd35-medium"], pref_dim=M), model.FluxConfig(pref_dim=M)
     ltx = model.LTX2Config(**model.LTX2_PRESETS["ltx2-19b"], pref_dim=M)
@@ -157,6 +183,9 @@ def settings(M=2):
     # LTX-2 (train.py's ltx2 preset: 512^2 x 49 frames, micro-batch 1, pickscore_photo + vlm_animation on every frame;
     # no audio VAE or vocoder in training), and a longer clip beside it
     ltx_aux = ("LTX-2 video VAE",) + rewards_t2i
+    # Gemma-3, then the connectors, visit the GPU in turn (sample.LTX2TextEncoder), one prompt at a time: Gemma's 49
+    # hidden states of 1024 x 3840 (bf16) and their stacked copy
+    gemma, gemma_act = (("Gemma-3-12B text",), ("LTX-2 text connectors",)), 2 * 49 * 1024 * 3840 * 2
     # one optimizer step's samples and trained timesteps (train.py's presets): the update keeps the old policy's and
     # the base model's velocity of every (timestep, sample) on the GPU through its gradient pass
     preset = lambda b: train.Config(**train.BACKBONES[b]["preset"])
@@ -173,7 +202,8 @@ def settings(M=2):
             aux=("SD3/FLUX VAE",) + rewards_t2i,
             step=step("sd35"),
             x0=("x",),
-            encoders=("T5-XXL encoder", "CLIP-L text", "OpenCLIP-bigG text"),
+            encoders=(("T5-XXL encoder", "CLIP-L text", "OpenCLIP-bigG text"),),  # together (Pipeline.encoding)
+            encode_act=t5_act(8, 256),  # train.encode_all: 8 prompts at a time
         ),
         dict(
             name="flux-kontext 512²+ref B4",
@@ -183,7 +213,8 @@ def settings(M=2):
             aux=("SD3/FLUX VAE", "Qwen2.5-VL-7B (VLM judge)", "DINOv2-base"),
             step=step("flux-kontext"),
             x0=("x",),
-            encoders=("T5-XXL encoder", "CLIP-L text"),
+            encoders=(("T5-XXL encoder", "CLIP-L text"),),
+            encode_act=t5_act(8, 512),
         ),
         dict(
             name="ltx2-19b 512²x49f B1",
@@ -193,7 +224,8 @@ def settings(M=2):
             aux=ltx_aux,
             step=step("ltx2"),
             x0=("video", "audio"),
-            encoders=("Gemma-3-12B text", "LTX-2 text connectors"),
+            encoders=gemma,
+            encode_act=gemma_act,
             encode_first=True,
         ),
         dict(
@@ -204,7 +236,8 @@ def settings(M=2):
             aux=ltx_aux,
             step=step("ltx2"),
             x0=("video", "audio"),
-            encoders=("Gemma-3-12B text", "LTX-2 text connectors"),
+            encoders=gemma,
+            encode_act=gemma_act,
             encode_first=True,
         ),
     ]
@@ -249,6 +282,7 @@ def counts(net):
     adapters = model.adapter_state(net).values()
     base = [p for n, p in net.named_parameters() if not model.is_adapter_param(n)]
     blocks = [b for ml in net.children() if isinstance(ml, torch.nn.ModuleList) for b in ml]
+    linears = [m.weight for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and not n.startswith("pref_")]
     return dict(
         params=sum(p.numel() for p in base),
         weights=nbytes(base) + nbytes(net.buffers()),
@@ -256,6 +290,10 @@ def counts(net):
         # param + grad + AdamW exp_avg, exp_avg_sq (param dtype) + old policy + EMA (train.py's state copies)
         adapter_state=6 * nbytes(adapters),
         block=max(nbytes(b.parameters()) for b in blocks),
+        # the Linear weights --quantize int8 turns to int8 (model.quantize_int8: all but the preference modules')
+        linear=sum(w.numel() for w in linears),
+        linear_rows=sum(w.shape[0] for w in linears),
+        linear_max=max(w.numel() for w in linears),
     )
 
 
@@ -279,50 +317,94 @@ def plan(s, device="meta", M=2):
         vae = vae if device == "meta" else vae.to_empty(device=device)
         r["decode"], r["decode_cuda"] = step_peak(lambda z: vae.decode(z), dict(z=s["vae"][1]), False, device)
     r["aux"] = 2 * sum(AUX[a] for a in s["aux"])
-    r["encoders"] = 2 * sum(AUX[a] for a in s["encoders"])
+    r["vae_weights"] = 2 * sum(AUX[a] for a in s["aux"] if "VAE" in a)
+    r["weights_int8"] = r["weights"] - r["linear"] * 2 + r["linear"] + r["linear_rows"] * INT8_ROW
+    # the text encoders visit the GPU a group at a time: the largest group, and its activations while it encodes
+    r["encoders"] = max((2 * sum(AUX[a] for a in g) for g in s["encoders"]), default=0)
+    r["encode_act"], r["encode_first"] = s.get("encode_act", 0), s.get("encode_first", False)
     # the update's stored velocities: old policy and base model, bf16, every (timestep, sample) of a step on one GPU
     samples, timesteps = s.get("step", (B, 1))
     r["stored"] = 2 * 2 * samples * timesteps * sum(math.prod(s["inputs"][k][1:]) for k in s.get("x0", ()))
-    # steady state: resident + the largest transient (the phases run one after another); setup: train.py loads the
-    # rewards, then the pipeline with its text encoders on the GPU, encodes every prompt, then moves them to the CPU;
-    # encode_first (ltx2_setup): the text encoders load, encode and are freed before the transformer and VAE load
     r["act"] = max(r["rollout"], r["update"], r["decode"])
-    r["peak"] = (
-        r["weights"]
-        + r["adapter_state"]
-        + r["aux"]
-        + max(r["rollout"], r["update"] + r["stored"], r["decode"], r["opt_step"])
-    )
-    r["setup"] = (
-        max(r["aux"] + r["encoders"], r["weights"] + r["aux"])
-        if s.get("encode_first")
-        else r["weights"] + r["aux"] + r["encoders"]
-    )
+    r["peak"], r["setup"] = max(per_gpu(r).values()), per_gpu(r)["setup"]
     return r
 
 
-def verdict(r, budget=BUDGET * GiB):
-    # DDP (train.py: a full replica per rank, gradients all-reduced in place) needs the whole peak on every GPU; FSDP2
-    # shards weights and adapter state over N GPUs and all-gathers one block at a time (about 2 blocks with prefetch)
-    # (the reward models and the VAE stay whole). Activations grow about linearly with the micro-batch.
-    per_sample = r["act"] / r["batch"]
-    gathered = lambda n: 2 * r["block"] if n > 1 else 0
-    largest = lambda n: int(
-        (budget - (r["weights"] + r["adapter_state"]) / n - gathered(n) - r["aux"] - r["stored"] / n) // per_sample
+def per_gpu(r, gpus=1, options=""):
+    """A plan (plan()) on `gpus` GPUs with train.py's options -> {phase: peak bytes on one GPU}, the phases in the
+    order train.py runs them. Each rank samples, decodes and scores its share of a step's samples (stored v: 1/N);
+    --fsdp shards the transformer and its adapter state (1/N each) and all-gathers the block in use and the next
+    (FSDP2's prefetch); --quantize int8 stores the base's Linears in int8 and dequantizes one to bf16 in its matmul;
+    without --offload everything stays on the GPU once loaded; with it, the transformer (its shards stay under --fsdp;
+    the adapters' optimizer state, old policy and EMA always stay), the VAE and the reward models visit in their phase.
+    Setup: the rewards load first (--offload: then leave); the text encoders encode (rank 0 under --fsdp) beside the
+    VAE and, unless the base is read later (--fsdp, --quantize: lazily) or LTX-2 encodes first, the transformer."""
+    fsdp, offload, int8 = "--fsdp" in options, "--offload" in options, "int8" in options
+    n = gpus if fsdp else 1
+    weights = r["weights_int8"] if int8 else r["weights"]
+    shards = (weights + r["adapter_state"]) / n
+    running = shards + (2 * r["block"] if n > 1 else 0) + (2 * r["linear_max"] if int8 else 0)
+    rewards, vae = r["aux"] - r["vae_weights"], r["vae_weights"]
+    encode = r["encoders"] + r["encode_act"]
+    if not r["encode_first"]:
+        encode += vae + (0 if fsdp or int8 else weights)
+    stored = r["stored"] / gpus
+    held = 0 if offload else vae + rewards  # beside the transformer while it runs
+    other = (shards if fsdp else r["adapter_state"]) if offload else shards  # beside the VAE and the rewards
+    return dict(
+        setup=max(rewards, encode + (0 if offload else rewards)),
+        rollout=running + held + r["rollout"],
+        decode=other + (0 if offload else rewards) + vae + r["decode"],
+        score=other + (0 if offload else vae) + rewards,
+        update=running + held + r["update"] + stored,
+        optimizer=shards + held + r["opt_step"],
     )
-    if largest(1) >= r["batch"]:
-        line = (
-            f"DDP fits ({r['peak'] / GiB:.1f} of {BUDGET:.0f} GiB) on any number of GPUs, up to micro-batch "
-            f"~{largest(1)}; FSDP2 only past that (over 8 GPUs: up to ~{largest(8)})"
-        )
-    else:
-        n = next((n for n in (2, 4, 8, 16, 32, 64) if largest(n) >= r["batch"]), None)
-        line = f"DDP does not fit ({r['peak'] / GiB:.1f} GiB); " + (
-            f"FSDP2 over >= {n} GPUs" if n else "not even fully sharded: smaller micro-batch or rewards off the GPU"
-        )
-    if r["setup"] > budget:
-        line += f"; the setup does not ({r['setup'] / GiB:.1f} GiB): encode the prompts before loading the rest"
-    return line
+
+
+def offload_traffic(r, options):
+    """--offload's bytes over PCIe per optimizer step (the phases run net, VAE, rewards, net: each part in and out
+    once). In: the transformer (not under --fsdp: its shards stay), the VAE, the reward models. Out: only what
+    changed, the adapters (frozen tensors keep their host copy); an int8 base (a tensor subclass) moves both ways."""
+    if "--offload" not in options:
+        return 0
+    base = 0 if "--fsdp" in options else (2 * r["weights_int8"] if "int8" in options else r["weights"])
+    return base + 2 * r["adapter_state"] / 6 + r["aux"]
+
+
+def rows_of(plans):
+    # one row per (setting, options, GPU count), as --json prints them
+    out = []
+    for r in plans:
+        for o in OPTIONS:
+            for g in GPUS:
+                p = per_gpu(r, g, o)
+                out.append(
+                    dict(
+                        setting=f"{r['name']} {o}".strip(),
+                        gpus=g,
+                        peak_gib=round(max(p.values()) / GiB, 2),
+                        phases_gib={k: round(v / GiB, 2) for k, v in p.items()},
+                        offload_gb_per_step=round(offload_traffic(r, o) / 1e9, 1),
+                        offload_s_per_step=round(offload_traffic(r, o) / PCIE, 2),
+                    )
+                )
+    return out
+
+
+def need_table(rows):
+    # README "What you need": the peak GiB per GPU, a column per GPU count
+    print("| setting | " + " | ".join(f"{g} GPU{'s' * (g > 1)}" for g in GPUS) + " | offload per step |")
+    print("|---|" + "---|" * (len(GPUS) + 1))
+    for name in dict.fromkeys(x["setting"] for x in rows):
+        mine = [x for x in rows if x["setting"] == name]
+        moved = f"{mine[0]['offload_gb_per_step']} GB, {mine[0]['offload_s_per_step']} s" if "offload" in name else ""
+        print(f"| {name} | " + " | ".join(f"{x['peak_gib']:.1f}" for x in mine) + f" | {moved} |")
+
+
+def goals(rows):
+    # -> the README's goals, each with its row's peak and whether it is met
+    peak = {(x["setting"], x["gpus"]): x["peak_gib"] for x in rows}
+    return [(s, g, goal, peak[(s, g)], peak[(s, g)] <= goal) for s, g, goal in GOALS if (s, g) in peak]
 
 
 def table(rows):
@@ -352,13 +434,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cuda", action="store_true", help="also measure every step on the GPU")
     p.add_argument("--case", default="", help="only settings whose name contains this")
+    p.add_argument("--json", action="store_true", help="print the per-GPU rows as one JSON list, nothing else")
     args = p.parse_args()
     if args.cuda and not torch.cuda.is_available():
         sys.exit("--cuda: no CUDA device")
     kernels.set_backend("torch")  # meta tensors cannot run Triton kernels (see the docstring)
-    rows = []
+    plans = []
     for s in (s for s in settings() if args.case in s["name"]):
-        rows.append(plan(s))
+        plans.append(plan(s))
         if args.cuda:
             kernels.set_backend("triton")
             c = plan(s, "cuda")
@@ -370,19 +453,24 @@ def main():
                     for k in ("rollout", "update", "decode")
                 )
             )
+    rows = rows_of(plans)
+    if args.json:
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        return
     print(
         "GiB unless a count. adapter state: 6x the adapters (param, grad, AdamW m and v, old policy, EMA);\n"
         "rollout / update / decode act.: activation peak of one micro-batch (update: forward + backward, gradient\n"
-        "checkpointing); stored v: the update's old-policy and base velocities of one step (bf16); peak = weights\n"
-        "+ adapter state + VAE + rewards + the largest transient (rollout, update + stored v, decode, or the\n"
-        "optimizer step's temporaries); setup = weights + VAE + rewards + text encoders (on the GPU until the\n"
-        "prompts are encoded; LTX-2 encodes first and frees Gemma: the larger of VAE + rewards + text encoders and\n"
-        "weights + VAE + rewards).\n"
+        "checkpointing); stored v: the update's old-policy and base velocities of one step (bf16); peak: the largest\n"
+        "phase on one GPU without --offload (weights + adapter state + VAE + rewards + the largest transient);\n"
+        "text enc.: the largest group of text encoders on the GPU at once; setup: its phase (per_gpu).\n"
     )
-    table(rows)
+    table(plans)
+    print("\nPeak GiB per GPU over every phase, setup included (per_gpu), by GPU count; --offload's traffic per step")
+    print(f"at an assumed {PCIE / 1e9:.0f} GB/s:\n")
+    need_table(rows)
     print()
-    for r in rows:
-        print(f"{r['name']}: {verdict(r)}")
+    for s, g, goal, peak, ok in goals(rows):
+        print(f"{'met   ' if ok else 'MISSED'} {s} on {g} GPU{'s' * (g > 1)}: {peak:.1f} GiB (goal <= {goal})")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import importlib.util
 import math
 import os
 from contextlib import nullcontext
+from dataclasses import replace
 
 import pytest
 import torch
@@ -109,31 +110,99 @@ def test_meta_matches_real_cpu_tensors(name):
     assert abs(peaks["meta"][1] - peaks["cpu"][1]) <= 1e-3 * peaks["cpu"][1], peaks
 
 
-def test_plan_on_a_tiny_setting():
+def tiny_plan(**kw):
     cls, cfg, inputs = TINY["ltx2"]
     s = dict(
         name="tiny",
         net=(cls, cfg),
         inputs=inputs(cfg),
-        aux=("SD3/FLUX VAE",),
-        encoders=("T5-XXL encoder",),
+        aux=("SD3/FLUX VAE", "DINOv2-base"),
+        encoders=(("T5-XXL encoder",),),
         vae=(lambda: model.AutoencoderKL(channels=(8, 16), layers=1, latent=4, groups=4), (2, 4, 8, 8)),
     )
-    r = mem.plan(s)
+    return mem.plan(dict(s, **kw))
+
+
+def test_plan_on_a_tiny_setting():
+    r = tiny_plan()
+    cls, cfg, inputs = TINY["ltx2"]
     assert r["params"] == sum(p.numel() for p in cls(model.LTX2Config(**model.LTX2_PRESETS["ltx2-tiny"])).parameters())
     assert 0 < r["rollout"] < r["update"] and r["decode"] > 0 and r["opt_step"] > 0
     assert r["stored"] == 0  # a setting without a step's size stores nothing
-    assert r["peak"] == r["weights"] + r["adapter_state"] + r["aux"] + max(r["act"], r["opt_step"])
-    r = mem.plan(dict(s, step=(6, 3), x0=("video", "audio")))  # 6 samples x 3 timesteps, old + base, bf16
-    shapes = s["inputs"]
+    # peak: every phase's, setup included (here the T5 encoder's, 9 GiB beside a tiny net)
+    assert r["peak"] == max(r["setup"], r["weights"] + r["adapter_state"] + r["aux"] + max(r["act"], r["opt_step"]))
+    r = tiny_plan(step=(6, 3), x0=("video", "audio"))  # 6 samples x 3 timesteps, old + base, bf16
+    shapes = inputs(cfg)
     assert r["stored"] == 2 * 2 * 6 * 3 * (math.prod(shapes["video"][1:]) + math.prod(shapes["audio"][1:]))
-    assert r["peak"] == r["weights"] + r["adapter_state"] + r["aux"] + max(
-        r["rollout"], r["update"] + r["stored"], r["decode"], r["opt_step"]
+    assert r["peak"] == max(
+        r["setup"],
+        r["weights"]
+        + r["adapter_state"]
+        + r["aux"]
+        + max(r["rollout"], r["update"] + r["stored"], r["decode"], r["opt_step"]),
     )
-    assert r["setup"] == r["weights"] + 2 * (83_819_683 + 4_762_310_656)
-    r = mem.plan(dict(s, encode_first=True))  # ltx2_setup: the text encoder is freed before the transformer loads
-    assert r["setup"] == max(r["aux"] + r["encoders"], r["weights"] + r["aux"]) == r["aux"] + r["encoders"]
-    assert "DDP fits" in mem.verdict(r)
+    # setup: the rewards, then the text encoders beside the VAE and the transformer
+    assert r["setup"] == r["weights"] + 2 * (83_819_683 + 86_580_480 + 4_762_310_656)
+    # encode_first (LTX-2): the text encoders (a group at a time) encode before the transformer and the VAE load
+    r = tiny_plan(encode_first=True, encoders=(("T5-XXL encoder",), ("CLIP-L text", "DINOv2-base")), encode_act=7)
+    assert r["setup"] == 2 * 86_580_480 + 2 * 4_762_310_656 + 7
+
+
+def test_per_gpu_options():
+    # the phases put together: --fsdp shards the transformer and its adapter state, --offload keeps each part on the
+    # GPU in its phase only, --quantize int8 shrinks the base's Linears; each rank stores its share of the velocities
+    r = tiny_plan(step=(8, 3), x0=("video",))
+    plain, rewards, vae = mem.per_gpu(r), 2 * 86_580_480, 2 * 83_819_683
+    assert max(plain.values()) == r["peak"] and list(plain) == [
+        "setup",
+        "rollout",
+        "decode",
+        "score",
+        "update",
+        "optimizer",
+    ]
+    net = r["weights"] + r["adapter_state"]
+    assert plain["update"] == net + vae + rewards + r["update"] + r["stored"]
+    assert mem.per_gpu(r, 4)["update"] == plain["update"] - r["stored"] * 3 / 4  # DDP: a replica on every rank
+    fsdp = mem.per_gpu(r, 4, "--fsdp")
+    assert fsdp["update"] == net / 4 + 2 * r["block"] + vae + rewards + r["update"] + r["stored"] / 4
+    assert fsdp["setup"] == rewards + 2 * 4_762_310_656 + vae  # the base is read after the encoding, sharded
+    off = mem.per_gpu(r, 1, "--offload")
+    assert off["update"] == net + r["update"] + r["stored"] and off["score"] == r["adapter_state"] + rewards
+    assert off["decode"] == r["adapter_state"] + vae + r["decode"] and off["setup"] == max(
+        rewards, plain["setup"] - rewards
+    )
+    both = mem.per_gpu(r, 2, "--fsdp --offload")
+    assert both["score"] == net / 2 + rewards and max(both.values()) < max(fsdp.values())
+    int8 = mem.per_gpu(r, 1, "--quantize int8")
+    assert int8["update"] == plain["update"] - r["weights"] + r["weights_int8"] + 2 * r["linear_max"]
+    assert (
+        mem.offload_traffic(r, "") == 0
+        and mem.offload_traffic(r, "--fsdp --offload") == 2 * r["adapter_state"] / 6 + r["aux"]
+    )
+    rows = mem.rows_of([r])
+    assert len(rows) == len(mem.OPTIONS) * len(mem.GPUS) == len({(x["setting"], x["gpus"]) for x in rows})
+    row = next(x for x in rows if x["setting"] == "tiny --quantize int8 --offload" and x["gpus"] == 1)
+    assert row["peak_gib"] == round(max(mem.per_gpu(r, 1, "--quantize int8 --offload").values()) / mem.GiB, 2)
+    met = mem.goals([dict(x, setting=x["setting"].replace("tiny", "ltx2-19b 768x512x121f B1")) for x in rows])
+    assert [g[:3] for g in met] == [g for g in mem.GOALS if g[0].startswith("ltx2")] and all(g[4] for g in met)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_int8_weights_as_torchao_stores_them(name):
+    # the plan's int8 base (1 byte a Linear weight + INT8_ROW a row) against the bytes torchao's tensors hold after
+    # model.quantize_int8 on the tiny net (what --quantize int8 does to the frozen base)
+    pytest.importorskip("torchao")
+    cls, cfg, _ = TINY[name]
+    r = mem.counts(mem.build(cls, cfg))
+    net = model.quantize_int8(cls(replace(cfg, pref_dim=0)).to(torch.bfloat16))
+
+    def nbytes(t):
+        inner = t.__tensor_flatten__()[0] if hasattr(t, "__tensor_flatten__") else None
+        return sum(nbytes(getattr(t, k)) for k in inner) if inner else t.numel() * t.element_size()
+
+    stored = sum(nbytes(t) for t in (*net.parameters(), *net.buffers()))
+    assert stored == r["weights"] - r["linear"] + r["linear_rows"] * mem.INT8_ROW
 
 
 def test_full_size_counts():

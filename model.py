@@ -1014,25 +1014,23 @@ def sd3_key_map(depth):
     }
     for i in range(depth):
         o, d = f"joint_blocks.{i}", f"transformer_blocks.{i}"
-        m.update(
-            {
-                f"{o}.x_block.attn.ln_q": f"{d}.attn.norm_q",
-                f"{o}.x_block.attn.ln_k": f"{d}.attn.norm_k",
-                f"{o}.x_block.attn.proj": f"{d}.attn.to_out.0",
-                f"{o}.x_block.attn2.ln_q": f"{d}.attn2.norm_q",
-                f"{o}.x_block.attn2.ln_k": f"{d}.attn2.norm_k",
-                f"{o}.x_block.attn2.proj": f"{d}.attn2.to_out.0",
-                f"{o}.x_block.adaLN_modulation.1": f"{d}.norm1.linear",
-                f"{o}.x_block.mlp.fc1": f"{d}.ff.net.0.proj",
-                f"{o}.x_block.mlp.fc2": f"{d}.ff.net.2",
-                f"{o}.context_block.attn.ln_q": f"{d}.attn.norm_added_q",
-                f"{o}.context_block.attn.ln_k": f"{d}.attn.norm_added_k",
-                f"{o}.context_block.attn.proj": f"{d}.attn.to_add_out",
-                f"{o}.context_block.adaLN_modulation.1": f"{d}.norm1_context.linear",
-                f"{o}.context_block.mlp.fc1": f"{d}.ff_context.net.0.proj",
-                f"{o}.context_block.mlp.fc2": f"{d}.ff_context.net.2",
-            }
-        )
+        m |= {
+            f"{o}.x_block.attn.ln_q": f"{d}.attn.norm_q",
+            f"{o}.x_block.attn.ln_k": f"{d}.attn.norm_k",
+            f"{o}.x_block.attn.proj": f"{d}.attn.to_out.0",
+            f"{o}.x_block.attn2.ln_q": f"{d}.attn2.norm_q",
+            f"{o}.x_block.attn2.ln_k": f"{d}.attn2.norm_k",
+            f"{o}.x_block.attn2.proj": f"{d}.attn2.to_out.0",
+            f"{o}.x_block.adaLN_modulation.1": f"{d}.norm1.linear",
+            f"{o}.x_block.mlp.fc1": f"{d}.ff.net.0.proj",
+            f"{o}.x_block.mlp.fc2": f"{d}.ff.net.2",
+            f"{o}.context_block.attn.ln_q": f"{d}.attn.norm_added_q",
+            f"{o}.context_block.attn.ln_k": f"{d}.attn.norm_added_k",
+            f"{o}.context_block.attn.proj": f"{d}.attn.to_add_out",
+            f"{o}.context_block.adaLN_modulation.1": f"{d}.norm1_context.linear",
+            f"{o}.context_block.mlp.fc1": f"{d}.ff_context.net.0.proj",
+            f"{o}.context_block.mlp.fc2": f"{d}.ff_context.net.2",
+        }
     return m
 
 
@@ -1415,35 +1413,31 @@ def flux_module_map(cfg):
         m.update({f"{ours}.in_layer": f"{e}{theirs}.linear_1", f"{ours}.out_layer": f"{e}{theirs}.linear_2"})
     for i in range(cfg.depth):
         o, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
-        m.update(
-            {
-                f"{o}.img_mod.lin": f"{d}.norm1.linear",
-                f"{o}.txt_mod.lin": f"{d}.norm1_context.linear",
-                f"{o}.img_attn.qkv": tuple(f"{d}.attn.to_{c}" for c in "qkv"),
-                f"{o}.txt_attn.qkv": tuple(f"{d}.attn.add_{c}_proj" for c in "qkv"),
-                f"{o}.img_attn.norm.query_norm": f"{d}.attn.norm_q",
-                f"{o}.img_attn.norm.key_norm": f"{d}.attn.norm_k",
-                f"{o}.txt_attn.norm.query_norm": f"{d}.attn.norm_added_q",
-                f"{o}.txt_attn.norm.key_norm": f"{d}.attn.norm_added_k",
-                f"{o}.img_attn.proj": f"{d}.attn.to_out.0",
-                f"{o}.txt_attn.proj": f"{d}.attn.to_add_out",
-                f"{o}.img_mlp.0": f"{d}.ff.net.0.proj",
-                f"{o}.img_mlp.2": f"{d}.ff.net.2",
-                f"{o}.txt_mlp.0": f"{d}.ff_context.net.0.proj",
-                f"{o}.txt_mlp.2": f"{d}.ff_context.net.2",
-            }
-        )
+        m |= {
+            f"{o}.img_mod.lin": f"{d}.norm1.linear",
+            f"{o}.txt_mod.lin": f"{d}.norm1_context.linear",
+            f"{o}.img_attn.qkv": tuple(f"{d}.attn.to_{c}" for c in "qkv"),
+            f"{o}.txt_attn.qkv": tuple(f"{d}.attn.add_{c}_proj" for c in "qkv"),
+            f"{o}.img_attn.norm.query_norm": f"{d}.attn.norm_q",
+            f"{o}.img_attn.norm.key_norm": f"{d}.attn.norm_k",
+            f"{o}.txt_attn.norm.query_norm": f"{d}.attn.norm_added_q",
+            f"{o}.txt_attn.norm.key_norm": f"{d}.attn.norm_added_k",
+            f"{o}.img_attn.proj": f"{d}.attn.to_out.0",
+            f"{o}.txt_attn.proj": f"{d}.attn.to_add_out",
+            f"{o}.img_mlp.0": f"{d}.ff.net.0.proj",
+            f"{o}.img_mlp.2": f"{d}.ff.net.2",
+            f"{o}.txt_mlp.0": f"{d}.ff_context.net.0.proj",
+            f"{o}.txt_mlp.2": f"{d}.ff_context.net.2",
+        }
     for i in range(cfg.depth_single):
         o, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        m.update(
-            {
-                f"{o}.modulation.lin": f"{d}.norm.linear",
-                f"{o}.linear1": (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"),
-                f"{o}.norm.query_norm": f"{d}.attn.norm_q",
-                f"{o}.norm.key_norm": f"{d}.attn.norm_k",
-                f"{o}.linear2": f"{d}.proj_out",
-            }
-        )
+        m |= {
+            f"{o}.modulation.lin": f"{d}.norm.linear",
+            f"{o}.linear1": (f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"),
+            f"{o}.norm.query_norm": f"{d}.attn.norm_q",
+            f"{o}.norm.key_norm": f"{d}.attn.norm_k",
+            f"{o}.linear2": f"{d}.proj_out",
+        }
     return m
 
 
@@ -1585,16 +1579,8 @@ class LTX2Attention(nn.Module):
             rearrange(p(t), "b l (h d) -> b l h d", h=self.heads)
             for p, t in ((self.to_q, x), (self.to_k, ctx), (self.to_v, ctx))
         )
-        q, k = kernels.qk_norm_rope(
-            q,
-            k,
-            self.q_norm.weight,
-            self.k_norm.weight,
-            *(rope or (None, None)),
-            1e-6,
-            self.interleaved,
-            *(k_rope or (None, None)),
-        )
+        qr, kr = rope or (None, None), k_rope or (None, None)
+        q, k = kernels.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, *qr, 1e-6, self.interleaved, *kr)
         return self.to_out[0](attention(*heads_first(q, k, v), mask))
 
 
@@ -1767,14 +1753,8 @@ class LTX2Transformer(Backbone):
                 f"context_mask masks both contexts: their lengths {context.shape[1]} and "
                 f"{context_audio.shape[1]} must be equal"
             )
-        batches = [
-            ("video", video),
-            ("audio", audio),
-            ("sigma", sigma),
-            ("context", context),
-            ("context_audio", context_audio),
-            ("context_mask", context_mask),
-        ]
+        names = "video audio sigma context context_audio context_mask".split()
+        batches = list(zip(names, (video, audio, sigma, context, context_audio, context_mask)))
         if len({t.shape[0] for _, t in batches if t is not None}) > 1:
             sizes = ", ".join(f"{n} {t.shape[0]}" for n, t in batches if t is not None)
             raise ValueError(f"batch sizes differ: {sizes}")
@@ -1895,29 +1875,20 @@ def ltx2_config_from_diffusers(c):
                 f"{theirs} {c[theirs]} != {ours} {c.get(ours, 128)} (the output is unpacked to the input layout)"
             )
     heads, audio_heads = c.get("num_attention_heads", 32), c.get("audio_num_attention_heads", 32)
+    d = LTX2Config()  # fields of the same name in both, cast to our type; absent: diffusers' default (= ours)
+    same = "in_channels audio_in_channels caption_channels cross_attention_dim audio_cross_attention_dim rope_theta "
+    same += "rope_double_precision timestep_scale_multiplier cross_attn_timestep_scale_multiplier vae_scale_factors "
+    same += "causal_offset audio_scale_factor audio_sampling_rate audio_hop_length"
     return LTX2Config(
+        **{k: type(getattr(d, k))(c[k]) for k in same.split() if k in c},
         depth=c.get("num_layers", 48),
         hidden=heads * c.get("attention_head_dim", 128),
         heads=heads,
         audio_hidden=audio_heads * c.get("audio_attention_head_dim", 64),
         audio_heads=audio_heads,
-        in_channels=c.get("in_channels", 128),
-        audio_in_channels=c.get("audio_in_channels", 128),
-        caption_channels=c.get("caption_channels", 3840),
-        cross_attention_dim=c.get("cross_attention_dim", 4096),
-        audio_cross_attention_dim=c.get("audio_cross_attention_dim", 2048),
-        rope_type=c.get("rope_type", "interleaved"),
-        rope_theta=float(c.get("rope_theta", 10000.0)),
-        rope_double_precision=bool(c.get("rope_double_precision", True)),
+        rope_type=c.get("rope_type", "interleaved"),  # diffusers' default; the release's config says "split"
         max_pos=(c.get("pos_embed_max_pos", 20), c.get("base_height", 2048), c.get("base_width", 2048)),
         audio_max_pos=(c.get("audio_pos_embed_max_pos", 20),),
-        timestep_scale_multiplier=float(c.get("timestep_scale_multiplier", 1000)),
-        cross_attn_timestep_scale_multiplier=float(c.get("cross_attn_timestep_scale_multiplier", 1000)),
-        vae_scale_factors=tuple(c.get("vae_scale_factors", (8, 32, 32))),
-        causal_offset=c.get("causal_offset", 1),
-        audio_scale_factor=c.get("audio_scale_factor", 4),
-        audio_sampling_rate=c.get("audio_sampling_rate", 16000),
-        audio_hop_length=c.get("audio_hop_length", 160),
     )
 
 
@@ -1925,12 +1896,8 @@ def ltx2_config_from_diffusers(c):
 # q/k norms span all heads, so no shape gives the head count; RoPE layout and precision and the a2v gate multiplier
 # are not in the weights at all (ltx-core's code defaults for the last two are wrong for 2.0)
 LTX2_META_REQUIRED = (
-    "num_attention_heads",
-    "audio_num_attention_heads",
-    "rope_type",
-    "frequencies_precision",
-    "av_ca_timestep_scale_multiplier",
-)
+    "num_attention_heads audio_num_attention_heads rope_type frequencies_precision av_ca_timestep_scale_multiplier"
+).split()
 
 
 def ltx2_file_config(meta, need, why):
@@ -2168,12 +2135,8 @@ def ltx2_connector_key(key, to_diffusers=True):
 
 
 # diffusers LTX2TextConnectors options implemented at one value only (LTX-2.3 features, or untested paths)
-LTX2_CONNECTOR_FIXED = dict(
-    per_modality_projections=False,
-    proj_bias=False,
-    video_gated_attn=False,
-    audio_gated_attn=False,
-    causal_temporal_positioning=False,
+LTX2_CONNECTOR_FIXED = dict.fromkeys(
+    "per_modality_projections proj_bias video_gated_attn audio_gated_attn causal_temporal_positioning".split(), False
 )
 
 
@@ -2204,11 +2167,8 @@ def ltx2_connector_config_from_state(sd, meta=None):
     # Lightricks' combined file: widths, depths and register counts from the shapes; from the metadata (config ->
     # transformer, ltx-core's Embeddings1DConnectorConfigurator): the head counts (ltx-core's defaults 30 x 128 where
     # absent), the RoPE layout and precision, and the base length, whose ltx-core default [1] is not the release's
-    t = ltx2_file_config(
-        meta,
-        ("rope_type", "frequencies_precision", "connector_positional_embedding_max_pos"),
-        "the connectors' RoPE layout, precision and base length are",
-    )
+    need = ("rope_type", "frequencies_precision", "connector_positional_embedding_max_pos")
+    t = ltx2_file_config(meta, need, "the connectors' RoPE layout, precision and base length are")
     if t.get("connector_apply_gated_attention", False):
         raise ValueError("unsupported connector_apply_gated_attention=True (LTX-2.3 connectors)")
     C, CN = sd["text_embedding_projection.aggregate_embed.weight"].shape
@@ -2238,14 +2198,9 @@ def load_ltx2_connectors(path, dtype=torch.float32, device="cpu"):
     """The text connectors from a diffusers folder (connectors/ with config.json, class LTX2TextConnectors; or a repo
     root holding connectors/) or Lightricks' combined .safetensors (only the connector tensors are read); strict."""
     path = os.fspath(path)
-    if os.path.isdir(os.path.join(path, "connectors")):
-        path = os.path.join(path, "connectors")
     if os.path.isdir(path):
-        config, sd = read_diffusers_folder(path)
-        if config.get("_class_name") != "LTX2TextConnectors":
-            raise ValueError(f"{path}: diffusers class {config.get('_class_name')!r}, not LTX2TextConnectors")
+        config, _, sd, path = ltx2_component(path, "connectors", "LTX2TextConnectors", None, ltx2_connector_key)
         cfg = ltx2_connector_config_from_diffusers(config)
-        sd = {ltx2_connector_key(k, to_diffusers=False): v for k, v in sd.items()}
     elif os.path.isfile(path):
         dm = "model.diffusion_model."
         ours = ("video_embeddings_connector.", "audio_embeddings_connector.", "text_embedding_projection.")
@@ -2363,14 +2318,9 @@ class VAEEncoder(nn.Module):
         super().__init__()
         n = len(channels)
         self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
+        c, block = channels, lambda a, b: VAEResnetBlock(a, b, groups)
         self.down = nn.ModuleList(
-            VAELevel(
-                channels[max(i - 1, 0)],
-                channels[i],
-                layers,
-                lambda a, b: VAEResnetBlock(a, b, groups),
-                downsample=VAEDownsample(channels[i]) if i < n - 1 else None,
-            )
+            VAELevel(c[max(i - 1, 0)], c[i], layers, block, VAEDownsample(c[i]) if i < n - 1 else None)
             for i in range(n)
         )
         self.mid = VAEMidBlock(channels[-1], groups)
@@ -2392,14 +2342,9 @@ class VAEDecoder(nn.Module):
         self.mid = VAEMidBlock(channels[-1], groups)
         # up[i] is indexed by resolution level like down[i] (0 = full size) but runs deepest-first; one more resnet
         # per level than the encoder, and every level but the full-size one doubles the resolution at its end.
+        c, block = channels, lambda a, b: VAEResnetBlock(a, b, groups)
         self.up = nn.ModuleList(
-            VAELevel(
-                channels[min(i + 1, n - 1)],
-                channels[i],
-                layers + 1,
-                lambda a, b: VAEResnetBlock(a, b, groups),
-                upsample=VAEUpsample(channels[i]) if i > 0 else None,
-            )
+            VAELevel(c[min(i + 1, n - 1)], c[i], layers + 1, block, None, VAEUpsample(c[i]) if i else None)
             for i in range(n)
         )
         self.norm_out = vae_norm(channels[0], groups)
@@ -2491,10 +2436,8 @@ def _vae_config_from_diffusers(config, file):
                 f"SD3/FLUX AutoencoderKL is implemented, which has {opt}={want!r})"
             )
     n = len(config["block_out_channels"])
-    if (
-        list(config.get("down_block_types", ["DownEncoderBlock2D"] * n)) != ["DownEncoderBlock2D"] * n
-        or list(config.get("up_block_types", ["UpDecoderBlock2D"] * n)) != ["UpDecoderBlock2D"] * n
-    ):
+    other = lambda key, kind: list(config.get(key, [kind] * n)) != [kind] * n
+    if other("down_block_types", "DownEncoderBlock2D") or other("up_block_types", "UpDecoderBlock2D"):
         raise ValueError(
             f"{file}: unsupported VAE block types {config.get('down_block_types')}, {config.get('up_block_types')}"
         )
@@ -2531,12 +2474,7 @@ def _vae_config_from_shapes(sd, file):
 
 
 # what load_vae skips unread in a combined file: other components of Stability's and of Lightricks' bundles
-VAE_BUNDLED = (
-    *(
-        "model.diffusion_model. text_encoders. conditioner. cond_stage_model. audio_vae. vocoder. "
-        "text_embedding_projection."
-    ).split(),
-)
+VAE_BUNDLED = ("model.diffusion_model.", *BUNDLED[1:], "audio_vae.", "vocoder.", "text_embedding_projection.")
 LTX2_VAE_SIGNATURE = "per_channel_statistics.mean-of-means"  # after `vae.`; the 16-channel VAE has no statistics
 
 
@@ -2563,8 +2501,7 @@ def load_vae(path, dtype=torch.float32, device="cpu", scaling=None, shift=None, 
         config_file = os.path.join(path, "config.json")
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"no config.json in VAE folder {path}")
-        with open(config_file) as f:
-            raw = json.load(f)
+        raw = read_json(config_file)
         if raw.get("_class_name") == "AutoencoderKLLTX2Video":
             _no_ltx2_vae_options(path, shift, groups)
             cfg = ltx2_vae_config_from_diffusers(raw, config_file)
@@ -2777,14 +2714,9 @@ class LTX2VideoVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         n_t, n_s = len(cfg.enc_down), len(cfg.dec_up)
-        for name, n, want in (
-            ("enc_width", len(cfg.enc_width), n_t + 1),
-            ("enc_layers", len(cfg.enc_layers), n_t + 1),
-            ("dec_width", len(cfg.dec_width), n_s + 1),
-            ("dec_layers", len(cfg.dec_layers), n_s + 1),
-            ("dec_residual", len(cfg.dec_residual), n_s),
-        ):
-            if n != want:
+        lengths = dict(enc_width=n_t + 1, enc_layers=n_t + 1, dec_width=n_s + 1, dec_layers=n_s + 1, dec_residual=n_s)
+        for name, want in lengths.items():
+            if (n := len(getattr(cfg, name))) != want:
                 raise ValueError(f"LTX2VAEConfig.{name} has {n} entries, needs {want}")
         for kind in (*cfg.enc_down, *cfg.dec_up):
             if kind not in LTX2_STRIDES:
@@ -2800,13 +2732,7 @@ class LTX2VideoVAE(nn.Module):
 
     def encode(self, video):
         (ft, fs), C = self.cfg.factors, self.cfg.latent
-        if (
-            video.dim() != 5
-            or video.shape[1] != 3
-            or (video.shape[2] - 1) % ft
-            or video.shape[3] % fs
-            or video.shape[4] % fs
-        ):
+        if video.dim() != 5 or video.shape[1] != 3 or (video.shape[2] - 1) % ft or any(n % fs for n in video.shape[3:]):
             raise ValueError(
                 f"video must be [B, 3, F, H, W] with F = {ft}k+1 and H, W multiples of {fs}, got {list(video.shape)}"
             )
@@ -3038,15 +2964,9 @@ class LTX2AudioEncoder(nn.Module):
         super().__init__()
         w, n = cfg.widths, len(cfg.widths)
         self.conv_in = AudioCausalConv2d(cfg.in_channels, cfg.ch)
+        down = lambda i: AudioDownsample(w[i]) if i < n - 1 else None
         self.down = nn.ModuleList(
-            VAELevel(
-                w[i - 1] if i else cfg.ch,
-                w[i],
-                cfg.num_res_blocks,
-                LTX2AudioResBlock,
-                downsample=AudioDownsample(w[i]) if i < n - 1 else None,
-            )
-            for i in range(n)
+            VAELevel(w[i - 1] if i else cfg.ch, w[i], cfg.num_res_blocks, LTX2AudioResBlock, down(i)) for i in range(n)
         )
         self.mid = audio_mid(w[-1])
         self.conv_out = AudioCausalConv2d(w[-1], 2 * cfg.latent)
@@ -3068,14 +2988,9 @@ class LTX2AudioDecoder(nn.Module):
         w, n = cfg.widths, len(cfg.widths)
         self.conv_in = AudioCausalConv2d(cfg.latent, w[-1])
         self.mid = audio_mid(w[-1])
+        up = lambda i: AudioUpsample(w[i]) if i else None
         self.up = nn.ModuleList(
-            VAELevel(
-                w[min(i + 1, n - 1)],
-                w[i],
-                cfg.num_res_blocks + 1,
-                LTX2AudioResBlock,
-                upsample=AudioUpsample(w[i]) if i > 0 else None,
-            )
+            VAELevel(w[min(i + 1, n - 1)], w[i], cfg.num_res_blocks + 1, LTX2AudioResBlock, None, up(i))
             for i in range(n)
         )
         self.conv_out = AudioCausalConv2d(w[0], cfg.out_channels)
@@ -3360,9 +3275,10 @@ def _component_folder(path, name):  # a diffusers repo root holding name/, or th
     return os.path.join(path, name) if os.path.isdir(os.path.join(path, name)) else path
 
 
-def ltx2_component(path, folder, class_name, prefix, from_diffusers, hint=""):
+def ltx2_component(path, folder, class_name, prefix, key=ltx2_audio_key, hint=""):
     """One LTX-2 component's tensors under the original names: from a diffusers folder (folder/ of class class_name, or
-    a repo root holding it; keys renamed by from_diffusers) or Lightricks' combined file (its prefix* tensors only).
+    a repo root holding it; keys renamed by key(k, to_diffusers=False)) or Lightricks' combined file (its prefix*
+    tensors only).
     -> (diffusers config or None, file metadata or None, state dict, the path read)."""
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -3370,7 +3286,7 @@ def ltx2_component(path, folder, class_name, prefix, from_diffusers, hint=""):
         config, sd = read_diffusers_folder(path)
         if config.get("_class_name") != class_name:
             raise ValueError(f"{path}: diffusers class {config.get('_class_name')!r}, not {class_name}{hint}")
-        return config, None, {from_diffusers(k): v for k, v in sd.items()}, path
+        return config, None, {key(k, to_diffusers=False): v for k, v in sd.items()}, path
     if os.path.isfile(path):
         sd, meta = read_safetensors(path, keep=lambda k: k.startswith(prefix))
         if not sd:
@@ -3382,9 +3298,7 @@ def ltx2_component(path, folder, class_name, prefix, from_diffusers, hint=""):
 def load_ltx2_audio_vae(path, dtype=torch.float32, device="cpu"):
     """The audio VAE from a diffusers folder (audio_vae/ of class AutoencoderKLLTX2Audio, or a repo root holding it) or
     Lightricks' combined .safetensors (its audio_vae.* tensors only); strict."""
-    config, meta, sd, path = ltx2_component(
-        path, "audio_vae", "AutoencoderKLLTX2Audio", "audio_vae.", lambda k: ltx2_audio_key(k, to_diffusers=False)
-    )
+    config, meta, sd, path = ltx2_component(path, "audio_vae", "AutoencoderKLLTX2Audio", "audio_vae.")
     if config is not None:
         cfg = ltx2_audio_vae_config_from_diffusers(config, path)
     else:
@@ -3398,18 +3312,9 @@ def load_ltx2_vocoder(path, dtype=torch.float32, device="cpu"):
     """The vocoder from a diffusers folder (vocoder/ of class LTX2Vocoder, or a repo root holding it) or Lightricks'
     combined .safetensors (its vocoder.* tensors only); strict."""
     config, meta, sd, path = ltx2_component(
-        path,
-        "vocoder",
-        "LTX2Vocoder",
-        "vocoder.",
-        lambda k: ltx2_audio_key(k, to_diffusers=False),
-        " (LTX-2.3's LTX2VocoderWithBWE is not implemented)",
+        path, "vocoder", "LTX2Vocoder", "vocoder.", hint=" (LTX-2.3's LTX2VocoderWithBWE is not implemented)"
     )
-    cfg = (
-        ltx2_vocoder_config_from_diffusers(config, path)
-        if config is not None
-        else ltx2_vocoder_config_from_state(sd, meta, path)
-    )
+    cfg = ltx2_vocoder_config_from_diffusers(config, path) if config else ltx2_vocoder_config_from_state(sd, meta, path)
     voc = assign_checkpoint(lambda: LTX2Vocoder(cfg), sd, dtype, device, what=f"{path} (LTX-2 vocoder)")
     return voc.eval().requires_grad_(False)
 

@@ -725,15 +725,12 @@ class Pipeline:
         if self.guidance_input:  # guidance-distilled: one forward per step, the scale goes in as an input
             cond["guidance"], guidance = torch.full((batch,), float(guidance), device=p.device), 1.0
         shape = self.x0_shape(height, width, frames)
+        clip = {} if frames is None else dict(frames=frames)  # a video backbone's frame count
         x = noise_like((batch, *shape), seed, p.device)  # the state, ω and σ in fp32; the net casts its inputs
         if pref is not None:
             pref = torch.as_tensor(pref, dtype=torch.float32, device=p.device).expand(batch, -1)
         sigmas = self.schedule(steps, shift, shape) if self.schedule else get_schedule(steps, shift)
-        pack, unpack = (
-            self.packing(height, width, **({} if frames is None else dict(frames=frames)))
-            if self.packing
-            else (None, None)
-        )
+        pack, unpack = self.packing(height, width, **clip) if self.packing else (None, None)
         step = lambda x, s, pref=None, **c: velocity(
             self.net, x, s, {**c, **(self.net_kwargs or {})}, pref, pack, unpack
         )
@@ -990,24 +987,10 @@ class ClipLayouts:
 # Kontext was trained at these ~1 MP (width, height) sizes; a reference image goes to the one nearest its aspect
 # ratio (diffusers pipeline_flux_kontext.py:82-100, 937-943; BFL util.py PREFERED_KONTEXT_RESOLUTIONS)
 KONTEXT_RESOLUTIONS = [
-    (672, 1568),
-    (688, 1504),
-    (720, 1456),
-    (752, 1392),
-    (800, 1328),
-    (832, 1248),
-    (880, 1184),
-    (944, 1104),
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
     (1024, 1024),
-    (1104, 944),
-    (1184, 880),
-    (1248, 832),
-    (1328, 800),
-    (1392, 752),
-    (1456, 720),
-    (1504, 688),
-    (1568, 672),
-]
+    (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688), (1568, 672),
+]  # fmt: skip
 
 
 def kontext_resolution(width, height):
@@ -1062,7 +1045,7 @@ LOADERS = {
     # text: train.py loads, uses and frees Gemma-3 alone before the transformer (together they do not fit 80 GB)
     "ltx2": dict(
         load=load_ltx2,
-        text=lambda spec, device, dtype: ltx2_text_encoder(spec, device, dtype),
+        text=lambda spec, device, dtype: ltx2_text_encoder(spec, device, dtype),  # (late-bound: tests spy on it)
         defaults=dict(steps=30, size=512, frames=121, fps=24.0, out="out.webp"),
     ),
 }
@@ -1113,12 +1096,8 @@ FLAGS = [
 def cli():
     ap = argparse.ArgumentParser(description="Sample images from a ParetoSlider model at one ω or a sweep of ω.")
     for flag, kind, text in FLAGS:
-        if kind == "store_true":
-            ap.add_argument(flag, action=kind, help=text)
-        elif isinstance(kind, list):
-            ap.add_argument(flag, choices=kind, help=text)
-        else:
-            ap.add_argument(flag, type=kind, help=text)
+        how = "action" if kind == "store_true" else "choices" if isinstance(kind, list) else "type"
+        ap.add_argument(flag, help=text, **{how: kind})
     ap.set_defaults(device="cuda" if torch.cuda.is_available() else "cpu")
     return ap
 
@@ -1132,10 +1111,8 @@ def main(argv=None):
             kernels.set_backend(args.kernels)
         export(args) if args.export_diffusers else serve(args) if args.serve else run(args)
     except OSError as e:  # reading weights, images, run folders: the file and the reason, in one line
-        print(
-            f"sample.py: error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"sample.py: error: {e}",
-            file=sys.stderr,
-        )
+        why = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else e
+        print(f"sample.py: error: {why}", file=sys.stderr)
         sys.exit(2)
     except (UsageError, ValueError, RuntimeError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)

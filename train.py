@@ -54,16 +54,12 @@ class Config:
     tiny: bool = False  # the CPU default: a tiny net of the same code, tiny text encoders, a procedural world
     weights: str = ""  # diffusers folder / single file of the base model (full size)
     prompts: str = ""  # text file, one training prompt per line (full size, text-to-image)
-    edits: str = (
-        ""  # editing backbones (full size): JSONL of {"image": path, "prompt": text}, or a folder of x.png + x.txt
-    )
+    edits: str = ""  # editing backbones (full size): JSONL {"image": path, "prompt": text}, or x.png + x.txt files
     guidance: float = 2.5  # FLUX: the distilled guidance input (Kontext-dev: 2.5); SD3.5 does not use it
     rewards: str = "tiny_photo,tiny_sketch"  # objectives, in the order of w's components
     fixed_pref: str = ""  # "w1,w2,...": FixedWeight baseline: sum_m w_m r_m, then group norm, no w input
     method: str = "slider"  # slider (ParetoSlider) | fixed (FixedWeight: --fixed-pref) | flowmulti | prompt | soups
-    heldout: str = (
-        ""  # evaluation-only scorers "h1,h2" (h_m judges objective m), scored at every point, never trained on
-    )
+    heldout: str = ""  # evaluation-only scorers "h1,h2" (h_m judges objective m), scored at every point, not trained
     soup: str = ""  # --method soups: "runA,runB", the run folders of two single-reward FixedWeight runs to interpolate
     out: str = "runs/tiny"  # run folder: log, config, checkpoint, eval.json, pareto.png, slider.png
     resume: str = ""  # run folder to continue (config from there; --steps may extend it)
@@ -200,8 +196,6 @@ def parse_config(argv=None):
     objectives(cfg)  # rewards, --fixed-pref and --ref-point checked now, not after the models load
     if not cfg.tiny:
         check_full_size(cfg)
-    if model.BACKBONES[cfg.backbone].video:
-        check_clip(cfg)
     if cfg.fsdp and "WORLD_SIZE" not in os.environ:
         die("--fsdp shards the model over torchrun's processes: torchrun --nproc_per_node N train.py ... --fsdp")
     if cfg.fsdp and (cfg.compile or cfg.quantize):
@@ -220,26 +214,15 @@ def parse_config(argv=None):
 
 def not_for(cfg, args):
     # flags given that this backbone / mode would ignore: refused, naming the flag and what makes it meaningless
-    spec = model.BACKBONES[cfg.backbone]
+    spec, b, tiny = model.BACKBONES[cfg.backbone], f"--backbone {cfg.backbone}", cfg.tiny
+    edit = spec.editing
     rules = [
-        ("frames", not spec.video, f"--backbone {cfg.backbone} makes images"),
-        ("nft_audio", not spec.video, f"--backbone {cfg.backbone} has no audio"),
-        (
-            "guidance",
-            not model.BACKBONES[cfg.backbone].distilled,
-            f"--backbone {cfg.backbone} is not guidance-distilled (train.py samples without CFG)",
-        ),
-        ("weights", cfg.tiny, "--tiny builds and pretrains its own base"),
-        (
-            "prompts",
-            cfg.tiny or spec.editing,
-            "--tiny draws its prompts from its world" if cfg.tiny else f"--backbone {cfg.backbone} edits: --edits",
-        ),
-        (
-            "edits",
-            cfg.tiny or not spec.editing,
-            "--tiny draws its edits from its world" if cfg.tiny else f"--backbone {cfg.backbone} takes --prompts",
-        ),
+        ("frames", not spec.video, f"{b} makes images"),
+        ("nft_audio", not spec.video, f"{b} has no audio"),
+        ("guidance", not spec.distilled, f"{b} is not guidance-distilled (train.py samples without CFG)"),
+        ("weights", tiny, "--tiny builds and pretrains its own base"),
+        ("prompts", tiny or edit, "--tiny draws its prompts from its world" if tiny else f"{b} edits: --edits"),
+        ("edits", tiny or not edit, "--tiny draws its edits from its world" if tiny else f"{b} takes --prompts"),
     ]
     for name, ignored, why in rules:
         if name in args and ignored:
@@ -327,28 +310,16 @@ def complete_saved(d, path, saved):
     comes from that run's preset (its backbone, tiny or not), or, for how a run runs (RESUMABLE), the default; any
     other is refused: the Config default could be another method."""
     types = {f.name: f.type for f in fields(Config)}
-    wrong = [
-        f"{k} = {v!r}"
-        for k, v in saved.items()
-        if not (
-            isinstance(v, types[k])
-            and not (types[k] is int and isinstance(v, bool))
-            or types[k] is float
-            and isinstance(v, int)
-            and not isinstance(v, bool)
-        )
-    ]
+    fits = lambda v, t: type(v) is t or t is float and type(v) is int  # JSON's own types; a bool is no int
+    wrong = [f"{k} = {v!r}" for k, v in saved.items() if not fits(v, types[k])]
     if wrong:
         die(f"--resume {d}: {path} has values of the wrong type: {'; '.join(wrong)}")
     b = saved.get("backbone", Config.backbone)
     if b not in BACKBONES:
         die(f"--resume {d}: {path} names backbone {b!r}; available: {', '.join(BACKBONES)}")
     given = preset(b, saved.get("tiny", False))
-    lacking = [
-        k
-        for k in types
-        if k not in saved and k not in given and k not in RESUMABLE + ("out",) and k not in ("backbone", "tiny")
-    ]
+    own = {*saved, *given, *RESUMABLE, "out", "backbone", "tiny"}
+    lacking = [k for k in types if k not in own]
     if lacking:
         die(f"--resume {d}: {path} lacks {', '.join(lacking)} (hand-edited?), which the run's preset does not give")
     return {**{k: v for k, v in given.items() if k in types}, **saved}
@@ -548,38 +519,23 @@ def shard(net):
 
 
 def run_header(cfg):
-    try:
-        git = (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                cwd=os.path.dirname(os.path.abspath(__file__)),
-            ).stdout.strip()
-            or "unknown"
-        )
-    except OSError:
-        git = "unknown"
     import transformers
 
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout
+    except OSError:
+        git = ""
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:  # e.g. macOS: the kernels fall back to their PyTorch references
         triton_version = None
-    return dict(
-        git=git,
-        python=platform.python_version(),
-        torch=torch.__version__,
-        triton=triton_version,
-        transformers=transformers.__version__,
-        cuda=torch.version.cuda,
-        device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        kernels=kernels.get_backend(),
-        argv=sys.argv,
-        config=asdict(cfg),
-    )
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    head = dict(git=git.strip() or "unknown", python=platform.python_version(), torch=torch.__version__)
+    head |= dict(triton=triton_version, transformers=transformers.__version__, cuda=torch.version.cuda, device=where)
+    return head | dict(kernels=kernels.get_backend(), argv=sys.argv, config=asdict(cfg))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -776,12 +732,9 @@ def flux_tiny_setup(cfg, M, device):
     space-to-depth'ed, packed 2x2 again inside the net: 64 tokens per image at 32 px), conditioned on the
     instruction (tiny T5 + CLIP) and on the source as Kontext reference tokens. The rewards see the source in
     meta["source"]."""
-    spec = dict(
-        pixels=BACKBONES["flux-kontext"]["pixels"],
-        tiny_text_encoders=dict(
-            vocab=sorted({w for t in R.EDIT_INSTRUCTIONS for w in t.split()}), seed=0, clip_dim=64, t5_dim=64
-        ),
-    )
+    vocab = sorted({w for t in R.EDIT_INSTRUCTIONS for w in t.split()})
+    tiny_enc = dict(vocab=vocab, seed=0, clip_dim=64, t5_dim=64)
+    spec = dict(pixels=BACKBONES["flux-kontext"]["pixels"], tiny_text_encoders=tiny_enc)
     enc = sample.tiny_flux_text_encoders(**spec["tiny_text_encoders"])
     instructions = list(R.EDIT_INSTRUCTIONS)
     context, pooled = sample.encode_flux_prompts(enc, instructions)  # one row per distinct instruction
@@ -797,16 +750,9 @@ def flux_tiny_setup(cfg, M, device):
 
     n_items = 96  # a fixed set of edit items for RL and evaluation, apart from the pretraining stream
     sources, texts, _ = R.tiny_edit_world(n_items, size=cfg.size, seed=cfg.seed + 1)
-    setup = Setup(
-        None,
-        texts,
-        conditioning(sources, texts),
-        [{"source": s} for s in sources],
-        list(range(cfg.eval_prompts)),
-        (12, cfg.size // 2, cfg.size // 2),
-        sample.depth_to_space,
-        {},
-    )
+    meta, x0_shape = [{"source": s} for s in sources], (12, cfg.size // 2, cfg.size // 2)
+    cond, eval_items = conditioning(sources, texts), list(range(cfg.eval_prompts))
+    setup = Setup(None, texts, cond, meta, eval_items, x0_shape, sample.depth_to_space, {})
 
     def world():
         # (source, instruction) -> a blend of source and target: half full edits, a quarter partial (alpha ~ U(0,1)),
@@ -897,14 +843,8 @@ def ltx2_tiny_setup(cfg, M, device):
     enc = sample.tiny_ltx2_text_encoder(**spec["tiny_text_encoder"])
     cond, styled, rewrites = tiny_captions(lambda ps: sample.encode_ltx2_prompts(enc, ps), prompts)
     # the test preset widened and deepened (D 64 -> 128, 2 -> 4 blocks): at D 64 the base never draws the shape
-    mcfg = replace(
-        model.LTX2Config(**model.LTX2_PRESETS["ltx2-tiny"]),
-        in_channels=48,
-        hidden=128,
-        depth=4,
-        cross_attention_dim=128,
-        caption_channels=enc.connectors.cfg.caption_channels,
-    )
+    mcfg, cc = model.LTX2Config(**model.LTX2_PRESETS["ltx2-tiny"]), enc.connectors.cfg.caption_channels
+    mcfg = replace(mcfg, in_channels=48, hidden=128, depth=4, cross_attention_dim=128, caption_channels=cc)
     f, T = spec["pixels"], cfg.frames
     video_shape = (mcfg.in_channels, T, cfg.size // f, cfg.size // f)
     audio_shape = (mcfg.audio_channels, T, mcfg.audio_in_channels // mcfg.audio_channels)
@@ -925,12 +865,10 @@ def ltx2_tiny_setup(cfg, M, device):
         x0 = pack((sample.frames_to_latent(videos, f), sound(xy)))
         return x0, captioned_world(cfg, cond, styled, prompts, world_prompts, styles)
 
-    key = cache_key(
-        "tiny_ltx2", cfg, T, asdict(mcfg), spec, prompts, *R.WORLD_CODE["video"], world, sound, captioned_world
-    )
-    path = pretrain_tiny(
-        cfg, setup, lambda: model.LTX2Transformer(mcfg), world, key, device, metadata=model.ltx2_file_metadata(mcfg)
-    )
+    code = (*R.WORLD_CODE["video"], world, sound, captioned_world)
+    key = cache_key("tiny_ltx2", cfg, T, asdict(mcfg), spec, prompts, *code)
+    make, metadata = (lambda: model.LTX2Transformer(mcfg)), model.ltx2_file_metadata(mcfg)
+    path = pretrain_tiny(cfg, setup, make, world, key, device, metadata=metadata)
     setup.pipeline = dict(spec, weights=os.path.abspath(path))
     return setup
 
@@ -976,36 +914,18 @@ def full_setup(cfg, M, device):
     pack, unpack = pipe.packing(cfg.size, cfg.size, **clip) if pipe.packing else (None, None)
     n_video = math.prod(unpack(torch.zeros(1, *shape))[0].shape[1:]) if unpack else None
     meta = [{"source": im} for im in images] if images is not None else [{} for _ in texts]
-    return Setup(
-        pipe.net,
-        texts,
-        cond,
-        meta,
-        list(range(min(cfg.eval_prompts, len(texts)))),
-        shape,
-        pipe.decode,
-        spec,
-        schedule=(lambda steps: pipe.schedule(steps, cfg.shift, shape)) if pipe.schedule else None,
-        pack=pack,
-        unpack=unpack,
-        video=facts.video,
-        nft_part=None if cfg.nft_audio or not n_video else lambda x: x[:, :n_video],
-        decoder=[pipe.vae] if pipe.vae is not None else [],
-    )
+    setup = Setup(pipe.net, texts, cond, meta, list(range(min(cfg.eval_prompts, len(texts)))), shape, pipe.decode, spec)
+    setup.schedule = (lambda steps: pipe.schedule(steps, cfg.shift, shape)) if pipe.schedule else None
+    setup.pack, setup.unpack, setup.video = pack, unpack, facts.video
+    setup.decoder = [pipe.vae] if pipe.vae is not None else []
+    setup.nft_part = None if cfg.nft_audio or not n_video else lambda x: x[:, :n_video]
+    return setup
 
 
 def encode_all(encode, n, chunk=8):
     # items 0..n-1 -> {keyword: [n, ...]}: encode(slice) on the GPU, `chunk` items at a time, kept on the CPU
     parts = [{k: v.cpu() for k, v in encode(slice(i, i + chunk)).items()} for i in range(0, n, chunk)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-def check_clip(cfg):
-    # a video backbone's frame count, before anything loads (its side: check_size): the release VAE compresses time
-    # (8k+1 frames); the tiny net in pixel space takes any count
-    ft = model.BACKBONES[cfg.backbone].vae[0]
-    if not cfg.tiny and (cfg.frames - 1) % ft:
-        die(f"--frames {cfg.frames}: {cfg.backbone} needs {ft}k+1 frames (its VAE compresses {ft}x in time)")
 
 
 def check_full_size(cfg):
@@ -1017,17 +937,12 @@ def check_full_size(cfg):
             f"{cfg.backbone} --tiny"
         )
     if not os.path.exists(cfg.weights):
-        hub = (
-            " (a hub id? weights are never downloaded here: download the repo and pass its folder)"
-            if cfg.weights.count("/") == 1
-            else ""
-        )
-        die(f"--weights {cfg.weights}: no such file or folder{hub}")
+        hub = " (a hub id? weights are never downloaded here: download the repo and pass its folder)"
+        die(f"--weights {cfg.weights}: no such file or folder{hub if cfg.weights.count('/') == 1 else ''}")
     if not torch.cuda.is_available() and cfg.device != "cpu":
         die(
             f"full-size training needs a CUDA GPU (bf16); on a CPU run: python train.py --backbone {cfg.backbone} "
-            "--tiny "
-            "(--device cpu forces the full-size path on a CPU, for small test models)"
+            "--tiny (--device cpu forces the full-size path on a CPU, for small test models)"
         )
     folders = BACKBONES[cfg.backbone].get("folders", ())  # the parts train.py reads from a diffusers folder
     missing = [d + "/" for d in folders if not os.path.isdir(os.path.join(cfg.weights, d))]
@@ -1042,11 +957,14 @@ def check_full_size(cfg):
                 f'--edits {cfg.edits!r}: give the edit set, a JSONL of {{"image": path, "prompt": text}} per line '
                 "or a folder of image + .txt pairs"
             )
-        return
-    if not cfg.prompts or not os.path.isfile(cfg.prompts):
+    elif not cfg.prompts or not os.path.isfile(cfg.prompts):
         die(f"--prompts {cfg.prompts!r}: give a text file with one training prompt per line")
-    if not read_prompts(cfg.prompts):
+    elif not read_prompts(cfg.prompts):
         die(f"--prompts {cfg.prompts}: the file has no prompt (one per line; blank lines are skipped)")
+    # a video backbone's frame count (its side: check_size): the release VAE compresses time (8k+1 frames); the tiny
+    # net in pixel space takes any count (this runs at full size only)
+    if model.BACKBONES[cfg.backbone].video and (cfg.frames - 1) % (ft := model.BACKBONES[cfg.backbone].vae[0]):
+        die(f"--frames {cfg.frames}: {cfg.backbone} needs {ft}k+1 frames (its VAE compresses {ft}x in time)")
 
 
 def read_prompts(path):
@@ -1108,16 +1026,8 @@ def rollout(net, setup, noise, cond, pref, sigmas, cfg):
     step = lambda x, s, pref=None, **c: velocity(net, setup, x, s, c, pref)
     for i in range(0, len(noise), cfg.batch):
         sl = slice(i, i + cfg.batch)
-        out.append(
-            sample.denoise(
-                step,
-                noise[sl],
-                sigmas,
-                {k: v[sl] for k, v in cond.items()},
-                None if pref is None else pref[sl],
-                solver=cfg.solver,
-            )
-        )
+        c, w = {k: v[sl] for k, v in cond.items()}, None if pref is None else pref[sl]
+        out.append(sample.denoise(step, noise[sl], sigmas, c, w, solver=cfg.solver))
     return torch.cat(out)
 
 
@@ -1666,30 +1576,10 @@ BACKBONES = {
         folders=("vae", "text_encoder", "tokenizer"),  # full_setup reads Gemma-3 and the VAE from the folder
         pixels=4,  # the tiny net's video latent: each frame 4x4 space-to-depth'ed
         # 512^2 x 49 frames (2 s at 24 fps): the memory plan's default (README); 20 Euler steps per rollout
-        preset=dict(
-            FULL,
-            out="runs/ltx2",
-            rewards="pickscore_photo,vlm_animation",
-            prompts_per_step=2,
-            prefs_per_prompt=2,
-            group_size=4,
-            sample_steps=20,
-            solver="euler",
-            frames=49,
-            batch=1,
-            eval_points=7,
-            eval_prompts=4,
-        ),
-        tiny=dict(
-            out="runs/ltx2-tiny",
-            heldout="tiny_photo_heldout,tiny_sketch_heldout",
-            kl_beta=0.1,
-            prefs_per_prompt=2,
-            solver="euler",
-            size=16,
-            frames=6,
-            batch=72,
-        ),
+        preset=dict(FULL, out="runs/ltx2", rewards="pickscore_photo,vlm_animation", solver="euler", frames=49, batch=1)
+        | dict(prompts_per_step=2, prefs_per_prompt=2, group_size=4, sample_steps=20, eval_points=7, eval_prompts=4),
+        tiny=dict(out="runs/ltx2-tiny", heldout="tiny_photo_heldout,tiny_sketch_heldout", kl_beta=0.1, batch=72)
+        | dict(prefs_per_prompt=2, solver="euler", size=16, frames=6),
     ),
 }
 

@@ -27,7 +27,10 @@ The default backend is "triton" when Triton imports and CUDA is available or TRI
 kernels/ imports nothing else of the project (kernels/bench.py: the ops; benchmarks/blocks.py: model blocks).
 """
 
+import importlib.machinery
+import importlib.util
 import os
+import sys
 
 from ._common import get_backend, set_backend
 from .adaln import modulate, modulate_ref
@@ -48,14 +51,50 @@ __all__ = [
 ]
 
 
+# Hugging Face's `kernels` package (hub kernels) has our import name, and transformers >= 5.25 requires it: it
+# checks for it by its installed metadata, then runs `from kernels import CUDAProperties, ...` at start-up. Whichever
+# folder comes first on sys.path owns the name; when it is ours, this package serves Hugging Face's as well: its
+# folder goes after ours in __path__ (so its absolute `kernels._internals...` imports resolve), its __init__ runs
+# on first use in a module object of its own (never in sys.modules), and __getattr__ hands out its public names.
+def _find_hf_kernels():
+    here = os.path.realpath(os.path.dirname(__file__))
+    for entry in sys.path:
+        spec = importlib.machinery.PathFinder.find_spec(__name__, [entry or os.curdir])
+        locations = spec and spec.submodule_search_locations
+        if locations and spec.origin and os.path.realpath(os.path.dirname(spec.origin)) != here:
+            return spec
+    return None
+
+
+_hf_spec = _find_hf_kernels()
+if _hf_spec is not None:
+    __path__.extend(_hf_spec.submodule_search_locations)  # ours first: our submodules win any clash
+_hf_module = None
+
+
+def _hf_kernels():
+    global _hf_module
+    if _hf_module is None and _hf_spec is not None:
+        module = importlib.util.module_from_spec(_hf_spec)
+        _hf_module = module  # set first: a circular `from kernels import x` during its __init__ fails, not recurses
+        try:
+            _hf_spec.loader.exec_module(module)
+        except BaseException:
+            _hf_module = None
+            raise
+    return _hf_module
+
+
 def __getattr__(name):
-    # Hugging Face's `kernels` package has the same import name; transformers >= 5.25 depends on it and imports
-    # names from it at start-up, which then land here. Say so instead of a bare "cannot import name". Private
-    # names and our own submodules stay AttributeErrors (hasattr and `from kernels import bench` rely on that).
-    if name.startswith("_") or os.path.exists(os.path.join(os.path.dirname(__file__), name + ".py")):
+    # Our own submodules and private names stay AttributeErrors (hasattr and `from kernels import bench` rely on it).
+    ours = os.path.exists(os.path.join(os.path.dirname(__file__), name + ".py"))
+    if not ours and (not name.startswith("_") or name == "__version__"):
+        hf = _hf_kernels()
+        if hf is not None and hasattr(hf, name):
+            return getattr(hf, name)
+    if ours or name.startswith("_"):
         raise AttributeError(f"module 'kernels' has no attribute {name!r}")
     raise ImportError(
-        f"kernels.{name}: this is ParetoSlider's kernels/ package, which shadows Hugging Face's "
-        f"`kernels` (imported by transformers >= 5.25); install 'transformers<5.25' "
-        f"(requirements.txt pins it)"
+        f"kernels.{name}: this is ParetoSlider's kernels/ package, which shadows Hugging Face's `kernels`, and "
+        f"Hugging Face's is not installed (pip install 'kernels>=0.19.1,<0.20', or transformers<5.25)"
     )

@@ -981,3 +981,36 @@ def test_sd35_tiny_model_kernels_on_equals_off():
         torch.testing.assert_close(
             grads_t[n], grads_r[n], atol=1e-5 * (1 + grads_r[n].abs().max().item()), rtol=1e-4, msg=n
         )
+
+
+@pytest.mark.parametrize("first", ["ours", "transformers"])
+def test_transformers_and_hub_kernels_beside_ours(first):
+    # transformers >= 5.25 requires Hugging Face's `kernels` (the hub kernels) and imports names from it when a model
+    # module loads (integrations/hub_kernels.py: `from kernels import CUDAProperties, ...` once its installed metadata
+    # says it is there). Our kernels/ owns the import name and serves Hugging Face's names too (kernels/__init__.py):
+    # in a fresh interpreter, in either import order, a transformers model builds and runs, our ops stay ours, and
+    # the hub's names are the hub's (where it is installed; without it transformers never asks)
+    import importlib.metadata
+
+    try:
+        hub = importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        hub = None
+    imports = ["import kernels", "from transformers import T5Config, T5EncoderModel"]
+    code = (
+        "\n".join(imports if first == "ours" else imports[::-1])
+        + """
+import torch
+from transformers.utils import is_kernels_available
+net = T5EncoderModel(T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
+out = net(input_ids=torch.tensor([[1, 2, 3]])).last_hidden_state
+hub = kernels.get_kernel.__module__ if is_kernels_available() else None
+print(kernels.modulate.__module__, is_kernels_available(), hub, tuple(out.shape))
+"""
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ours, available, where, shape = p.stdout.split(maxsplit=3)
+    assert ours == "kernels.adaln" and shape.strip() == "(1, 3, 16)"
+    assert available == str(hub is not None)
+    assert (where == "None") if hub is None else (where.startswith("kernels._") and where != "kernels.adaln")

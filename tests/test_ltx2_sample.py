@@ -272,7 +272,7 @@ def test_cli_full_size_with_audio(repo, tmp_path, capsys):
 
 
 def test_train_full_size_path_and_its_run(repo, tmp_path, monkeypatch):
-    # train.py --weights on the tiny diffusers folder (ltx2_setup: prompts encoded by Gemma-3 + connectors, which are
+    # train.py --weights on the tiny diffusers folder (full_setup: prompts encoded by Gemma-3 + connectors, which are
     # freed before the transformer loads; rollouts decoded by the video VAE, each frame scored), then sample.py --run
     import gc
     import weakref

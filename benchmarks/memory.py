@@ -326,7 +326,8 @@ def plan(s, device="meta", M=2):
     samples, timesteps = s.get("step", (B, 1))
     r["stored"] = 2 * 2 * samples * timesteps * sum(math.prod(s["inputs"][k][1:]) for k in s.get("x0", ()))
     r["act"] = max(r["rollout"], r["update"], r["decode"])
-    r["peak"], r["setup"] = max(per_gpu(r).values()), per_gpu(r)["setup"]
+    phases = per_gpu(r)  # one GPU, no options
+    r["peak"], r["setup"] = max(phases.values()), phases["setup"]
     return r
 
 

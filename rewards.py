@@ -8,6 +8,7 @@
 # dtype) loaders that load the weights once and return such a function. A reward that cannot be computed
 # raises; it never returns a silent zero (flow_grpo's UnifiedReward regex failure -> 0 collapsed runs).
 # Combining objectives is not done here: train.py does it, in plain sight.
+import functools
 import io
 import math
 import os
@@ -103,9 +104,7 @@ def ssim(images, prompts, meta):
     g = g / g.sum()
     w = (g[:, None] * g[None, :]).expand(3, 1, 11, 11)
 
-    def blur(z):
-        return F.conv2d(z, w, groups=3)
-
+    blur = lambda z: F.conv2d(z, w, groups=3)
     c1, c2 = 0.01**2, 0.03**2
     mx, my = blur(x), blur(y)
     sxx, syy, sxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
@@ -163,6 +162,10 @@ def _shape_distance(shape, dx, dy, r):
 
 
 STYLE_WORDS = ("photo", "mixed", "sketch")  # caption words of the prompt-rewriting baseline (train.py --method prompt)
+
+
+def caption(color, shape):  # the tiny world's prompt: "a red circle", "an orange square"
+    return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape}"
 
 
 def style_word(s):
@@ -251,7 +254,7 @@ def tiny_world(n, size=32, seed=0, style=None):
         x, color, shape, s, _ = _render(256, size, gen, style)
         keep = min(256, n - start)
         images.append(x[:keep])
-        prompts += [f"a {COLORS[c]} {SHAPES[j]}" for c, j in zip(color[:keep].tolist(), shape[:keep].tolist())]
+        prompts += [caption(COLORS[c], SHAPES[j]) for c, j in zip(color[:keep].tolist(), shape[:keep].tolist())]
         styles += s[:keep].tolist()
     return torch.cat(images) if images else torch.zeros(0, 3, size, size), prompts, styles
 
@@ -268,7 +271,7 @@ def tiny_video_world(n, size=24, frames=6, seed=0, style=None):
         x, color, shape, s, xy = _render(256, size, gen, style, frames)
         keep = min(256, n - start)
         videos.append(x[:keep]), tracks.append(xy[:keep])
-        prompts += [f"a {COLORS[c]} {SHAPES[j]}" for c, j in zip(color[:keep].tolist(), shape[:keep].tolist())]
+        prompts += [caption(COLORS[c], SHAPES[j]) for c, j in zip(color[:keep].tolist(), shape[:keep].tolist())]
         styles += s[:keep].tolist()
     return torch.cat(videos), prompts, styles, torch.cat(tracks)
 
@@ -289,15 +292,54 @@ def tiny_photo(images, prompts, meta):
     return 1 - torch.exp(-(_mean(_chroma(x)) + 0.25 * (1 - _mean(_luma(x)))) / 0.15)
 
 
+@functools.lru_cache(maxsize=None)
+def _ridges(j, size, sectors=8):
+    # a ridge detector for SHAPES[j]'s outline at the world's 5 radii, in angular sectors: conv kernels [5*sectors,1,
+    # k,k] (k = 2 half + 1), each sector's weights on the line and on a band 1.5-4 px off it (each summing to 1), and
+    # how much of each weight falls inside a size x size frame at each placement [5*sectors,size,size] (0 to 1)
+    c = torch.arange(-(half := math.ceil(0.34 * size) + 2), half + 1.0) / size
+    dx, dy = c.expand(len(c), -1), c[:, None].expand(-1, len(c))
+    d = (_shape_distance(j, dx, dy, torch.linspace(0.2, 0.32, 5).view(-1, 1, 1)) * size).abs()  # [5,k,k] px
+    angle = ((torch.atan2(dy, dx) / math.pi + 1) * sectors / 2).long().clamp(max=sectors - 1)
+    sector = F.one_hot(angle, sectors).movedim(-1, 0)[None]  # [1,S,k,k]
+    on, off = ((v[:, None] * sector) for v in ((1 - d / 1.5).clamp(0, 1), (d - 1.5).clamp(0, 1) * (4 - d).clamp(0, 1)))
+    kernels = [(k / k.sum((2, 3), keepdim=True)).flatten(0, 1)[:, None] for k in (on, off)]
+    return kernels, [F.conv2d(F.pad(torch.ones(1, 1, size, size), (half,) * 4), k)[0] for k in kernels], half
+
+
+def _drawn_outline(y, prompts):
+    # how clearly the prompted shape's outline is drawn in y [B,H,W] (luma), [B]: over placements (centre, radius) of
+    # its ridge detector, the best one's weakest sector's contrast (mean luma off the line minus on it), so the line
+    # must go round the shape (strokes elsewhere, or along part of it, score low). Sectors mostly outside the frame
+    # (a shape leaving a video frame) are left out, and at least 6 of 8 must be seen. A prompt naming no shape: the
+    # best of all shapes.
+    best = torch.full((len(prompts),), -1.0, device=y.device)
+    for j, name in enumerate(SHAPES):
+        words = [set(p.lower().split()) for p in prompts]
+        m = torch.tensor([name in w or not set(SHAPES) & w for w in words], device=y.device)
+        if m.any():
+            kernels, seen, half = _ridges(j, y.shape[-1])
+            x = F.pad(y[m, None], (half,) * 4)  # zeros outside the frame, and `seen` says how much of a sector is in
+            (on, off), (s_on, s_off) = ([t.to(y.device) for t in ts] for ts in (kernels, seen))
+            shown = (s_on > 0.5) & (s_off > 0.5)  # [5S, H, W]
+            c = F.conv2d(x, off) / s_off.clamp_min(1e-6) - F.conv2d(x, on) / s_on.clamp_min(1e-6)
+            c = torch.where(shown, c, math.inf).unflatten(1, (5, -1)).amin(2)  # [b, 5, H, W]: the weakest sector
+            best[m] = torch.maximum(
+                best[m], torch.where(shown.unflatten(0, (5, -1)).sum(1) >= 6, c, -1.0).amax((1, 2, 3))
+            )
+    return best
+
+
 def tiny_sketch(images, prompts, meta):
-    # "sketch-ness", in [0,1): gray paper (mean of luma - chroma, linear along the blend) through a concave map,
-    # times the presence of dark ink (saturating below one percent of the pixels, a thin outline), so a blank page
-    # scores 0.7x a drawing. A photo still scores ~0.3 (its brighter patches), never a flat 0.
+    # "a drawing of the prompt", in [0,1): gray paper (mean of luma - chroma) and the prompted shape's outline in
+    # dark lines (_drawn_outline), the smaller of the two (3 (outline + 0.05) against paper, both needed) through a
+    # concave map. Both grow linearly along the photo -> sketch blend, so blends score above the chord; a photo still
+    # scores ~0.3 (never a flat 0), a blank page 0.3, scattered strokes ~0.35, another shape's outline ~0.65, the
+    # world's sketch ~0.9.
     x = images.float()
     y = _luma(x)[:, 0]
     paper = F.softplus(_mean(y - _chroma(x)), beta=20)  # a smooth max(., 0): a dark, saturated photo ~1e-5, not 0
-    ink = 1 - torch.exp(-_mean(((0.8 - y) / 0.4).clamp(0, 1)) / 0.005)
-    return (1 - torch.exp(-paper / 0.4)) * (0.7 + 0.3 * ink)
+    return 1 - torch.exp(-torch.minimum(paper, 3 * (_drawn_outline(y, prompts).clamp_min(0) + 0.05)) / 0.4)
 
 
 def tiny_photo_heldout(images, prompts, meta):
@@ -306,9 +348,8 @@ def tiny_photo_heldout(images, prompts, meta):
     x = images.float()
     r, g, b = x.unbind(1)
     rg, yb = (r - g).flatten(1), (0.5 * (r + g) - b).flatten(1)
-    colourful = (rg.var(1, unbiased=False) + yb.var(1, unbiased=False) + 1e-12).sqrt() + 0.3 * (
-        rg.mean(1).square() + yb.mean(1).square() + 1e-12
-    ).sqrt()
+    colourful = (rg.var(1, unbiased=False) + yb.var(1, unbiased=False) + 1e-12).sqrt()
+    colourful = colourful + 0.3 * (rg.mean(1).square() + yb.mean(1).square() + 1e-12).sqrt()
     dark = _mean(torch.sigmoid((0.5 - _luma(x)) / 0.05))
     return 0.5 * (1 - torch.exp(-colourful / 0.15)) + 0.5 * dark
 
@@ -460,8 +501,8 @@ def tiny_edit_world(n, size=32, seed=0):
 
 # the code each tiny world's pictures come from: train.py hashes it into its cached base's name (a change re-pretrains)
 WORLD_CODE = dict(
-    image=(tiny_world, _render, _shape_distance, style_word),
-    video=(tiny_video_world, _render, _shape_distance, style_word),
+    image=(tiny_world, _render, _shape_distance, style_word, caption),
+    video=(tiny_video_world, _render, _shape_distance, style_word, caption),
     edit=(tiny_edit_world, _edit_scenes, _edit_grid, _paint, _outline, _shape_distance),
 )
 
@@ -473,8 +514,7 @@ def _parse_edits(prompts):  # -> kind [B] (0 colour, 1 shape, 2 style), index [B
             raise ValueError(f"not a tiny edit instruction: {p!r}; valid: {EDIT_INSTRUCTIONS}")
         w = p.split()[-1]
         parsed.append((0, COLORS.index(w)) if w in COLORS else (1, SHAPES.index(w)) if w in SHAPES else (2, 0))
-    kind, index = torch.tensor(parsed, dtype=torch.long).view(-1, 2).unbind(1)
-    return kind, index
+    return torch.tensor(parsed, dtype=torch.long).view(-1, 2).unbind(1)
 
 
 def _wmean(w, v, pad=0.0):
@@ -499,16 +539,8 @@ def _edit_reference(s, kind, index):
     dx = (xs.view(1, 1, w) - ((mask.sum(1) * xs).sum(1) / area).view(b, 1, 1)).expand(b, h, w)
     dy = (ys.view(1, h, 1) - ((mask.sum(2) * ys).sum(1) / area).view(b, 1, 1)).expand(b, h, w)
     radius = (area.view(b, 1) / _SHAPE_AREA.to(s.device)).sqrt()  # [B,6]: each template at the mask's area
-    misfit = torch.stack(
-        [
-            (torch.sigmoid(-_shape_distance(j, dx, dy, radius[:, j].view(b, 1, 1)) / 0.5) - mask)
-            .abs()
-            .flatten(1)
-            .mean(1)
-            for j in range(len(SHAPES))
-        ],
-        1,
-    )
+    fill = lambda j: torch.sigmoid(-_shape_distance(j, dx, dy, radius[:, j].view(b, 1, 1)) / 0.5)  # template j's mask
+    misfit = torch.stack([_mean((fill(j) - mask).abs()) for j in range(len(SHAPES))], 1)  # [B,6]
     shape = misfit.masked_fill(F.one_hot(index, len(SHAPES)).bool() & (kind == 1)[:, None], math.inf).argmin(1)
     r = radius.gather(1, shape[:, None]).view(b, 1, 1)
     d = _outline(shape, dx, dy, r)  # [B,H,W] signed distance to the source's outline
@@ -555,15 +587,11 @@ def _edit_distance(z, ref):
         colour = _wmean(ref["inside"], (z - ref["repainted"]).abs().mean(1))
         o = ((_opponent(z.movedim(1, -1)) * ref["hue"]).sum(-1) - ref["lo"]) / ref["scale"]
         luma, chroma = _luma(z)[:, 0], _chroma(z).flatten(1).mean(1)
-    outline = (
-        _wmean(ref["gained"], 1 - o.clamp(max=1), pad=1.0)
-        + _wmean(ref["lost"], o.clamp(min=0), pad=1.0)
-        + _wmean(ref["kept"], 1 - o.clamp(max=1))
-    )
+    outline = _wmean(ref["gained"], 1 - o.clamp(max=1), pad=1.0) + _wmean(ref["lost"], o.clamp(min=0), pad=1.0)
+    outline = outline + _wmean(ref["kept"], 1 - o.clamp(max=1))
     line = ref["line"]
     sketch = _wmean(1 - line, (0.9 - luma).clamp_min(0)) + 1 - (_wmean(ref["near"], luma) - _wmean(line, luma)) + chroma
-    kind = ref["kind"]
-    return torch.where(kind == 0, colour, torch.where(kind == 1, outline, sketch))
+    return torch.where(ref["kind"] == 0, colour, torch.where(ref["kind"] == 1, outline, sketch))
 
 
 def tiny_preserve(images, prompts, meta):
@@ -572,10 +600,8 @@ def tiny_preserve(images, prompts, meta):
     # norms of x - s, so the score falls exactly linearly along a pixel blend from the source to anything.
     x, s = images.float(), _sources(images, meta)
     e = _luma(x - s)[:, 0]
-    grad = 0.5 * (
-        (e[:, 1:] - e[:, :-1]).abs().flatten(1).mean(1) + (e[:, :, 1:] - e[:, :, :-1]).abs().flatten(1).mean(1)
-    )
-    return 1 - (x - s).abs().flatten(1).mean(1) - grad
+    grad = 0.5 * (_mean((e[:, 1:] - e[:, :-1]).abs()) + _mean((e[:, :, 1:] - e[:, :, :-1]).abs()))
+    return 1 - _mean((x - s).abs()) - grad
 
 
 def tiny_adhere(images, prompts, meta):
@@ -638,17 +664,15 @@ def _resize_crop(x, size, short=None):
     # (tested); imscore reports ±0.1 PickScore from such resampling differences.
     h, w = x.shape[-2:]
     s = (short or size) / min(h, w)
-    x = F.interpolate(
-        x, size=(max(size, round(h * s)), max(size, round(w * s))), mode="bicubic", antialias=True, align_corners=False
-    )
+    hw = (max(size, round(h * s)), max(size, round(w * s)))
+    x = F.interpolate(x, size=hw, mode="bicubic", antialias=True, align_corners=False)
     top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
     return x[..., top : top + size, left : left + size]
 
 
 def _normalize(x, mean, std):
-    return (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(
-        1, 3, 1, 1
-    )
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
+    return (x - mean) / std
 
 
 def _emb(o):  # transformers 5: BaseModelOutputWithPooling whose pooler_output is the projected embedding
@@ -671,16 +695,10 @@ def _clip(path, device, dtype, tokenizer=None):
         return F.normalize(_emb(model.get_image_features(pixel_values=x.to(dtype))).float(), dim=-1)
 
     def text_embed(texts):
-        t = tok(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=model.config.text_config.max_position_embeddings,
-            return_tensors="pt",
-        ).to(device)
-        return F.normalize(
-            _emb(model.get_text_features(input_ids=t.input_ids, attention_mask=t.attention_mask)).float(), dim=-1
-        )
+        max_len = model.config.text_config.max_position_embeddings
+        t = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(device)
+        e = _emb(model.get_text_features(input_ids=t.input_ids, attention_mask=t.attention_mask))
+        return F.normalize(e.float(), dim=-1)
 
     return image_embed, text_embed, model
 
@@ -775,16 +793,8 @@ def load_aesthetic(path_or_hub_id=None, device="cpu", dtype=torch.bfloat16, clip
         sd = torch.load(path_or_hub_id, map_location="cpu", weights_only=True)
     sd = {k.removeprefix("layers."): v for k, v in sd.items()}
     dim = sd["0.weight"].shape[1] if "0.weight" in sd else 768
-    head = torch.nn.Sequential(
-        torch.nn.Linear(dim, 1024),
-        torch.nn.Dropout(0.2),
-        torch.nn.Linear(1024, 128),
-        torch.nn.Dropout(0.2),
-        torch.nn.Linear(128, 64),
-        torch.nn.Dropout(0.1),
-        torch.nn.Linear(64, 16),
-        torch.nn.Linear(16, 1),
-    )
+    L, D = torch.nn.Linear, torch.nn.Dropout
+    head = torch.nn.Sequential(L(dim, 1024), D(0.2), L(1024, 128), D(0.2), L(128, 64), D(0.1), L(64, 16), L(16, 1))
     head.load_state_dict(sd)  # strict: a wrong file fails here, naming the keys
     head = head.to(device).eval().requires_grad_(False)
     LOADED.append(head)
@@ -897,10 +907,9 @@ def qwen_inputs(tok, config, images, prompts, rubric, image_size=448):
             f"qwen_inputs: images must be [B,3,H,W] or [B,N,3,H,W] for the {len(prompts)} prompts, "
             f"got {tuple(images.shape)}"
         )
-    b, n = images.shape[:2]
+    b, n, _, h, w = images.shape
     vc = config.vision_config
     patch, merge, unit = vc.patch_size, vc.spatial_merge_size, vc.patch_size * vc.spatial_merge_size
-    h, w = images.shape[-2:]
     scale = image_size / math.sqrt(h * w)
     rh, rw = max(unit, round(h * scale / unit) * unit), max(unit, round(w * scale / unit) * unit)
     # [B·N,3,rh,rw], each prompt's images consecutive: the order in which Qwen fills the batch's image tokens
@@ -909,14 +918,8 @@ def qwen_inputs(tok, config, images, prompts, rubric, image_size=448):
     name = tok.convert_ids_to_tokens
     n_tokens = (rh // patch) * (rw // patch) // merge**2  # one LLM token per merge x merge patches
     one = name(config.vision_start_token_id) + name(config.image_token_id) * n_tokens + name(config.vision_end_token_id)
-    vision = one * n
-    texts = [
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-        + vision
-        + rubric.format(prompt=p)
-        + "<|im_end|>\n<|im_start|>assistant\n"
-        for p in prompts
-    ]
+    head = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + one * n
+    texts = [head + rubric.format(prompt=p) + "<|im_end|>\n<|im_start|>assistant\n" for p in prompts]
     # left padding: the answer position is the last one in every row
     t = tok(texts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
     found = (t.input_ids == config.image_token_id).sum(1)
@@ -1015,16 +1018,12 @@ def per_frame(fn, frames=4):
 
     def video_reward(video, prompts, meta):
         _check_video(video, f"per_frame({fn.__name__})")
-        b = video.shape[0]
         idx = frame_indices(video.shape[1], frames)
         k = len(idx)
         x = video[:, idx].flatten(0, 1)  # [B·k,3,H,W], each video's frames consecutive
-
-        def repeat(items):  # [B] -> [B·k] in the order of x
-            return [v for v in items for _ in range(k)]
-
+        repeat = lambda items: [v for v in items for _ in range(k)]  # [B] -> [B·k] in the order of x
         scores = fn(x, repeat(prompts), None if meta is None else repeat(meta))
-        return scores.reshape(b, k).mean(1)
+        return scores.reshape(video.shape[0], k).mean(1)
 
     video_reward.__name__ = fn.__name__
     video_reward.video = True

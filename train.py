@@ -71,6 +71,7 @@ class Config:
     prompts_per_step: int = 4  # prompts per epoch
     prefs_per_prompt: int = 3  # K preference vectors per prompt
     group_size: int = 6  # G images per (prompt, w) group (reference: 24 per prompt = 3 x 8)
+    corners: float = 0.1  # M = 2: the share of one-hot w among the drawn w (released code: 0.1), the rest uniform
     sample_steps: int = 8  # ODE steps for rollouts and eval (reference: 25)
     solver: str = "dpm2"  # deterministic solver of the rollouts (reference: DPM-Solver++ 2M)
     shift: float = 1.0  # schedule time shift (3.0 for SD3.5 at 512-1024 px; 1.0 for the 32 px world)
@@ -83,6 +84,7 @@ class Config:
     beta: float = 0.1  # NFT strength: v+ = beta v + (1-beta) v_old
     kl_beta: float = 1e-4  # weight of mean ||v - v_ref||^2 to the base model (pref=None, adapters off)
     adv_clip: float = 5.0  # advantages clipped to +-5; also the loss multiplier (DiffusionNFT)
+    advantage: str = "paper"  # ParetoSlider's M rewards -> one target: paper | spread | early (see ADVANTAGES)
     timestep_fraction: float = 0.99  # train on int(fraction * sample_steps) of the sampler's timesteps
     lr: float = 3e-4
     weight_decay: float = 1e-4
@@ -115,6 +117,7 @@ CHOICES = dict(
     device=("", "cuda", "cpu"),
     method=("slider", "fixed", "flowmulti", "prompt", "soups"),
     quantize=("", "int8"),
+    advantage=("paper", "spread", "early"),
 )
 # METHODS: the paper's method and its baselines (its comparisons), one loop. Which train, and their eval.json names:
 #   slider    ParetoSlider: one model with the w input, late scalarisation (per-reward advantages mixed by w)
@@ -133,10 +136,10 @@ TRAINS = ("slider", "fixed", "flowmulti")
 # fmt: off
 AT_LEAST = dict(steps=1, prompts_per_step=1, prefs_per_prompt=1, group_size=2, sample_steps=1, size=8, frames=2,
                 batch=1, lora_rank=1, ckpt_every=1, pretrain_steps=1, pretrain_batch=1, eval_points=2, eval_prompts=1,
-                kl_beta=0.0, weight_decay=0.0, ema=0.0)
+                kl_beta=0.0, weight_decay=0.0, ema=0.0, corners=0.0)
 # fmt: on
 POSITIVE = tuple("lr lora_alpha grad_clip adv_clip shift pretrain_lr beta timestep_fraction guidance".split())
-AT_MOST = dict(beta=1.0, timestep_fraction=1.0, ema=0.999999)
+AT_MOST = dict(beta=1.0, timestep_fraction=1.0, ema=0.999999, corners=1.0)
 # what --resume may change: how far to train, where to run, what to evaluate; everything else is the method
 RESUMABLE = tuple(
     "steps resume kernels device eval_points eval_prompts ref_point ckpt_every batch cache compile fsdp offload".split()
@@ -215,7 +218,7 @@ def parse_config(argv=None):
 def not_for(cfg, args):
     # flags given that this backbone / mode would ignore: refused, naming the flag and what makes it meaningless
     spec, b, tiny = model.BACKBONES[cfg.backbone], f"--backbone {cfg.backbone}", cfg.tiny
-    edit = spec.editing
+    edit, slider_off = spec.editing, cfg.method != "slider" or bool(cfg.fixed_pref)
     rules = [
         ("frames", not spec.video, f"{b} makes images"),
         ("nft_audio", not spec.video, f"{b} has no audio"),
@@ -223,6 +226,8 @@ def not_for(cfg, args):
         ("weights", tiny, "--tiny builds and pretrains its own base"),
         ("prompts", tiny or edit, "--tiny draws its prompts from its world" if tiny else f"{b} edits: --edits"),
         ("edits", tiny or not edit, "--tiny draws its edits from its world" if tiny else f"{b} takes --prompts"),
+        ("advantage", slider_off, "only ParetoSlider mixes advantages (FixedWeight and FlowMulti scalarise early)"),
+        ("corners", slider_off or cfg.rewards.count(",") != 1, "it shapes ParetoSlider's w draws for M = 2 only"),
     ]
     for name, ignored, why in rules:
         if name in args and ignored:
@@ -377,31 +382,48 @@ def objectives(cfg):
 # The method's math: small pure functions, fp32.
 
 
-def sample_preferences(n, M, gen):
+def sample_preferences(n, M, gen, corners=0.1):
     """n preference vectors on the simplex (released code, _sample_structured_preference).
-    M=2: 10% one-hot corners, else Dirichlet(1,1). M>=3: 50% vertices, 35% a random pair with
+    M=2: `corners` of them one-hot (10%), else Dirichlet(1,1). M>=3: 50% vertices, 35% a random pair with
     Dirichlet(1,1) on it, 15% interior Dirichlet(1,...,1). Dirichlet(1) = normalised Exp(1) draws."""
     u = torch.rand(n, generator=gen)
     expo = -torch.log(torch.rand(n, M, generator=gen).clamp_min(1e-12))
     w = expo / expo.sum(1, keepdim=True)  # interior
     vertex = torch.nn.functional.one_hot(torch.randint(M, (n,), generator=gen), M).float()
     if M == 2:
-        return torch.where((u < 0.1)[:, None], vertex, w)
+        return torch.where((u < corners)[:, None], vertex, w)
     pair = torch.rand(n, M, generator=gen).argsort(1)[:, :2]  # a random pair of objectives
     e = expo[:, :2] / expo[:, :2].sum(1, keepdim=True)
     edge = torch.zeros(n, M).scatter(1, pair, e)
     return torch.where((u < 0.5)[:, None], vertex, torch.where((u < 0.85)[:, None], edge, w))
 
 
-def group_advantages(r, groups, eps=1e-4):
+def group_advantages(r, groups, eps=1e-4, scale=True):
     """Normalise each reward column inside its group: (r - mean) / (std + eps), current batch only.
-    r [N, M], groups [N] int -> [N, M]. Population std, as the released tracker (np.std)."""
+    r [N, M], groups [N] int -> [N, M]. Population std, as the released tracker (np.std). scale=False: centred only."""
     out = torch.empty_like(r)
     for g in groups.unique():
         m = groups == g
         x = r[m]
-        out[m] = (x - x.mean(0)) / (x.std(0, unbiased=False) + eps)
+        out[m] = (x - x.mean(0)) / (x.std(0, unbiased=False) + eps if scale else 1)
     return out
+
+
+# ADVANTAGES: how ParetoSlider turns a sample's M rewards and its own w into the target p of its NFT loss (--advantage)
+#   paper   the paper's late scalarisation (Sec. 3, and its released code): each reward z-scored inside its (prompt,
+#           w) group, p = sum_m w_m opt(A_m). The full-size presets' choice
+#   spread  each reward centred in its group and scaled by its spread over the whole batch (the pooled within-group
+#           std): the within-group slopes survive, so sum_m w_m A_m ranks a group as sum_m w_m r_m / s_m does
+#   early   early scalarisation inside the conditioned model: sum_m w_m r_m, then the group z-score; FixedWeight's
+#           advantage at each sample's own w (FixedWeight amortised over w). FixedWeight and FlowMulti use this
+def preference_target(r, w, groups, how, clip=5.0):
+    # r [N, M] rewards, w [N, M] each sample's preference, groups [N] -> p [N] in [0, 1]
+    if how == "early":
+        return optimality(group_advantages((r * w).sum(1, keepdim=True), groups), clip)[:, 0]
+    adv = group_advantages(r, groups, scale=how == "paper")  # spread: centred, then the batch's spread per reward
+    if how == "spread":
+        adv = adv / (adv.square().mean(0).sqrt() + 1e-4)
+    return (w * optimality(adv, clip)).sum(1)
 
 
 def optimality(adv, clip=5.0):
@@ -638,7 +660,7 @@ def sd35_tiny_setup(cfg, M, device):
     """The tiny world's prompts "a {color} {shape}", encoded once by tiny text encoders (fixed seed, offline vocab).
     Half of the pretraining captions also name the image's style ("a red circle, sketch"; R.style_word), so the base
     model learns the words the prompt-rewriting baseline uses; RL and evaluation use the plain prompts."""
-    prompts = [f"a {c} {s}" for c in R.COLORS for s in R.SHAPES]
+    prompts = [R.caption(c, s) for c in R.COLORS for s in R.SHAPES]
     tiny_enc = dict(vocab=["a", ","] + R.COLORS + R.SHAPES + list(R.STYLE_WORDS), seed=0)
     enc = sample.tiny_text_encoders(**tiny_enc)
     cond, styled, rewrites = tiny_captions(lambda ps: sample.sd3_cond(enc, ps), prompts)
@@ -835,7 +857,7 @@ def ltx2_tiny_setup(cfg, M, device):
     audio latent [8, T, 2] is the world's "sound", a function of where the shape is in each frame. Text: a tiny
     Gemma-3 + tiny connectors (sample.tiny_ltx2_text_encoder). The image rewards score 4 frames of each
     (R.per_frame)."""
-    prompts = [f"a {c} {s}" for c in R.COLORS for s in R.SHAPES]
+    prompts = [R.caption(c, s) for c in R.COLORS for s in R.SHAPES]
     spec = dict(
         pixels=BACKBONES["ltx2"]["pixels"],
         tiny_text_encoder=dict(vocab=["a", ","] + R.COLORS + R.SHAPES + list(R.STYLE_WORDS), seed=0),
@@ -1200,20 +1222,16 @@ def eval_points(cfg, net, ema, setup, names, fixed):
     if cfg.method == "flowmulti":
         missing = [p for p in snapshots(cfg).values() if not os.path.isfile(p)]
         if missing:
-            raise RunError(
-                f"FlowMulti evaluates its checkpoints at 1/3, 2/3 and the end; missing {missing} (was the "
-                f"run extended with --steps? start a new one)"
-            )
+            raise RunError(f"FlowMulti evaluates its checkpoints at 1/3, 2/3 and the end; missing {missing} (was the "
+                           f"run extended with --steps? start a new one)")  # fmt: skip
         return [
             (f"step {k}", [1 / M] * M, adapter_file_state(net, p, names, setup), None, None)
             for k, p in snapshots(cfg).items()
         ]
     if cfg.method == "prompt":
         if not setup.rewrites:
-            raise RunError(
-                f"--method prompt needs a world whose captions carry style words "
-                f"(the tiny {cfg.backbone} setup has none)"
-            )
+            raise RunError(f"--method prompt needs a world whose captions carry style words (the tiny {cfg.backbone} "
+                           "setup has none)")  # fmt: skip
         return [(f"prompt '{sfx}'", w, None, None, c) for sfx, (w, c) in setup.rewrites.items()]
     a, b = (adapter_file_state(net, os.path.join(d, "adapters.safetensors"), names, setup) for d in cfg.soup.split(","))
     lams = [1 - i / (cfg.eval_points - 1) for i in range(cfg.eval_points)]
@@ -1234,11 +1252,7 @@ def evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, dev
     """Sample the fixed evaluation items (one noise each, the same at every point) at each of the method's points;
     score them with the training rewards and the held-out scorers; eval.json, pareto.png, slider.png."""
     M, items = len(names), torch.tensor(setup.eval_items)
-    E, prompts, meta = (
-        len(items),
-        [setup.prompts[i] for i in setup.eval_items],
-        [setup.meta[i] for i in setup.eval_items],
-    )
+    E, prompts, meta = len(items), [setup.prompts[i] for i in setup.eval_items], [setup.meta[i] for i in items]
     noise = torch.randn(E, *setup.x0_shape, generator=torch.Generator().manual_seed(1234)).to(device)
     sigmas = schedule(cfg, setup)
     all_names = names + heldout
@@ -1385,7 +1399,7 @@ def train(cfg):
     for step in bar:
         t0 = time.time()
         # --- rollout: P prompts x K preferences x G samples, from the old policy, deterministic ODE
-        groups, pref, items, noise = draw(setup, fixed, P, K, G, M, gen)
+        groups, pref, items, noise = draw(setup, fixed, P, K, G, M, gen, cfg.corners)
         cond = lookup(setup, items[mine], device)
         my_pref = None if fixed is not None else pref[mine].to(device)  # w, x0 and sigma stay fp32 (the net casts)
         with torch.no_grad(), policy(net, old):
@@ -1397,10 +1411,9 @@ def train(cfg):
         r = all_sum(r.to(device)).cpu()
 
         # --- advantages: per reward, inside each (prompt, w) group; mixed with the sample's own w
-        if fixed is not None:  # FixedWeight / FlowMulti: early scalarization, then per-prompt normalisation
-            p = optimality(group_advantages((r * fixed).sum(1, keepdim=True), groups // K), cfg.adv_clip)[:, 0]
-        else:
-            p = (pref * optimality(group_advantages(r, groups), cfg.adv_clip)).sum(1)
+        # (FixedWeight / FlowMulti: early scalarisation at their one w, normalised per prompt)
+        how, grp = ("early", groups // K) if fixed is not None else (cfg.advantage, groups)
+        p = preference_target(r, pref, grp, how, cfg.adv_clip)
 
         # --- policy update: DiffusionNFT on the sampler's timesteps, one optimizer step
         stats = nft_update(net, old, setup, x0, cond, my_pref, p[mine].to(device), (mine, N), sigmas, gen, cfg)
@@ -1532,11 +1545,11 @@ def check_finite(stats, gnorm, step, last, cfg):
                        f"at its last checkpoint (step {last}), resumable with --resume {cfg.out}")  # fmt: skip
 
 
-def draw(setup, fixed, P, K, G, M, gen):
+def draw(setup, fixed, P, K, G, M, gen, corners=0.1):
     """One epoch's batch: P items (prompts) x K preferences x G samples, from the shared generator -> (each sample's
     (item, w) group [N], w [N, M], item [N], noise [N, *x0_shape]); FixedWeight / FlowMulti: their one w."""
     pidx = torch.randint(len(setup.prompts), (P,), generator=gen)
-    group_pref = fixed.expand(P * K, M) if fixed is not None else sample_preferences(P * K, M, gen)
+    group_pref = fixed.expand(P * K, M) if fixed is not None else sample_preferences(P * K, M, gen, corners)
     groups = torch.arange(P * K * G) // G  # (prompt, w) group of each sample; prompt = group // K
     return groups, group_pref[groups], pidx[groups // K], torch.randn(P * K * G, *setup.x0_shape, generator=gen)
 

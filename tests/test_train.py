@@ -74,6 +74,53 @@ def test_group_advantages_against_numpy():
         np.testing.assert_allclose(a[m].numpy().mean(0), 0, atol=1e-5)  # each reward normalised separately
 
 
+def test_advantage_variants_are_what_they_say():
+    # --advantage: the three ways ParetoSlider turns M rewards and a sample's own w into its target p
+    g = torch.Generator().manual_seed(5)
+    groups = torch.arange(24) // 6  # four (prompt, w) groups of six
+    w = train.sample_preferences(4, 2, g)[groups]
+    r = torch.rand(24, 2, generator=g) * torch.tensor([1.0, 3.0])
+    r[6:12] *= 0.1  # one group whose rewards barely vary
+    for k in range(4):
+        m = groups == k
+        s = (r[m] * w[m]).sum(1)
+        # early: FixedWeight's advantage at the group's w, computed by hand (sum_m w_m r_m, z-scored, optimality)
+        want = 0.5 + 0.5 * ((s - s.mean()) / (s.std(unbiased=False) + 1e-4) / 5).clamp(-1, 1)
+        torch.testing.assert_close(train.preference_target(r, w, groups, "early")[m], want)
+        # paper: each reward z-scored in the group, then sum_m w_m opt(A_m)
+        z = (r[m] - r[m].mean(0)) / (r[m].std(0, unbiased=False) + 1e-4)
+        paper = (w[m] * (0.5 + 0.5 * (z / 5).clamp(-1, 1))).sum(1)
+        torch.testing.assert_close(train.preference_target(r, w, groups, "paper")[m], paper)
+    # FixedWeight's path in train() is early at its one w, per prompt: the same function, the same numbers
+    fixed = torch.tensor([0.3, 0.7]).expand(24, 2)
+    s = (r * fixed).sum(1)
+    want = 0.5 + 0.5 * ((s - s[:12].mean()) / (s[:12].std(unbiased=False) + 1e-4) / 5).clamp(-1, 1)
+    torch.testing.assert_close(train.preference_target(r, fixed, groups // 2, "early")[:12], want[:12])
+    # spread: centred per group, scaled per reward by the batch's pooled within-group spread s_m, so inside a group
+    # p ranks samples as sum_m w_m r_m / s_m does, a quiet group keeps its small advantages (the z-score blows them
+    # up to unit spread), and scaling one reward changes nothing
+    spread = train.preference_target(r, w, groups, "spread", clip=100.0)
+    c = r - torch.stack([r[groups == k].mean(0) for k in range(4)])[groups]
+    scaled = (w * r / c.square().mean(0).sqrt()).sum(1)
+    for k in range(4):
+        m = groups == k
+        assert torch.equal(spread[m].argsort(), scaled[m].argsort())
+    quiet, loud = ((spread[groups == k] - 0.5).abs().mean() for k in (1, 0))
+    assert quiet < 0.2 * loud
+    torch.testing.assert_close(
+        train.preference_target(r * torch.tensor([7.0, 1.0]), w, groups, "spread", 100.0), spread
+    )
+    # on a one-dimensional trade-off (r2 = -r1 inside a group) the paper's push has the sign of w1 - w2 for every w;
+    # early and spread follow the weighted sum of the rewards' own slopes (here r1 moves twice as fast as -r2)
+    t = torch.linspace(-1, 1, 6)
+    r1 = torch.stack([2 * t, -t], 1)  # sample i: photo +2t, sketch -t
+    w1 = torch.tensor([0.4, 0.6]).expand(6, 2)  # w1 < w2, yet 0.4 * 2 > 0.6 * 1: the weighted sum rises with t
+    one = torch.zeros(6, dtype=torch.long)
+    assert train.preference_target(r1, w1, one, "paper").diff().lt(0).all()  # pushed towards the sketch end
+    assert train.preference_target(r1, w1, one, "early").diff().gt(0).all()
+    assert train.preference_target(r1 / r1.std(0), w1, one, "spread").diff().lt(0).all()  # equal spreads: as paper
+
+
 def test_preference_sampling_statistics():
     g = torch.Generator().manual_seed(3)
     w = train.sample_preferences(40000, 2, g)
@@ -82,6 +129,8 @@ def test_preference_sampling_statistics():
     assert abs(corner - 0.10) < 0.01
     inner = w[w.max(1).values < 1][:, 0]  # Dirichlet(1,1): w1 uniform on [0,1]
     assert abs(inner.mean().item() - 0.5) < 0.01 and abs(inner.var().item() - 1 / 12) < 0.003
+    w = train.sample_preferences(40000, 2, g, corners=0.3)  # --corners: the share of one-hot w
+    assert abs((w.max(1).values == 1).float().mean().item() - 0.3) < 0.01
     w3 = train.sample_preferences(40000, 3, g)
     assert torch.allclose(w3.sum(1), torch.ones(len(w3)), atol=1e-6) and (w3 >= 0).all()
     zeros = (w3 == 0).sum(1)
@@ -300,6 +349,13 @@ def test_resume_equals_straight(tmp_path):
         (["--method", "dpo"], "--method 'dpo': choose one of"),
         (["--heldout", "tiny_nope"], "unknown reward"),
         (["--heldout", "temporal_flicker"], "score videos; --backbone sd35 makes images"),
+        (["--fixed-pref", "0.5,0.5", "--advantage", "spread"], "--advantage: only ParetoSlider mixes advantages"),
+        (["--advantage", "mean"], "--advantage 'mean': choose one of"),
+        (
+            ["--corners", "0.3", "--rewards", "tiny_photo,tiny_sketch,tiny_prompt"],
+            "--corners: it shapes",
+        ),
+        (["--corners", "1.5"], "--corners 1.5: must be >= 0.0 and <= 1.0"),
     ],
 )
 def test_bad_input_clear_errors(tmp_path, capsys, args, msg):
@@ -479,6 +535,8 @@ def test_baselines_benchmark_runs(tmp_path, monkeypatch, capsys):
         "1",
         "--out",
         str(tmp_path / "b"),
+        "--advantages",
+        "paper,early",
         "--cache",
         str(tmp_path / "cache"),
         *flags,
@@ -487,13 +545,13 @@ def test_baselines_benchmark_runs(tmp_path, monkeypatch, capsys):
         monkeypatch.setattr(sys, "argv", argv)
         runpy.run_path(os.path.join(ROOT, "benchmarks", "baselines.py"), run_name="__main__")
     out = capsys.readouterr().out
-    assert out.count("done before, reading its eval.json") == 9  # 1 + 5 + 1 + 1 + 1 runs, read back
-    for name in ("ParetoSlider", "FixedWeight", "FlowMulti", "PromptRewriting", "RewardedSoups"):
+    assert out.count("done before, reading its eval.json") == 10  # 2 + 5 + 1 + 1 + 1 runs, read back
+    for name in ("ParetoSlider (paper)", "ParetoSlider (early)", "FixedWeight", "FlowMulti", "RewardedSoups"):
         assert f"| **{name}** | hypervolume" in out
-    assert out.count("seed 0: ") == 2 * 4  # twice: Spearman, the w-weighted reward, and both hypervolumes
+    assert out.count("seed 0: ") == 2 * 2 * 4  # twice, per slider run: Spearman, the w-weighted reward, both HVs
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     m = summary["methods"]
-    assert len(m["ParetoSlider"]["points"][0]) == 21 and len(m["RewardedSoups"]["points"][0]) == 11
+    assert len(m["ParetoSlider (early)"]["points"][0]) == 21 and len(m["RewardedSoups"]["points"][0]) == 11
     assert m["RewardedSoups"]["points"][0][0][2] == m["FixedWeight"]["points"][0][0][2]  # lam = 1 is the w=(1,0) run
     assert (tmp_path / "b" / "fronts.png").stat().st_size > 1000
 

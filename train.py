@@ -108,6 +108,7 @@ class Config:
     fsdp: bool = False  # under torchrun: FSDP2 shards the base and the adapters over the ranks (default: replicated)
     offload: bool = False  # each large part on the GPU only in its phase (transformer, VAE, rewards): see the README
     quantize: str = ""  # int8: the frozen base's linear weights in int8, weight-only (torchao); adapters stay fp32
+    wandb: str = ""  # W&B project: the config, each epoch's scalars, each evaluation (rank 0; WANDB_MODE=offline works)
 
 
 CHOICES = dict(
@@ -141,9 +142,8 @@ AT_LEAST = dict(steps=1, prompts_per_step=1, prefs_per_prompt=1, group_size=2, s
 POSITIVE = tuple("lr lora_alpha grad_clip adv_clip shift pretrain_lr beta timestep_fraction guidance".split())
 AT_MOST = dict(beta=1.0, timestep_fraction=1.0, ema=0.999999, corners=1.0)
 # what --resume may change: how far to train, where to run, what to evaluate; everything else is the method
-RESUMABLE = tuple(
-    "steps resume kernels device eval_points eval_prompts ref_point ckpt_every batch cache compile fsdp offload".split()
-)
+RESUMABLE = tuple("steps resume kernels device eval_points eval_prompts ref_point ckpt_every batch cache".split())
+RESUMABLE += ("compile", "fsdp", "offload", "wandb")
 WHERE = ("fsdp", "offload")  # where a run runs: on --resume as given now (a run trained sharded resumes in one process)
 
 
@@ -203,8 +203,9 @@ def parse_config(argv=None):
         die("--fsdp shards the model over torchrun's processes: torchrun --nproc_per_node N train.py ... --fsdp")
     if cfg.fsdp and (cfg.compile or cfg.quantize):
         die(f"--fsdp with {'--compile' if cfg.compile else '--quantize'}: not supported together yet (drop one)")
-    if cfg.quantize and importlib.util.find_spec("torchao") is None:
-        die(f"--quantize {cfg.quantize} needs torchao: pip install torchao")
+    for flag, package in (("quantize", "torchao"), ("wandb", "wandb")):  # optional packages, only for their flag
+        if getattr(cfg, flag) and importlib.util.find_spec(package) is None:
+            die(f"--{flag} {getattr(cfg, flag)} needs {package}: pip install {package}")
     if cfg.fsdp and (N := cfg.prompts_per_step * cfg.prefs_per_prompt * cfg.group_size) % int(os.environ["WORLD_SIZE"]):
         die(f"--fsdp: the batch of {N} samples (prompts x prefs x group) must split evenly over the "
             f"{os.environ['WORLD_SIZE']} ranks (each rank's forwards meet in every block's all-gather)")  # fmt: skip
@@ -1389,6 +1390,7 @@ def train(cfg):
     if cfg.resume:
         print0(f"resumed {cfg.out} at step {start}" if start else f"{cfg.out}: no checkpoint yet, from 0", log=log)
     last = start  # the step of the newest checkpoint
+    wb = wandb_run(cfg) if cfg.wandb and is_rank0() else None
 
     P, K, G = cfg.prompts_per_step, cfg.prefs_per_prompt, cfg.group_size  # FixedWeight: same budget, one w
     N = P * K * G
@@ -1432,6 +1434,10 @@ def train(cfg):
         stats, rewards = all_sum(stats).cpu(), " ".join(f"{nm} {v:.4f}" for nm, v in zip(names, r.mean(0).tolist()))
         tail = f"loss {stats[0]:.4f} kl {stats[1]:.2e} gnorm {gnorm:.3f} | {time.time() - t0:.1f}s"
         print0(f"step {step + 1}/{cfg.steps} | {rewards} | {tail}", log=log, bar=bar)
+        if wb:
+            scalars = dict(zip([f"reward/{n}" for n in names], r.mean(0).tolist())) | dict(loss=stats[0], kl=stats[1])
+            scalars["grad_norm"] = gnorm
+            wb.log({k: float(v) for k, v in scalars.items()} | dict(seconds=time.time() - t0), step=step + 1)
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             last = step + 1
             save_checkpoint(ckpt, step + 1, params, old, ema, opt, gen, cfg)
@@ -1447,6 +1453,9 @@ def train(cfg):
         result = evaluate(cfg, net, points, setup, reward_fns, names, heldout, ref_point, device)
         if is_rank0():
             report(cfg, result, log)
+        if wb:
+            wandb_eval(wb, cfg, result, max(steps, start, 1))
+            wb.finish()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -1481,6 +1490,30 @@ def open_run(cfg, reward_names, device):
         model.atomic_json(asdict(cfg), os.path.join(cfg.out, "config.json"))
     video = model.BACKBONES[cfg.backbone].video  # image rewards then score 4 frames each (R.per_frame)
     return log, [R.get_reward(n, device=device, video=video) for n in reward_names]
+
+
+def wandb_run(cfg):
+    # --wandb: one W&B run per run folder, its id kept in DIR/wandb.id so that --resume continues the same W&B run
+    import wandb
+
+    path = os.path.join(cfg.out, "wandb.id")
+    run_id = open(path).read() if os.path.isfile(path) else os.urandom(6).hex()  # a fresh W&B run id
+    model.atomic_write(path, lambda tmp: open(tmp, "w").write(run_id))
+    name = os.path.basename(os.path.normpath(cfg.out))
+    return wandb.init(project=cfg.wandb, id=run_id, resume="allow", dir=cfg.out, name=name, config=asdict(cfg))
+
+
+def wandb_eval(run, cfg, result, step):
+    # an evaluation in W&B: eval.json's numbers (the sweep as a table), the front figure and the slider grid
+    import wandb
+
+    names = result["objectives"] + result.get("heldout_objectives", [])
+    rows = [[s["label"], *s["rewards"], *s.get("heldout", [])] for s in result["sweep"]]
+    stats = {f"eval/{k}": result[k] for k in ("hypervolume", "heldout_hypervolume") if k in result}
+    stats |= {f"eval/spearman/{n}": v for n, v in zip(names, result["spearman"] + result.get("heldout_spearman", []))}
+    pictures = {k: wandb.Image(os.path.join(cfg.out, f"{k}.png")) for k in ("pareto", "slider")}
+    table = wandb.Table(columns=["point", *names], data=rows)
+    run.log(stats | pictures | {"eval/sweep": table}, step=max(step, run.step))  # a resumed run's step goes on
 
 
 def adapted(cfg, setup, M, device):

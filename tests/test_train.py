@@ -3,6 +3,7 @@ exact resume, and clear errors on bad input."""
 
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -688,3 +689,66 @@ def test_offload_moves_keep_values():
     y = q(x)
     train.move(q[0], cpu, host, pin=False)
     assert type(q[0].weight).__name__ == "Int8Tensor" and torch.equal(q(x), y)
+
+
+def wandb_records(path):
+    # the history rows of an offline W&B run file (run-<id>.wandb): a 7-byte header, then LevelDB-style 32 KiB blocks
+    # of chunked protobuf records (header: crc32, length, kind 1 full / 2 first / 3 middle / 4 last)
+    from wandb.proto import wandb_internal_pb2
+
+    buf, rows, part, pos = open(path, "rb").read(), [], b"", 7
+    while pos + 7 <= len(buf):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        n, kind = struct.unpack("<HB", buf[pos + 4 : pos + 7])
+        part, pos = part + buf[pos + 7 : pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(part)
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+            part = b""
+    return rows
+
+
+def test_wandb_offline_run_and_resume(tmp_path, monkeypatch):
+    # --wandb under WANDB_MODE=offline: an offline W&B run in the run folder with every epoch's scalars and, at the
+    # evaluation, eval.json's numbers, the front and the slider grid; --resume appends to the same W&B run (same id)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run(tmp_path, "--steps", "2", "--wandb", "tiny-test")
+    d = tmp_path / "run"
+    run_id = (d / "wandb.id").read_text()
+    train.main(["--resume", str(d), "--steps", "3"])
+    assert (d / "wandb.id").read_text() == run_id
+    sessions = sorted((d / "wandb").glob("offline-run-*"), key=lambda p: p.stat().st_mtime)
+    assert len(sessions) == 2 and all(s.name.endswith(run_id) for s in sessions)
+    first, second = (wandb_records(s / f"run-{run_id}.wandb") for s in sessions)
+    epochs = [r for r in first + second if "loss" in r]
+    assert [r["_step"] for r in epochs] == [1, 2, 3]  # the resumed session goes on from step 3
+    assert all({"reward/tiny_photo", "reward/tiny_sketch", "kl", "grad_norm", "seconds"} <= r.keys() for r in epochs)
+    ev = json.loads((d / "eval.json").read_text())
+    for rows in (first, second):  # each session ends with its evaluation
+        last = [r for r in rows if "eval/hypervolume" in r][-1]
+        assert last["eval/hypervolume"] == pytest.approx(
+            ev["hypervolume"] if rows is second else last["eval/hypervolume"]
+        )
+        assert last["pareto/_type"] == last["slider/_type"] == "image-file" and last["eval/sweep/_type"] == "table-file"
+    assert last["eval/hypervolume"] == pytest.approx(ev["hypervolume"])  # the resumed run's evaluation: eval.json's
+    assert last["eval/spearman/tiny_photo"] == pytest.approx(ev["spearman"][0])
+    for s in sessions:
+        assert {p.name.split("_")[0] for p in (s / "files" / "media" / "images").glob("*.png")} == {"pareto", "slider"}
+
+
+def test_optional_packages_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    # --wandb and --quantize need packages we do not require: without them, one line and exit 2 before any model loads
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in ("wandb", "torchao") else real(n, *a))
+    for flags, msg in ((["--wandb", "p"], "--wandb p needs wandb: pip install wandb"),
+                       (["--quantize", "int8"], "--quantize int8 needs torchao: pip install torchao")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, "--steps", "1", *flags)
+        assert e.value.code == 2 and msg in capsys.readouterr().err

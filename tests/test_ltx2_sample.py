@@ -475,3 +475,39 @@ def test_save_video_mp4_where_pyav_is_installed(tmp_path):
         frames = list(c.decode(video=0))
         assert len(frames) == 9 and (frames[0].width, frames[0].height) == (48, 34)
         assert c.streams.video[0].average_rate == 12
+
+
+def test_serve_page_plays_the_clip_in_a_browser(run_dir, tmp_path):
+    # issue 24: an LTX-2 run's page plays the clip at the current w (an animated WebP in the page's <img>) and shows
+    # the sweep as clips; in real headless Chromium, screenshots of the clip taken 37 ms apart differ: it plays
+    import threading
+    import time
+
+    from test_serve import DevTools, browser_page, chromium
+
+    args = sample.cli().parse_args(["--run", str(run_dir), "--serve", "--port", "0"])
+    pipe, backbone, spec, objectives, _ = sample.prepare(args)
+    slider = sample.Slider(pipe, args, sample.run_info(pipe, backbone, spec, objectives, args))
+    srv = sample.make_server(slider, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    dt = DevTools(chromium(), tmp_path / "profile")
+    try:
+        s, js, wait = browser_page(dt, f"http://127.0.0.1:{srv.server_address[1]}/")
+        wait("document.getElementById('img').complete && document.getElementById('img').naturalWidth", "the clip")
+        wait("document.querySelectorAll('#strip img[src]').length === 7", "the sweep's clips")
+        kinds = (
+            "Promise.all([...document.querySelectorAll('#img, #strip img')].map(i => fetch(i.src).then(r => r.blob())))"
+        )
+        assert set(js(kinds + ".then(bs => bs.map(b => b.type))")) == {"image/webp"}  # the clip and 7 sweep clips
+        # a canvas draws an animated image's first frame (HTML spec), so the screen is what shows it playing
+        box = json.loads(js("JSON.stringify(document.getElementById('img').getBoundingClientRect())"))
+        clip = dict(x=box["left"], y=box["top"], width=box["width"], height=box["height"], scale=1)
+        frames = []
+        for _ in range(16):
+            frames.append(dt.send("Page.captureScreenshot", s, format="png", clip=clip)["data"])
+            time.sleep(0.037)
+        assert len(frames) == 16 and len(set(frames)) >= 3  # 5 frames at the run's fps, looping: several seen
+    finally:
+        dt.close()
+        srv.shutdown()
+        srv.server_close()

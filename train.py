@@ -239,11 +239,8 @@ def check_size(cfg):
     # the image side by the backbone's own geometry (sample.geometry: the VAE or the tiny net's pixels, the patch)
     multiple, largest = model.geometry(cfg.backbone, cfg.tiny, BACKBONES[cfg.backbone]["pixels"])
     if cfg.size % multiple or (largest and cfg.size > largest):
-        where = "the tiny " if cfg.tiny else ""
-        die(
-            f"--size {cfg.size}: {where}{cfg.backbone} needs a multiple of {multiple} (its latent and patch grid)"
-            + (f", at most {largest} (its positional table)" if largest else "")
-        )
+        die(f"--size {cfg.size}: {'the tiny ' if cfg.tiny else ''}{cfg.backbone} needs a multiple of {multiple} (its "
+            "latent and patch grid)" + (f", at most {largest} (its positional table)" if largest else ""))  # fmt: skip
 
 
 def holds_run(folder):
@@ -260,9 +257,8 @@ def claim_run_folder(out, explicit):
     k = 2
     while holds_run(f"{out}-{k}"):
         k += 1
-    print(
-        f"note: {out} holds an earlier run; this run writes to {out}-{k} (--out to choose, --resume {out} to continue)"
-    )
+    print(f"note: {out} holds an earlier run; this run writes to {out}-{k} (--out to choose, --resume {out} to "
+          "continue)")  # fmt: skip
     return f"{out}-{k}"
 
 
@@ -287,13 +283,9 @@ def resume_config(args):
     if args.get("out") and os.path.abspath(args["out"]) != os.path.abspath(d):
         changed.append(f"--out {args['out']} (a resumed run stays in {d})")
     if changed:
-        die(
-            f"--resume {d}: these flags would change the run, which cannot change on resume: "
-            + "; ".join(changed)
-            + ". Start a new run with another --out instead (resumable: "
-            + ", ".join("--" + k for k in RESUMABLE[:1] + RESUMABLE[2:])
-            + ")"
-        )
+        die(f"--resume {d}: these flags would change the run, which cannot change on resume: {'; '.join(changed)}. "
+            "Start a new run with another --out instead (resumable: "
+            f"{', '.join('--' + k for k in RESUMABLE[:1] + RESUMABLE[2:])})")  # fmt: skip
     cfg = Config(**{**saved, **{k: False for k in WHERE}, **{k: v for k, v in args.items() if k in RESUMABLE}})
     cfg.out = d
     ckpt = os.path.join(d, "checkpoint.safetensors")
@@ -303,9 +295,8 @@ def resume_config(args):
         except (ValueError, KeyError) as e:
             die(f"--resume {d}: cannot read the checkpoint {ckpt}: {e}")
         if step >= cfg.steps:
-            print(
-                f"note: {d} is already at step {step} of {cfg.steps}: evaluating again (--steps N > {step} to train on)"
-            )
+            print(f"note: {d} is already at step {step} of {cfg.steps}: evaluating again (--steps N > {step} to "
+                  "train on)")  # fmt: skip
     else:
         print(f"note: {d} has no checkpoint yet: starting it at step 0 with its saved config")
     return cfg
@@ -369,10 +360,8 @@ def objectives(cfg):
         runs = cfg.soup.split(",")
         missing = [d for d in runs if not os.path.isfile(os.path.join(d, "adapters.safetensors"))]
         if len(runs) != 2 or missing:
-            die(
-                f"--soup {cfg.soup!r}: give two finished run folders, each with adapters.safetensors"
-                + (f" (none in {', '.join(missing)})" if missing else "")
-            )
+            die(f"--soup {cfg.soup!r}: give two finished run folders, each with adapters.safetensors"
+                + (f" (none in {', '.join(missing)})" if missing else ""))  # fmt: skip
     ref_point = [float(v) for v in cfg.ref_point.split(",")] if cfg.ref_point else [0.0] * M
     if len(ref_point) != M:
         die(f"--ref-point has {len(ref_point)} values for {M} objectives")
@@ -719,9 +708,8 @@ def pretrain_tiny(cfg, setup, make_net, world, key, device, metadata=None):
         x0_all, cond_all = world()
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
         warm = max(1, cfg.pretrain_steps // 20)  # linear warm-up, then cosine decay to 0
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * i / cfg.pretrain_steps))
-        )
+        lr = lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * i / cfg.pretrain_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr)
         for _ in (bar := tqdm(range(cfg.pretrain_steps), desc="pretrain tiny base (flow matching)")):
             idx = torch.randint(len(x0_all), (cfg.pretrain_batch,), generator=gen)
             x0 = x0_all[idx].to(device)
@@ -763,13 +751,8 @@ def flux_tiny_setup(cfg, M, device):
     context, pooled = sample.encode_flux_prompts(enc, instructions)  # one row per distinct instruction
 
     def conditioning(sources, texts):  # the net's keyword inputs for these items, [n, ...]
-        idx = [instructions.index(t) for t in texts]
-        return dict(
-            context=context[idx],
-            pooled=pooled[idx],
-            guidance=torch.full((len(texts),), cfg.guidance),
-            ref=sample.space_to_depth(sources),
-        )
+        idx, ref = [instructions.index(t) for t in texts], sample.space_to_depth(sources)
+        return dict(context=context[idx], pooled=pooled[idx], guidance=torch.full((len(texts),), cfg.guidance), ref=ref)
 
     n_items = 96  # a fixed set of edit items for RL and evaluation, apart from the pretraining stream
     sources, texts, _ = R.tiny_edit_world(n_items, size=cfg.size, seed=cfg.seed + 1)
@@ -816,9 +799,8 @@ def read_edits(path):
                     item = json.loads(line)
                     image, prompt = item["image"], item["prompt"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise RunError(
-                        f'--edits {path}:{i}: expected {{"image": path, "prompt": text}}, got {line.strip()[:80]!r}'
-                    ) from None
+                    raise RunError(f'--edits {path}:{i}: expected {{"image": path, "prompt": text}}, got '
+                                   f"{line.strip()[:80]!r}") from None  # fmt: skip
                 pairs.append((os.path.join(os.path.dirname(os.path.abspath(path)), image), str(prompt)))
     if not pairs:
         raise RunError(f"--edits {path}: no (image, instruction) pair in it")
@@ -859,11 +841,9 @@ def ltx2_tiny_setup(cfg, M, device):
     Gemma-3 + tiny connectors (sample.tiny_ltx2_text_encoder). The image rewards score 4 frames of each
     (R.per_frame)."""
     prompts = [R.caption(c, s) for c in R.COLORS for s in R.SHAPES]
-    spec = dict(
-        pixels=BACKBONES["ltx2"]["pixels"],
-        tiny_text_encoder=dict(vocab=["a", ","] + R.COLORS + R.SHAPES + list(R.STYLE_WORDS), seed=0),
-    )
-    enc = sample.tiny_ltx2_text_encoder(**spec["tiny_text_encoder"])
+    tiny_enc = dict(vocab=["a", ","] + R.COLORS + R.SHAPES + list(R.STYLE_WORDS), seed=0)
+    spec = dict(pixels=BACKBONES["ltx2"]["pixels"], tiny_text_encoder=tiny_enc)
+    enc = sample.tiny_ltx2_text_encoder(**tiny_enc)
     cond, styled, rewrites = tiny_captions(lambda ps: sample.encode_ltx2_prompts(enc, ps), prompts)
     # the test preset widened and deepened (D 64 -> 128, 2 -> 4 blocks): at D 64 the base never draws the shape
     mcfg, cc = model.LTX2Config(**model.LTX2_PRESETS["ltx2-tiny"]), enc.connectors.cfg.caption_channels
@@ -952,34 +932,26 @@ def encode_all(encode, n, chunk=8):
 
 
 def check_full_size(cfg):
-    example = BACKBONES[cfg.backbone]["example"]
     if not cfg.weights:
-        die(
-            f"no base weights: pass --weights <{cfg.backbone} diffusers folder (with transformer/, vae/, text "
-            f"encoders)>, e.g. a local download of {example}; or run the CPU default: python train.py --backbone "
-            f"{cfg.backbone} --tiny"
-        )
+        die(f"no base weights: pass --weights <{cfg.backbone} diffusers folder (with transformer/, vae/, text "
+            f"encoders)>, e.g. a local download of {BACKBONES[cfg.backbone]['example']}; or run the CPU default: "
+            f"python train.py --backbone {cfg.backbone} --tiny")  # fmt: skip
     if not os.path.exists(cfg.weights):
         hub = " (a hub id? weights are never downloaded here: download the repo and pass its folder)"
         die(f"--weights {cfg.weights}: no such file or folder{hub if cfg.weights.count('/') == 1 else ''}")
     if not torch.cuda.is_available() and cfg.device != "cpu":
-        die(
-            f"full-size training needs a CUDA GPU (bf16); on a CPU run: python train.py --backbone {cfg.backbone} "
-            "--tiny (--device cpu forces the full-size path on a CPU, for small test models)"
-        )
+        die(f"full-size training needs a CUDA GPU (bf16); on a CPU run: python train.py --backbone {cfg.backbone} "
+            "--tiny (--device cpu forces the full-size path on a CPU, for small test models)")  # fmt: skip
     folders = BACKBONES[cfg.backbone].get("folders", ())  # the parts train.py reads from a diffusers folder
     missing = [d + "/" for d in folders if not os.path.isdir(os.path.join(cfg.weights, d))]
     if missing:
-        die(
-            f"--weights {cfg.weights}: train.py takes {cfg.backbone} as a diffusers folder with "
-            f"{', '.join(d + '/' for d in folders)}; missing {', '.join(missing)} (a single file: sample.py reads it)"
-        )
+        die(f"--weights {cfg.weights}: train.py takes {cfg.backbone} as a diffusers folder with "
+            f"{', '.join(d + '/' for d in folders)}; missing {', '.join(missing)} (a single file: sample.py "
+            "reads it)")  # fmt: skip
     if model.BACKBONES[cfg.backbone].editing:
         if not cfg.edits or not os.path.exists(cfg.edits):
-            die(
-                f'--edits {cfg.edits!r}: give the edit set, a JSONL of {{"image": path, "prompt": text}} per line '
-                "or a folder of image + .txt pairs"
-            )
+            die(f'--edits {cfg.edits!r}: give the edit set, a JSONL of {{"image": path, "prompt": text}} per line '
+                "or a folder of image + .txt pairs")  # fmt: skip
     elif not cfg.prompts or not os.path.isfile(cfg.prompts):
         die(f"--prompts {cfg.prompts!r}: give a text file with one training prompt per line")
     elif not read_prompts(cfg.prompts):
@@ -1018,12 +990,8 @@ def policy(net, state):
         finally:
             model.set_lora_enabled(net, True)
         return
-    params = model.adapter_state(net)
-    odd = [
-        n
-        for n, p in params.items()
-        if n not in state or (state[n].shape, state[n].dtype, state[n].device) != (p.shape, p.dtype, p.device)
-    ] + sorted(set(state) - set(params))
+    params, kind = model.adapter_state(net), lambda t: (t.shape, t.dtype, t.device)
+    odd = [n for n, p in params.items() if n not in state or kind(state[n]) != kind(p)] + sorted(state.keys() - params)
     if odd:  # checked before anything moves: a half-done exchange would leave a mixed policy behind
         raise ValueError(f"adapter state does not match the network's adapters: {', '.join(odd[:4])}")
     exchange(params, state)
@@ -1066,9 +1034,7 @@ def update_losses(net, setup, x0, xt, t, cond, pref, v_old, v_ref, p, cfg):
     -> (loss [B], kl [B])"""
     v = velocity(net, setup, xt, t, cond, pref).float()
     part = setup.nft_part or (lambda x: x)
-    loss = nft_loss(
-        part(v), part(v_old.float()), part(x0.float()), part(xt.float()), t.float(), p, cfg.beta, cfg.adv_clip
-    )
+    loss = nft_loss(*map(part, (v, v_old.float(), x0.float(), xt.float())), t.float(), p, cfg.beta, cfg.adv_clip)
     kl = (v - v_ref.float()).square().flatten(1).mean(1) if v_ref is not None else torch.zeros_like(loss)
     return loss, kl
 
@@ -1095,9 +1061,7 @@ def score(reward_fns, names, x0, setup, items, batch, where):
                 raise RunError(f"{where}: reward {name} returned a {what}, not a float tensor of shape [{len(ps)}]")
             bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
             if bad:
-                show = ", ".join(f"#{i + j} {ps[j]!r} = {r[j].item()}" for j in bad[:4]) + (
-                    " …" if len(bad) > 4 else ""
-                )
+                show = ", ".join(f"#{i + j} {ps[j]!r} = {r[j].item()}" for j in bad[:4]) + " …" * (len(bad) > 4)
                 raise RunError(f"{where}: reward {name} returned non-finite scores for {len(bad)} sample(s): {show}")
             cols.append(r.float().cpu())
         rows.append(torch.stack(cols, 1))
@@ -1141,11 +1105,8 @@ def load_checkpoint(path, params, old, ema, opt, gen):
     sd, meta = model.read_safetensors(path)
     bad = non_finite(sd)
     if bad:  # weights, old policy, EMA or moments: resuming would train on (and save again) a poisoned state
-        raise RunError(
-            f"{path}: non-finite values in {', '.join(bad[:3])}"
-            + (" …" if len(bad) > 3 else "")
-            + ": this checkpoint cannot be resumed"
-        )
+        raise RunError(f"{path}: non-finite values in {', '.join(bad[:3])}{' …' * (len(bad) > 3)}: this checkpoint "
+                       "cannot be resumed")  # fmt: skip
     for n, p in params.items():  # whole tensors: a run may resume on another world size, sharded or not
         if f"policy.{n}" not in sd:
             raise ValueError(f"{path}: no tensor for trainable parameter {n} (different model or rewards?)")
@@ -1155,9 +1116,8 @@ def load_checkpoint(path, params, old, ema, opt, gen):
     # a CPU scalar (on the GPU it would cost a host sync per tensor per step)
     state = {}
     for i, n in enumerate(params):  # the optimizer numbers its parameters in this order
-        st = {
-            k.split(".")[-1]: v for k, v in sd.items() if k.startswith(f"opt.{n}.") and k.count(".") == n.count(".") + 2
-        }
+        pre = f"opt.{n}."  # then the moment's own name (no dot)
+        st = {k[len(pre) :]: v for k, v in sd.items() if k.startswith(pre) and "." not in k[len(pre) :]}
         st = {k: v if k == "step" else model.like(params[n], v) for k, v in st.items()}
         if st:
             state[i] = st
@@ -1178,10 +1138,8 @@ def spearman(a, b):
 
 def snapshots(cfg):
     # FlowMulti's three evaluated checkpoints: step -> the EMA adapter file written at that step
-    return {
-        k: os.path.join(cfg.out, f"adapters_step{k}.safetensors")
-        for k in sorted({max(1, round(cfg.steps * j / 3)) for j in (1, 2, 3)})
-    }
+    steps = sorted({max(1, round(cfg.steps * j / 3)) for j in (1, 2, 3)})
+    return {k: os.path.join(cfg.out, f"adapters_step{k}.safetensors") for k in steps}
 
 
 def soup(a, b, lam):
@@ -1195,10 +1153,8 @@ def adapter_file_state(net, path, names, setup):
     pipeline) and these objectives; the live weights are left as they were."""
     meta = model.read_adapter_meta(path)
     if meta.get("pipeline") and json.loads(meta["pipeline"]).get("weights") != setup.pipeline.get("weights"):
-        raise RunError(
-            f"{path}: trained on the base {json.loads(meta['pipeline']).get('weights')}, this run's base is "
-            f"{setup.pipeline.get('weights')} (same --seed and pretraining flags?)"
-        )
+        raise RunError(f"{path}: trained on the base {json.loads(meta['pipeline']).get('weights')}, this run's base is "
+                       f"{setup.pipeline.get('weights')} (same --seed and pretraining flags?)")  # fmt: skip
     live = {n: p.detach().clone() for n, p in model.adapter_state(net).items()}
     model.load_adapters(net, path, names)
     state = {n: p.detach().clone() for n, p in model.adapter_state(net).items()}
@@ -1225,10 +1181,8 @@ def eval_points(cfg, net, ema, setup, names, fixed):
         if missing:
             raise RunError(f"FlowMulti evaluates its checkpoints at 1/3, 2/3 and the end; missing {missing} (was the "
                            f"run extended with --steps? start a new one)")  # fmt: skip
-        return [
-            (f"step {k}", [1 / M] * M, adapter_file_state(net, p, names, setup), None, None)
-            for k, p in snapshots(cfg).items()
-        ]
+        states = {k: adapter_file_state(net, p, names, setup) for k, p in snapshots(cfg).items()}
+        return [(f"step {k}", [1 / M] * M, state, None, None) for k, state in states.items()]
     if cfg.method == "prompt":
         if not setup.rewrites:
             raise RunError(f"--method prompt needs a world whose captions carry style words (the tiny {cfg.backbone} "
@@ -1242,10 +1196,9 @@ def eval_points(cfg, net, ema, setup, names, fixed):
 def front_stats(W, Rw, ref):
     """Hypervolume of the points Rw [N, H] and, per column m, Spearman(w_m, r_m) over them: None where there is no
     w_m (H > M), w_m does not vary, or there are fewer than 3 points."""
-    return hypervolume(Rw.tolist(), ref), [
-        spearman(W[:, m], Rw[:, m]) if m < W.shape[1] and len(W) > 2 and W[:, m].max() > W[:, m].min() else None
-        for m in range(Rw.shape[1])
-    ]
+    varies = lambda m: m < W.shape[1] and len(W) > 2 and W[:, m].max() > W[:, m].min()
+    rho = [spearman(W[:, m], Rw[:, m]) if varies(m) else None for m in range(Rw.shape[1])]
+    return hypervolume(Rw.tolist(), ref), rho
 
 
 @torch.no_grad()

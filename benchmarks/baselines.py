@@ -111,11 +111,11 @@ def goals(summary, seeds, M, heldout):
     return [dict(seed=s, run=name, goal=text, met=ok) for s, name, text, ok in checks]
 
 
-def colour(name):  # a method's colour; ParetoSlider's variants in shades of red
-    if name.startswith("ParetoSlider ("):
-        shade = sum(map(ord, name)) % 5
-        return (0.55 + 0.09 * shade, 0.1 + 0.12 * shade, 0.1 + 0.05 * shade)
-    return tuple(c / 255 for c in COLOURS[name])
+SHADES = [(0.86, 0.16, 0.16), (0.98, 0.6, 0.1), (0.55, 0.1, 0.55), (0.4, 0.05, 0.05), (0.98, 0.45, 0.65)]
+
+
+def colour(name, i):  # a method's colour; the i-th ParetoSlider variant in the i-th shade of red / orange / purple
+    return SHADES[i % len(SHADES)] if name.startswith("ParetoSlider") else tuple(c / 255 for c in COLOURS[name])
 
 
 def picture(summary, objectives, heldout, backbone, seed, out):
@@ -125,7 +125,9 @@ def picture(summary, objectives, heldout, backbone, seed, out):
         if len(pair) == 2:
             points = {t: [tuple(v[2][sl]) for v in m["points"][0]] for t, m in summary["methods"].items()}
             joined = [t for t in points if t.startswith(("ParetoSlider", "RewardedSoups", "FlowMulti"))]
-            series = [dict(points=p, name=t, color=colour(t), join=t in joined) for t, p in points.items()]
+            series = [
+                dict(points=p, name=t, color=colour(t, i), join=t in joined) for i, (t, p) in enumerate(points.items())
+            ]
             panels.append((pair[0], pair[1], series, None, (0, 1)))
     title = f"{backbone} tiny world, seed {seed}: every method's front (left: training rewards; right: held-out)"
     train.draw_panels(os.path.join(out, "fronts.png"), title, panels)

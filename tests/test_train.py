@@ -218,6 +218,8 @@ def test_tiny_run_end_to_end(tmp_path):
     assert res["hypervolume"] == ev["hypervolume"]
     log = (out / "log.txt").read_text()
     assert '"git"' in log and "step 2/2" in log and "hypervolume" in log
+    pdf = (out / "pareto.pdf").read_bytes()  # the front as a vector file for papers, made by matplotlib
+    assert pdf.startswith(b"%PDF-") and b"%%EOF" in pdf[-32:] and b"Matplotlib" in pdf
     # M = 3 and the FixedWeight baseline run through the same loop
     ev3 = run(tmp_path, "--steps", "1", "--rewards", "tiny_photo,tiny_sketch,tiny_prompt", name="m3")
     assert len(ev3["sweep"]) == len(train.pref_grid(3, 3)) == 6 and len(ev3["ref_point"]) == 3
@@ -752,3 +754,20 @@ def test_optional_packages_refused_in_one_line(tmp_path, capsys, monkeypatch):
         with pytest.raises(SystemExit) as e:
             run(tmp_path, "--steps", "1", *flags)
         assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_export_diffusers_from_a_tiny_run(tmp_path, capsys):
+    # issue 24: sample.py --run DIR --export-diffusers F on a tiny SD3.5 run writes what diffusers'
+    # StableDiffusion3Pipeline.lora_state_dict reads: every LoRA pair of the run's adapter, under diffusers' names
+    from diffusers import StableDiffusion3Pipeline
+
+    import sample
+
+    run(tmp_path, "--steps", "1")
+    out = tmp_path / "lora.safetensors"
+    sample.main(["--run", str(tmp_path / "run"), "--export-diffusers", str(out)])
+    assert "the slider needs sample.py" in capsys.readouterr().out
+    sd = StableDiffusion3Pipeline.lora_state_dict(str(out))
+    ours = [k for k in load_file(tmp_path / "run" / "adapters.safetensors") if "lora_" in k]
+    assert sd and all(k.startswith("transformer.") for k in sd) and len(sd) >= len(ours) > 0  # fused qkv: split
+    assert {k.replace("lora_A", "lora_B") for k in sd if "lora_A" in k} == {k for k in sd if "lora_B" in k}

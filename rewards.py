@@ -313,9 +313,8 @@ def _drawn_outline(y, prompts):
     # must go round the shape (strokes elsewhere, or along part of it, score low). Sectors mostly outside the frame
     # (a shape leaving a video frame) are left out, and at least 6 of 8 must be seen. A prompt naming no shape: the
     # best of all shapes.
-    best = torch.full((len(prompts),), -1.0, device=y.device)
+    best, words = torch.full((len(prompts),), -1.0, device=y.device), [set(p.lower().split()) for p in prompts]
     for j, name in enumerate(SHAPES):
-        words = [set(p.lower().split()) for p in prompts]
         m = torch.tensor([name in w or not set(SHAPES) & w for w in words], device=y.device)
         if m.any():
             kernels, seen, half = _ridges(j, y.shape[-1])

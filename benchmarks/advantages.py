@@ -1,6 +1,7 @@
 """Where each --advantage variant pulls a group of samples, measured on a tiny base model (issue 23's diagnosis).
 
     python benchmarks/advantages.py [--backbone sd35] [--seed 0] [--prompts 24] [--group 6]
+    python benchmarks/advantages.py --group 12 --sizes 3,6,12   # and the group size at the same budget
 
 The tiny base of that seed (cached by train.py; pretrained here if missing) samples G images for each of P prompts,
 and the training rewards score them. One NFT step moves a group's samples towards those with a high target p and
@@ -10,6 +11,9 @@ maximises. For each w on a grid and each variant the table prints the pulls, ave
 the within-group correlation of the rewards: near -1 the per-reward z-scores are mirror images (A_2 = -A_1), so the
 paper's target is 0.5 + (w_1 - w_2) A_1 / (2 clip) and its pull has the sign of w_1 - w_2, whatever the front's shape.
 The base model's preference modules start at zero, so it samples the same images at every w: one set serves all.
+With --sizes, the group size G at the same budget (each must divide --group): the same images split into groups of
+each G, and the weighted pull's signal to noise in one epoch, mean / sd over groups x sqrt(N / G) (an epoch of the
+preset holds N = prompts x K x G samples, so N / G groups): how much of an epoch's push on sum w r is direction.
 """
 
 import argparse
@@ -23,12 +27,12 @@ import rewards as R  # noqa: E402
 import train  # noqa: E402
 
 
-def pulls(r, w, groups, how, clip):
-    # -> [M]: the mean over groups of cov(p, r_m) inside the group, p the variant's target at w
+def pulls(r, w, groups, how, clip, mean=True):
+    # -> [M]: the mean over groups of cov(p, r_m) inside the group, p the variant's target at w ([groups, M]: each)
     p = train.preference_target(r, w, groups, how, clip)
     masks = [groups == g for g in groups.unique()]
     cov = [((p[m] - p[m].mean())[:, None] * (r[m] - r[m].mean(0))).mean(0) for m in masks]
-    return torch.stack(cov).mean(0)
+    return torch.stack(cov).mean(0) if mean else torch.stack(cov)
 
 
 def main():
@@ -37,6 +41,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--group", type=int, default=6)
+    ap.add_argument("--sizes", default="", help="group sizes compared at the same budget, e.g. 3,6,12 (divide --group)")
     ap.add_argument("--cache", default=".cache")
     a = ap.parse_args()
     cfg = train.Config(**{**train.preset(a.backbone, True), "backbone": a.backbone, "tiny": True, "seed": a.seed})
@@ -68,6 +73,25 @@ def main():
             c = pulls(r, w, groups, how, cfg.adv_clip) * 1000
             cols.append(f"{c[0]:+.2f}, {c[1]:+.2f}, {(c * w[0]).sum():+.2f}")
         print(f"| {1 - i / 10:.1f} | " + " | ".join(cols) + " |")
+    sizes = [int(g) for g in a.sizes.split(",") if g]
+    if not sizes:
+        return
+    if any(a.group % g for g in sizes):
+        sys.exit(f"--sizes {a.sizes}: each must divide --group {a.group}")
+    N = cfg.prompts_per_step * cfg.prefs_per_prompt * cfg.group_size
+    print(f"\ngroup size G at the same budget ({N} samples an epoch): epoch signal to noise, pull on sum w r")
+    print("| w1 | " + " | ".join(f"{h}: " + ", ".join(f"G={g}" for g in sizes) for h in hows) + " |")
+    print("|---" * (1 + len(hows)) + "|")
+    for w1 in (1.0, 0.75, 0.5, 0.25, 0.0):
+        w = torch.tensor([w1, 1 - w1]).expand(len(items), 2)
+        cols = []
+        for how in hows:
+            snr = []
+            for g in sizes:
+                c = (pulls(r, w, torch.arange(len(items)) // g, how, cfg.adv_clip, mean=False) * w[0]).sum(1)
+                snr.append(c.mean() / c.std() * (N / g) ** 0.5)
+            cols.append(", ".join(f"{v:.1f}" for v in snr))
+        print(f"| {w1:.2f} | " + " | ".join(cols) + " |")
 
 
 if __name__ == "__main__":

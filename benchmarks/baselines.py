@@ -184,6 +184,7 @@ def main():
         hv = {
             key: [train.hypervolume([v[2][sl] for v in ps], [0.0] * len(objectives)) for ps in per_seed]
             for key, sl in (("train", slice(0, len(objectives))), ("heldout", slice(len(objectives), None)))
+            if key == "train" or heldout  # the editing world has no held-out scorers
         }
         M = len(objectives)  # Spearman per objective over the method's points, then per seed: rho[m][seed]
         rho = list(
@@ -197,7 +198,7 @@ def main():
             )
         )
         summary["methods"][title_] = dict(
-            points=per_seed, hypervolume=hv["train"], heldout_hypervolume=hv["heldout"], spearman=rho
+            points=per_seed, hypervolume=hv["train"], heldout_hypervolume=hv.get("heldout"), spearman=rho
         )
         lines.append(
             f"| **{title_}** | hypervolume {fmt(hv['train'], 4)}"

@@ -557,6 +557,17 @@ def test_baselines_benchmark_runs(tmp_path, monkeypatch, capsys):
     assert len(m["ParetoSlider (early)"]["points"][0]) == 21 and len(m["RewardedSoups"]["points"][0]) == 11
     assert m["RewardedSoups"]["points"][0][0][2] == m["FixedWeight"]["points"][0][0][2]  # lam = 1 is the w=(1,0) run
     assert (tmp_path / "b" / "fronts.png").stat().st_size > 1000
+    # the editing world has no held-out scorers: the table, the goals and the summary go without them
+    argv[argv.index("--out") + 1] = str(tmp_path / "e")
+    argv += ["--backbone", "flux-kontext", "--methods", "slider,fixed", "--advantages", "paper"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(os.path.join(ROOT, "benchmarks", "baselines.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith(("| **", "seed 0: "))]
+    assert any(line.startswith("| **ParetoSlider (paper)** | hypervolume") for line in table)
+    assert len(table) == 2 + 3 and not any("held" in line for line in table)  # 2 methods; 3 goals, none held-out
+    m = json.loads((tmp_path / "e" / "summary.json").read_text())["methods"]
+    assert m["FixedWeight"]["heldout_hypervolume"] is None and len(m["ParetoSlider (paper)"]["hypervolume"]) == 1
 
 
 def test_nft_loss_covers_audio_only_when_asked():

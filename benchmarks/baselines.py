@@ -129,7 +129,9 @@ def picture(summary, objectives, heldout, backbone, seed, out):
                 dict(points=p, name=t, color=colour(t, i), join=t in joined) for i, (t, p) in enumerate(points.items())
             ]
             panels.append((pair[0], pair[1], series, None, (0, 1)))
-    title = f"{backbone} tiny world, seed {seed}: every method's front (left: training rewards; right: held-out)"
+    title = f"{backbone} tiny world, seed {seed}: every method's front" + (
+        " (left: training rewards; right: held-out)" if len(panels) == 2 else ""
+    )
     train.draw_panels(os.path.join(out, "fronts.png"), title, panels)
 
 

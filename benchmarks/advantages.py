@@ -44,6 +44,9 @@ def main():
     ap.add_argument("--sizes", default="", help="group sizes compared at the same budget, e.g. 3,6,12 (divide --group)")
     ap.add_argument("--cache", default=".cache")
     a = ap.parse_args()
+    sizes = [int(g) for g in a.sizes.split(",") if g]
+    if any(a.group % g for g in sizes):
+        ap.error(f"--sizes {a.sizes}: each must divide --group {a.group}")
     cfg = train.Config(**{**train.preset(a.backbone, True), "backbone": a.backbone, "tiny": True, "seed": a.seed})
     cfg.cache = a.cache
     names = cfg.rewards.split(",")
@@ -73,11 +76,8 @@ def main():
             c = pulls(r, w, groups, how, cfg.adv_clip) * 1000
             cols.append(f"{c[0]:+.2f}, {c[1]:+.2f}, {(c * w[0]).sum():+.2f}")
         print(f"| {1 - i / 10:.1f} | " + " | ".join(cols) + " |")
-    sizes = [int(g) for g in a.sizes.split(",") if g]
     if not sizes:
         return
-    if any(a.group % g for g in sizes):
-        sys.exit(f"--sizes {a.sizes}: each must divide --group {a.group}")
     N = cfg.prompts_per_step * cfg.prefs_per_prompt * cfg.group_size
     print(f"\ngroup size G at the same budget ({N} samples an epoch): epoch signal to noise, pull on sum w r")
     print("| w1 | " + " | ".join(f"{h}: " + ", ".join(f"G={g}" for g in sizes) for h in hows) + " |")

@@ -27,12 +27,11 @@ import rewards as R  # noqa: E402
 import train  # noqa: E402
 
 
-def pulls(r, w, groups, how, clip, mean=True):
-    # -> [M]: the mean over groups of cov(p, r_m) inside the group, p the variant's target at w ([groups, M]: each)
+def pulls(r, w, groups, how, clip):
+    # -> [groups, M]: cov(p, r_m) inside each group, p the variant's target at w
     p = train.preference_target(r, w, groups, how, clip)
     masks = [groups == g for g in groups.unique()]
-    cov = [((p[m] - p[m].mean())[:, None] * (r[m] - r[m].mean(0))).mean(0) for m in masks]
-    return torch.stack(cov).mean(0) if mean else torch.stack(cov)
+    return torch.stack([((p[m] - p[m].mean())[:, None] * (r[m] - r[m].mean(0))).mean(0) for m in masks])
 
 
 def main():
@@ -73,7 +72,7 @@ def main():
         w = torch.tensor([1 - i / 10, i / 10]).expand(len(items), 2)
         cols = []
         for how in hows:
-            c = pulls(r, w, groups, how, cfg.adv_clip) * 1000
+            c = pulls(r, w, groups, how, cfg.adv_clip).mean(0) * 1000
             cols.append(f"{c[0]:+.2f}, {c[1]:+.2f}, {(c * w[0]).sum():+.2f}")
         print(f"| {1 - i / 10:.1f} | " + " | ".join(cols) + " |")
     if not sizes:
@@ -88,7 +87,7 @@ def main():
         for how in hows:
             snr = []
             for g in sizes:
-                c = (pulls(r, w, torch.arange(len(items)) // g, how, cfg.adv_clip, mean=False) * w[0]).sum(1)
+                c = (pulls(r, w, torch.arange(len(items)) // g, how, cfg.adv_clip) * w[0]).sum(1)
                 snr.append(c.mean() / c.std() * (N / g) ** 0.5)
             cols.append(", ".join(f"{v:.1f}" for v in snr))
         print(f"| {w1:.2f} | " + " | ".join(cols) + " |")

@@ -88,6 +88,7 @@ class Config:
     advantage: str = "paper"  # ParetoSlider's M rewards -> one target: paper | spread | early (see ADVANTAGES)
     timestep_fraction: float = 0.99  # train on int(fraction * sample_steps) of the sampler's timesteps
     lr: float = 3e-4
+    lr_schedule: str = "constant"  # constant | cosine (lr -> 0 over --steps; for long runs, see the README)
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     lora_rank: int = 32
@@ -120,6 +121,7 @@ CHOICES = dict(
     method=("slider", "fixed", "flowmulti", "prompt", "soups"),
     quantize=("", "int8"),
     advantage=("paper", "spread", "early"),
+    lr_schedule=("constant", "cosine"),
 )
 # METHODS: the paper's method and its baselines (its comparisons), one loop. Which train, and their eval.json names:
 #   slider    ParetoSlider: one model with the w input; the rewards mixed by w as --advantage says (ADVANTAGES)
@@ -417,6 +419,10 @@ def preference_target(r, w, groups, how, clip=5.0):
     return (w * optimality(adv, clip)).sum(1)
 
 
+def cosine(i, steps, warm=1):  # the lr factor at step i: linear warm-up over `warm` steps, then cosine decay to 0
+    return min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * i / steps))
+
+
 def optimality(adv, clip=5.0):
     # DiffusionNFT's optimality probability: 0.5 + 0.5 clip(A / clip, -1, 1) in [0, 1]
     return 0.5 + 0.5 * (adv / clip).clamp(-1, 1)
@@ -709,8 +715,7 @@ def pretrain_tiny(cfg, setup, make_net, world, key, device, metadata=None):
         x0_all, cond_all = world()
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
         warm = max(1, cfg.pretrain_steps // 20)  # linear warm-up, then cosine decay to 0
-        lr = lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * i / cfg.pretrain_steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: cosine(i, cfg.pretrain_steps, warm))
         for _ in (bar := tqdm(range(cfg.pretrain_steps), desc="pretrain tiny base (flow matching)")):
             idx = torch.randint(len(x0_all), (cfg.pretrain_batch,), generator=gen)
             x0 = x0_all[idx].to(device)
@@ -1375,6 +1380,8 @@ def train(cfg):
         stats = nft_update(net, old, setup, x0, cond, my_pref, p[mine].to(device), (mine, N), sigmas, gen, cfg)
         gnorm = model.full(torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip))
         check_finite(stats, gnorm, step, last, cfg)  # before the step writes NaN weights
+        if cfg.lr_schedule == "cosine":  # a function of the step alone, so a resumed run takes the same steps
+            opt.param_groups[0]["lr"] = cfg.lr * cosine(step, cfg.steps)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -291,6 +291,9 @@ def resume_config(args):
             f"{', '.join('--' + k for k in RESUMABLE[:1] + RESUMABLE[2:])})")  # fmt: skip
     cfg = Config(**{**saved, **{k: False for k in WHERE}, **{k: v for k, v in args.items() if k in RESUMABLE}})
     cfg.out = d
+    if cfg.lr_schedule == "cosine" and cfg.steps != saved["steps"]:
+        die(f"--resume {d}: --steps {cfg.steps}: its cosine lr decays to 0 over the run's {saved['steps']} steps, "
+            "so they cannot change (start a new run)")  # fmt: skip
     ckpt = os.path.join(d, "checkpoint.safetensors")
     if os.path.isfile(ckpt):
         try:

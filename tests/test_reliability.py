@@ -218,9 +218,11 @@ def test_atomic_json_refuses_nan_and_leaves_nothing(tmp_path):
 
 def test_kill_9_mid_run_resumes_exactly(tmp_path):
     # kill -9 while training (after the first checkpoint): --resume finishes the run as if nothing happened
-    # both runs on the PyTorch kernels: this process's backend may have been switched by an earlier test
-    args = TINY + ["--cache", str(tmp_path / "cache"), "--ckpt-every", "1", "--steps", "3", "--kernels", "torch"]
-    run(tmp_path, "--steps", "3", "--ckpt-every", "1", "--kernels", "torch", name="straight")
+    # both runs on the PyTorch kernels: this process's backend may have been switched by an earlier test; on a
+    # cosine lr schedule, so the resumed steps must also take the lr of their step, not of a schedule begun anew
+    more = ["--ckpt-every", "1", "--steps", "3", "--kernels", "torch", "--lr-schedule", "cosine"]
+    args = TINY + ["--cache", str(tmp_path / "cache"), *more]
+    run(tmp_path, *more, name="straight")
     p = subprocess.Popen(
         [sys.executable, "train.py", *args, "--out", str(tmp_path / "run")],
         cwd=ROOT,

@@ -333,6 +333,25 @@ def test_resume_equals_straight(tmp_path):
     assert all(torch.equal(first[k], a[f"ema.{k}"]) for k in first)  # the saved adapters are the final EMA
 
 
+def test_cosine_lr_schedule_scales_each_step_and_cannot_be_stretched(tmp_path, capsys):
+    # the first step is shared (factor cosine(0, 2) = 1), so the second step's update, weight decay included, is the
+    # constant run's times cosine(1, 2) = 0.5: same rollouts, same gradient, half the lr
+    assert train.cosine(0, 2) == 1.0 and abs(train.cosine(1, 2) - 0.5) < 1e-12 and train.cosine(0, 10, warm=4) == 0.25
+    policy = lambda name: {
+        k: v for k, v in load_file(tmp_path / name / "checkpoint.safetensors").items() if k.startswith("policy.")
+    }
+    for name, extra in (("one", ["--steps", "1"]), ("const", ["--steps", "2"])):
+        run(tmp_path, *extra, name=name)
+    run(tmp_path, "--steps", "2", "--lr-schedule", "cosine", name="cos")
+    p1, const, cos = policy("one"), policy("const"), policy("cos")
+    moved = sum((const[k] - p1[k]).abs().sum().item() for k in p1)
+    assert moved > 0
+    assert sum((cos[k] - p1[k] - 0.5 * (const[k] - p1[k])).abs().sum().item() for k in p1) < 1e-3 * moved
+    with pytest.raises(SystemExit) as e:  # extending the run would raise its lr again
+        train.main(["--resume", str(tmp_path / "cos"), "--steps", "4"])
+    assert e.value.code == 2 and "its cosine lr decays to 0 over the run's 2 steps" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args,msg",
     [

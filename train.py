@@ -308,10 +308,15 @@ def resume_config(args):
     return cfg
 
 
+# flags added after runs were made, with what every run from before them did: a config that lacks one is from then
+# (the tiny preset's advantage "early" would change such a run's method on resume)
+SINCE = dict(advantage="paper", corners=0.1, lr_schedule="constant")
+
+
 def complete_saved(d, path, saved):
     """A run's saved config with every value of the right type; a key it lacks (hand-edited, or an older version)
-    comes from that run's preset (its backbone, tiny or not), or, for how a run runs (RESUMABLE), the default; any
-    other is refused: the Config default could be another method."""
+    comes from SINCE (a flag newer than the run), that run's preset (its backbone, tiny or not), or, for how a run runs
+    (RESUMABLE), the default; any other is refused: the Config default could be another method."""
     types = {f.name: f.type for f in fields(Config)}
     fits = lambda v, t: type(v) is t or t is float and type(v) is int  # JSON's own types; a bool is no int
     wrong = [f"{k} = {v!r}" for k, v in saved.items() if not fits(v, types[k])]
@@ -320,7 +325,7 @@ def complete_saved(d, path, saved):
     b = saved.get("backbone", Config.backbone)
     if b not in BACKBONES:
         die(f"--resume {d}: {path} names backbone {b!r}; available: {', '.join(BACKBONES)}")
-    given = preset(b, saved.get("tiny", False))
+    given = preset(b, saved.get("tiny", False)) | SINCE
     own = {*saved, *given, *RESUMABLE, "out", "backbone", "tiny"}
     lacking = [k for k in types if k not in own]
     if lacking:

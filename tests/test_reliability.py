@@ -319,6 +319,12 @@ def test_resume_fills_a_lacking_key_from_the_runs_preset_or_refuses(tmp_path, ca
     saved = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "kl_beta"}))
     assert train.parse_config(["--resume", str(d)]).kl_beta == 0.1
+    # a config from before --advantage, --corners and --lr-schedule ran what the flags' first values do, not the
+    # tiny preset's later early / 0.3
+    (d / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k not in train.SINCE}))
+    cfg = train.parse_config(["--resume", str(d)])
+    assert (saved["advantage"], saved["corners"]) == ("early", 0.3)  # the tiny preset now
+    assert (cfg.advantage, cfg.corners, cfg.lr_schedule) == ("paper", 0.1, "constant")
     (d / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "beta"}))
     assert "lacks beta" in fails(capsys, train.parse_config, ["--resume", str(d)])
     (d / "config.json").write_text(json.dumps(dict(saved, steps="many")))

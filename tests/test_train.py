@@ -576,6 +576,9 @@ def test_baselines_benchmark_runs(tmp_path, monkeypatch, capsys):
     assert len(m["ParetoSlider (early)"]["points"][0]) == 21 and len(m["RewardedSoups"]["points"][0]) == 11
     assert m["RewardedSoups"]["points"][0][0][2] == m["FixedWeight"]["points"][0][0][2]  # lam = 1 is the w=(1,0) run
     assert (tmp_path / "b" / "fronts.png").stat().st_size > 1000
+    # a variant changes the paper's slider, not the tiny preset's: "paper" and "early" draw the released 10 % corners
+    for run_ in ("slider-paper", "slider-early"):
+        assert json.loads((tmp_path / "b" / "seed0" / run_ / "config.json").read_text())["corners"] == 0.1
     # the editing world has no held-out scorers: the table, the goals and the summary go without them
     argv[argv.index("--out") + 1] = str(tmp_path / "e")
     argv += ["--backbone", "flux-kontext", "--methods", "slider,fixed", "--advantages", "paper"]

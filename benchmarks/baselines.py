@@ -111,7 +111,15 @@ def goals(summary, seeds, M, heldout):
     return [dict(seed=s, run=name, goal=text, met=ok) for s, name, text, ok in checks]
 
 
-SHADES = [(0.86, 0.16, 0.16), (0.98, 0.6, 0.1), (0.55, 0.1, 0.55), (0.4, 0.05, 0.05), (0.98, 0.45, 0.65), (0.1, 0.1, 0.1)]
+SHADES = [
+    (0.86, 0.16, 0.16),
+    (0.98, 0.6, 0.1),
+    (0.55, 0.1, 0.55),
+    (0.4, 0.05, 0.05),
+    (0.98, 0.45, 0.65),
+    (0.1, 0.1, 0.1),
+    (0.1, 0.6, 0.55),
+]
 
 
 def colour(name, i):  # a method's colour; the i-th ParetoSlider variant in the i-th shade of red / orange / purple

@@ -427,10 +427,6 @@ def preference_target(r, w, groups, how, clip=5.0):
     return (w * optimality(adv, clip)).sum(1)
 
 
-def cosine(i, steps, warm=1):  # the lr factor at step i: linear warm-up over `warm` steps, then cosine decay to 0
-    return min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * i / steps))
-
-
 def optimality(adv, clip=5.0):
     # DiffusionNFT's optimality probability: 0.5 + 0.5 clip(A / clip, -1, 1) in [0, 1]
     return 0.5 + 0.5 * (adv / clip).clamp(-1, 1)
@@ -705,6 +701,10 @@ def cache_key(name, cfg, *parts):
     items += [code_of(p) if callable(p) else p for p in parts]
     digest = hashlib.sha1(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{name}_{cfg.size}px_{cfg.pretrain_steps}x{cfg.pretrain_batch}_s{cfg.seed}_{digest}"
+
+
+def cosine(i, steps, warm=1):  # the lr factor at step i: linear warm-up over `warm` steps, then cosine decay to 0
+    return min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * i / steps))
 
 
 def pretrain_tiny(cfg, setup, make_net, world, key, device, metadata=None):

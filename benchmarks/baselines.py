@@ -43,11 +43,11 @@ def runs_of(methods, advantages=("paper",), long=()):
     variant (key "slider:<variant>"): an --advantage name, then train.py flags joined by "+" ("early+corners=0.3"
     is --advantage early --corners 0.3), each changing the paper's released 10 % corners (Config.corners, not the
     tiny preset's), and one at five times the epochs per variant in `long` (the five FixedWeight runs' budget)."""
-    out, paper = [], ["--corners", str(train.Config.corners), "--eval-points", "21"]
+    out, slider = [], ["--corners", str(train.Config.corners), "--eval-points", "21"]
     if "slider" in methods:
         for v, n in [(v, 1) for v in advantages] + [(v, 5) for v in long]:
             how, *more = v.split("+")
-            flags = paper + ["--advantage", how] + [f for m in more for f in ("--" + m).split("=", 1)]
+            flags = slider + ["--advantage", how] + [f for m in more for f in ("--" + m).split("=", 1)]
             out.append((f"slider:{v}" + (" 5x" if n > 1 else ""), f"slider-{v}" + ("-5x" if n > 1 else ""), flags))
     if "fixed" in methods or "soups" in methods:
         out += [("fixed", "fixed_" + w.replace(",", "_"), ["--fixed-pref", w]) for w in FIXED]

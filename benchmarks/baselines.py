@@ -111,8 +111,8 @@ def goals(summary, seeds, M, heldout):
     return [dict(seed=s, run=name, goal=text, met=ok) for s, name, text, ok in checks]
 
 
-SHADES = [
-    (0.86, 0.16, 0.16),
+SHADES = [  # ParetoSlider's own colour first, then a distinct shade per further variant
+    tuple(c / 255 for c in COLOURS["ParetoSlider"]),
     (0.98, 0.6, 0.1),
     (0.55, 0.1, 0.55),
     (0.4, 0.05, 0.05),
@@ -122,7 +122,7 @@ SHADES = [
 ]
 
 
-def colour(name, i):  # a method's colour; the i-th ParetoSlider variant in the i-th shade of red / orange / purple
+def colour(name, i):  # a method's colour; the i-th ParetoSlider variant in the i-th shade
     return SHADES[i % len(SHADES)] if name.startswith("ParetoSlider") else tuple(c / 255 for c in COLOURS[name])
 
 

@@ -1,5 +1,5 @@
-"""Run by tests/test_fsdp.py under torchrun (gloo, CPU): FSDP2 facts checked on every rank, printed as one JSON line
-per rank ("fsdp-result {...}").
+"""Run by tests/test_distributed.py under torchrun (gloo, CPU): FSDP2 facts checked on every rank, printed as one JSON
+line per rank ("fsdp-result {...}").
 
     velocities: the old policy, the reference (adapters off) and the EMA swapped into a sharded net give the
                 velocities of the same states in an unsharded copy (train.policy's in-place exchange reaches FSDP).
@@ -73,4 +73,6 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     result = velocities() if sys.argv[1] == "velocities" else load(sys.argv[2])
     print("fsdp-result " + json.dumps(dict(result, rank=dist.get_rank())), flush=True)
+    dist.barrier()  # as train.py ends: every rank past its collectives, then the groups destroyed, then out
     dist.destroy_process_group()
+    train.compute_exit()

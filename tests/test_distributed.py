@@ -26,12 +26,12 @@ def torchrun(*args, n=2):
     p = subprocess.run(
         [*cmd, "--master_port", port, *map(str, args)],
         cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1"),  # a rank that crashes prints where
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-6000:]
     return p.stdout
 
 

@@ -497,6 +497,13 @@ def compute_init(device=""):
     return 0, 1, device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def compute_cleanup():
+    # every rank past its collectives, then the process groups destroyed (a no-op in one process)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def compute_exit():
     """Leave a torchrun process once its work is done, flushed, and its process groups destroyed: without Python's
     interpreter shutdown. A collective's work object can outlive destroy_process_group in a gloo worker thread; when
@@ -1438,9 +1445,7 @@ def train(cfg):
         if wb:
             wandb_eval(wb, cfg, result, max(steps, start, 1))
             wb.finish()
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    compute_cleanup()
     return result
 
 

@@ -73,6 +73,5 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     result = velocities() if sys.argv[1] == "velocities" else load(sys.argv[2])
     print("fsdp-result " + json.dumps(dict(result, rank=dist.get_rank())), flush=True)
-    dist.barrier()  # as train.py ends: every rank past its collectives, then the groups destroyed, then out
-    dist.destroy_process_group()
+    train.compute_cleanup()  # as train.py ends
     train.compute_exit()
